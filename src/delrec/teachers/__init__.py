@@ -1,0 +1,31 @@
+"""Conventional sequential recommenders used as DELRec teachers."""
+
+from delrec.teachers.base import SequentialRecommender, TeacherConfig
+from delrec.teachers.caser import Caser
+from delrec.teachers.gru4rec import GRU4Rec
+from delrec.teachers.sasrec import SASRec
+
+MODELS: dict[str, type[SequentialRecommender]] = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser}
+
+# The paper's settings (Section V-A3); everything not named there keeps TeacherConfig's default.
+PAPER_SETTINGS: dict[str, dict] = {
+    "sasrec": dict(dim=100, num_blocks=2, optimizer="adam", lr=1e-3, dropout=0.5, batch_size=128),
+    "caser": dict(dim=100, num_h_filters=16, optimizer="adam", lr=1e-3, dropout=0.4, batch_size=128),
+    "gru4rec": dict(dim=64, optimizer="adagrad", lr=0.01, dropout=0.3, batch_size=50),
+}
+
+
+def default_config(model: str, **overrides) -> TeacherConfig:
+    if model not in MODELS:
+        raise ValueError(f"unknown teacher {model!r}; choose one of {sorted(MODELS)}")
+    settings = {**PAPER_SETTINGS[model], **{k: v for k, v in overrides.items() if v is not None}}
+    return TeacherConfig(model=model, **settings)
+
+
+def build_model(config: TeacherConfig, num_items: int, num_users: int, max_len: int) -> SequentialRecommender:
+    if config.model not in MODELS:
+        raise ValueError(f"unknown teacher {config.model!r}; choose one of {sorted(MODELS)}")
+    return MODELS[config.model](num_items, num_users, max_len, config)
+
+
+__all__ = ["MODELS", "PAPER_SETTINGS", "SequentialRecommender", "TeacherConfig", "build_model", "default_config"]

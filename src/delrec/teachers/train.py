@@ -1,0 +1,283 @@
+"""Train a teacher on the train split, early-stop on valid, and write what DELRec reads:
+
+RUN/teachers/<model>/
+  config.json        settings + data shape
+  model.safetensors  the best weights (by valid score)
+  metrics.json       valid and test metrics (15 candidates, and full ranking)
+  topk.parquet       for every sample: the teacher's top-h items over the catalogue (items seen
+                     before the target excluded) and its scores on the 15 fixed candidates
+  train_log.jsonl    one line per epoch
+  checkpoint.pt      resume state while training (removed when done)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from delrec.data.protocol import RunData
+from delrec.evaluate import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
+from delrec.io import atomic_path, read_json, write_json, write_parquet
+from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TeacherScorer:
+    """Adapts a trained model to the evaluator's Scorer protocol."""
+
+    def __init__(self, model: SequentialRecommender, device: torch.device, name: str | None = None):
+        self.model = model.eval()
+        self.device = device
+        self.name = name or model.config.model
+
+    def _inputs(self, data: RunData, rows: np.ndarray):
+        history = torch.as_tensor(data.history[rows][:, -self.model.max_len :], device=self.device)
+        users = torch.as_tensor(data.user_idx[rows], device=self.device)
+        return history, users
+
+    @torch.no_grad()
+    def score_candidates(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
+        history, users = self._inputs(data, rows)
+        cands = torch.as_tensor(data.candidates[rows], device=self.device)
+        return self.model.candidate_scores(history, users, cands).float().cpu()
+
+    @torch.no_grad()
+    def score_all(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
+        return self.model.full_scores(*self._inputs(data, rows)).float().cpu()
+
+
+def _make_optimizer(model: torch.nn.Module, config: TeacherConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or adagrad")
+
+
+def _valid_score(scorer: TeacherScorer, data: RunData) -> float:
+    """Model selection metric: NDCG@10 on valid, measured the way the protocol reports it."""
+    rows = data.indices("valid")
+    ranks = full_ranks(scorer, data, rows) if data.config.name == "loo" else candidate_ranks(scorer, data, rows)
+    return metrics_from_ranks(ranks)["NDCG@10"]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+@dataclass
+class TrainResult:
+    model: SequentialRecommender
+    metrics: dict
+    out_dir: Path
+
+
+def train_teacher(
+    run_dir: str | Path,
+    config: TeacherConfig,
+    device: str | None = None,
+    top_h: int = 10,
+    progress: bool = True,
+    restart: bool = False,
+) -> TrainResult:
+    run_dir = Path(run_dir)
+    data = RunData.load(run_dir / "data")
+    dev = pick_device(device)
+    out = run_dir / "teachers" / config.model
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
+    for stale in ("metrics.json", "model.safetensors", "topk.parquet"):
+        (out / stale).unlink(missing_ok=True)  # a retrain invalidates earlier results
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    max_len = data.config.max_history
+    model = build_model(config, data.num_items, data.num_users, max_len).to(dev)
+    optimizer = _make_optimizer(model, config)
+    scorer = TeacherScorer(model, dev)
+
+    train_rows = data.indices("train")
+    if len(train_rows) == 0:
+        raise ValueError(f"{run_dir}: the train split is empty")
+    history = torch.as_tensor(data.history[train_rows], device=dev)
+    users = torch.as_tensor(data.user_idx[train_rows], device=dev)
+    target = torch.as_tensor(data.target[train_rows], device=dev)
+
+    generator = torch.Generator().manual_seed(config.seed)  # the order of training samples
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0}
+    best_weights = copy.deepcopy(model.state_dict())
+    if ckpt_path.exists() and not restart:
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ckpt["config"] != config.to_dict():
+            diff = {k: (ckpt["config"].get(k), v) for k, v in config.to_dict().items() if ckpt["config"].get(k) != v}
+            raise ValueError(
+                f"{ckpt_path} was written with other settings {diff} (checkpoint, requested); "
+                "pass --restart to train from scratch"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        best_weights = ckpt["best_weights"]
+        state = ckpt["state"]
+        _set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["generator"])
+        log.info("resuming %s from epoch %d", config.model, state["epoch"])
+        _truncate_log(log_path, state["epoch"])
+    else:
+        log_path.unlink(missing_ok=True)
+
+    bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}", disable=not progress)
+    start = time.perf_counter() - state["elapsed"]
+    while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
+        model.train()
+        perm = torch.randperm(len(train_rows), generator=generator).to(dev)
+        total_loss = 0.0
+        for i in range(0, len(perm), config.batch_size):
+            idx = perm[i : i + config.batch_size]
+            loss = model.loss(history[idx], users[idx], target[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+        model.eval()
+        score = _valid_score(scorer, data)
+        state["epoch"] += 1
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=state["epoch"], bad_epochs=0)
+            best_weights = copy.deepcopy(model.state_dict())
+        else:
+            state["bad_epochs"] += 1
+        state["elapsed"] = time.perf_counter() - start
+        entry = {"epoch": state["epoch"], "loss": total_loss / len(perm), "valid_NDCG@10": score, "seconds": state["elapsed"]}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(
+                {
+                    "config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "best_weights": best_weights,
+                    "state": state,
+                    "rng": _rng_state(),
+                    "generator": generator.get_state(),
+                },
+                tmp,
+            )
+        if config.max_seconds is not None and state["elapsed"] > config.max_seconds:
+            log.info("time budget of %.0f s reached after epoch %d", config.max_seconds, state["epoch"])
+            break
+    bar.close()
+
+    model.load_state_dict(best_weights)
+    model.eval()
+    train_seconds = state["elapsed"]
+    full = True  # teachers also get full-ranking metrics
+    metrics = {
+        "model": config.model,
+        "protocol": data.config.name,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "train_seconds": round(train_seconds, 2),
+        "device": str(dev),
+        "valid": evaluate(scorer, data, "valid", full_ranking=full),
+        "test": evaluate(scorer, data, "test", full_ranking=full),
+    }
+    write_topk(scorer, data, out / "topk.parquet", top_h)
+    save_teacher(model, out, data)
+    write_json(out / "metrics.json", metrics)  # written last: marks the teacher as complete
+    ckpt_path.unlink(missing_ok=True)
+    return TrainResult(model, metrics, out)
+
+
+def _truncate_log(log_path: Path, epochs: int) -> None:
+    """Keep only the log lines the checkpoint knows about (a crash may have left one more)."""
+    if log_path.exists():
+        lines = log_path.read_text().splitlines()[:epochs]
+        with atomic_path(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
+
+
+@torch.no_grad()
+def write_topk(scorer: TeacherScorer, data: RunData, path: Path, top_h: int, batch_size: int = 1024) -> None:
+    """The teacher's top-h over the catalogue for every sample (seen items excluded, as in full
+    ranking), and its scores on the sample's fixed candidates."""
+    n = len(data.sample_id)
+    top_items = np.zeros((n, top_h), dtype=np.int32)
+    top_scores = np.zeros((n, top_h), dtype=np.float32)
+    cand_scores = np.zeros(data.candidates.shape, dtype=np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        scores = scorer.score_all(data, rows)
+        r, items = data.seen_items(rows)
+        scores[torch.as_tensor(r), torch.as_tensor(items)] = float("-inf")
+        scores[:, 0] = float("-inf")
+        vals, idx = scores.topk(top_h, dim=1)
+        top_items[rows], top_scores[rows] = idx.numpy(), vals.numpy()
+        cand_scores[rows] = np.asarray(scorer.score_candidates(data, rows))
+    write_parquet(
+        path,
+        pa.table(
+            {
+                "sample_id": pa.array(data.sample_id),
+                "topk": pa.FixedSizeListArray.from_arrays(pa.array(top_items.reshape(-1)), top_h),
+                "topk_scores": pa.FixedSizeListArray.from_arrays(pa.array(top_scores.reshape(-1)), top_h),
+                "candidate_scores": pa.FixedSizeListArray.from_arrays(
+                    pa.array(cand_scores.reshape(-1)), data.candidates.shape[1]
+                ),
+            }
+        ),
+    )
+
+
+def save_teacher(model: SequentialRecommender, out_dir: Path, data: RunData) -> None:
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(
+        out_dir / "config.json",
+        {
+            "teacher": model.config.to_dict(),
+            "num_items": model.num_items,
+            "num_users": model.num_users,
+            "max_len": model.max_len,
+            "protocol": data.config.name,
+        },
+    )
+
+
+def load_teacher(teacher_dir: str | Path, device: str | None = None) -> SequentialRecommender:
+    teacher_dir = Path(teacher_dir)
+    weights = teacher_dir / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no trained teacher in {teacher_dir} (missing model.safetensors); run `delrec teacher train`")
+    meta = read_json(teacher_dir / "config.json")
+    config = TeacherConfig.from_dict(meta["teacher"])
+    model = build_model(config, meta["num_items"], meta["num_users"], meta["max_len"])
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(pick_device(device)).eval()
