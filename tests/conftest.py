@@ -1,0 +1,51 @@
+"""Shared fixtures: small synthetic data sets made in the test, never downloaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
+
+
+def sequential_rule_dataset(num_users: int = 120, num_items: int = 60, length: int = 25, seed: int = 0):
+    """Every user walks the catalogue in order: item i is always followed by item i+1 (cyclic),
+    from a random start. Timestamps interleave users so every split holds every user."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        start = int(rng.integers(num_items))
+        for t in range(length):
+            rows.append((f"u{u}", f"i{(start + t) % num_items}", 1_000_000 + t * 1000 + u))
+    interactions = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    interactions = interactions.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # file order is arbitrary
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(num_items)], "title": [f"Movie {i} ({1990 + i})" for i in range(num_items)]})
+    return interactions, items
+
+
+def random_dataset(num_users: int = 80, num_items: int = 60, seed: int = 1):
+    """Random tastes, variable lengths, many equal timestamps (to exercise ties)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        n = int(rng.integers(5, 40))
+        items = rng.choice(num_items, size=n, replace=False)
+        times = np.sort(rng.integers(0, 300, size=n))  # coarse clock: frequent ties
+        rows += [(f"u{u}", f"i{i}", int(t)) for i, t in zip(items, times)]
+    interactions = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    interactions = interactions.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(num_items)], "title": [f"Film {i}" for i in range(num_items)]})
+    return interactions, items
+
+
+def make_run(tmp_path, dataset=sequential_rule_dataset, protocol: str = "paper", **kwargs):
+    interactions, items = dataset(**kwargs)
+    prepared = prepare(interactions, items, ProtocolConfig.for_protocol(protocol))
+    write(prepared, tmp_path / "data")
+    return tmp_path, RunData.load(tmp_path / "data")
+
+
+@pytest.fixture
+def rule_run(tmp_path):
+    return make_run(tmp_path)
