@@ -29,8 +29,8 @@ class TeacherConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128
-    max_epochs: int = 200
-    patience: int = 10  # epochs without a better valid score before stopping
+    max_epochs: int = 100
+    patience: int = 3  # epochs without a better valid score before stopping
     max_seconds: float | None = None  # wall-clock budget for training
     seed: int = 2024
     # SASRec

@@ -23,13 +23,19 @@ class _Block(nn.Module):
         self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`last_only` computes the output of the most recent position alone: the last block's
+        other positions are never scored, so skipping them saves about a third of the work."""
         B, L, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        hd = D // self.heads
+        qkv = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if last_only:
+            x, q, mask = x[:, -1:], q[:, :, -1:], mask[:, :, -1:]
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(B, L, D)))
+        x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(B, x.shape[1], D)))
         return x + self.dropout(self.ff(self.norm2(x)))
 
 
@@ -54,8 +60,8 @@ class SASRec(SequentialRecommender):
         # a query may see earlier real items, and always itself (so padded rows never go all -inf)
         mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=history.device)
         mask = mask[:, None]  # broadcast over heads
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only=i == len(self.blocks) - 1)
         return self.final_norm(x[:, -1])  # the most recent position summarises the history
 
 

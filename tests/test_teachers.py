@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import make_run, random_dataset
+from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
+from delrec.evaluate import evaluate
+from delrec.teachers import default_config
+from delrec.teachers import train as train_mod
+from delrec.teachers.train import TeacherScorer, load_teacher, train_teacher
+
+# Small epochs budgets keep the suite fast; the rule is easy enough to learn within them.
+FAST = {"sasrec": dict(max_epochs=15), "gru4rec": dict(max_epochs=15, lr=0.1), "caser": dict(max_epochs=15)}
+
+
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "caser"])
+def test_teacher_learns_the_sequential_rule(rule_run, model):
+    run, data = rule_run
+    result = train_teacher(run, default_config(model, **FAST[model], patience=100), device="cpu", progress=False)
+    test = result.metrics["test"]
+    assert test["candidates"]["HR@1"] >= 0.95, test
+    assert test["full_ranking"]["HR@1"] >= 0.9, test
+    # what was written matches what the evaluator finds from the saved model
+    reloaded = TeacherScorer(load_teacher(run / "teachers" / model, "cpu"), torch.device("cpu"))
+    again = evaluate(reloaded, data, "test", full_ranking=True)
+    assert again["candidates"] == test["candidates"] and again["full_ranking"] == test["full_ranking"]
+    saved = json.loads((run / "teachers" / model / "metrics.json").read_text())
+    assert saved["test"]["candidates"] == test["candidates"]
+    assert not (run / "teachers" / model / "checkpoint.pt").exists()
+
+
+def test_topk_lists(rule_run):
+    run, data = rule_run
+    train_teacher(run, default_config("sasrec", max_epochs=12), device="cpu", top_h=7, progress=False)
+    table = pq.read_table(run / "teachers" / "sasrec" / "topk.parquet")
+    assert table.column("sample_id").to_numpy().tolist() == data.sample_id.tolist()
+    topk = np.stack(table.column("topk").to_numpy(zero_copy_only=False))
+    scores = np.stack(table.column("topk_scores").to_numpy(zero_copy_only=False))
+    assert topk.shape == (len(data.sample_id), 7)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    r, seen = data.seen_items(np.arange(len(topk)))
+    assert not any(item in topk[row] for row, item in zip(r, seen))
+    # for this rule, the teacher's top-1 on test samples is the true next item
+    test = data.indices("test")
+    assert (topk[test, 0] == data.target[test]).mean() > 0.9
+    cand_scores = np.stack(table.column("candidate_scores").to_numpy(zero_copy_only=False))
+    assert cand_scores.shape == data.candidates.shape
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = default_config("sasrec", max_epochs=4, patience=100)
+    ref_run, _ = make_run(tmp_path / "ref", random_dataset)
+    reference = train_teacher(ref_run, cfg, device="cpu", progress=False).metrics
+
+    crash_run, _ = make_run(tmp_path / "crash", random_dataset)
+    real_valid_score = train_mod._valid_score
+    calls = {"n": 0}
+
+    def crash_on_third_epoch(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_valid_score(*args)
+
+    monkeypatch.setattr(train_mod, "_valid_score", crash_on_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(crash_run, cfg, device="cpu", progress=False)
+    assert (crash_run / "teachers" / "sasrec" / "checkpoint.pt").exists()
+    assert not (crash_run / "teachers" / "sasrec" / "metrics.json").exists()
+    monkeypatch.setattr(train_mod, "_valid_score", real_valid_score)
+
+    resumed = train_teacher(crash_run, cfg, device="cpu", progress=False).metrics
+    assert resumed["test"] == reference["test"]
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    log = [json.loads(l) for l in (crash_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(l) for l in (ref_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in log] == [e["loss"] for e in ref_log]
+
+
+def _raise_interrupt(*args):
+    raise KeyboardInterrupt("simulated kill")
+
+
+def test_checkpoint_with_other_settings_is_refused(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path, random_dataset)
+    real_valid_score = train_mod._valid_score
+    calls = iter([real_valid_score, None])  # the second epoch is killed, after one checkpoint
+    monkeypatch.setattr(train_mod, "_valid_score", lambda *a: (next(calls) or _raise_interrupt)(*a))
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(run, default_config("sasrec", max_epochs=3), device="cpu", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="restart"):
+        train_teacher(run, default_config("sasrec", max_epochs=3, lr=0.5), device="cpu", progress=False)
+
+
+def test_test_split_never_influences_training(tmp_path):
+    """Scramble every test sample's target and candidates: training must not notice."""
+    from conftest import sequential_rule_dataset
+
+    interactions, items = sequential_rule_dataset()
+    prepared = prepare(interactions, items, ProtocolConfig())
+    write(prepared, tmp_path / "a" / "data")
+    split = prepared.samples.column("split").to_pylist()
+    test_rows = np.array([s == "test" for s in split])
+    targets = prepared.samples.column("target").to_numpy().copy()
+    targets[test_rows] = np.roll(targets[test_rows], 1)
+    import pyarrow as pa
+
+    prepared.samples = prepared.samples.set_column(
+        prepared.samples.schema.get_field_index("target"), "target", pa.array(targets)
+    )
+    write(prepared, tmp_path / "b" / "data")
+
+    cfg = default_config("gru4rec", max_epochs=3, patience=100)
+    logs = []
+    for run in ("a", "b"):
+        train_teacher(tmp_path / run, cfg, device="cpu", progress=False)
+        logs.append((tmp_path / run / "teachers" / "gru4rec" / "train_log.jsonl").read_text())
+    strip = lambda text: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in text.splitlines()]
+    assert strip(logs[0]) == strip(logs[1])
+
+
+def test_padding_does_not_change_scores():
+    """Scores depend on the real items only, however much left padding the batch carries."""
+    from delrec.teachers import build_model
+
+    torch.manual_seed(0)
+    for name in ("sasrec", "gru4rec", "caser"):
+        model = build_model(default_config(name), num_items=40, num_users=5, max_len=10).eval()
+        short = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9]])
+        other_pad = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9]])
+        users = torch.tensor([1])
+        a = model.full_scores(short, users)
+        b = model.full_scores(other_pad, users)
+        assert torch.equal(a, b)
+        assert torch.isfinite(a[:, 1:]).all(), name
+        # a batch mixing lengths gives each row the same scores as alone
+        mixed = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+        both = model.full_scores(mixed, torch.tensor([1, 2]))
+        assert torch.allclose(both[0], a[0], atol=1e-5), name
