@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the test suite.
+# Each creates and uses a local virtual environment in $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+# On these CPU machines `torch==2.13.0` resolves to a local CPU build. GPU users: make
+# TORCH_SPEC=torch (or install their CUDA build into the venv first).
+TORCH_SPEC ?= torch==2.13.0
+RUN ?= runs/ml100k
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test bench-teachers clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(BIN)/delrec data fetch ml-100k
+	$(BIN)/delrec data prepare ml-100k --out $(RUN)
+	$(BIN)/delrec teacher train --model sasrec --run $(RUN)
+	$(BIN)/delrec evaluate --run $(RUN)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench-teachers: venv
+	$(BIN)/python benchmarks/teachers.py
+
+clean:
+	rm -rf $(VENV) runs
