@@ -2,6 +2,7 @@
 
     python benchmarks/teachers.py [--protocols paper loo] [--models sasrec gru4rec caser]
 
+Rows of an earlier run that this run does not redo are kept (--fresh drops them).
 Writes benchmarks/results/teachers.json (a list of rows: protocol, model, metrics, train_seconds,
 peak_rss_mb, ...) and docs/teachers.md (the same as Markdown tables, with the paper's Table II
 rows beside ours). Each training runs in its own process so that its peak RSS is its own.
@@ -118,6 +119,7 @@ def main() -> None:
     p.add_argument("--set", default="{}", help='JSON settings applied to every teacher, e.g. \'{"max_epochs": 2}\'')
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teachers.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "teachers.md"))
+    p.add_argument("--fresh", action="store_true", help="drop rows of earlier runs instead of merging")
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -153,6 +155,12 @@ def main() -> None:
             rows.append(row)
             print(f"[{protocol}] {model:10s} " + " ".join(f"{k} {headline[k]:.4f}" for k in METRICS)
                   + f"  {row['train_seconds']:.0f} s  {row['peak_rss_mb']:.0f} MB", flush=True)
+    # rerunning a subset (e.g. --protocols paper --models sasrec) replaces only those rows
+    done = {(r["protocol"], r["model"]) for r in rows}
+    if Path(args.out).exists() and not args.fresh:
+        old = [r for r in json.loads(Path(args.out).read_text()) if (r["protocol"], r["model"]) not in done]
+        order = {(p, m): i for i, (p, m) in enumerate((p, m) for p in ("paper", "loo") for m in ("random", "popularity", "sasrec", "gru4rec", "caser"))}
+        rows = sorted(old + rows, key=lambda r: order.get((r["protocol"], r["model"]), len(order)))
     write_json(args.out, rows)
     with atomic_path(args.doc) as tmp:
         tmp.write_text(markdown(rows) + "\n")
