@@ -1,0 +1,1 @@
+"""Language-model backbones (encoder-decoder and decoder-only) and their offline weights."""
