@@ -1,0 +1,88 @@
+"""A block of trainable soft-prompt vectors, spliced into the input embeddings at the template's
+slot (for T5, into the encoder input). One soft prompt is shared by DELRec's TA and RPS tasks.
+
+Saved as safetensors with its metadata (backbone, size, dimension), in the spirit of peft's
+`save_pretrained` / `from_pretrained`; loading into another backbone fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from delrec.io import atomic_path
+
+WEIGHTS_NAME = "soft_prompt.safetensors"
+FORMAT = "delrec.soft_prompt.v1"
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, num_tokens: int, dim: int, init_std: float = 0.02, backbone: str = "", seed: int | None = None):
+        super().__init__()
+        if num_tokens < 1 or dim < 1:
+            raise ValueError(f"a soft prompt needs num_tokens >= 1 and dim >= 1, got {num_tokens} x {dim}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # at the scale of the model's word embeddings, so the first forward passes look like text
+        self.embedding = nn.Parameter(torch.randn(num_tokens, dim, generator=generator) * init_std)
+        self.backbone = backbone
+
+    @classmethod
+    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None) -> "SoftPrompt":
+        prompt = cls(num_tokens, backbone.hidden_size, backbone.embedding_std(), backbone.name, seed)
+        return prompt.to(backbone.device)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embedding.shape[1]
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path` (a .safetensors file, or a folder that gets soft_prompt.safetensors)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / WEIGHTS_NAME
+        metadata = {"format": FORMAT, "backbone": self.backbone, "num_tokens": str(self.num_tokens), "dim": str(self.dim)}
+        with atomic_path(path) as tmp:
+            save_file({"embedding": self.embedding.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backbone=None) -> "SoftPrompt":
+        """Load a saved soft prompt; with `backbone`, check that it was trained for it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no soft prompt at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a delrec soft prompt (format {meta.get('format')!r})")
+            weight = f.get_tensor("embedding")
+        prompt = cls(weight.shape[0], weight.shape[1], backbone=meta.get("backbone", ""))
+        with torch.no_grad():
+            prompt.embedding.copy_(weight)
+        if backbone is not None:
+            if backbone.hidden_size != prompt.dim:
+                raise ValueError(
+                    f"{path} was trained for {prompt.backbone!r} (dimension {prompt.dim}); it cannot be used with "
+                    f"{backbone.name!r} (dimension {backbone.hidden_size})"
+                )
+            if prompt.backbone and backbone.name and prompt.backbone != backbone.name:
+                raise ValueError(
+                    f"{path} was trained for backbone {prompt.backbone!r}, not {backbone.name!r}; "
+                    "a soft prompt only means something to the model it was trained with"
+                )
+            prompt = prompt.to(backbone.device)
+        return prompt

@@ -1,0 +1,185 @@
+"""The three prompts of DELRec (paper Section IV-A, Figures 4-6), as OpenPrompt-style templates.
+
+Every prompt has an instruction naming the teacher, a soft-prompt slot (`{soft_prompt}`), the
+user's history as titles (most recent last), the candidate set as titles, and the prediction
+cue. Rendering returns a `Prompt`: the text before and after the slot, the candidates in display
+order, and the label. The backbone splices the soft-prompt vectors in between.
+
+* TA (Temporal Analysis): in-context examples built from the user's own sequence ("after A, B
+  the user watched C"), then the sequence with its most recent item masked and the item that
+  followed it; the label is the masked item.
+* RPS (Recommendation Pattern Simulating): the teacher's top-h list, shuffled; the label is the
+  teacher's top-1.
+* LSR (the recommendation prompt of stage 2 and evaluation): history and candidates; the label
+  is the ground truth.
+
+Domain words (movie, game, item) and every template text can be overridden from a JSON or YAML
+file (`Templates.from_file`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SLOT = "{soft_prompt}"
+MASK = "[MASK]"
+
+TA_TEMPLATE = (
+    "{teacher} is a sequential recommender that predicts a user's next {item} mostly from the most recent "
+    "{item} the user {verb}. Temporal pattern of {teacher}: {soft_prompt}\n"
+    "{examples}"
+    "Now a user {verb} these {items} in order: {history}, and next {verb} \"{next_item}\".\n"
+    "Candidates: {candidates}.\n"
+    "Which candidate is {mask}? Answer: "
+)
+TA_EXAMPLE = "After {history}, the user {verb} \"{next_item}\".\n"
+
+RPS_TEMPLATE = (
+    "{teacher} is a sequential recommender. Recommendation pattern of {teacher}: {soft_prompt}\n"
+    "A user {verb} these {items} in order: {history}.\n"
+    "{teacher} recommends these {items}: {candidates}.\n"
+    "Which of them does {teacher} rank first? Answer: "
+)
+
+LSR_TEMPLATE = (
+    "Use the recommendation pattern of {teacher} as a reference: {soft_prompt}\n"
+    "A user {verb} these {items} in order, the most recent last: {history}.\n"
+    "Candidates: {candidates}.\n"
+    "Which candidate will the user {verb_base} next? Answer: "
+)
+# `w/o SP` ablation: no soft prompt and no instruction to refer to one
+LSR_PLAIN_TEMPLATE = (
+    "A user {verb} these {items} in order, the most recent last: {history}.\n"
+    "Candidates: {candidates}.\n"
+    "Which candidate will the user {verb_base} next? Answer: "
+)
+# `w MCP` ablation: a hand-written description of the teacher in place of the soft prompt
+MODEL_CARD = (
+    "{teacher} is a self-attentive sequential recommender: it weighs every earlier {item} by its relevance "
+    "to the most recent ones and favours {items} that often follow them"
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    before: str  # text before the soft-prompt slot (the whole prompt when there is no slot)
+    after: str  # text after the slot, ending with the answer cue
+    candidates: tuple[str, ...]  # titles in display order
+    label: str | None  # the answer's title; None at inference
+    has_slot: bool
+
+    @property
+    def text(self) -> str:
+        """The prompt as plain text (slot removed): for logs and case studies."""
+        return self.before + self.after
+
+
+@dataclass(frozen=True)
+class Templates:
+    teacher: str = "SASRec"
+    item: str = "movie"
+    items: str = "movies"
+    verb: str = "watched"
+    verb_base: str = "watch"
+    ta: str = TA_TEMPLATE
+    ta_example: str = TA_EXAMPLE
+    rps: str = RPS_TEMPLATE
+    lsr: str = LSR_TEMPLATE
+    lsr_plain: str = LSR_PLAIN_TEMPLATE
+    model_card: str = MODEL_CARD
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "Templates":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"template file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown template fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**values, **overrides})
+
+    def with_teacher(self, teacher: str) -> "Templates":
+        return replace(self, teacher=teacher)
+
+    def _words(self) -> dict:
+        return {"teacher": self.teacher, "item": self.item, "items": self.items, "verb": self.verb,
+                "verb_base": self.verb_base, "mask": MASK}
+
+
+def quote_titles(titles: Sequence[str]) -> str:
+    return ", ".join(f'"{t}"' for t in titles)
+
+
+def _render(template: str, values: dict, candidates: Sequence[str], label: str | None, soft: str | None) -> Prompt:
+    """Fill a template; `soft` = None keeps the slot for soft-prompt vectors, a string fills it
+    with text (the MCP ablation), and a template without the slot has none."""
+    has_slot = SLOT in template
+    if has_slot and soft is None:
+        before, after = template.split(SLOT, 1)
+        return Prompt(before.format(**values), after.format(**values), tuple(candidates), label, True)
+    text = template.replace(SLOT, soft or "").format(**values)
+    return Prompt(text, "", tuple(candidates), label, False)
+
+
+def _check(history: Sequence[str], candidates: Sequence[str], label: str | None) -> None:
+    if len(history) == 0:
+        raise ValueError("the history is empty: a prompt needs at least one earlier item")
+    if label is not None and label not in candidates:
+        raise ValueError(f"the label {label!r} is not among the candidates")
+
+
+def lsr_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], label: str | None = None,
+               soft_prompt: bool = True, model_card: bool = False) -> Prompt:
+    """The recommendation prompt. `soft_prompt=False` is the `w/o SP` ablation; `model_card=True`
+    the `w MCP` ablation (the slot gets a text description of the teacher)."""
+    _check(history, candidates, label)
+    values = {**t._words(), "history": quote_titles(history), "candidates": quote_titles(candidates)}
+    if model_card:
+        return _render(t.lsr, values, candidates, label, soft=t.model_card.format(**t._words()))
+    return _render(t.lsr if soft_prompt else t.lsr_plain, values, candidates, label, soft=None)
+
+
+def ta_prompt(t: Templates, sequence: Sequence[str], candidates: Sequence[str], num_examples: int = 4) -> Prompt:
+    """Temporal Analysis on a sequence x_1..x_n (the history followed by the item that came next).
+
+    The most recent history item x_{n-1} is masked and is the label; x_n is shown as what came
+    next. The in-context examples are the positions just before it: "after x_1..x_{p-1}, the
+    user watched x_p" for the `num_examples` largest p < n-1 with a non-empty prefix."""
+    n = len(sequence)
+    if n < 3:
+        raise ValueError(f"Temporal Analysis needs a sequence of at least 3 items, got {n}")
+    label = sequence[n - 2]
+    _check(sequence, candidates, label)
+    words = t._words()
+    positions = range(max(1, n - 2 - num_examples), n - 2)
+    examples = "".join(
+        t.ta_example.format(**words, history=quote_titles(sequence[:p]), next_item=sequence[p]) for p in positions
+    )
+    masked = [*sequence[: n - 2], MASK]
+    values = {**words, "examples": examples, "history": quote_titles(masked).replace(f'"{MASK}"', MASK),
+              "next_item": sequence[n - 1], "candidates": quote_titles(candidates)}
+    return _render(t.ta, values, candidates, label, soft=None)
+
+
+def rps_prompt(t: Templates, history: Sequence[str], teacher_top: Sequence[str], rng: np.random.Generator) -> Prompt:
+    """Recommendation Pattern Simulating: the teacher's top-h (best first) is shown shuffled and
+    the label is its top-1, so the soft prompt must carry what the teacher prefers."""
+    if len(teacher_top) == 0:
+        raise ValueError("the teacher's top list is empty")
+    shown = [teacher_top[i] for i in rng.permutation(len(teacher_top))]
+    _check(history, shown, teacher_top[0])
+    values = {**t._words(), "history": quote_titles(history), "candidates": quote_titles(shown)}
+    return _render(t.rps, values, shown, teacher_top[0], soft=None)

@@ -1,0 +1,232 @@
+"""Turn the LM head's output into a score for every candidate item.
+
+`full-title` (default): the length-normalised log-likelihood of the candidate's whole title as
+the answer. The shared prompt (with its soft prompt) is run once; the 15 continuations are then
+batched on its cached keys/values (decoder-only) or on its one encoder output (T5), and logits
+are computed only where a candidate token is scored.
+
+`first-token` (the authors' variant): the log-probability of the title's first token. Every
+title that shares a first token ties, and ties are pessimistic in evaluation.
+
+`score_brute_force` is the reference: each candidate scored by its own full forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from delrec.llm.backbone import Backbone
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.templates import Prompt
+
+METHODS = ("full-title", "first-token")
+
+
+@dataclass
+class _Batch:
+    embeds: torch.Tensor  # [B, T, d]
+    mask: torch.Tensor  # [B, T]
+    lengths: torch.Tensor  # [B] real prompt tokens
+
+
+class Verbalizer:
+    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8):
+        if method not in METHODS:
+            raise ValueError(f"unknown verbalizer {method!r}; choose one of {METHODS}")
+        self.backbone = backbone
+        self.method = method
+        self.batch_size = batch_size
+        self._answer_ids: dict[str, list[int]] = {}
+        self._text_ids: dict[str, list[int]] = {}
+        forward = inspect.signature(backbone.model.forward).parameters
+        # transformers renamed `past_key_values` to `cache` in 5.x; accept either
+        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
+
+    # -- tokenisation ------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self._text_ids.get(text)
+        if ids is None:
+            ids = self._text_ids[text] = self.backbone.encode_text(text) if text else []
+        return ids
+
+    def answer_ids(self, title: str) -> list[int]:
+        """Tokens of a title as the answer, ending with EOS so a title that is a prefix of
+        another does not win by stopping early."""
+        ids = self._answer_ids.get(title)
+        if ids is None:
+            text = title if self.backbone.is_encoder_decoder else " " + title  # after "Answer:"
+            ids = self.backbone.encode_text(text)
+            if not ids:
+                raise ValueError(f"the title {title!r} encodes to no tokens")
+            if self.backbone.eos_token_id is not None:
+                ids = ids + [self.backbone.eos_token_id]
+            self._answer_ids[title] = ids
+        return ids
+
+    def _prompt_embeds(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> torch.Tensor:
+        bb = self.backbone
+        before, after = prompt.before, prompt.after
+        if prompt.has_slot:
+            after = after.rstrip()
+        else:
+            before = before.rstrip()
+        ids_before = self._encode(before)
+        ids_after = self._encode(after)
+        bos = bb.tokenizer.bos_token_id
+        if not bb.is_encoder_decoder and bos is not None and getattr(bb.tokenizer, "add_bos_token", False):
+            ids_before = [bos] + ids_before
+        if bb.is_encoder_decoder and bb.eos_token_id is not None:
+            ids_after = ids_after + [bb.eos_token_id]  # T5 encoder inputs end with </s>
+        parts = [bb.input_embeddings(torch.tensor(ids_before, dtype=torch.long, device=bb.device))]
+        if prompt.has_slot:
+            if soft_prompt is None:
+                raise ValueError("the prompt has a soft-prompt slot but no soft prompt was given")
+            parts.append(soft_prompt().to(bb.dtype))
+        parts.append(bb.input_embeddings(torch.tensor(ids_after, dtype=torch.long, device=bb.device)))
+        return torch.cat(parts, dim=0)
+
+    def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool) -> _Batch:
+        seqs = [self._prompt_embeds(p, soft_prompt) for p in prompts]
+        return _pad(seqs, left_pad)
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None = None) -> list[torch.Tensor]:
+        """One float32 tensor of scores per prompt, aligned with `prompt.candidates`."""
+        out: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = prompts[i : i + self.batch_size]
+                cands = [[self.answer_ids(t) for t in p.candidates] for p in chunk]
+                scores = self.sequence_logprobs(chunk, cands, soft_prompt)
+                out.extend(s.float().cpu() for s in scores)
+        return out
+
+    def sequence_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[Sequence[int]]], soft_prompt: SoftPrompt | None
+    ) -> list[torch.Tensor]:
+        """Per prompt, the score of each of its continuations (token-id lists): the mean token
+        log-probability (`full-title`) or the first token's (`first-token`). Differentiable with
+        respect to the soft prompt and the model when called under grad."""
+        if self.backbone.is_encoder_decoder:
+            return self._seq2seq(prompts, continuations, soft_prompt)
+        return self._causal(prompts, continuations, soft_prompt)
+
+    def _causal(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
+        model, dev = self.backbone.model, self.backbone.device
+        batch = self._batch(prompts, soft_prompt, left_pad=True)
+        positions = (batch.mask.cumsum(1) - 1).clamp(min=0)
+        need_rest = self.method == "full-title" and any(len(c) > 1 for cs in continuations for c in cs)
+        out = model(inputs_embeds=batch.embeds, attention_mask=batch.mask, position_ids=positions,
+                    use_cache=need_rest, logits_to_keep=1)
+        first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: left padding puts the prompt's end last
+        counts = [len(cs) for cs in continuations]
+        owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
+        flat = [c for cs in continuations for c in cs]
+        first_tok = torch.tensor([c[0] for c in flat], device=dev)
+        first = first_logp[owner, first_tok]
+        if not need_rest:
+            return list(first.split(counts))
+
+        # the rest of every continuation, batched on the prompt's cache
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values")
+        cache.batch_select_indices(owner)  # each prompt's keys/values, once per candidate
+        inputs, targets, cmask = _continuations(flat, dev)
+        prefix_mask = batch.mask[owner]
+        attn = torch.cat([prefix_mask, cmask], dim=1)
+        pos = batch.lengths[owner][:, None] + torch.arange(inputs.shape[1], device=dev)[None, :]
+        rest = model(inputs_embeds=self.backbone.input_embeddings(inputs), attention_mask=attn, position_ids=pos,
+                     use_cache=False, **{self._cache_kw: cache})
+        logp = _gather_logprobs(rest.logits, targets, cmask)
+        total = first + logp.sum(1)
+        lengths = cmask.sum(1) + 1
+        return list((total / lengths).split(counts))
+
+    def _seq2seq(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
+        model, dev = self.backbone.model, self.backbone.device
+        batch = self._batch(prompts, soft_prompt, left_pad=False)
+        encoder_out = model.get_encoder()(inputs_embeds=batch.embeds, attention_mask=batch.mask)
+        counts = [len(cs) for cs in continuations]
+        owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
+        flat = [c for cs in continuations for c in cs]
+        start = model.config.decoder_start_token_id
+        if self.method == "first-token":
+            dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
+                        decoder_input_ids=torch.full((len(prompts), 1), start, device=dev), use_cache=False)
+            logp = F.log_softmax(dec.logits[:, 0].float(), dim=-1)
+            return list(logp[owner, torch.tensor([c[0] for c in flat], device=dev)].split(counts))
+        targets, tmask = _pad_ids(flat, dev)
+        dec_in = torch.cat([torch.full((len(flat), 1), start, device=dev), targets[:, :-1]], dim=1)
+        dec_in = dec_in.masked_fill(dec_in < 0, self.backbone.pad_token_id or 0)
+        dec = model(encoder_outputs=(encoder_out.last_hidden_state[owner],), attention_mask=batch.mask[owner],
+                    decoder_input_ids=dec_in, decoder_attention_mask=tmask, use_cache=False)
+        logp = _gather_logprobs(dec.logits, targets, tmask)
+        return list((logp.sum(1) / tmask.sum(1)).split(counts))
+
+    # -- reference ---------------------------------------------------------------------------
+
+    def score_brute_force(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None = None) -> list[torch.Tensor]:
+        """Each candidate scored by its own full forward pass (prompt + answer): the slow,
+        obviously-correct reference the fast path is tested against."""
+        bb, out = self.backbone, []
+        with torch.no_grad():
+            for p in prompts:
+                prompt = self._prompt_embeds(p, soft_prompt)
+                scores = []
+                for title in p.candidates:
+                    ids = self.answer_ids(title)
+                    n = 1 if self.method == "first-token" else len(ids)
+                    y = torch.tensor(ids, device=bb.device)
+                    if bb.is_encoder_decoder:
+                        start = bb.model.config.decoder_start_token_id
+                        dec_in = torch.cat([torch.tensor([start], device=bb.device), y[:-1]])[None]
+                        logits = bb.model(inputs_embeds=prompt[None], decoder_input_ids=dec_in).logits[0]
+                    else:
+                        seq = torch.cat([prompt, bb.input_embeddings(y[:-1])])[None]
+                        logits = bb.model(inputs_embeds=seq).logits[0, prompt.shape[0] - 1 :]
+                    logp = F.log_softmax(logits.float(), dim=-1)[torch.arange(len(ids)), y]
+                    scores.append(logp[:n].mean())
+                out.append(torch.stack(scores).cpu())
+        return out
+
+
+def _pad(seqs: list[torch.Tensor], left: bool) -> _Batch:
+    T = max(s.shape[0] for s in seqs)
+    d = seqs[0].shape[1]
+    embeds = seqs[0].new_zeros(len(seqs), T, d)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        sl = slice(T - s.shape[0], T) if left else slice(0, s.shape[0])
+        embeds[i, sl] = s
+        mask[i, sl] = 1
+    return _Batch(embeds, mask, torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device))
+
+
+def _pad_ids(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (-1 where padded) and their mask."""
+    M = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), M), -1, dtype=torch.long, device=dev)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, device=dev)
+    return ids, (ids >= 0).long()
+
+
+def _continuations(flat: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For continuation y: inputs y[:-1], targets y[1:] (the first token is scored from the
+    prompt's last position), right-padded; rows of one token get an all-padding row."""
+    ids, mask = _pad_ids([c[:-1] or [0] for c in flat], dev)
+    targets, tmask = _pad_ids([c[1:] or [0] for c in flat], dev)
+    single = torch.tensor([len(c) == 1 for c in flat], device=dev)
+    tmask = tmask.masked_fill(single[:, None], 0)
+    return ids.clamp(min=0), targets, tmask
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return logp * mask
