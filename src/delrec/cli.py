@@ -91,24 +91,107 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     models = args.models
     if not models:
         trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
-        models = ["random", "popularity", *trained]
+        models = [] if args.llm else ["random", "popularity", *trained]
+    rows = _eval_rows(data, args.split, args.limit, args.limit_seed)
     results = []
+    if args.llm:
+        models = [*models, f"llm:{args.llm}"]
     for name in models:
-        if name == "random":
+        if name.startswith("llm:"):
+            scorer = _llm_scorer(args, data)
+        elif name == "random":
             scorer = RandomScorer(seed=data.config.seed)
         elif name == "popularity":
             scorer = PopularityScorer(data)
         else:
             scorer = TeacherScorer(load_teacher(run / "teachers" / name, args.device), pick_device(args.device), name)
-        res = evaluate(scorer, data, args.split, full_ranking=args.full_ranking or data.config.name == "loo")
-        write_json(run / "eval" / f"{name}.{args.split}.json", res)
+        full = (args.full_ranking or data.config.name == "loo") and not name.startswith("llm:")
+        res = evaluate(scorer, data, args.split, full_ranking=full, rows=rows)
+        if args.limit:
+            res["subset"] = {"limit": args.limit, "seed": args.limit_seed, "of": int(len(data.indices(args.split)))}
+        tag = name.replace(":", "-").replace("/", "_") + (f".limit{args.limit}" if args.limit else "")
+        write_json(run / "eval" / f"{tag}.{args.split}.json", res)
         results.append(res)
-    print(f"{data.config.name} protocol, {args.split} split, {data.config.num_candidates} candidates (ties pessimistic)")
+    subset = f", a seeded subset of {len(rows)} samples (--limit)" if args.limit else ""
+    print(f"{data.config.name} protocol, {args.split} split{subset}, {data.config.num_candidates} candidates (ties pessimistic)")
     print(format_table(results))
     if any("full_ranking" in r for r in results):
         print("\nfull ranking (items seen before the target excluded)")
         print(format_table(results, "full_ranking"))
-    write_json(run / "eval" / f"summary.{args.split}.json", results)
+    if not args.limit and not args.llm:
+        write_json(run / "eval" / f"summary.{args.split}.json", results)
+
+
+def _eval_rows(data, split: str, limit: int | None, seed: int):
+    """The split's rows, or a fixed seeded subset of `limit` of them (sorted, so reproducible)."""
+    import numpy as np
+
+    rows = data.indices(split)
+    if limit and limit < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    return rows
+
+
+def _load_backbone(args):
+    from delrec.llm.backbone import Backbone
+
+    return Backbone.load(args.llm, device=args.device, dtype=args.dtype).freeze()
+
+
+def _templates(args):
+    from delrec.llm.templates import Templates
+
+    overrides = {"teacher": args.teacher_name} if args.teacher_name else {}
+    return Templates.from_file(args.templates, **overrides) if args.templates else Templates(**overrides)
+
+
+def _llm_scorer(args, data):
+    from delrec.llm.scorer import LLMScorer
+    from delrec.llm.soft_prompt import SoftPrompt
+
+    backbone = _load_backbone(args)
+    soft = SoftPrompt.load(args.soft_prompt, backbone) if args.soft_prompt else None
+    return LLMScorer.for_run(
+        data, backbone, templates=_templates(args), soft_prompt=soft, method=args.verbalizer,
+        batch_size=args.batch_size, name=f"llm:{args.llm}" + (" +soft prompt" if soft else ""),
+    )
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from delrec.data.protocol import RunData
+    from delrec.llm.scorer import match_titles
+
+    run = Path(args.run)
+    data = RunData.load(run / "data")
+    titles = [""] + data.items["title"].tolist()
+    if not args.history:
+        raise ValueError("the history is empty: give at least one title with --history")
+    history = match_titles(args.history, titles)
+    if args.candidates:
+        candidates = match_titles(args.candidates, titles)
+        source = "given"
+    else:
+        from delrec.teachers.train import load_teacher
+
+        teacher_dir = run / "teachers" / args.teacher
+        model = load_teacher(teacher_dir, args.device)
+        h = torch.tensor([([0] * model.max_len + history)[-model.max_len :]], device=next(model.parameters()).device)
+        with torch.no_grad():
+            scores = model.full_scores(h, None)[0].float().cpu()  # None: a user the teacher has not seen
+        scores[history] = float("-inf")  # never recommend what the user already has
+        candidates = scores.topk(args.num_candidates).indices.tolist()
+        source = f"the {args.teacher} teacher's top {args.num_candidates}"
+    scorer = _llm_scorer(args, data)
+    prompt = scorer.prompt(history, candidates)
+    scores = scorer.verbalizer.score([prompt], scorer.soft_prompt)[0].numpy()
+    order = np.argsort(-scores, kind="stable")
+    print(f"history: {', '.join(titles[i] for i in history)}")
+    print(f"candidates: {source}; ranked by {scorer.name} ({args.verbalizer})")
+    for rank, j in enumerate(order, 1):
+        print(f"{rank:3d}. {scores[j]:8.4f}  {prompt.candidates[j]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--full-ranking", action="store_true", help="also rank over the whole catalogue")
     p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, help="evaluate a fixed seeded subset of N samples (quick CPU runs)")
+    p.add_argument("--limit-seed", type=int, default=0)
+    _add_llm_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="rank candidates for a history of titles with the LLM")
+    p.add_argument("--run", required=True)
+    p.add_argument("--history", nargs="*", default=[], metavar="TITLE", help="titles, most recent last")
+    p.add_argument("--candidates", nargs="*", metavar="TITLE", help="default: the teacher's top list")
+    p.add_argument("--teacher", default="sasrec", help="teacher whose top list gives the candidates")
+    p.add_argument("--num-candidates", type=int, default=15)
+    p.add_argument("--device", default="auto")
+    _add_llm_args(p, default_llm="smollm2-135m")
+    p.set_defaults(func=cmd_recommend)
     return parser
+
+
+def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) -> None:
+    g = p.add_argument_group("language model")
+    g.add_argument("--llm", default=default_llm, help="smollm2-135m (offline default), gemma3-270m, a local folder or a hub name")
+    g.add_argument("--soft-prompt", help="a trained soft_prompt.safetensors (default: none, zero-shot)")
+    g.add_argument("--verbalizer", default="full-title", choices=["full-title", "first-token"])
+    g.add_argument("--templates", help="JSON/YAML file overriding template texts and domain words")
+    g.add_argument("--teacher-name", help="teacher named in the prompts (default SASRec)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with native bf16), float32, bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """Turn the LM head's output into a score for every candidate item.
 
 `full-title` (default): the length-normalised log-likelihood of the candidate's whole title as
-the answer. The shared prompt (with its soft prompt) is run once; the 15 continuations are then
-batched on its cached keys/values (decoder-only) or on its one encoder output (T5), and logits
-are computed only where a candidate token is scored.
+the answer. The shared prompt (with its soft prompt) is encoded once per request: for
+decoder-only models the 15 continuations are packed behind it in the same forward pass and share
+its keys/values through a 4D attention mask; for T5 they are decoded as one batch on its single
+encoder output. Logits are computed only where a candidate token is scored.
 
 `first-token` (the authors' variant): the log-probability of the title's first token. Every
 title that shares a first token ties, and ties are pessimistic in evaluation.
@@ -119,34 +120,78 @@ class Verbalizer:
         return self._causal(prompts, continuations, soft_prompt)
 
     def _causal(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
-        model, dev = self.backbone.model, self.backbone.device
-        batch = self._batch(prompts, soft_prompt, left_pad=True)
-        positions = (batch.mask.cumsum(1) - 1).clamp(min=0)
-        need_rest = self.method == "full-title" and any(len(c) > 1 for cs in continuations for c in cs)
-        out = model(inputs_embeds=batch.embeds, attention_mask=batch.mask, position_ids=positions,
-                    use_cache=need_rest, logits_to_keep=1)
-        first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: left padding puts the prompt's end last
-        counts = [len(cs) for cs in continuations]
-        owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
-        flat = [c for cs in continuations for c in cs]
-        first_tok = torch.tensor([c[0] for c in flat], device=dev)
-        first = first_logp[owner, first_tok]
-        if not need_rest:
-            return list(first.split(counts))
+        """One forward pass per batch: each row is [left padding, prompt, packed continuations].
 
-        # the rest of every continuation, batched on the prompt's cache
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values")
-        cache.batch_select_indices(owner)  # each prompt's keys/values, once per candidate
-        inputs, targets, cmask = _continuations(flat, dev)
-        prefix_mask = batch.mask[owner]
-        attn = torch.cat([prefix_mask, cmask], dim=1)
-        pos = batch.lengths[owner][:, None] + torch.arange(inputs.shape[1], device=dev)[None, :]
-        rest = model(inputs_embeds=self.backbone.input_embeddings(inputs), attention_mask=attn, position_ids=pos,
-                     use_cache=False, **{self._cache_kw: cache})
-        logp = _gather_logprobs(rest.logits, targets, cmask)
-        total = first + logp.sum(1)
-        lengths = cmask.sum(1) + 1
-        return list((total / lengths).split(counts))
+        The continuations of a prompt are packed one after another behind it; a custom 4D mask
+        lets each continuation token see the whole prompt and its own earlier tokens only, and
+        its position ids restart at the prompt's length. So the prompt's keys/values are
+        computed once and shared by all candidates, with no copies of a KV cache, and logits are
+        computed only from the prompt's last position onwards."""
+        bb = self.backbone
+        model, dev = bb.model, bb.device
+        full = self.method == "full-title"
+        packs = [[c[:-1] if full else [] for c in cs] for cs in continuations]
+        pack_len = [sum(len(x) for x in p) for p in packs]
+        L = max(pack_len)
+        prompt = self._batch(prompts, soft_prompt, left_pad=True)
+        B, T, _ = prompt.embeds.shape
+        if L == 0:
+            out = model(inputs_embeds=prompt.embeds, attention_mask=prompt.mask,
+                        position_ids=(prompt.mask.cumsum(1) - 1).clamp(min=0), use_cache=False, logits_to_keep=1)
+            logp = F.log_softmax(out.logits.float(), dim=-1)
+            return [logp[b, 0, torch.tensor([c[0] for c in cs], device=dev)] for b, cs in enumerate(continuations)]
+
+        Q = T + L
+        pack_ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+        positions = torch.zeros(B, Q, dtype=torch.long, device=dev)
+        positions[:, :T] = (prompt.mask.cumsum(1) - 1).clamp(min=0)
+        segment = torch.full((B, Q), -1, dtype=torch.long, device=dev)  # candidate of each pack slot
+        # scored tokens: (row, logit position counted from T-1, token, candidate slot)
+        rows, where, tokens, owner = [], [], [], []
+        slot = 0
+        for b, cs in enumerate(continuations):
+            offset = 0
+            for j, c in enumerate(cs):
+                piece = packs[b][j]
+                n = len(piece)
+                if n:
+                    pack_ids[b, offset : offset + n] = torch.tensor(piece, device=dev)
+                    positions[b, T + offset : T + offset + n] = prompt.lengths[b] + torch.arange(n, device=dev)
+                    segment[b, T + offset : T + offset + n] = j
+                # token k of c is predicted at the prompt's end (k = 0) or at its (k-1)-th pack slot
+                rows += [b] * len(c)
+                where += [0] + [1 + offset + k for k in range(len(c) - 1)] if full else [0]
+                tokens += list(c) if full else [c[0]]
+                owner += [slot] * (len(c) if full else 1)
+                offset += n
+                slot += 1
+        embeds = torch.cat([prompt.embeds, bb.input_embeddings(pack_ids)], dim=1)
+        real_prompt = torch.zeros(B, Q, dtype=torch.bool, device=dev)
+        real_prompt[:, :T] = prompt.mask.bool()
+        idx = torch.arange(Q, device=dev)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        same_candidate = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+        mask = (real_prompt[:, None, :] & causal) | (same_candidate & causal)
+        mask |= torch.eye(Q, dtype=torch.bool, device=dev)  # padding attends to itself: no empty rows
+        out = model(inputs_embeds=embeds, attention_mask=self._mask4d(mask), position_ids=positions,
+                    use_cache=False, logits_to_keep=L + 1)
+        logits = out.logits  # [B, L + 1, V]: from the prompt's last position onwards
+        rows_t, where_t = torch.tensor(rows, device=dev), torch.tensor(where, device=dev)
+        picked = logits[rows_t, where_t].float()
+        token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
+        n_slots = sum(len(cs) for cs in continuations)
+        owner_t = torch.tensor(owner, device=dev)
+        total = torch.zeros(n_slots, device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
+        count = torch.zeros(n_slots, device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
+        return list((total / count).split([len(cs) for cs in continuations]))
+
+    def _mask4d(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, Q, K] bool -> the 4D mask the model's attention implementation takes as is."""
+        if getattr(self.backbone.model.config, "_attn_implementation", "sdpa") == "sdpa":
+            return allowed[:, None]
+        dtype = self.backbone.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
 
     def _seq2seq(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
         model, dev = self.backbone.model, self.backbone.device

@@ -5,7 +5,7 @@ Like RecBole, each model answers three calls: `loss` (training), `candidate_scor
 settings from its own dataclass, never from a global config.
 
 Batches: `history` is [B, L] item indices, left-padded with 0, most recent item last; `users`
-is [B] user indices (only Caser uses them).
+is [B] user indices (only Caser uses them; None means a user the model has not seen).
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ class Caser(SequentialRecommender):
             h.append(F.max_pool1d(c, c.shape[2]).squeeze(2))
         z = F.relu(self.fc(self.dropout(torch.cat([v, *h], dim=1))))
         if self.user_embedding is not None:
-            z = torch.cat([z, self.user_embedding(users)], dim=1)
+            # users=None: someone the model never saw (e.g. `delrec recommend`): no user part
+            user = self.user_embedding(users) if users is not None else z.new_zeros(z.shape[0], self.config.dim)
+            z = torch.cat([z, user], dim=1)
         return z
 
     def full_scores(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
