@@ -234,7 +234,8 @@ class Verbalizer:
                         logits = bb.model(inputs_embeds=prompt[None], decoder_input_ids=dec_in).logits[0]
                     else:
                         seq = torch.cat([prompt, bb.input_embeddings(y[:-1])])[None]
-                        logits = bb.model(inputs_embeds=seq).logits[0, prompt.shape[0] - 1 :]
+                        # logits only where the answer is scored: the reference is plain, not wasteful
+                        logits = bb.model(inputs_embeds=seq, logits_to_keep=len(ids)).logits[0]
                     logp = F.log_softmax(logits.float(), dim=-1)[torch.arange(len(ids)), y]
                     scores.append(logp[:n].mean())
                 out.append(torch.stack(scores).cpu())
