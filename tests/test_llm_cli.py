@@ -63,3 +63,21 @@ def test_recommend_errors(tmp_path, tiny_model_dir, capsys):
     assert "unknown title 'Movie 3 (1993'" in err and "'Movie 3 (1993)'" in err  # the closest known titles
     assert main(["recommend", "--run", str(run), "--llm", tiny_model_dir, "--history", "Movie 3 (1993)"]) == 2
     assert "delrec teacher train" in capsys.readouterr().err  # no teacher for candidates
+
+
+def test_distill_command(tmp_path, tiny_model_dir, capsys):
+    run, _ = make_run(tmp_path / "run")
+    assert main(["teacher", "train", "--model", "gru4rec", "--run", str(run), "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["distill", "--run", str(run), "--llm", tiny_model_dir, "--teacher", "gru4rec", "--steps", "2", "--soft-tokens", "3",
+            "--batch-size", "2", "--dtype", "float32", "--set", "valid_samples=2", "--set", "weighting='uncertainty'", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "rps_valid_accuracy" in out and "ta_valid_accuracy" in out
+    saved = json.loads((run / "distill" / "gru4rec" / "config.json").read_text())
+    assert saved["weighting"] == "uncertainty" and saved["steps"] == 2
+    assert main([*args[:-1], "--without", "ta", "--name", "wo-ta", "--quiet"]) == 0
+    assert json.loads((run / "distill" / "wo-ta" / "config.json").read_text())["tasks"] == ["rps"]
+    # stage 1 needs the teacher's lists
+    assert main(["distill", "--run", str(run), "--llm", tiny_model_dir, "--teacher", "caser", "--steps", "1"]) == 2
+    assert "delrec teacher train --model caser" in capsys.readouterr().err

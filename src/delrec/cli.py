@@ -194,6 +194,25 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         print(f"{rank:3d}. {scores[j]:8.4f}  {prompt.candidates[j]}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from delrec.stages.distill import DistillConfig, distill
+
+    overrides = _parse_overrides(args.set)
+    for key in ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "max_seconds", "seed", "dtype", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.without:
+        overrides["tasks"] = tuple(t for t in ("ta", "rps") if t not in args.without)
+    config = DistillConfig(**overrides)
+    result = distill(args.run, config, name=args.name, progress=not args.quiet, restart=args.restart)
+    m = result.metrics
+    print(f"stage 1: {m['steps']} steps in {m['seconds']:.0f} s; valid accuracy untrained -> trained soft prompt:")
+    for key, before in m["untrained"].items():
+        print(f"  {key}: {before:.3f} -> {m['trained'][key]:.3f}")
+    print(f"-> {result.out_dir / 'soft_prompt.safetensors'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="delrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -230,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_teacher_train)
+
+    p = sub.add_parser("distill", help="DELRec stage 1: distil a teacher into a soft prompt (TA + RPS)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--teacher", help="sasrec (default), gru4rec or caser: its top-h lists must exist")
+    p.add_argument("--llm", help="backbone (default smollm2-135m)")
+    p.add_argument("--name", help="output folder under RUN/distill/ (default: the teacher's name)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--soft-tokens", type=int)
+    p.add_argument("--top-h", type=int)
+    p.add_argument("--batch-size", type=int, help="examples per task per micro-batch")
+    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--without", nargs="+", choices=["ta", "rps"], help="ablations `w/o TA`, `w/o RPS`")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-1 setting, e.g. --set weighting=uncertainty")
+    p.add_argument("--restart", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
     p.add_argument("--run", required=True)

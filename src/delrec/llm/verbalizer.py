@@ -14,7 +14,6 @@ title that shares a first token ties, and ties are pessimistic in evaluation.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,9 +43,6 @@ class Verbalizer:
         self.batch_size = batch_size
         self._answer_ids: dict[str, list[int]] = {}
         self._text_ids: dict[str, list[int]] = {}
-        forward = inspect.signature(backbone.model.forward).parameters
-        # transformers renamed `past_key_values` to `cache` in 5.x; accept either
-        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
 
     # -- tokenisation ------------------------------------------------------------------------
 

@@ -1,0 +1,259 @@
+"""Stage 1 of DELRec (DPSM, paper Section IV-B): distil the teacher into a soft prompt.
+
+The LLM is frozen; only the soft prompt is trained, on Temporal Analysis and Recommendation
+Pattern Simulating examples from the train split, their losses mixed by an adaptive weighting
+(see `weighting.py`). Lion optimizer (lr 5e-3, weight decay 1e-5), linear warm-up, gradient
+clipping, gradient accumulation. Everything is written to RUN/distill/<name>/:
+
+  soft_prompt.safetensors   the result
+  config.json               the settings and the budget actually used
+  train_log.jsonl           one line per step (losses, weights, lr) and per evaluation
+  metrics.json              valid accuracy of TA and RPS, untrained vs trained soft prompt
+  checkpoint.pt             resume state (removed when done)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from delrec.data.protocol import RunData
+from delrec.io import atomic_path, write_json
+from delrec.llm.backbone import Backbone
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.templates import Prompt, Templates
+from delrec.llm.verbalizer import Verbalizer
+from delrec.stages.examples import ExampleBuilder, TeacherLists
+from delrec.stages.weighting import LossWeighting
+
+log = logging.getLogger(__name__)
+
+TEACHER_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "sasrec"
+    llm: str = "smollm2-135m"
+    soft_tokens: int = 100
+    top_h: int = 10
+    ta_examples: int = 4  # in-context examples (4 for MovieLens and Beauty, 6 for Steam, Home & Kitchen)
+    tasks: tuple[str, ...] = ("ta", "rps")  # ("rps",) is `w/o TA`, ("ta",) is `w/o RPS`
+    steps: int = 100
+    batch_size: int = 4  # examples per task per micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    weighting: str = "inverse-grad-norm"
+    fixed_weights: dict = field(default_factory=lambda: {"ta": 1.0, "rps": 1.0})
+    update_llm: bool = False  # `w UDPSM`: the LLM is trained in stage 1 too
+    llm_lr: float = 1e-5
+    max_train_examples: int | None = None  # per task, sampled from the train split with the seed
+    max_seconds: float | None = None
+    valid_samples: int = 64
+    eval_every: int = 50
+    checkpoint_every: int = 10
+    verbalizer_batch: int = 8
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        if not self.tasks or set(self.tasks) - {"ta", "rps"}:
+            raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
+
+
+def _lion(params, lr, weight_decay):
+    from lion_pytorch import Lion
+
+    return Lion(params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class DistillResult:
+    soft_prompt: SoftPrompt
+    metrics: dict
+    out_dir: Path
+
+
+def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> float:
+    """How often the LLM's top-scored candidate is the label (ties count as misses)."""
+    hits = 0
+    for p, scores in zip(prompts, verbalizer.score(prompts, soft_prompt)):
+        label = p.candidates.index(p.label)
+        hits += int((scores >= scores[label]).sum().item() == 1)
+    return hits / max(len(prompts), 1)
+
+
+def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None, backbone: Backbone | None = None,
+            progress: bool = True, restart: bool = False) -> DistillResult:
+    run_dir = Path(run_dir)
+    out = run_dir / "distill" / (name or config.teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
+    for stale in ("metrics.json", "soft_prompt.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+
+    data = RunData.load(run_dir / "data")
+    teacher = TeacherLists.load(run_dir, config.teacher, data) if "rps" in config.tasks else None
+    templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
+    builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+    bb.freeze()
+    llm_params = []
+    if config.update_llm:
+        for p in bb.model.parameters():
+            p.requires_grad_(True)
+        llm_params = [p for p in bb.model.parameters()]
+    soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
+    weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights)
+    verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
+
+    # The training examples: a seeded order over the eligible train rows (optionally a subset)
+    rng = np.random.default_rng(config.seed)
+    order = {}
+    for task in config.tasks:
+        rows = builder.eligible("train", task)
+        if len(rows) == 0:
+            raise ValueError(f"no train samples can make a {task.upper()} example")
+        rows = rng.permutation(rows)
+        order[task] = rows[: config.max_train_examples] if config.max_train_examples else rows
+    valid = {t: builder.build(t, rng.permutation(builder.eligible("valid", t))[: config.valid_samples]) for t in config.tasks}
+
+    trainable = [soft.embedding, *llm_params]
+    groups = [{"params": [soft.embedding], "lr": config.lr}]
+    if llm_params:
+        groups.append({"params": llm_params, "lr": config.llm_lr})
+    if config.weighting == "uncertainty":
+        groups.append({"params": [weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
+    optimizer = _lion(groups, config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+
+    step, elapsed = 0, 0.0
+    metrics: dict = {}
+    if ckpt_path.exists() and not restart:
+        ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
+        if ckpt["config"] != _config_dict(config):
+            raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
+        with torch.no_grad():
+            soft.embedding.copy_(ckpt["soft_prompt"])
+            if llm_params:
+                bb.model.load_state_dict(ckpt["llm"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        weighting.load_state_dict(ckpt["weighting"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, elapsed, metrics = ckpt["step"], ckpt["elapsed"], ckpt["metrics"]
+        _truncate_log(log_path, step)
+        log.info("resuming stage 1 from step %d", step)
+    else:
+        log_path.unlink(missing_ok=True)
+        # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
+        metrics["untrained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+        _log(log_path, {"step": 0, "eval": metrics["untrained"]})
+
+    bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not progress)
+    start = time.perf_counter() - elapsed
+    while step < config.steps:
+        grads = {t: [torch.zeros_like(p) for p in trainable] for t in config.tasks}
+        losses = {}
+        for micro in range(config.grad_accum):
+            for task in config.tasks:
+                k = (step * config.grad_accum + micro) * config.batch_size
+                rows = np.take(order[task], range(k, k + config.batch_size), mode="wrap")
+                prompts = builder.build(task, rows)
+                logp = verbalizer.sequence_logprobs(prompts, [[verbalizer.answer_ids(p.label)] for p in prompts], soft)
+                loss = -torch.cat(logp).mean()
+                task_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+                for acc, g in zip(grads[task], task_grads):
+                    if g is not None:
+                        acc += g / config.grad_accum
+                losses[task] = losses.get(task, 0.0) + loss.item() / config.grad_accum
+        weighting.combine(trainable, grads, losses)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - start
+        entry = {"step": step, **{f"loss_{t}": v for t, v in losses.items()},
+                 **{f"weight_{t}": w for t, w in weighting.current().items()},
+                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
+        _log(log_path, entry)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k.startswith("loss_")})
+        if step % config.eval_every == 0:
+            metrics["trained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+            metrics["trained_at_step"] = step
+            _log(log_path, {"step": step, "eval": metrics["trained"]})
+        time_up = config.max_seconds is not None and elapsed > config.max_seconds
+        if step % config.checkpoint_every == 0 or time_up:
+            _checkpoint(ckpt_path, config, soft, bb if llm_params else None, optimizer, scheduler, weighting, step, elapsed, metrics)
+        if time_up:
+            log.info("stage 1 time budget of %.0f s reached at step %d", config.max_seconds, step)
+            break
+    bar.close()
+    if metrics.get("trained_at_step") != step:
+        metrics["trained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+        metrics["trained_at_step"] = step
+        _log(log_path, {"step": step, "eval": metrics["trained"]})
+
+    seen = step * config.grad_accum * config.batch_size
+    summary = {
+        "teacher": config.teacher, "llm": bb.name, "steps": step, "seconds": round(elapsed, 2),
+        "examples_seen_per_task": seen,
+        "distinct_train_examples_per_task": {t: min(seen, len(order[t])) for t in config.tasks},
+        "valid_samples": {t: len(v) for t, v in valid.items()},
+        **metrics,
+    }
+    soft.save(out / "soft_prompt.safetensors")
+    if llm_params:
+        bb.model.save_pretrained(out / "llm")
+    write_json(out / "config.json", _config_dict(config))
+    write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
+    ckpt_path.unlink(missing_ok=True)
+    return DistillResult(soft, summary, out)
+
+
+def _config_dict(config: DistillConfig) -> dict:
+    d = asdict(config)
+    d["tasks"] = list(d["tasks"])
+    return d
+
+
+def _log(path: Path, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint (a crash may have left some)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({
+            "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
+            "llm": bb.model.state_dict() if bb is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "weighting": weighting.state_dict(), "torch_rng": torch.get_rng_state(),
+            "step": step, "elapsed": elapsed, "metrics": metrics,
+        }, tmp)
