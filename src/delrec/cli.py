@@ -91,10 +91,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     models = args.models
     if not models:
         trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
-        models = [] if args.llm else ["random", "popularity", *trained]
+        models = [] if (args.llm or args.finetuned) else ["random", "popularity", *trained]
     rows = _eval_rows(data, args.split, args.limit, args.limit_seed)
     results = []
-    if args.llm:
+    if args.finetuned:
+        models = [*models, f"llm:{Path(args.finetuned).name}"]
+    elif args.llm:
         models = [*models, f"llm:{args.llm}"]
     for name in models:
         if name.startswith("llm:"):
@@ -118,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if any("full_ranking" in r for r in results):
         print("\nfull ranking (items seen before the target excluded)")
         print(format_table(results, "full_ranking"))
-    if not args.limit and not args.llm:
+    if not args.limit and not args.llm and not args.finetuned:
         write_json(run / "eval" / f"summary.{args.split}.json", results)
 
 
@@ -149,12 +151,58 @@ def _llm_scorer(args, data):
     from delrec.llm.scorer import LLMScorer
     from delrec.llm.soft_prompt import SoftPrompt
 
+    if getattr(args, "finetuned", None):
+        return _finetuned_scorer(args, data)
     backbone = _load_backbone(args)
     soft = SoftPrompt.load(args.soft_prompt, backbone) if args.soft_prompt else None
     return LLMScorer.for_run(
         data, backbone, templates=_templates(args), soft_prompt=soft, method=args.verbalizer,
         batch_size=args.batch_size, name=f"llm:{args.llm}" + (" +soft prompt" if soft else ""),
     )
+
+
+def _finetuned_scorer(args, data):
+    """A stage-2 result: its backbone, adapter, soft prompt and prompt variant, as trained."""
+    from peft import PeftModel
+
+    from delrec.io import read_json
+    from delrec.llm.scorer import LLMScorer
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.stages.distill import TEACHER_NAMES
+
+    folder = Path(args.finetuned)
+    if not (folder / "adapter").exists():
+        raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
+    cfg = read_json(folder / "config.json")
+    args.llm = args.llm or cfg["llm"]
+    backbone = _load_backbone(args)
+    backbone.model = PeftModel.from_pretrained(backbone.model, folder / "adapter").eval()
+    soft_path = folder / "soft_prompt.safetensors"
+    soft = SoftPrompt.load(soft_path, backbone) if soft_path.exists() else None
+    overrides = {"teacher": TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"])}
+    from delrec.llm.templates import Templates
+
+    templates = Templates.from_file(args.templates, **overrides) if args.templates else Templates(**overrides)
+    return LLMScorer.for_run(
+        data, backbone, templates=templates, soft_prompt=soft, model_card=cfg["variant"] == "mcp",
+        empty_slot=cfg["variant"] == "wo-dpsm", method=args.verbalizer, batch_size=args.batch_size,
+        name=f"delrec:{folder.name}",
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from delrec.stages.finetune import FinetuneConfig, finetune
+
+    overrides = _parse_overrides(args.set)
+    for key in ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "max_seconds", "seed", "dtype", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
+    m = result.metrics
+    print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
+          f"{m['best_valid_NDCG@5']:.4f} at step {m['best_step']} ({m['valid_samples']} valid samples)")
+    print(f"-> {result.out_dir}; evaluate with: delrec evaluate --run {args.run} --finetuned {result.out_dir}")
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
@@ -269,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser("finetune", help="DELRec stage 2: AdaLoRA fine-tuning with the stage-1 soft prompt")
+    p.add_argument("--run", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--llm")
+    p.add_argument("--variant", choices=["delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp"],
+                   help="delrec (default); ablations: ulsr (soft prompt trained too), usp (untrained soft prompt), "
+                        "wo-dpsm (no stage 1), mcp (text description of the teacher), wo-sp (no soft prompt)")
+    p.add_argument("--soft-prompt", help="default: RUN/distill/TEACHER/soft_prompt.safetensors")
+    p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-2 setting, e.g. --set target_r=4")
+    p.add_argument("--restart", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
     p.add_argument("--run", required=True)
     p.add_argument("--models", nargs="*", help="random, popularity, or trained teachers (default: all of them)")
@@ -278,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate a fixed seeded subset of N samples (quick CPU runs)")
     p.add_argument("--limit-seed", type=int, default=0)
     _add_llm_args(p)
+    p.add_argument("--finetuned", help="a stage-2 folder (RUN/finetune/NAME): its adapter, soft prompt and prompt variant")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="rank candidates for a history of titles with the LLM")

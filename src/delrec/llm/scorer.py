@@ -20,7 +20,7 @@ from delrec.llm.verbalizer import Verbalizer
 class LLMScorer:
     """Scores each sample's fixed candidates (in their on-disk, shuffled order) with the LSR
     prompt. Without a soft prompt it is the zero-shot LLM (the `w/o SP` prompt, which does not
-    mention one); with `model_card=True`, the `w MCP` ablation."""
+    mention one); `model_card=True` and `empty_slot=True` give the `w MCP` and `w/o DPSM` prompts."""
 
     def __init__(
         self,
@@ -29,6 +29,7 @@ class LLMScorer:
         templates: Templates | None = None,
         soft_prompt: SoftPrompt | None = None,
         model_card: bool = False,
+        empty_slot: bool = False,
         method: str = "full-title",
         batch_size: int = 8,
         name: str | None = None,
@@ -39,6 +40,7 @@ class LLMScorer:
         self.templates = templates or Templates()
         self.soft_prompt = soft_prompt
         self.model_card = model_card
+        self.empty_slot = empty_slot
         self.verbalizer = Verbalizer(backbone, method, batch_size)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
@@ -56,6 +58,7 @@ class LLMScorer:
             label=titles[label] if label is not None else None,
             soft_prompt=self.soft_prompt is not None,
             model_card=self.model_card,
+            empty_slot=self.empty_slot,
         )
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:

@@ -142,13 +142,17 @@ def _check(history: Sequence[str], candidates: Sequence[str], label: str | None)
 
 
 def lsr_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], label: str | None = None,
-               soft_prompt: bool = True, model_card: bool = False) -> Prompt:
-    """The recommendation prompt. `soft_prompt=False` is the `w/o SP` ablation; `model_card=True`
-    the `w MCP` ablation (the slot gets a text description of the teacher)."""
+               soft_prompt: bool = True, model_card: bool = False, empty_slot: bool = False) -> Prompt:
+    """The recommendation prompt. `soft_prompt=False` is the `w/o SP` ablation (no slot, no
+    mention of one); `model_card=True` the `w MCP` ablation (the slot gets a text description of
+    the teacher); `empty_slot=True` the `w/o DPSM` ablation (the instruction stays, the slot is
+    empty because there was no stage 1)."""
     _check(history, candidates, label)
     values = {**t._words(), "history": quote_titles(history), "candidates": quote_titles(candidates)}
     if model_card:
         return _render(t.lsr, values, candidates, label, soft=t.model_card.format(**t._words()))
+    if empty_slot:
+        return _render(t.lsr, values, candidates, label, soft="")
     return _render(t.lsr if soft_prompt else t.lsr_plain, values, candidates, label, soft=None)
 
 

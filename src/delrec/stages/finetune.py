@@ -1,0 +1,265 @@
+"""Stage 2 of DELRec (LSR, paper Section IV-C): fine-tune the LLM with AdaLoRA on the ground truth.
+
+The soft prompt from stage 1 is inserted into the recommendation (LSR) prompt and frozen; AdaLoRA
+adapters (peft) on the attention query and value projections are trained on the next item of
+train samples, with Lion (lr 1e-4, weight decay 1e-6). AdaLoRA's rank budget is updated every
+step, after the optimizer step and before the gradients are cleared, as peft requires; its
+orthogonal regulariser is added to the loss. Early stopping on NDCG@5 over a fixed valid subset.
+
+RUN/finetune/<name>/
+  adapter/            the best adapter (peft `save_pretrained`)
+  soft_prompt.safetensors   the soft prompt used (trained further under `w ULSR`)
+  config.json, train_log.jsonl, metrics.json, checkpoint.pt (while training)
+
+Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `ulsr` (the same,
+trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
+`mcp` (a hand-written description of the teacher in the slot), `wo-sp` (no slot and no mention).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from delrec.data.protocol import RunData
+from delrec.evaluate import evaluate
+from delrec.io import atomic_dir, atomic_path, write_json
+from delrec.llm.backbone import Backbone
+from delrec.llm.scorer import LLMScorer
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.templates import Templates
+from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _truncate_log
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
+TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
+
+
+@dataclass
+class FinetuneConfig:
+    teacher: str = "sasrec"
+    llm: str = "smollm2-135m"
+    variant: str = "delrec"
+    soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
+    soft_tokens: int = 100  # for `usp`
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    orth_reg_weight: float = 0.5
+    target_modules: tuple[str, ...] | None = None  # default: query and value projections
+    max_train_examples: int | None = None
+    max_seconds: float | None = None
+    valid_samples: int = 64
+    eval_every: int = 25
+    patience: int = 3  # evaluations without a better valid NDCG@5
+    checkpoint_every: int = 10
+    verbalizer_batch: int = 8
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown stage-2 variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class FinetuneResult:
+    metrics: dict
+    out_dir: Path
+
+
+def orthogonal_regulariser(model: torch.nn.Module) -> torch.Tensor:
+    """AdaLoRA's orthogonality penalty on P and Q (peft adds it only when the model computes its
+    own loss; our loss comes from the verbalizer, so it is added here)."""
+    terms = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov.float() - torch.eye(cov.shape[0], device=cov.device), "fro"))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPrompt | None:
+    if config.variant in ("wo-sp", "wo-dpsm", "mcp"):
+        return None
+    if config.variant == "usp":
+        return SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
+    path = Path(config.soft_prompt) if config.soft_prompt else run_dir / "distill" / config.teacher / "soft_prompt.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {run_dir} --teacher {config.teacher}` first")
+    return SoftPrompt.load(path, bb)
+
+
+def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = None, backbone: Backbone | None = None,
+             progress: bool = True, restart: bool = False) -> FinetuneResult:
+    from peft import AdaLoraConfig, get_peft_model
+
+    run_dir = Path(run_dir)
+    out = run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
+    (out / "metrics.json").unlink(missing_ok=True)
+
+    data = RunData.load(run_dir / "data")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+    bb.freeze()
+    soft = _soft_prompt(run_dir, config, bb)
+    if soft is not None:
+        soft.embedding.requires_grad_(config.variant == "ulsr")
+
+    model_type = getattr(bb.model.config, "model_type", "")
+    targets = list(config.target_modules or TARGET_MODULES.get(model_type, TARGET_MODULES["default"]))
+    total = config.steps
+    peft_config = AdaLoraConfig(
+        init_r=config.init_r, target_r=config.target_r, tinit=config.tinit,
+        tfinal=min(config.tfinal, max(0, total - config.tinit - 1)), deltaT=config.delta_t,
+        orth_reg_weight=config.orth_reg_weight, total_step=total, target_modules=targets,
+        task_type="SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM",
+    )
+    peft_model = get_peft_model(bb.model, peft_config)
+    bb.model = peft_model  # the verbalizer calls bb.model: now with adapters
+    adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
+    scorer = LLMScorer(bb, [""] + data.items["title"].tolist(), templates, soft_prompt=soft,
+                       model_card=config.variant == "mcp", empty_slot=config.variant == "wo-dpsm",
+                       batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
+    rng = np.random.default_rng(config.seed)
+    train_rows = rng.permutation(data.indices("train"))
+    if config.max_train_examples:
+        train_rows = train_rows[: config.max_train_examples]
+    valid_rows = np.sort(rng.permutation(data.indices("valid"))[: config.valid_samples])
+
+    trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
+    optimizer = _lion(trainable, config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+
+    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
+    if ckpt_path.exists() and not restart:
+        ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
+        if ckpt["config"] != _config_dict(config):
+            raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
+        missing = peft_model.load_state_dict(ckpt["adapter"], strict=False).unexpected_keys
+        if missing:
+            raise ValueError(f"{ckpt_path} holds adapter tensors this model lacks: {missing[:3]}")
+        if soft is not None and ckpt["soft_prompt"] is not None:
+            with torch.no_grad():
+                soft.embedding.copy_(ckpt["soft_prompt"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        allocator = peft_model.base_model.rankallocator
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = ckpt["allocator"]
+        peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = ckpt["state"]
+        _truncate_log(log_path, state["step"])
+        log.info("resuming stage 2 from step %d", state["step"])
+    else:
+        log_path.unlink(missing_ok=True)
+
+    def valid_ndcg5() -> float:
+        peft_model.eval()
+        return evaluate(scorer, data, "valid", rows=valid_rows)["candidates"]["NDCG@5"]
+
+    bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not progress)
+    start = time.perf_counter() - state["elapsed"]
+    stopped_early = False
+    while state["step"] < config.steps:
+        peft_model.train()
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            k = (state["step"] * config.grad_accum + micro) * config.batch_size
+            rows = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")
+            prompts = [scorer.prompt(data.history[r], data.candidates[r], label=data.target[r]) for r in rows]
+            logp = scorer.verbalizer.sequence_logprobs(prompts, [[scorer.verbalizer.answer_ids(p.label)] for p in prompts], soft)
+            loss = -torch.cat(logp).mean() + config.orth_reg_weight * orthogonal_regulariser(peft_model)
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        peft_model.base_model.update_and_allocate(state["step"])  # after the step, before zero_grad
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["elapsed"] = time.perf_counter() - start
+        _log(log_path, {"step": state["step"], "loss": step_loss, "grad_norm": grad_norm,
+                        "lr": scheduler.get_last_lr()[0], "seconds": round(state["elapsed"], 2)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
+        time_up = config.max_seconds is not None and state["elapsed"] > config.max_seconds
+        if state["step"] % config.eval_every == 0 or state["step"] == config.steps or time_up:
+            score = valid_ndcg5()
+            state["history"].append({"step": state["step"], "valid_NDCG@5": score})
+            _log(log_path, {"step": state["step"], "eval": {"valid_NDCG@5": score}})
+            if score > state["best"]:
+                state.update(best=score, best_step=state["step"], bad_evals=0)
+                with atomic_dir(out / "adapter") as tmp:
+                    peft_model.save_pretrained(tmp)
+                if soft is not None:
+                    soft.save(out / "soft_prompt.safetensors")
+            else:
+                state["bad_evals"] += 1
+            stopped_early = state["bad_evals"] >= config.patience
+        if state["step"] % config.checkpoint_every == 0 or time_up or stopped_early:
+            with atomic_path(ckpt_path) as tmp:
+                allocator = peft_model.base_model.rankallocator
+                torch.save({
+                    "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
+                    "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
+                    "rank_pattern": peft_model.peft_config["default"].rank_pattern,
+                    "torch_rng": torch.get_rng_state(), "state": state,
+                }, tmp)
+        if time_up or stopped_early:
+            break
+    bar.close()
+
+    metrics = {
+        "teacher": config.teacher, "variant": config.variant, "llm": bb.name, "steps": state["step"],
+        "seconds": round(state["elapsed"], 2), "best_step": state["best_step"], "best_valid_NDCG@5": state["best"],
+        "stopped_early": stopped_early, "valid_samples": len(valid_rows),
+        "train_examples_seen": state["step"] * config.grad_accum * config.batch_size,
+        "distinct_train_examples": int(min(state["step"] * config.grad_accum * config.batch_size, len(train_rows))),
+        "valid_history": state["history"],
+    }
+    write_json(out / "config.json", _config_dict(config))
+    write_json(out / "metrics.json", metrics)  # written last: marks the stage as complete
+    ckpt_path.unlink(missing_ok=True)
+    return FinetuneResult(metrics, out)
+
+
+def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's full tensors for resuming. (peft's own state dict prunes AdaLoRA to its rank
+    pattern, which cannot be loaded back into the unpruned model that training continues with.)"""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "ranknum" in k}
+
+
+def _config_dict(config: FinetuneConfig) -> dict:
+    d = asdict(config)
+    if d["target_modules"] is not None:
+        d["target_modules"] = list(d["target_modules"])
+    return d

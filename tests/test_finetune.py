@@ -1,0 +1,117 @@
+"""Stage 2 (AdaLoRA fine-tuning on the ground truth) on tiny random models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_distill import FAST, taught_run  # noqa: F401  (module-scoped fixture)
+from delrec.cli import main
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.stages import finetune as finetune_mod
+from delrec.stages.distill import DistillConfig, distill
+from delrec.stages.finetune import FinetuneConfig, finetune
+from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
+
+STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=2,
+              init_r=4, target_r=2, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def distilled(taught_run):
+    run, data = taught_run
+    for make in (tiny_llama_backbone, tiny_t5_backbone):
+        bb = make()
+        distill(run, DistillConfig(teacher="gru4rec", **FAST), name=f"gru4rec-{bb.name}", backbone=bb, progress=False)
+    return run, data
+
+
+def _soft(run, bb):
+    return str(run / "distill" / f"gru4rec-{bb.name}" / "soft_prompt.safetensors")
+
+
+@pytest.mark.parametrize("make_backbone", [tiny_llama_backbone, tiny_t5_backbone])
+def test_only_adapter_weights_change(distilled, make_backbone):
+    run, _ = distilled
+    bb = make_backbone()
+    base = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    soft_before = SoftPrompt.load(_soft(run, bb)).embedding.clone()
+    result = finetune(run, FinetuneConfig(**STAGE2, soft_prompt=_soft(run, bb)), name=f"only-{bb.name}", backbone=bb, progress=False)
+    # every base weight is bit-identical; the adapters moved
+    peft_model = bb.model
+    for name, value in peft_model.base_model.model.state_dict().items():
+        clean = name.replace(".base_layer", "")
+        if "lora_" in name or "ranknum" in name:
+            continue
+        assert torch.equal(value, base[clean]), name
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    # the stage-1 soft prompt was used frozen: bit-identical
+    assert torch.equal(SoftPrompt.load(result.out_dir).embedding, soft_before)
+    assert (result.out_dir / "adapter" / "adapter_config.json").exists()
+    assert not (result.out_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("make_backbone", [tiny_llama_backbone, tiny_t5_backbone])
+def test_loss_falls_on_a_toy_task(distilled, make_backbone):
+    run, _ = distilled
+    bb = make_backbone()
+    cfg = FinetuneConfig(**{**STAGE2, "steps": 20, "eval_every": 100, "lr": 1e-2}, max_train_examples=4, soft_prompt=_soft(run, bb))
+    result = finetune(run, cfg, name=f"toy-{bb.name}", backbone=bb, progress=False)
+    losses = [json.loads(l)["loss"] for l in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == 20 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+
+
+def test_variants(distilled):
+    run, _ = distilled
+    bb = tiny_llama_backbone()
+    ulsr = finetune(run, FinetuneConfig(**STAGE2, variant="ulsr", soft_prompt=_soft(run, bb)), name="ulsr", backbone=bb, progress=False)
+    assert not torch.equal(SoftPrompt.load(ulsr.out_dir).embedding, SoftPrompt.load(_soft(run, bb)).embedding)
+    for variant in ("wo-sp", "mcp", "wo-dpsm"):
+        res = finetune(run, FinetuneConfig(**STAGE2, variant=variant), name=variant, backbone=tiny_llama_backbone(), progress=False)
+        assert not (res.out_dir / "soft_prompt.safetensors").exists()
+    usp = finetune(run, FinetuneConfig(**STAGE2, variant="usp", soft_tokens=3), name="usp", backbone=tiny_llama_backbone(), progress=False)
+    assert SoftPrompt.load(usp.out_dir).num_tokens == 3
+    with pytest.raises(FileNotFoundError, match="delrec distill"):
+        finetune(run, FinetuneConfig(**{**STAGE2, "teacher": "caser"}), name="x", backbone=tiny_llama_backbone(), progress=False)
+    with pytest.raises(ValueError, match="variant"):
+        FinetuneConfig(variant="magic")
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(distilled, monkeypatch):
+    run, _ = distilled
+    cfg = FinetuneConfig(**STAGE2, soft_prompt=_soft(run, tiny_llama_backbone()))
+    ref = finetune(run, cfg, name="ref", backbone=tiny_llama_backbone(), progress=False)
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def crash_after_second_checkpoint(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if isinstance(obj, dict) and "allocator" in obj:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(finetune_mod.torch, "save", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
+    monkeypatch.setattr(finetune_mod.torch, "save", real_save)
+    resumed = finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
+    assert strip(resumed.out_dir / "train_log.jsonl") == strip(ref.out_dir / "train_log.jsonl")
+    assert resumed.metrics["best_valid_NDCG@5"] == ref.metrics["best_valid_NDCG@5"]
+
+
+def test_finetune_and_evaluate_commands(distilled, tmp_path, capsys):
+    run, _ = distilled
+    bb = tiny_llama_backbone()
+    model_dir = tmp_path / "tiny-llama"
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    assert main(["finetune", "--run", str(run), "--llm", str(model_dir), "--teacher", "gru4rec", "--variant", "usp",
+                 "--steps", "4", "--batch-size", "2", "--dtype", "float32", "--name", "cli", "--quiet",
+                 "--set", "valid_samples=3", "--set", "eval_every=2", "--set", "soft_tokens=2", "--set", "init_r=2", "--set", "target_r=1"]) == 0
+    assert "best valid NDCG@5" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(run), "--finetuned", str(run / "finetune" / "cli"), "--limit", "5", "--dtype", "float32"]) == 0
+    assert "| delrec:cli | 5 |" in capsys.readouterr().out
