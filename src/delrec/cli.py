@@ -3,7 +3,10 @@
     delrec data fetch ml-100k
     delrec data prepare ml-100k --out runs/ml100k [--protocol paper|loo]
     delrec teacher train --model sasrec --run runs/ml100k
-    delrec evaluate --run runs/ml100k
+    delrec evaluate --run runs/ml100k [--llm smollm2-135m --limit 1000 | --finetuned DIR]
+    delrec recommend --run runs/ml100k --history "Toy Story (1995)" "Heat (1995)"
+    delrec distill --run runs/ml100k --teacher sasrec          (stage 1)
+    delrec finetune --run runs/ml100k --teacher sasrec         (stage 2)
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ def _parse_overrides(pairs: list[str]) -> dict:
             out[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             out[key.strip()] = value
+    return out
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """Settings from `--set key=value` and from the named options that were given."""
+    out = _parse_overrides(args.set)
+    out.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
     return out
 
 
@@ -65,10 +75,9 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     from delrec.teachers import default_config
     from delrec.teachers.train import train_teacher
 
-    overrides = _parse_overrides(args.set)
-    overrides.update(
-        {k: v for k, v in {"max_epochs": args.epochs, "patience": args.patience, "max_seconds": args.max_seconds, "seed": args.seed}.items() if v is not None}
-    )
+    overrides = _settings(args, ("patience", "max_seconds", "seed"))
+    if args.epochs is not None:
+        overrides["max_epochs"] = args.epochs
     config = default_config(args.model, **overrides)
     result = train_teacher(args.run, config, device=args.device, top_h=args.top_h, progress=not args.quiet, restart=args.restart)
     m = result.metrics
@@ -193,11 +202,7 @@ def _finetuned_scorer(args, data):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from delrec.stages.finetune import FinetuneConfig, finetune
 
-    overrides = _parse_overrides(args.set)
-    for key in ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "max_seconds", "seed", "dtype", "device"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
+    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "max_seconds", "seed", "dtype", "device"))
     result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
     print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
@@ -245,11 +250,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from delrec.stages.distill import DistillConfig, distill
 
-    overrides = _parse_overrides(args.set)
-    for key in ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "max_seconds", "seed", "dtype", "device"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
+    overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "max_seconds", "seed", "dtype", "device"))
     if args.without:
         overrides["tasks"] = tuple(t for t in ("ta", "rps") if t not in args.without)
     config = DistillConfig(**overrides)
