@@ -97,3 +97,12 @@ def test_full_ranking_excludes_seen_items(rule_run):
     assert (full_ranks(_Oracle(), data, rows) == 0).all()
     res = evaluate(_Oracle(), data, "test", full_ranking=True)
     assert res["candidates"]["HR@1"] == 1.0 and res["full_ranking"]["HR@1"] == 1.0
+
+
+def test_random_scores_do_not_depend_on_batching(rule_run):
+    _, data = rule_run
+    rows = data.indices("test")
+    scorer = RandomScorer(seed=3)
+    whole = scorer.score_candidates(data, rows)
+    pieces = np.concatenate([scorer.score_candidates(data, rows[i : i + 7]) for i in range(0, len(rows), 7)])
+    assert np.array_equal(whole, pieces)

@@ -112,15 +112,15 @@ class RandomScorer:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def _rng(self, rows: np.ndarray) -> np.random.Generator:
-        # seeded by the rows, so a sample's scores don't depend on how batches are cut
-        return np.random.default_rng([self.seed, int(rows[0]) if len(rows) else 0, len(rows)])
+    def _scores(self, rows: np.ndarray, width: int) -> np.ndarray:
+        # one generator per sample, so a sample's scores don't depend on how batches are cut
+        return np.stack([np.random.default_rng([self.seed, int(r)]).random(width) for r in rows]) if len(rows) else np.zeros((0, width))
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:
-        return self._rng(rows).random((len(rows), data.candidates.shape[1]))
+        return self._scores(rows, data.candidates.shape[1])
 
     def score_all(self, data: RunData, rows: np.ndarray) -> np.ndarray:
-        return self._rng(rows).random((len(rows), data.num_items + 1))
+        return self._scores(rows, data.num_items + 1)
 
 
 class PopularityScorer:

@@ -198,7 +198,6 @@ def train_teacher(
     model.load_state_dict(best_weights)
     model.eval()
     train_seconds = state["elapsed"]
-    full = True  # teachers also get full-ranking metrics
     metrics = {
         "model": config.model,
         "protocol": data.config.name,
@@ -206,8 +205,9 @@ def train_teacher(
         "epochs_run": state["epoch"],
         "train_seconds": round(train_seconds, 2),
         "device": str(dev),
-        "valid": evaluate(scorer, data, "valid", full_ranking=full),
-        "test": evaluate(scorer, data, "test", full_ranking=full),
+        # teachers also get full-ranking metrics
+        "valid": evaluate(scorer, data, "valid", full_ranking=True),
+        "test": evaluate(scorer, data, "test", full_ranking=True),
     }
     write_topk(scorer, data, out / "topk.parquet", top_h)
     save_teacher(model, out, data)
