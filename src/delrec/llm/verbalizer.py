@@ -96,13 +96,16 @@ class Verbalizer:
 
     def score(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None = None) -> list[torch.Tensor]:
         """One float32 tensor of scores per prompt, aligned with `prompt.candidates`."""
-        out: list[torch.Tensor] = []
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        # batch prompts of similar length together: less padding, same scores
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].before) + len(prompts[i].after))
         with torch.no_grad():
-            for i in range(0, len(prompts), self.batch_size):
-                chunk = prompts[i : i + self.batch_size]
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                chunk = [prompts[j] for j in idx]
                 cands = [[self.answer_ids(t) for t in p.candidates] for p in chunk]
-                scores = self.sequence_logprobs(chunk, cands, soft_prompt)
-                out.extend(s.float().cpu() for s in scores)
+                for j, scores in zip(idx, self.sequence_logprobs(chunk, cands, soft_prompt)):
+                    out[j] = scores.float().cpu()
         return out
 
     def sequence_logprobs(
