@@ -53,6 +53,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _git_state() -> dict:
+    """The commit measured, and whether src/ differs from it (other work may be in progress)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"git_commit": git("rev-parse", "HEAD") or None, "src_modified": bool(git("status", "--porcelain", "--", "src"))}
+
+
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -197,6 +204,7 @@ def main() -> None:
     from delrec.llm.backbone import pick_dtype
 
     load_before = _load_avg()
+    git_state = _git_state()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -241,7 +249,7 @@ def main() -> None:
             "speed_dtype": speed_dtype, "speed_dtype_requested": args.dtype,
             "speed_dtype_auto_would_be": str(pick_dtype("cpu", "auto")).removeprefix("torch."),
             "check_dtype": args.check_dtype, "device": "cpu", "seed": args.seed,
-            "torch_threads": rows[0]["threads"],
+            "torch_threads": rows[0]["threads"], **git_state,
             "mean_prompt_text_tokens": rows[0]["mean_prompt_text_tokens"],
             "warmup": "fast: one batch of batch_size requests; brute: one request; not among the timed requests",
         },
