@@ -149,10 +149,11 @@ def _load_backbone(args):
     return Backbone.load(args.llm, device=args.device, dtype=args.dtype).freeze()
 
 
-def _templates(args):
+def _templates(args, teacher: str | None = None):
     from delrec.llm.templates import Templates
 
-    overrides = {"teacher": args.teacher_name} if args.teacher_name else {}
+    teacher = args.teacher_name or teacher
+    overrides = {"teacher": teacher} if teacher else {}
     return Templates.from_file(args.templates, **overrides) if args.templates else Templates(**overrides)
 
 
@@ -188,10 +189,7 @@ def _finetuned_scorer(args, data):
     backbone.model = PeftModel.from_pretrained(backbone.model, folder / "adapter").eval()
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, backbone) if soft_path.exists() else None
-    overrides = {"teacher": TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"])}
-    from delrec.llm.templates import Templates
-
-    templates = Templates.from_file(args.templates, **overrides) if args.templates else Templates(**overrides)
+    templates = _templates(args, TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"]))
     return LLMScorer.for_run(
         data, backbone, templates=templates, soft_prompt=soft, model_card=cfg["variant"] == "mcp",
         empty_slot=cfg["variant"] == "wo-dpsm", method=args.verbalizer, batch_size=args.batch_size,
@@ -308,14 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-tokens", type=int)
     p.add_argument("--top-h", type=int)
     p.add_argument("--batch-size", type=int, help="examples per task per micro-batch")
-    p.add_argument("--max-seconds", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--device")
+    _add_run_options(p)
     p.add_argument("--without", nargs="+", choices=["ta", "rps"], help="ablations `w/o TA`, `w/o RPS`")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-1 setting, e.g. --set weighting=uncertainty")
-    p.add_argument("--restart", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("finetune", help="DELRec stage 2: AdaLoRA fine-tuning with the stage-1 soft prompt")
@@ -329,13 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-seconds", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--device")
+    _add_run_options(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-2 setting, e.g. --set target_r=4")
-    p.add_argument("--restart", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
@@ -360,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_args(p, default_llm="smollm2-135m")
     p.set_defaults(func=cmd_recommend)
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options every DELRec stage takes: budget, seed, precision, device, resume, progress."""
+    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) -> None:
