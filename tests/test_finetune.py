@@ -53,12 +53,14 @@ def test_only_adapter_weights_change(distilled, make_backbone):
     assert not (result.out_dir / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("make_backbone", [tiny_llama_backbone, tiny_t5_backbone])
-def test_loss_falls_on_a_toy_task(distilled, make_backbone):
+@pytest.mark.parametrize("make_backbone,objective", [(tiny_llama_backbone, "candidates"), (tiny_t5_backbone, "candidates"),
+                                                      (tiny_llama_backbone, "label")])
+def test_loss_falls_on_a_toy_task(distilled, make_backbone, objective):
     run, _ = distilled
     bb = make_backbone()
-    cfg = FinetuneConfig(**{**STAGE2, "steps": 20, "eval_every": 100, "lr": 1e-2}, max_train_examples=4, soft_prompt=_soft(run, bb))
-    result = finetune(run, cfg, name=f"toy-{bb.name}", backbone=bb, progress=False)
+    cfg = FinetuneConfig(**{**STAGE2, "steps": 20, "eval_every": 100, "lr": 1e-2}, max_train_examples=4,
+                         soft_prompt=_soft(run, bb), objective=objective)
+    result = finetune(run, cfg, name=f"toy-{bb.name}-{objective}", backbone=bb, progress=False)
     losses = [json.loads(l)["loss"] for l in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(losses) == 20 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
 

@@ -166,3 +166,24 @@ def test_gradients_reach_only_the_soft_prompt():
     (-logp.sum()).backward()
     assert sp.embedding.grad is not None and sp.embedding.grad.abs().sum() > 0
     assert all(w.grad is None for w in bb.model.parameters())
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_training_objectives_match_the_reference_scores(kind):
+    """`candidates` is the cross-entropy over the brute-force scores of the candidates; `label`
+    the mean negative log-likelihood of the label titles."""
+    bb = BACKBONES[kind]()
+    sp = SoftPrompt.for_backbone(bb, 5, seed=0)
+    v = Verbalizer(bb, batch_size=4)
+    t = Templates()
+    prompts = [lsr_prompt(t, TITLES[i : i + 2], TITLES, label=TITLES[(3 * i + 1) % len(TITLES)]) for i in range(3)]
+    ref = v.score_brute_force(prompts, sp)
+    labels = [p.candidates.index(p.label) for p in prompts]
+    expect_ce = np.mean([-torch.log_softmax(s, 0)[y].item() for s, y in zip(ref, labels)])
+    expect_nll = np.mean([-s[y].item() for s, y in zip(ref, labels)])
+    assert v.loss(prompts, sp, "candidates").item() == pytest.approx(expect_ce, abs=1e-4)
+    assert v.loss(prompts, sp, "label").item() == pytest.approx(expect_nll, abs=1e-4)
+    with pytest.raises(ValueError, match="objective"):
+        v.loss(prompts, sp, "mse")
+    with pytest.raises(ValueError, match="no label"):
+        v.loss([lsr_prompt(t, ["Heat"], TITLES)], sp)

@@ -200,7 +200,7 @@ def _finetuned_scorer(args, data):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from delrec.stages.finetune import FinetuneConfig, finetune
 
-    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "max_seconds", "seed", "dtype", "device"))
+    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"))
     result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
     print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
@@ -248,7 +248,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from delrec.stages.distill import DistillConfig, distill
 
-    overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "max_seconds", "seed", "dtype", "device"))
+    overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"))
     if args.without:
         overrides["tasks"] = tuple(t for t in ("ta", "rps") if t not in args.without)
     config = DistillConfig(**overrides)
@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every DELRec stage takes: budget, seed, precision, device, resume, progress."""
+    p.add_argument("--objective", choices=["candidates", "label"],
+                   help="training loss: cross-entropy over the candidates' verbalizer scores (default) or the label title's LM loss")
     p.add_argument("--max-seconds", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype")

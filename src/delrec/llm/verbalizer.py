@@ -25,6 +25,10 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt
 
 METHODS = ("full-title", "first-token")
+# training objectives: `candidates` is cross-entropy over the verbalizer's scores of the prompt's
+# candidates (what the ranking uses, as in OpenPrompt's verbalizer); `label` is the plain
+# language-model loss of the label's title (cheaper: no other candidate is scored)
+OBJECTIVES = ("candidates", "label")
 
 
 @dataclass
@@ -213,6 +217,19 @@ class Verbalizer:
         logp = _gather_logprobs(dec.logits, targets, tmask)
         return list((logp.sum(1) / tmask.sum(1)).split(counts))
 
+    def loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates") -> torch.Tensor:
+        """The mean training loss of labelled prompts, differentiable (see OBJECTIVES)."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
+        if any(p.label is None for p in prompts):
+            raise ValueError("a training prompt has no label")
+        if objective == "label":
+            logp = self.sequence_logprobs(prompts, [[self.answer_ids(p.label)] for p in prompts], soft_prompt)
+            return -torch.cat(logp).mean()
+        scores = self.sequence_logprobs(prompts, [[self.answer_ids(t) for t in p.candidates] for p in prompts], soft_prompt)
+        labels = [p.candidates.index(p.label) for p in prompts]
+        return torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
+
     # -- reference ---------------------------------------------------------------------------
 
     def score_brute_force(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None = None) -> list[torch.Tensor]:
@@ -260,16 +277,6 @@ def _pad_ids(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, device=dev)
     return ids, (ids >= 0).long()
-
-
-def _continuations(flat: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For continuation y: inputs y[:-1], targets y[1:] (the first token is scored from the
-    prompt's last position), right-padded; rows of one token get an all-padding row."""
-    ids, mask = _pad_ids([c[:-1] or [0] for c in flat], dev)
-    targets, tmask = _pad_ids([c[1:] or [0] for c in flat], dev)
-    single = torch.tensor([len(c) == 1 for c in flat], device=dev)
-    tmask = tmask.masked_fill(single[:, None], 0)
-    return ids.clamp(min=0), targets, tmask
 
 
 def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from delrec.io import atomic_path, write_json
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
-from delrec.llm.verbalizer import Verbalizer
+from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.weighting import LossWeighting
 
@@ -54,6 +54,7 @@ class DistillConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     weighting: str = "inverse-grad-norm"
     fixed_weights: dict = field(default_factory=lambda: {"ta": 1.0, "rps": 1.0})
     update_llm: bool = False  # `w UDPSM`: the LLM is trained in stage 1 too
@@ -72,6 +73,8 @@ class DistillConfig:
         self.tasks = tuple(self.tasks)
         if not self.tasks or set(self.tasks) - {"ta", "rps"}:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
 
 
 def _lion(params, lr, weight_decay):
@@ -176,8 +179,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
                 k = (step * config.grad_accum + micro) * config.batch_size
                 rows = np.take(order[task], range(k, k + config.batch_size), mode="wrap")
                 prompts = builder.build(task, rows)
-                logp = verbalizer.sequence_logprobs(prompts, [[verbalizer.answer_ids(p.label)] for p in prompts], soft)
-                loss = -torch.cat(logp).mean()
+                loss = verbalizer.loss(prompts, soft, config.objective)
                 task_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
                 for acc, g in zip(grads[task], task_grads):
                     if g is not None:

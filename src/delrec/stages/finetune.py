@@ -36,6 +36,7 @@ from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
+from delrec.llm.verbalizer import OBJECTIVES
 from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _truncate_log
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class FinetuneConfig:
     variant: str = "delrec"
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
     soft_tokens: int = 100  # for `usp`
+    objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
@@ -79,6 +81,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown stage-2 variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
 
@@ -194,8 +198,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             k = (state["step"] * config.grad_accum + micro) * config.batch_size
             rows = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")
             prompts = [scorer.prompt(data.history[r], data.candidates[r], label=data.target[r]) for r in rows]
-            logp = scorer.verbalizer.sequence_logprobs(prompts, [[scorer.verbalizer.answer_ids(p.label)] for p in prompts], soft)
-            loss = -torch.cat(logp).mean() + config.orth_reg_weight * orthogonal_regulariser(peft_model)
+            loss = scorer.verbalizer.loss(prompts, soft, config.objective)
+            loss = loss + config.orth_reg_weight * orthogonal_regulariser(peft_model)
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
