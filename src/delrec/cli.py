@@ -91,7 +91,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from delrec.data.protocol import RunData
-    from delrec.evaluate import PopularityScorer, RandomScorer, evaluate, format_table
+    from delrec.evaluate import PopularityScorer, RandomScorer, evaluate, format_table, subset_rows
     from delrec.io import write_json
     from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
 
@@ -101,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if not models:
         trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
         models = [] if (args.llm or args.finetuned) else ["random", "popularity", *trained]
-    rows = _eval_rows(data, args.split, args.limit, args.limit_seed)
+    rows = subset_rows(data, args.split, args.limit, args.limit_seed)
     results = []
     if args.finetuned:
         models = [*models, f"llm:{Path(args.finetuned).name}"]
@@ -131,16 +131,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(format_table(results, "full_ranking"))
     if not args.limit and not args.llm and not args.finetuned:
         write_json(run / "eval" / f"summary.{args.split}.json", results)
-
-
-def _eval_rows(data, split: str, limit: int | None, seed: int):
-    """The split's rows, or a fixed seeded subset of `limit` of them (sorted, so reproducible)."""
-    import numpy as np
-
-    rows = data.indices(split)
-    if limit and limit < len(rows):
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
-    return rows
 
 
 def _load_backbone(args):
@@ -173,28 +163,18 @@ def _llm_scorer(args, data):
 
 def _finetuned_scorer(args, data):
     """A stage-2 result: its backbone, adapter, soft prompt and prompt variant, as trained."""
-    from peft import PeftModel
-
     from delrec.io import read_json
-    from delrec.llm.scorer import LLMScorer
-    from delrec.llm.soft_prompt import SoftPrompt
     from delrec.stages.distill import TEACHER_NAMES
+    from delrec.stages.finetune import finetuned_scorer
 
     folder = Path(args.finetuned)
-    if not (folder / "adapter").exists():
-        raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a stage-2 folder (no config.json); run `delrec finetune` first")
     cfg = read_json(folder / "config.json")
+    teacher = cfg["teacher"]
     args.llm = args.llm or cfg["llm"]
-    backbone = _load_backbone(args)
-    backbone.model = PeftModel.from_pretrained(backbone.model, folder / "adapter").eval()
-    soft_path = folder / "soft_prompt.safetensors"
-    soft = SoftPrompt.load(soft_path, backbone) if soft_path.exists() else None
-    templates = _templates(args, TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"]))
-    return LLMScorer.for_run(
-        data, backbone, templates=templates, soft_prompt=soft, model_card=cfg["variant"] == "mcp",
-        empty_slot=cfg["variant"] == "wo-dpsm", method=args.verbalizer, batch_size=args.batch_size,
-        name=f"delrec:{folder.name}",
-    )
+    return finetuned_scorer(folder, data, backbone=_load_backbone(args), templates=_templates(args, TEACHER_NAMES.get(teacher, teacher)),
+                            method=args.verbalizer, batch_size=args.batch_size)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -206,6 +186,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
           f"{m['best_valid_NDCG@5']:.4f} at step {m['best_step']} ({m['valid_samples']} valid samples)")
     print(f"-> {result.out_dir}; evaluate with: delrec evaluate --run {args.run} --finetuned {result.out_dir}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from delrec.pipeline import Pipeline, PipelineConfig, format_steps
+
+    config = PipelineConfig.from_file(args.config, args.overrides)
+    pipeline = Pipeline(config, progress=not args.quiet)
+    steps = pipeline.execute()
+    print(format_steps(steps))
+    print(f"-> {pipeline.run}" + (f"; report: {pipeline.run / 'report.md'}" if config.report else ""))
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
@@ -325,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-2 setting, e.g. --set target_r=4")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="the whole experiment from a config: data, teachers, stages 1-2, evaluation, report")
+    p.add_argument("--config", required=True, help="a YAML file, e.g. configs/ml100k-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override any setting, e.g. run_dir=runs/try finetune.steps=20 test_samples=100")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
     p.add_argument("--run", required=True)

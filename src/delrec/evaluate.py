@@ -104,6 +104,15 @@ def evaluate(
     return result
 
 
+def subset_rows(data: RunData, split: str, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """The split's rows, or a fixed seeded subset of `limit` of them (sorted): every model scored
+    on a subset sees the same samples."""
+    rows = data.indices(split)
+    if limit and limit < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    return rows
+
+
 class RandomScorer:
     """Uniform random scores: HR@1 about 1/15 on the candidate protocol."""
 

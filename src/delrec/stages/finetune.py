@@ -256,6 +256,28 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     return FinetuneResult(metrics, out)
 
 
+def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | None = None, templates: Templates | None = None,
+                     method: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
+                     progress: bool = True) -> LLMScorer:
+    """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt and its
+    prompt variant, exactly as trained. `backbone` (fresh, without adapters) saves a reload."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if not (folder / "adapter" / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
+    cfg = json.loads((folder / "config.json").read_text())
+    bb = backbone or Backbone.load(cfg["llm"], device=device, dtype=dtype)
+    bb.freeze()
+    bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
+    soft_path = folder / "soft_prompt.safetensors"
+    soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
+    templates = templates or Templates(teacher=TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"]))
+    return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, model_card=cfg["variant"] == "mcp",
+                             empty_slot=cfg["variant"] == "wo-dpsm", method=method, batch_size=batch_size,
+                             name=f"delrec:{folder.name}", progress=progress)
+
+
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's full tensors for resuming. (peft's own state dict prunes AdaLoRA to its rank
     pattern, which cannot be loaded back into the unpruned model that training continues with.)"""

@@ -1,0 +1,402 @@
+"""`delrec run --config CONFIG`: the whole DELRec experiment in order, resumable.
+
+Steps: data (fetch + prepare) -> teacher:<t> -> distill:<t> (and stage-1 ablations) ->
+finetune:<t>-<variant> -> eval:<model> (every model on one fixed seeded subset of test samples)
+-> report. A step whose outputs exist and were made with the same settings is skipped, so running
+the same command again after an interruption continues where it stopped (the training stages
+also resume from their own checkpoints). A changed setting reruns that step and every step that
+depends on it.
+
+RUN/pipeline.log        the log of every invocation
+RUN/pipeline.json       per step: ran or skipped, wall seconds, peak resident memory
+RUN/config.yaml         the resolved configuration of the last invocation
+RUN/eval/pipeline/      one JSON per model: metrics, the sample rows and each sample's rank
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from delrec.io import atomic_path, read_json, write_json
+
+log = logging.getLogger("delrec.pipeline")
+
+STAGE2_VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
+# variants that need no stage 2 or their own stage 1: `wo-lsr` is stage 1 only (the frozen LLM with
+# the distilled soft prompt); `wo-ta` / `wo-rps` distil with one task only, then run stage 2
+EXTRA_VARIANTS = ("wo-lsr", "wo-ta", "wo-rps")
+# the paper's numbers on ML-100K (Tables II-IV, HR@1 / NDCG@5), shown beside ours in the report
+PAPER_ML100K = {
+    "random": None, "popularity": None,
+    "sasrec": (0.3341, 0.5183), "gru4rec": (0.3162, 0.4824), "caser": (0.3250, 0.5034),
+    "zero-shot": (0.0375, 0.0509),  # Flan-T5-Large, Table II
+    "delrec:sasrec": (0.3701, 0.5422), "delrec:gru4rec": (0.3520, 0.5186), "delrec:caser": (0.3614, 0.5314),
+}
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/ml100k-cpu"
+    dataset: str = "ml-100k"  # ml-100k, ml-1m or a folder `delrec data prepare` reads
+    protocol: dict = field(default_factory=lambda: {"name": "paper"})  # ProtocolConfig fields
+    teachers: list = field(default_factory=lambda: ["sasrec"])
+    teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
+    top_h: int = 10  # length of the teacher lists stored for RPS
+    llm: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    distill: dict = field(default_factory=dict)  # DistillConfig fields
+    finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
+    variants: list = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])
+    zero_shot: bool = True
+    test_samples: int | None = 500  # None: the whole test split
+    eval_seed: int = 0
+    eval_batch_size: int = 8
+    report: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(STAGE2_VARIANTS) - set(EXTRA_VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {STAGE2_VARIANTS + EXTRA_VARIANTS}")
+        if not self.teachers:
+            raise ValueError("the config names no teacher")
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "PipelineConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config is a mapping of settings")
+        for item in overrides or []:
+            _apply_override(values, item)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _apply_override(values: dict, item: str) -> None:
+    """`key=value` or `section.key=value`; the value is parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    if "=" not in item:
+        raise ValueError(f"an override is key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    target = values
+    for p in parts[:-1]:
+        target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"override {item!r}: {p} is not a section")
+    target[parts[-1]] = yaml.safe_load(raw)
+
+
+class _PeakMemory:
+    """Peak resident memory of this process while a step runs (sampled from /proc, Linux)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _same(recorded, wanted) -> bool:
+    """Settings equal once both went through JSON (tuples become lists)."""
+    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
+
+
+def _fingerprint(path: Path) -> str | None:
+    """A short hash of a step's completion file: downstream steps rerun when it changes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, progress: bool = True):
+        self.config = config
+        self.run = Path(config.run_dir)
+        self.progress = progress
+        self.steps: list[dict] = []
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _step(self, name: str, done: bool, fn) -> None:
+        if done:
+            log.info("step %s: done earlier with the same settings, skipped", name)
+            self.steps.append({"step": name, "status": "skipped", "seconds": 0.0, "peak_rss_mb": None})
+            return
+        log.info("step %s: running", name)
+        t0 = time.perf_counter()
+        with _PeakMemory() as mem:
+            fn()
+        gc.collect()
+        entry = {"step": name, "status": "ran", "seconds": round(time.perf_counter() - t0, 1),
+                 "peak_rss_mb": round(mem.peak / 2**20)}
+        log.info("step %s: finished in %.0f s, peak memory %d MiB", name, entry["seconds"], entry["peak_rss_mb"])
+        self.steps.append(entry)
+
+    def _llm_settings(self) -> dict:
+        c = self.config
+        return {"llm": c.llm, "dtype": c.dtype, "device": c.device}
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def data(self) -> None:
+        from delrec.data.protocol import ProtocolConfig
+
+        c = self.config
+        proto = ProtocolConfig.for_protocol(**c.protocol) if c.protocol else ProtocolConfig()
+        marker = self.run / "data" / "protocol.json"
+        if marker.exists():
+            written = read_json(marker)
+            if not _same(written["protocol"], asdict(proto)) or written["source"].get("dataset") != c.dataset:
+                raise ValueError(f"{self.run / 'data'} was prepared from {written['source'].get('dataset')} with "
+                                 f"{written['protocol']}, not as this config asks; use another run_dir")
+
+        def prepare():
+            from delrec.data.loaders import load_dataset
+            from delrec.data.protocol import prepare, write
+
+            raw = load_dataset(c.dataset)
+            write(prepare(raw.interactions, raw.items, proto), self.run / "data", source={"dataset": c.dataset, **raw.source})
+
+        self._step("data", marker.exists(), prepare)
+
+    def teachers(self) -> None:
+        from delrec.teachers import default_config
+        from delrec.teachers.train import train_teacher
+
+        for name in self.config.teachers:
+            tc = default_config(name, **self.config.teacher)
+            out = self.run / "teachers" / name
+            done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
+                _same(read_json(out / "config.json")["teacher"], asdict(tc))
+            self._step(f"teacher:{name}", done, lambda: train_teacher(
+                self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
+
+    def _distill_config(self, teacher: str, tasks=None):
+        from delrec.stages.distill import DistillConfig
+
+        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher}
+        if tasks:
+            settings["tasks"] = tasks
+        return DistillConfig(**settings)
+
+    def distill(self) -> None:
+        from delrec.stages.distill import _config_dict
+
+        wanted = []
+        for t in self.config.teachers:
+            if set(self.config.variants) & {"delrec", "ulsr", "wo-lsr"}:
+                wanted.append((t, t, None))
+            for v, tasks in (("wo-ta", ("rps",)), ("wo-rps", ("ta",))):
+                if v in self.config.variants:
+                    wanted.append((t, f"{t}-{v}", tasks))
+        for teacher, name, tasks in wanted:
+            cfg = self._distill_config(teacher, tasks)
+            out = self.run / "distill" / name
+            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg)) \
+                and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
+            self._step(f"distill:{name}", done, lambda cfg=cfg, name=name, teacher=teacher: self._run_distill(cfg, name, teacher))
+
+    def _teacher_fp(self, teacher: str) -> str | None:
+        return _fingerprint(self.run / "teachers" / teacher / "metrics.json")
+
+    def _run_distill(self, cfg, name, teacher) -> None:
+        from delrec.stages.distill import distill
+
+        result = distill(self.run, cfg, name=name, progress=self.progress)
+        metrics = {**result.metrics, "teacher_fingerprint": self._teacher_fp(teacher)}
+        write_json(result.out_dir / "metrics.json", metrics)
+
+    def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
+        """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
+        jobs = []
+        for t in self.config.teachers:
+            for v in self.config.variants:
+                if v in ("delrec", "ulsr"):
+                    jobs.append((t, v, t))
+                elif v in ("wo-ta", "wo-rps"):
+                    jobs.append((t, v, f"{t}-{v}"))
+                elif v in STAGE2_VARIANTS:
+                    jobs.append((t, v, None))
+        return jobs
+
+    def finetune(self) -> None:
+        from delrec.stages.finetune import FinetuneConfig, _config_dict
+
+        for teacher, variant, stage1 in self._finetune_jobs():
+            name = f"{teacher}-{variant}"
+            settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
+                        "variant": "delrec" if variant in ("wo-ta", "wo-rps") else variant}
+            if stage1:
+                settings["soft_prompt"] = str(self.run / "distill" / stage1 / "soft_prompt.safetensors")
+            cfg = FinetuneConfig(**settings)
+            upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
+            out = self.run / "finetune" / name
+            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg)) \
+                and read_json(out / "metrics.json").get("upstream_fingerprint") == upstream
+            self._step(f"finetune:{name}", done, lambda cfg=cfg, name=name, upstream=upstream: self._run_finetune(cfg, name, upstream))
+
+    def _run_finetune(self, cfg, name, upstream) -> None:
+        from delrec.stages.finetune import finetune
+
+        result = finetune(self.run, cfg, name=name, progress=self.progress)
+        write_json(result.out_dir / "metrics.json", {**result.metrics, "upstream_fingerprint": upstream})
+
+    def models(self) -> list[tuple[str, str | None]]:
+        """(model name, the file whose change invalidates its evaluation) in report order."""
+        c, out = self.config, []
+        out += [("random", None), ("popularity", None)]
+        out += [(t, str(self.run / "teachers" / t / "metrics.json")) for t in c.teachers]
+        if c.zero_shot:
+            out.append(("zero-shot", None))
+        for t in c.teachers:
+            for v in c.variants:
+                if v == "wo-lsr":
+                    out.append((f"{t}-wo-lsr", str(self.run / "distill" / t / "metrics.json")))
+                else:
+                    out.append((f"{t}-{v}", str(self.run / "finetune" / f"{t}-{v}" / "metrics.json")))
+        return out
+
+    def evaluate(self) -> None:
+        from delrec.data.protocol import RunData
+        from delrec.evaluate import subset_rows
+
+        data = RunData.load(self.run / "data")
+        rows = subset_rows(data, "test", self.config.test_samples, self.config.eval_seed)
+        for name, source in self.models():
+            path = self.run / "eval" / "pipeline" / f"{name}.json"
+            settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
+                        "llm": self.config.llm if name == "zero-shot" else None, "batch_size": self.config.eval_batch_size}
+            done = path.exists() and _same(read_json(path).get("settings"), settings)
+            self._step(f"eval:{name}", done, lambda name=name, settings=settings: self._run_eval(data, rows, name, settings, path))
+
+    def _scorer(self, data, name: str):
+        from delrec.evaluate import PopularityScorer, RandomScorer
+        from delrec.llm.backbone import Backbone
+        from delrec.llm.scorer import LLMScorer
+        from delrec.llm.soft_prompt import SoftPrompt
+        from delrec.llm.templates import Templates
+        from delrec.stages.distill import TEACHER_NAMES
+        from delrec.stages.finetune import finetuned_scorer
+        from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+
+        c, kw = self.config, {"batch_size": self.config.eval_batch_size, "progress": self.progress}
+        if name == "random":
+            return RandomScorer(seed=data.config.seed)
+        if name == "popularity":
+            return PopularityScorer(data)
+        if name in c.teachers:
+            return TeacherScorer(load_teacher(self.run / "teachers" / name, c.device), pick_device(c.device), name)
+        if name == "zero-shot":
+            bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
+            return LLMScorer.for_run(data, bb, name=f"zero-shot:{c.llm}", **kw)
+        teacher, variant = name.split("-", 1)
+        if variant == "wo-lsr":
+            bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
+            soft = SoftPrompt.load(self.run / "distill" / teacher / "soft_prompt.safetensors", bb)
+            return LLMScorer.for_run(data, bb, templates=Templates(teacher=TEACHER_NAMES.get(teacher, teacher)),
+                                     soft_prompt=soft, name=f"delrec:{name}", **kw)
+        return finetuned_scorer(self.run / "finetune" / name, data, dtype=c.dtype, device=c.device, **kw)
+
+    def _run_eval(self, data, rows, name, settings, path) -> None:
+        from delrec.evaluate import candidate_ranks, metrics_from_ranks
+
+        scorer = self._scorer(data, name)
+        t0 = time.perf_counter()
+        ranks = candidate_ranks(scorer, data, rows)
+        result = {"model": name, "scorer": scorer.name, "split": "test", "num_samples": int(len(rows)),
+                  "candidates": metrics_from_ranks(ranks), "seconds": round(time.perf_counter() - t0, 1),
+                  "ranks": np.asarray(ranks).astype(int).tolist(), "settings": settings}
+        write_json(path, result)
+
+    def write_report(self) -> None:
+        from delrec.report import write_report
+
+        self._step("report", False, lambda: write_report(self))
+
+    # -- driver ------------------------------------------------------------------------------
+
+    def execute(self) -> list[dict]:
+        import torch
+
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        self.run.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run / "pipeline.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("delrec")
+        root.addHandler(handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        try:
+            import yaml
+
+            with atomic_path(self.run / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
+            log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
+            t0 = time.perf_counter()
+            self.data()
+            self.teachers()
+            self.distill()
+            self.finetune()
+            self.evaluate()
+            if c.report:
+                self.write_report()
+            write_json(self.run / "pipeline.json", {"steps": self.steps, "threads": torch.get_num_threads(),
+                                                    "seconds": round(time.perf_counter() - t0, 1)})
+            return self.steps
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def format_steps(steps: list[dict]) -> str:
+    lines = ["| step | status | seconds | peak memory (MiB) |", "|---|---|---|---|"]
+    for s in steps:
+        mem = "" if s["peak_rss_mb"] is None else str(s["peak_rss_mb"])
+        lines.append(f"| {s['step']} | {s['status']} | {s['seconds']:.1f} | {mem} |")
+    return "\n".join(lines)
