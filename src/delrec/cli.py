@@ -192,6 +192,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from delrec.pipeline import Pipeline, PipelineConfig, format_steps
 
     config = PipelineConfig.from_file(args.config, args.overrides)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     pipeline = Pipeline(config, progress=not args.quiet)
     steps = pipeline.execute()
     print(format_steps(steps))

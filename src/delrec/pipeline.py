@@ -34,13 +34,6 @@ STAGE2_VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
 # variants that need no stage 2 or their own stage 1: `wo-lsr` is stage 1 only (the frozen LLM with
 # the distilled soft prompt); `wo-ta` / `wo-rps` distil with one task only, then run stage 2
 EXTRA_VARIANTS = ("wo-lsr", "wo-ta", "wo-rps")
-# the paper's numbers on ML-100K (Tables II-IV, HR@1 / NDCG@5), shown beside ours in the report
-PAPER_ML100K = {
-    "random": None, "popularity": None,
-    "sasrec": (0.3341, 0.5183), "gru4rec": (0.3162, 0.4824), "caser": (0.3250, 0.5034),
-    "zero-shot": (0.0375, 0.0509),  # Flan-T5-Large, Table II
-    "delrec:sasrec": (0.3701, 0.5422), "delrec:gru4rec": (0.3520, 0.5186), "delrec:caser": (0.3614, 0.5314),
-}
 
 
 @dataclass
@@ -78,7 +71,7 @@ class PipelineConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _numbers(yaml.safe_load(path.read_text()) or {})
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a config is a mapping of settings")
         for item in overrides or []:
@@ -103,7 +96,21 @@ def _apply_override(values: dict, item: str) -> None:
         target = target.setdefault(p, {})
         if not isinstance(target, dict):
             raise ValueError(f"override {item!r}: {p} is not a section")
-    target[parts[-1]] = yaml.safe_load(raw)
+    target[parts[-1]] = _numbers(yaml.safe_load(raw))
+
+
+def _numbers(value):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; read such strings as the numbers they are."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value) if any(ch.isdigit() for ch in value) and value.strip().lower() not in ("nan", "inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 class _PeakMemory:
@@ -158,13 +165,18 @@ class Pipeline:
         self.run = Path(config.run_dir)
         self.progress = progress
         self.steps: list[dict] = []
+        # the last real run of every step, across invocations (a skipped step keeps its earlier time)
+        summary = self.run / "pipeline.json"
+        self.earlier = {e["step"]: e for e in read_json(summary)["steps"] if e["status"] == "ran"} if summary.exists() else {}
 
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _step(self, name: str, done: bool, fn) -> None:
         if done:
             log.info("step %s: done earlier with the same settings, skipped", name)
-            self.steps.append({"step": name, "status": "skipped", "seconds": 0.0, "peak_rss_mb": None})
+            before = self.earlier.get(name, {})
+            self.steps.append({"step": name, "status": "skipped", "seconds": before.get("seconds"),
+                               "peak_rss_mb": before.get("peak_rss_mb")})
             return
         log.info("step %s: running", name)
         t0 = time.perf_counter()
@@ -357,6 +369,15 @@ class Pipeline:
 
         self._step("report", False, lambda: write_report(self))
 
+    def _write_summary(self, seconds: float) -> None:
+        """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time."""
+        import torch
+
+        steps = [self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e for e in self.steps]
+        total = sum(e["seconds"] or 0.0 for e in steps)
+        write_json(self.run / "pipeline.json", {"steps": steps, "total_seconds": round(total, 1),
+                                                "this_invocation_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
+
     # -- driver ------------------------------------------------------------------------------
 
     def execute(self) -> list[dict]:
@@ -386,8 +407,7 @@ class Pipeline:
             self.evaluate()
             if c.report:
                 self.write_report()
-            write_json(self.run / "pipeline.json", {"steps": self.steps, "threads": torch.get_num_threads(),
-                                                    "seconds": round(time.perf_counter() - t0, 1)})
+            self._write_summary(time.perf_counter() - t0)
             return self.steps
         finally:
             root.removeHandler(handler)
@@ -395,8 +415,13 @@ class Pipeline:
 
 
 def format_steps(steps: list[dict]) -> str:
-    lines = ["| step | status | seconds | peak memory (MiB) |", "|---|---|---|---|"]
+    """Steps as a Markdown table; a skipped step shows the time and memory of its last real run."""
+    lines = ["| step | this invocation | seconds | peak memory (MiB) |", "|---|---|---|---|"]
+    total = 0.0
     for s in steps:
+        secs = "" if s["seconds"] is None else f"{s['seconds']:.1f}"
         mem = "" if s["peak_rss_mb"] is None else str(s["peak_rss_mb"])
-        lines.append(f"| {s['step']} | {s['status']} | {s['seconds']:.1f} | {mem} |")
+        total += s["seconds"] or 0.0
+        lines.append(f"| {s['step']} | {s['status']} | {secs} | {mem} |")
+    lines.append(f"| total | | {total:.1f} | |")
     return "\n".join(lines)

@@ -1,12 +1,17 @@
-"""RUN/report.md: what a `delrec run` measured, written from the files the steps left behind.
+"""RUN/report.md and its figures: what a `delrec run` measured, from the files its steps left.
 
-Everything in the report is read from the run folder (evaluation JSONs with per-sample ranks,
-stage metrics and logs, data statistics, the resolved config), so `delrec run` can rewrite it at
-any time without recomputing a model.
+Everything is read from the run folder (evaluation JSONs with per-sample ranks, stage metrics and
+logs, data statistics, the resolved config); only the three case studies score a few samples
+again. So `delrec run` rewrites the report at any time without retraining anything.
+
+Sections: the goal (DELRec against its teacher, paired tests), a Table II-style block with the
+paper's numbers beside ours, the ablations (Tables III-IV), stage-1 accuracy, training curves,
+the cold-start slice, case studies, budgets, steps, data, protocol and environment.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -14,89 +19,303 @@ import numpy as np
 
 from delrec.io import atomic_path, read_json
 
-PAPER_NOTE = ("Paper: Table II of the DELRec paper (ML-100K, Flan-T5-XL for DELRec, Flan-T5-Large zero-shot); "
-              "its own protocol and backbone, shown for orientation, not as a like-for-like comparison.")
+METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+# The paper's ML-100K numbers (Tables II, III, IV; DELRec with Flan-T5-XL), by our model names.
+PAPER_ML100K = {
+    "caser": (0.3250, 0.6640, 0.7713, 0.5034, 0.5564),
+    "gru4rec": (0.3162, 0.6495, 0.7568, 0.4824, 0.5430),
+    "sasrec": (0.3341, 0.6704, 0.8062, 0.5183, 0.5727),
+    "zero-shot": (0.0938, 0.2441, 0.3437, 0.1711, 0.2121),  # Flan-T5-XL
+    "caser-delrec": (0.3664, 0.6804, 0.8215, 0.5108, 0.5843),
+    "gru4rec-delrec": (0.3635, 0.6722, 0.8137, 0.5062, 0.5807),
+    "sasrec-delrec": (0.3701, 0.6919, 0.8386, 0.5237, 0.5950),
+    "sasrec-wo-sp": (0.3020, 0.6211, 0.8057, 0.4450, 0.5646),
+    "sasrec-mcp": (0.3106, 0.6357, 0.8141, 0.4603, 0.5712),
+    "sasrec-usp": (0.2752, 0.5724, 0.7913, 0.4296, 0.5259),
+    "sasrec-wo-dpsm": (0.3020, 0.6211, 0.8057, 0.4450, 0.5646),
+    "sasrec-wo-lsr": (0.2814, 0.5843, 0.7845, 0.4223, 0.5314),
+    "sasrec-wo-ta": (0.3425, 0.6617, 0.8231, 0.4867, 0.5797),
+    "sasrec-wo-rps": (0.3379, 0.6585, 0.8187, 0.4805, 0.5715),
+    "sasrec-ulsr": (0.3486, 0.6678, 0.8276, 0.4930, 0.5823),
+}
+VARIANT_NAMES = {"delrec": "DELRec", "wo-sp": "w/o SP", "mcp": "w MCP", "usp": "w USP", "wo-dpsm": "w/o DPSM",
+                 "wo-lsr": "w/o LSR", "wo-ta": "w/o TA", "wo-rps": "w/o RPS", "ulsr": "w ULSR"}
+COLD_START = 3  # the paper's Section V-F: users with fewer than 3 earlier interactions
 
 
-def _load_evals(run: Path, models: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in models:
-        path = run / "eval" / "pipeline" / f"{name}.json"
-        if path.exists():
-            out[name] = read_json(path)
+def _label(name: str, teachers) -> str:
+    teacher, _, variant = name.partition("-")
+    if teacher in teachers and variant:
+        return f"DELRec({teacher})" if variant == "delrec" else f"{VARIANT_NAMES.get(variant, variant)} ({teacher})"
+    return {"zero-shot": "zero-shot LLM"}.get(name, name)
+
+
+def _row(label: str, metrics: dict, paper=None, extra: str = "") -> str:
+    ours = " | ".join(f"{metrics[k]:.4f}" for k in METRICS)
+    theirs = f" | {paper[0]:.4f} | {paper[3]:.4f}" if paper else " | | "
+    return f"| {label}{extra} | {ours}{theirs} |"
+
+
+HEADER = ["| model | " + " | ".join(METRICS) + " | paper HR@1 | paper NDCG@5 |", "|---|" + "---|" * (len(METRICS) + 2)]
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _figures(run: Path, teachers, evals: dict, paper: dict) -> list[str]:
+    """PNG figures beside the report; returns the Markdown that shows them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = []
+
+    def smooth(y, k=5):
+        y = np.asarray(y, dtype=float)
+        return np.convolve(y, np.ones(k) / k, mode="valid") if len(y) > k else y
+
+    def save(fig, name, caption):
+        with atomic_path(run / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        shown.append(f"![{caption}]({name})\n\n*{caption}*\n")
+
+    # teachers: loss and valid NDCG@10 per epoch
+    logs = {t: _read_log(run / "teachers" / t / "train_log.jsonl") for t in teachers}
+    if any(logs.values()):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+        for t, log in logs.items():
+            rows = [e for e in log if "epoch" in e]
+            a.plot([e["epoch"] for e in rows], [e["loss"] for e in rows], marker=".", label=t)
+            b.plot([e["epoch"] for e in rows], [e["valid_NDCG@10"] for e in rows], marker=".", label=t)
+        a.set(xlabel="epoch", ylabel="train loss", title="teachers"), b.set(xlabel="epoch", ylabel="valid NDCG@10")
+        a.legend()
+        save(fig, "fig-teachers.png", "Teacher training: loss and valid NDCG@10 per epoch.")
+
+    # stage 1: TA and RPS losses per step (moving average of 5)
+    runs1 = sorted(p.parent for p in (run / "distill").glob("*/train_log.jsonl"))
+    if runs1:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for folder in runs1:
+            log = [e for e in _read_log(folder / "train_log.jsonl") if "eval" not in e]
+            for task in ("ta", "rps"):
+                pts = [(e["step"], e[f"loss_{task}"]) for e in log if f"loss_{task}" in e]
+                if pts:
+                    y = smooth([p[1] for p in pts])
+                    ax.plot([p[0] for p in pts][len(pts) - len(y):], y, label=f"{folder.name} {task.upper()}")
+        ax.set(xlabel="step", ylabel="loss (moving average of 5)", title="stage 1 (soft prompt only)")
+        ax.legend(fontsize=8)
+        save(fig, "fig-stage1.png", "Stage 1: Temporal Analysis and Recommendation Pattern Simulating losses.")
+
+    # stage 2: loss per step, valid NDCG@5 at each evaluation
+    runs2 = sorted(p.parent for p in (run / "finetune").glob("*/train_log.jsonl"))
+    if runs2:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+        for folder in runs2:
+            log = _read_log(folder / "train_log.jsonl")
+            pts = [(e["step"], e["loss"]) for e in log if "loss" in e]
+            y = smooth([p[1] for p in pts])
+            a.plot([p[0] for p in pts][len(pts) - len(y):], y, label=folder.name)
+            ev = [(e["step"], e["eval"]["valid_NDCG@5"]) for e in log if "eval" in e]
+            b.plot([p[0] for p in ev], [p[1] for p in ev], marker="o", label=folder.name)
+        a.set(xlabel="step", ylabel="loss (moving average of 5)", title="stage 2 (AdaLoRA)")
+        b.set(xlabel="step", ylabel="valid NDCG@5 (early stopping)")
+        a.legend(fontsize=8)
+        save(fig, "fig-stage2.png", "Stage 2: training loss and the valid NDCG@5 used for early stopping.")
+
+    # results: HR@1 and NDCG@5 per model, the paper's as markers
+    if evals:
+        names = list(evals)
+        x = np.arange(len(names))
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.4))
+        for off, (m, col) in zip((-0.2, 0.2), (("HR@1", 0), ("NDCG@5", 3))):
+            ax.bar(x + off, [evals[n]["candidates"][m] for n in names], width=0.4, label=f"{m} (ours)")
+            px = [(i + off, paper[n][col]) for i, n in enumerate(names) if n in paper]
+            if px:
+                ax.scatter(*zip(*px), marker="_", s=300, color="black", zorder=3, label=f"{m} (paper)" if off < 0 else None)
+        ax.set_xticks(x, [_label(n, teachers) for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel="metric", title="test metrics (bars) and the paper's (black marks)")
+        ax.legend(fontsize=8)
+        save(fig, "fig-results.png", "HR@1 and NDCG@5 of every model on the same test samples; black marks: the paper.")
+    return shown
+
+
+def _case_studies(pipeline, data, evals: dict, teacher: str, rows: np.ndarray) -> list[str]:
+    """Three test samples (the first in subset order of each kind: both right, only DELRec
+    right, only the teacher right), with history, each model's top-1 and the truth."""
+    name = f"{teacher}-delrec"
+    if teacher not in evals or name not in evals:
+        return []
+    hit_t = np.asarray(evals[teacher]["ranks"]) == 0
+    hit_d = np.asarray(evals[name]["ranks"]) == 0
+    picks = []
+    for kind, mask in (("both right", hit_t & hit_d), ("only DELRec right", hit_d & ~hit_t),
+                       ("only the teacher right", hit_t & ~hit_d)):
+        idx = np.flatnonzero(mask)
+        if len(idx):
+            picks.append((kind, int(idx[0])))
+    if not picks:
+        return []
+    chosen = np.array([rows[i] for _, i in picks])
+    titles = [""] + data.items["title"].tolist()
+    top1 = {}
+    for model in (teacher, name):
+        scores = np.asarray(pipeline._scorer(data, model).score_candidates(data, chosen), dtype=np.float64)
+        top1[model] = data.candidates[chosen, scores.argmax(axis=1)]
+    out = []
+    for j, (kind, i) in enumerate(picks):
+        r = chosen[j]
+        history = [titles[k] for k in data.history[r] if k > 0]
+        out += [f"**Case {j + 1} ({kind}), test sample {int(data.sample_id[r])}.**", "",
+                f"- history (most recent last): {'; '.join(history)}",
+                f"- {teacher} top-1: {titles[top1[teacher][j]]}",
+                f"- DELRec({teacher}) top-1: {titles[top1[name][j]]}",
+                f"- truth: {titles[data.target[r]]}", ""]
     return out
 
 
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.4f}"
-
-
-def _main_table(evals: dict, teachers: list[str], paper: dict) -> list[str]:
-    from delrec.evaluate import METRIC_NAMES
-
-    lines = ["| model | " + " | ".join(METRIC_NAMES) + " | paper HR@1 | paper NDCG@5 |",
-             "|---|" + "---|" * (len(METRIC_NAMES) + 2)]
-    for name, res in evals.items():
-        if name.split("-", 1)[-1] not in ("delrec",) and name not in ("random", "popularity", "zero-shot", *teachers):
-            continue
-        key = f"delrec:{name.split('-')[0]}" if name.endswith("-delrec") else name
-        p = paper.get(key)
-        label = f"DELRec({name.split('-')[0]})" if name.endswith("-delrec") else name
-        m = res["candidates"]
-        lines.append(f"| {label} | " + " | ".join(_fmt(m[k]) for k in METRIC_NAMES) +
-                     f" | {_fmt(p[0]) if p else ''} | {_fmt(p[1]) if p else ''} |")
-    return lines
-
-
-def _ablation_table(evals: dict, teachers: list[str]) -> list[str]:
-    lines = ["| teacher | variant | HR@1 | HR@5 | NDCG@5 | NDCG@10 |", "|---|---|---|---|---|---|"]
-    for name, res in evals.items():
-        teacher, _, variant = name.partition("-")
-        if teacher not in teachers or not variant:
-            continue
-        m = res["candidates"]
-        lines.append(f"| {teacher} | {variant} | {_fmt(m['HR@1'])} | {_fmt(m['HR@5'])} | {_fmt(m['NDCG@5'])} | {_fmt(m['NDCG@10'])} |")
-    return lines
-
-
 def write_report(pipeline) -> Path:
-    from delrec.pipeline import PAPER_ML100K, format_steps
-
     import torch
 
+    from delrec.data.protocol import RunData
+    from delrec.pipeline import format_steps
+    from delrec.significance import compare, per_sample
+
     c, run = pipeline.config, pipeline.run
-    models = [name for name, _ in pipeline.models()]
-    evals = _load_evals(run, models)
-    stats = read_json(run / "data" / "stats.json")
-    protocol = read_json(run / "data" / "protocol.json")
-    n = next(iter(evals.values()))["num_samples"] if evals else 0
-    lines = [f"# DELRec on {c.dataset}", ""]
-    lines += [f"Test samples: {n} (a seeded subset, seed {c.eval_seed}, of {stats['samples']['test']}; every model "
-              f"scores the same samples and the same {protocol['protocol']['num_candidates']} fixed candidates; "
-              "ties count against the model).", ""]
-    lines += ["## Results", "", *_main_table(evals, c.teachers, PAPER_ML100K if c.dataset == "ml-100k" else {}), "",
-              PAPER_NOTE if c.dataset == "ml-100k" else "", ""]
-    lines += ["## Ablations", "", *_ablation_table(evals, c.teachers), ""]
-    lines += ["## Stage 1: does the LLM pick what the teacher picks?", ""]
-    for t in c.teachers:
-        path = run / "distill" / t / "metrics.json"
+    teachers = list(c.teachers)
+    evals = {}
+    for name, _ in pipeline.models():
+        path = run / "eval" / "pipeline" / f"{name}.json"
         if path.exists():
-            m = read_json(path)
-            for key, before in m["untrained"].items():
-                lines.append(f"- {t}, {key.replace('_', ' ')} ({m['valid_samples'][key.split('_')[0]]} valid samples): "
-                             f"untrained soft prompt {before:.3f}, trained {m['trained'][key]:.3f}")
-    lines += ["", "## Budgets", ""]
-    for folder in sorted((run / "distill").glob("*/metrics.json")) + sorted((run / "finetune").glob("*/metrics.json")):
+            evals[name] = read_json(path)
+    data = RunData.load(run / "data")
+    stats, protocol = read_json(run / "data" / "stats.json"), read_json(run / "data" / "protocol.json")
+    paper = PAPER_ML100K if c.dataset == "ml-100k" else {}
+    rows = np.asarray(next(iter(evals.values()))["settings"]["rows"]) if evals else np.zeros(0, dtype=int)
+    L = [f"# DELRec on {c.dataset}: {', '.join(teachers)} teacher{'s' if len(teachers) > 1 else ''}, {c.llm} backbone", ""]
+    L += [f"Everything below was measured by `delrec run` in `{run}` and is rewritten from the files there. "
+          f"Test samples: **{len(rows)}**" + (f", a seeded subset (seed {c.eval_seed}) of the {stats['samples']['test']} "
+          "test samples" if len(rows) < stats["samples"]["test"] else " (the whole test split)") +
+          f"; every model scores the same samples and the same {protocol['protocol']['num_candidates']} candidates "
+          "fixed on disk; ties count against the model.", ""]
+
+    # -- the goal: DELRec against its teacher --
+    L += ["## The goal: does DELRec beat its teacher?", ""]
+    for t in teachers:
+        name = f"{t}-delrec"
+        if t in evals and name in evals:
+            cmp = compare(evals[name]["ranks"], evals[t]["ranks"])
+            verdict = "beats" if all(v["diff"] > 0 for v in cmp.values()) else "does **not** beat"
+            L.append(f"DELRec({t}) {verdict} its {t} teacher on HR@1 and NDCG@5:")
+            L.append("")
+            L += ["| metric | DELRec | teacher | difference (95% CI) | relative | p-value (test) |", "|---|---|---|---|---|---|"]
+            for m, v in cmp.items():
+                rel = f"{v['relative']:+.1%}" if v["relative"] is not None else ""
+                L.append(f"| {m} | {v['a']:.4f} | {v['b']:.4f} | {v['diff']:+.4f} ({v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}) "
+                         f"| {rel} | {v['p_value']:.3g} ({v['test']}) |")
+            if t in ("sasrec",) and paper:
+                L.append("")
+                L.append(f"The paper reports +{paper['sasrec-delrec'][0] / paper['sasrec'][0] - 1:.1%} HR@1 for DELRec(SASRec) "
+                         "over SASRec with Flan-T5-XL.")
+            L.append("")
+
+    # -- Table II block --
+    L += ["## Results (Table II style)", "", *HEADER]
+    for name, res in evals.items():
+        teacher, _, variant = name.partition("-")
+        if teacher in teachers and variant and variant != "delrec":
+            continue
+        L.append(_row(_label(name, teachers), res["candidates"], paper.get(name)))
+    if paper:
+        L += ["", "Paper: DELRec with Flan-T5-XL and the zero-shot row of Flan-T5-XL (Table II); the paper's own data "
+              "pipeline and candidate sampling, shown for orientation, not as a like-for-like comparison."]
+    L.append("")
+
+    # -- ablations --
+    abl = [n for n in evals if n.partition("-")[0] in teachers and n.partition("-")[2]]
+    if abl:
+        L += ["## Ablations (Tables III-IV)", "", *HEADER]
+        for name in abl:
+            L.append(_row(_label(name, teachers), evals[name]["candidates"], paper.get(name)))
+        for t in teachers:
+            base = evals.get(f"{t}-delrec")
+            for name in abl:
+                if base is not None and name.startswith(f"{t}-") and name != f"{t}-delrec":
+                    v = compare(base["ranks"], evals[name]["ranks"])
+                    L.append(f"- DELRec({t}) vs {_label(name, teachers)}: HR@1 {v['HR@1']['diff']:+.4f} (p {v['HR@1']['p_value']:.3g}), "
+                             f"NDCG@5 {v['NDCG@5']['diff']:+.4f} (p {v['NDCG@5']['p_value']:.3g})")
+        L.append("")
+
+    # -- stage 1 --
+    L += ["## Stage 1: does the LLM pick what the teacher picks?", "",
+          "Valid accuracy: how often the LLM's top candidate is the label (TA: the masked most recent item among "
+          "15 candidates; RPS: the teacher's top-1 among its shuffled top-h list), with the untrained (random) and "
+          "the trained soft prompt.", ""]
+    for folder in sorted((run / "distill").glob("*/metrics.json")):
         m = read_json(folder)
-        seen = m.get("examples_seen_per_task", m.get("train_examples_seen"))
-        lines.append(f"- {folder.parent.parent.name}/{folder.parent.name}: {m['steps']} steps, {seen} examples"
-                     f"{' per task' if 'examples_seen_per_task' in m else ''}, {m['seconds']:.0f} s")
-    lines += ["", "## Steps", "", format_steps(pipeline.steps), ""]
-    lines += ["## Data and protocol", "", f"- protocol: `{protocol['protocol']}`",
-              f"- filtered: {stats['filtered']}", f"- samples: {stats['samples']}", ""]
-    lines += ["## Environment", "", f"- {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads", ""]
+        for key, before in m["untrained"].items():
+            task = key.split("_")[0]
+            L.append(f"- {folder.parent.name}, {task.upper()} ({m['valid_samples'][task]} valid samples): untrained "
+                     f"{before:.3f}, trained {m['trained'][key]:.3f}")
+    L.append("")
+
+    # -- figures --
+    L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper)]
+
+    # -- cold start --
+    if evals:
+        cold = data.history_len[rows] < COLD_START
+        L += [f"## Cold start: users with fewer than {COLD_START} earlier interactions", ""]
+        if cold.sum() == 0:
+            L += [f"None of the {len(rows)} test samples is cold-start (the chronological split puts few new users "
+                  "in the test period).", ""]
+        else:
+            L += [f"{int(cold.sum())} of the {len(rows)} test samples.", "", "| model | HR@1 | NDCG@5 |", "|---|---|---|"]
+            for name, res in evals.items():
+                r = np.asarray(res["ranks"])[cold]
+                L.append(f"| {_label(name, teachers)} | {per_sample(r, 'HR@1').mean():.4f} | {per_sample(r, 'NDCG@5').mean():.4f} |")
+            L.append("")
+
+    # -- case studies --
+    cases = _case_studies(pipeline, data, evals, teachers[0], rows) if evals else []
+    if cases:
+        L += ["## Case studies (Figure 9 style)", "", "The first test sample (in subset order) of each kind; not chosen by hand.", "", *cases]
+
+    # -- budgets, steps, data, environment --
+    L += ["## Budgets", ""]
+    for path in sorted((run / "distill").glob("*/metrics.json")) + sorted((run / "finetune").glob("*/metrics.json")):
+        m = read_json(path)
+        per_task = "examples_seen_per_task" in m
+        seen = m["examples_seen_per_task"] if per_task else m["train_examples_seen"]
+        extra = "" if per_task else f"; best valid NDCG@5 {m['best_valid_NDCG@5']:.4f} at step {m['best_step']} of {m['valid_samples']} valid samples"
+        L.append(f"- {path.parent.parent.name}/{path.parent.name}: {m['steps']} steps, {seen} train examples"
+                 f"{' per task' if per_task else ''}, {m['seconds']:.0f} s{extra}")
+    L += ["", "Settings (the resolved config, `config.yaml` in the run folder):", "", "```yaml",
+          (run / "config.yaml").read_text().strip() if (run / "config.yaml").exists() else "", "```", ""]
+    L += ["## Steps: wall time and peak memory", "", format_steps(pipeline.steps), "",
+          "A step skipped by this invocation shows the time and peak resident memory of its last real run "
+          "(`pipeline.json`); the report step itself is not in the total.", ""]
+    L += ["## Data and protocol", "", f"- dataset: {c.dataset}; protocol: `{json.dumps(protocol['protocol'])}`",
+          f"- after filtering: {stats['filtered']['users']} users, {stats['filtered']['items']} items, "
+          f"{stats['filtered']['interactions']} interactions (sparsity {stats['filtered']['sparsity']:.2%})",
+          f"- samples: train {stats['samples']['train']}, valid {stats['samples']['valid']}, test {stats['samples']['test']}",
+          "- see docs/protocol.md for the split, the candidates and the metrics", ""]
+    versions = {}
+    for mod in ("torch", "transformers", "peft", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    from delrec import __version__
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    L += ["## Environment", "", f"- delrec {__version__}; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          f"- {platform.platform()}, Python {platform.python_version()}", f"- CPU: {cpu}, {torch.get_num_threads()} torch threads; GPU: {gpu}", ""]
     path = run / "report.md"
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text("\n".join(L))
     return path

@@ -1,0 +1,138 @@
+"""`delrec run`: the whole pipeline on a small synthetic data set and a tiny random Llama, skipped
+steps on rerun, resume after an interruption, and a report with every section."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import sequential_rule_dataset
+from delrec.cli import main
+from delrec.pipeline import Pipeline, PipelineConfig, _apply_override
+from delrec.significance import compare, mcnemar_exact, per_sample, permutation_test
+from llm_helpers import tiny_llama_backbone
+
+QUICK = [
+    "teacher.max_epochs=2", "threads=1",
+    "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, eval_every: 1000}",
+    "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, init_r: 4, target_r: 2, warmup_steps: 1}",
+    "variants=[delrec, wo-sp, usp, wo-lsr]", "test_samples=12", "eval_batch_size=4",
+]
+SECTIONS = ["## The goal", "## Results (Table II style)", "## Ablations", "## Stage 1", "## Training curves",
+            "## Cold start", "## Case studies", "## Budgets", "## Steps", "## Data and protocol", "## Environment"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A dataset folder (interactions.csv + items.csv) and a tiny model folder."""
+    root = tmp_path_factory.mktemp("pipeline-inputs")
+    interactions, items = sequential_rule_dataset(num_users=60, num_items=40, length=20)
+    (root / "data").mkdir()
+    interactions.to_csv(root / "data" / "interactions.csv", index=False)
+    items.to_csv(root / "data" / "items.csv", index=False)
+    bb = tiny_llama_backbone()
+    bb.model.save_pretrained(root / "llm")
+    bb.tokenizer.save_pretrained(root / "llm")
+    config = root / "quick.yaml"
+    config.write_text(f"dataset: {root / 'data'}\nllm: {root / 'llm'}\nteachers: [sasrec]\n")
+    return root, config
+
+
+def _args(config, run, *extra):
+    return ["run", "--config", str(config), "--quiet", f"run_dir={run}", *QUICK, *extra]
+
+
+def _status(run) -> dict:
+    return {s["step"]: s["status"] for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+
+
+def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
+    root, config = inputs
+    run = tmp_path / "run"
+    assert main(_args(config, run)) == 0
+    steps = json.loads((run / "pipeline.json").read_text())["steps"]
+    names = [s["step"] for s in steps]
+    assert names[:3] == ["data", "teacher:sasrec", "distill:sasrec"]
+    assert {"finetune:sasrec-delrec", "finetune:sasrec-wo-sp", "finetune:sasrec-usp"} <= set(names)
+    assert {"eval:zero-shot", "eval:sasrec-delrec", "eval:sasrec-wo-lsr", "eval:random", "eval:popularity"} <= set(names)
+    assert all(s["status"] == "ran" and s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in steps)
+    # every evaluated model scored the same samples; per-sample ranks give the stored metrics
+    evals = [json.loads(p.read_text()) for p in (run / "eval" / "pipeline").glob("*.json")]
+    assert len({tuple(e["settings"]["rows"]) for e in evals}) == 1 and all(e["num_samples"] == 12 for e in evals)
+    for e in evals:
+        assert e["candidates"]["HR@1"] == pytest.approx(np.mean(np.asarray(e["ranks"]) == 0))
+    report = (run / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    for fig in ("fig-teachers.png", "fig-stage1.png", "fig-stage2.png", "fig-results.png"):
+        assert (run / fig).stat().st_size > 1000 and f"]({fig})" in report
+    assert "w/o SP (sasrec)" in report and "zero-shot LLM" in report
+
+    # the same command again: nothing is recomputed but the report
+    before = {p: p.stat().st_mtime_ns for p in (run / "eval" / "pipeline").glob("*.json")}
+    assert main(_args(config, run)) == 0
+    status = _status(run)
+    assert all(v == "ran" for v in status.values())  # pipeline.json keeps each step's last real run
+    log = (run / "pipeline.log").read_text()
+    assert log.count("step finetune:sasrec-delrec: done earlier") == 1
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "| total |" in capsys.readouterr().out
+
+    # a changed stage-2 setting reruns stage 2 and the evaluations that depend on it, nothing else
+    assert main(_args(config, run, "finetune.steps=4")) == 0
+    log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
+    assert "step distill:sasrec: done earlier" in log and "step teacher:sasrec: done earlier" in log
+    assert "step finetune:sasrec-delrec: running" in log and "step eval:sasrec-delrec: running" in log
+    assert "step eval:sasrec: done earlier" in log and "step eval:sasrec-wo-lsr: done earlier" in log
+
+
+def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch):
+    root, config = inputs
+    run = tmp_path / "run"
+    real = Pipeline.finetune
+
+    def killed(self):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C after stage 1
+
+    monkeypatch.setattr(Pipeline, "finetune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(config, run))
+    assert (run / "distill" / "sasrec" / "metrics.json").exists() and not (run / "report.md").exists()
+    monkeypatch.setattr(Pipeline, "finetune", real)
+    assert main(_args(config, run)) == 0
+    log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
+    assert "step distill:sasrec: done earlier" in log and "step finetune:sasrec-delrec: running" in log
+    assert (run / "report.md").exists()
+
+
+def test_config_errors_and_overrides(inputs, tmp_path):
+    root, config = inputs
+    values = {"finetune": {"steps": 3}}
+    _apply_override(values, "finetune.lr=1e-3")
+    _apply_override(values, "variants=[delrec, usp]")
+    assert values == {"finetune": {"steps": 3, "lr": 1e-3}, "variants": ["delrec", "usp"]}
+    with pytest.raises(ValueError, match="key=value"):
+        _apply_override(values, "finetune.steps")
+    with pytest.raises(ValueError, match="unknown settings"):
+        PipelineConfig.from_file(config, ["nonsense=1"])
+    with pytest.raises(ValueError, match="unknown variants"):
+        PipelineConfig.from_file(config, ["variants=[delrec, best]"])
+    with pytest.raises(FileNotFoundError):
+        PipelineConfig.from_file(tmp_path / "missing.yaml")
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_significance():
+    a = np.array([0] * 30 + [3] * 10)  # DELRec: 30 hits
+    b = np.array([0] * 15 + [3] * 25)  # teacher: 15 hits, all among DELRec's
+    assert per_sample(a, "HR@1").mean() == 0.75
+    assert per_sample(np.array([0, 1, 5]), "NDCG@5") == pytest.approx([1.0, 1 / np.log2(3), 0.0])
+    # 15 discordant pairs, all one way: p = 2 * 0.5**15
+    assert mcnemar_exact(per_sample(a, "HR@1"), per_sample(b, "HR@1")) == pytest.approx(2 * 0.5**15)
+    assert mcnemar_exact(per_sample(a, "HR@1"), per_sample(a, "HR@1")) == 1.0
+    assert permutation_test(np.ones(50), np.zeros(50)) < 1e-3
+    x = np.random.default_rng(0).random(200)
+    assert permutation_test(x, x[::-1]) > 0.05
+    c = compare(a, b)
+    assert c["HR@1"]["diff"] == pytest.approx(0.375) and c["HR@1"]["relative"] == pytest.approx(1.0)
+    assert c["HR@1"]["ci95"][0] > 0
