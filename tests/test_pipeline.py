@@ -16,7 +16,7 @@ QUICK = [
     "teacher.max_epochs=2", "threads=1",
     "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, eval_every: 1000}",
     "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, init_r: 4, target_r: 2, warmup_steps: 1}",
-    "variants=[delrec, wo-sp, usp, wo-lsr]", "test_samples=12", "eval_batch_size=4",
+    "variants=[delrec, wo-sp, usp, wo-lsr, udpsm]", "test_samples=12", "eval_batch_size=4",
 ]
 SECTIONS = ["## The goal", "## Results (Table II style)", "## Ablations", "## Stage 1", "## Training curves",
             "## Cold start", "## Case studies", "## Budgets", "## Steps", "## Data and protocol", "## Environment"]
@@ -53,7 +53,9 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     steps = json.loads((run / "pipeline.json").read_text())["steps"]
     names = [s["step"] for s in steps]
     assert names[:3] == ["data", "teacher:sasrec", "distill:sasrec"]
-    assert {"finetune:sasrec-delrec", "finetune:sasrec-wo-sp", "finetune:sasrec-usp"} <= set(names)
+    assert {"finetune:sasrec-delrec", "finetune:sasrec-wo-sp", "finetune:sasrec-usp", "finetune:sasrec-udpsm"} <= set(names)
+    # `w UDPSM`: stage 1 updated the LLM too, and stage 2 started from that LLM
+    assert json.loads((run / "finetune" / "sasrec-udpsm" / "config.json").read_text())["llm"] == str(run / "distill" / "sasrec-udpsm" / "llm")
     assert {"eval:zero-shot", "eval:sasrec-delrec", "eval:sasrec-wo-lsr", "eval:random", "eval:popularity"} <= set(names)
     assert all(s["status"] == "ran" and s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in steps)
     # every evaluated model scored the same samples; per-sample ranks give the stored metrics

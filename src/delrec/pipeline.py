@@ -32,8 +32,10 @@ log = logging.getLogger("delrec.pipeline")
 
 STAGE2_VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
 # variants that need no stage 2 or their own stage 1: `wo-lsr` is stage 1 only (the frozen LLM with
-# the distilled soft prompt); `wo-ta` / `wo-rps` distil with one task only, then run stage 2
-EXTRA_VARIANTS = ("wo-lsr", "wo-ta", "wo-rps")
+# the distilled soft prompt); `wo-ta` / `wo-rps` distil with one task only, `udpsm` updates the LLM
+# in stage 1 too (stage 2 then starts from that LLM); each then runs stage 2 as DELRec does
+EXTRA_VARIANTS = ("wo-lsr", "wo-ta", "wo-rps", "udpsm")
+OWN_STAGE1 = {"wo-ta": {"tasks": ("rps",)}, "wo-rps": {"tasks": ("ta",)}, "udpsm": {"update_llm": True}}
 
 
 @dataclass
@@ -227,12 +229,10 @@ class Pipeline:
             self._step(f"teacher:{name}", done, lambda: train_teacher(
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
 
-    def _distill_config(self, teacher: str, tasks=None):
+    def _distill_config(self, teacher: str, variant: str | None = None):
         from delrec.stages.distill import DistillConfig
 
-        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher}
-        if tasks:
-            settings["tasks"] = tasks
+        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher, **OWN_STAGE1.get(variant, {})}
         return DistillConfig(**settings)
 
     def distill(self) -> None:
@@ -242,11 +242,9 @@ class Pipeline:
         for t in self.config.teachers:
             if set(self.config.variants) & {"delrec", "ulsr", "wo-lsr"}:
                 wanted.append((t, t, None))
-            for v, tasks in (("wo-ta", ("rps",)), ("wo-rps", ("ta",))):
-                if v in self.config.variants:
-                    wanted.append((t, f"{t}-{v}", tasks))
-        for teacher, name, tasks in wanted:
-            cfg = self._distill_config(teacher, tasks)
+            wanted += [(t, f"{t}-{v}", v) for v in OWN_STAGE1 if v in self.config.variants]
+        for teacher, name, variant in wanted:
+            cfg = self._distill_config(teacher, variant)
             out = self.run / "distill" / name
             done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg)) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
@@ -269,7 +267,7 @@ class Pipeline:
             for v in self.config.variants:
                 if v in ("delrec", "ulsr"):
                     jobs.append((t, v, t))
-                elif v in ("wo-ta", "wo-rps"):
+                elif v in OWN_STAGE1:
                     jobs.append((t, v, f"{t}-{v}"))
                 elif v in STAGE2_VARIANTS:
                     jobs.append((t, v, None))
@@ -281,9 +279,11 @@ class Pipeline:
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
-                        "variant": "delrec" if variant in ("wo-ta", "wo-rps") else variant}
+                        "variant": "delrec" if variant in OWN_STAGE1 else variant}
             if stage1:
                 settings["soft_prompt"] = str(self.run / "distill" / stage1 / "soft_prompt.safetensors")
+            if variant == "udpsm":
+                settings["llm"] = str(self.run / "distill" / stage1 / "llm")
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
             out = self.run / "finetune" / name

@@ -37,9 +37,10 @@ PAPER_ML100K = {
     "sasrec-wo-ta": (0.3425, 0.6617, 0.8231, 0.4867, 0.5797),
     "sasrec-wo-rps": (0.3379, 0.6585, 0.8187, 0.4805, 0.5715),
     "sasrec-ulsr": (0.3486, 0.6678, 0.8276, 0.4930, 0.5823),
+    "sasrec-udpsm": (0.3513, 0.6726, 0.8324, 0.5013, 0.5906),
 }
 VARIANT_NAMES = {"delrec": "DELRec", "wo-sp": "w/o SP", "mcp": "w MCP", "usp": "w USP", "wo-dpsm": "w/o DPSM",
-                 "wo-lsr": "w/o LSR", "wo-ta": "w/o TA", "wo-rps": "w/o RPS", "ulsr": "w ULSR"}
+                 "wo-lsr": "w/o LSR", "wo-ta": "w/o TA", "wo-rps": "w/o RPS", "ulsr": "w ULSR", "udpsm": "w UDPSM"}
 COLD_START = 3  # the paper's Section V-F: users with fewer than 3 earlier interactions
 
 

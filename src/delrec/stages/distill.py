@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from delrec.data.protocol import RunData
-from delrec.io import atomic_path, write_json
+from delrec.io import atomic_dir, atomic_path, write_json
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
@@ -222,9 +222,14 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         "valid_samples": {t: len(v) for t, v in valid.items()},
         **metrics,
     }
-    soft.save(out / "soft_prompt.safetensors")
     if llm_params:
-        bb.model.save_pretrained(out / "llm")
+        # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
+        # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
+        with atomic_dir(out / "llm") as tmp:
+            bb.model.save_pretrained(tmp)
+            bb.tokenizer.save_pretrained(tmp)
+        soft.backbone = str(out / "llm")
+    soft.save(out / "soft_prompt.safetensors")
     write_json(out / "config.json", _config_dict(config))
     write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
     ckpt_path.unlink(missing_ok=True)
