@@ -123,7 +123,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
             p.requires_grad_(True)
         llm_params = [p for p in bb.model.parameters()]
     soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
-    weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights)
+    weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
     verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
 
     # The training examples: a seeded order over the eligible train rows (optionally a subset)

@@ -66,5 +66,6 @@ class LossWeighting(nn.Module):
             # d/ds_i [exp(-s_i) L_i + s_i] = 1 - exp(-s_i) L_i
             s = self.log_vars.detach()
             self.log_vars.grad = torch.tensor(
-                [1.0 - math.exp(-float(s[i])) * losses.get(t, 0.0) if t in losses else 0.0 for i, t in enumerate(self.tasks)]
+                [1.0 - math.exp(-float(s[i])) * losses.get(t, 0.0) if t in losses else 0.0 for i, t in enumerate(self.tasks)],
+                device=s.device,
             )
