@@ -5,10 +5,10 @@ VENV ?= .venv
 # On these CPU machines `torch==2.13.0` resolves to a local CPU build. GPU users: make
 # TORCH_SPEC=torch (or install their CUDA build into the venv first).
 TORCH_SPEC ?= torch==2.13.0
-RUN ?= runs/ml100k
+CONFIG ?= configs/ml100k-cpu.yaml
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench-teachers clean
+.PHONY: venv demo quick test bench-teachers clean
 
 venv: $(VENV)/.installed
 
@@ -18,11 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $@
 
+# the whole DELRec experiment on ML-100K with the offline default backbone (see README)
 demo: venv
-	$(BIN)/delrec data fetch ml-100k
-	$(BIN)/delrec data prepare ml-100k --out $(RUN)
-	$(BIN)/delrec teacher train --model sasrec --run $(RUN)
-	$(BIN)/delrec evaluate --run $(RUN)
+	$(BIN)/delrec run --config $(CONFIG)
+
+quick: venv
+	$(BIN)/delrec run --config configs/ml100k-quick.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 steps on rerun, resume after an interruption, and a report with every section."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -80,8 +81,11 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert "| total |" in capsys.readouterr().out
 
-    # a changed stage-2 setting reruns stage 2 and the evaluations that depend on it, nothing else
-    assert main(_args(config, run, "finetune.steps=4")) == 0
+    # a changed stage-2 setting reruns stage 2 and the evaluations that depend on it, nothing else;
+    # the first run, kept as an attempt, is listed in the report with the setting that differs
+    shutil.copytree(run, tmp_path / "first")
+    assert main(_args(config, run, "finetune.steps=4", f"attempts=[{tmp_path / 'first'}]")) == 0
+    assert "| first | finetune.steps=3 | DELRec(sasrec) | 12 |" in (run / "report.md").read_text()
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step distill:sasrec: done earlier" in log and "step teacher:sasrec: done earlier" in log
     assert "step finetune:sasrec-delrec: running" in log and "step eval:sasrec-delrec: running" in log

@@ -58,6 +58,9 @@ class PipelineConfig:
     eval_seed: int = 0
     eval_batch_size: int = 8
     report: bool = True
+    # other runs (folders of earlier `delrec run`s, e.g. with other budgets or soft-prompt sizes)
+    # whose results the report lists beside this one's, with the settings that differ
+    attempts: list = field(default_factory=list)
 
     def __post_init__(self):
         unknown = set(self.variants) - set(STAGE2_VARIANTS) - set(EXTRA_VARIANTS)

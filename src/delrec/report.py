@@ -177,6 +177,42 @@ def _case_studies(pipeline, data, evals: dict, teacher: str, rows: np.ndarray) -
     return out
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _attempts(run: Path, folders: list, rows: np.ndarray, teachers) -> list[str]:
+    """Other runs' results beside this one's, with the settings that differ from this run's."""
+    import yaml
+
+    mine = _flatten(yaml.safe_load((run / "config.yaml").read_text()))
+    ignore = {"run_dir", "attempts", "report", "variants", "zero_shot"}
+    lines = ["| run | settings that differ from this run | model | test samples | HR@1 | NDCG@5 |", "|---|---|---|---|---|---|"]
+    for folder in map(Path, folders):
+        if not (folder / "config.yaml").exists():
+            lines.append(f"| {folder} | (no `delrec run` there) | | | | |")
+            continue
+        theirs = _flatten(yaml.safe_load((folder / "config.yaml").read_text()))
+        diff = ", ".join(f"{k}={theirs.get(k)}" for k in sorted(set(mine) | set(theirs))
+                         if k.split(".")[0] not in ignore and mine.get(k) != theirs.get(k)) or "none"
+        for path in sorted((folder / "eval" / "pipeline").glob("*.json")):
+            res = read_json(path)
+            name = path.stem
+            if name.partition("-")[0] not in teachers or not name.partition("-")[2]:
+                continue
+            same = np.array_equal(np.asarray(res["settings"]["rows"]), rows)
+            n = f"{res['num_samples']}" + ("" if same else " (other samples)")
+            m = res["candidates"]
+            lines.append(f"| {folder.name} | {diff} | {_label(name, teachers)} | {n} | {m['HR@1']:.4f} | {m['NDCG@5']:.4f} |")
+    return lines
+
+
 def write_report(pipeline) -> Path:
     import torch
 
@@ -248,6 +284,10 @@ def write_report(pipeline) -> Path:
                     L.append(f"- DELRec({t}) vs {_label(name, teachers)}: HR@1 {v['HR@1']['diff']:+.4f} (p {v['HR@1']['p_value']:.3g}), "
                              f"NDCG@5 {v['NDCG@5']['diff']:+.4f} (p {v['NDCG@5']['p_value']:.3g})")
         L.append("")
+
+    if c.attempts:
+        L += ["## Other attempts", "", "Earlier runs with other settings (`attempts` in the config), read from their folders:", "",
+              *_attempts(run, c.attempts, rows, teachers), ""]
 
     # -- stage 1 --
     L += ["## Stage 1: does the LLM pick what the teacher picks?", "",
