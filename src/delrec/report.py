@@ -116,12 +116,13 @@ def _figures(run: Path, teachers, evals: dict, paper: dict) -> list[str]:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
         for folder in runs2:
             log = _read_log(folder / "train_log.jsonl")
-            pts = [(e["step"], e["loss"]) for e in log if "loss" in e]
+            key = "loss_rec" if any("loss_rec" in e for e in log) else "loss"  # older logs: total only
+            pts = [(e["step"], e[key]) for e in log if key in e]
             y = smooth([p[1] for p in pts])
             a.plot([p[0] for p in pts][len(pts) - len(y):], y, label=folder.name)
             ev = [(e["step"], e["eval"]["valid_NDCG@5"]) for e in log if "eval" in e]
             b.plot([p[0] for p in ev], [p[1] for p in ev], marker="o", label=folder.name)
-        a.set(xlabel="step", ylabel="loss (moving average of 5)", title="stage 2 (AdaLoRA)")
+        a.set(xlabel="step", ylabel="recommendation loss (moving average of 5)", title="stage 2 (AdaLoRA)")
         b.set(xlabel="step", ylabel="valid NDCG@5 (early stopping)")
         a.legend(fontsize=8)
         save(fig, "fig-stage2.png", "Stage 2: training loss and the valid NDCG@5 used for early stopping.")

@@ -193,15 +193,16 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     stopped_early = False
     while state["step"] < config.steps:
         peft_model.train()
-        step_loss = 0.0
+        step_loss = rec_loss = 0.0
         for micro in range(config.grad_accum):
             k = (state["step"] * config.grad_accum + micro) * config.batch_size
             rows = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")
             prompts = [scorer.prompt(data.history[r], data.candidates[r], label=data.target[r]) for r in rows]
-            loss = scorer.verbalizer.loss(prompts, soft, config.objective)
-            loss = loss + config.orth_reg_weight * orthogonal_regulariser(peft_model)
+            rec = scorer.verbalizer.loss(prompts, soft, config.objective)
+            loss = rec + config.orth_reg_weight * orthogonal_regulariser(peft_model)
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
+            rec_loss += rec.item() / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -209,7 +210,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["elapsed"] = time.perf_counter() - start
-        _log(log_path, {"step": state["step"], "loss": step_loss, "grad_norm": grad_norm,
+        # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
+        _log(log_path, {"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
                         "lr": scheduler.get_last_lr()[0], "seconds": round(state["elapsed"], 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
