@@ -55,6 +55,8 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     names = [s["step"] for s in steps]
     assert names[:3] == ["data", "teacher:sasrec", "distill:sasrec"]
     assert {"finetune:sasrec-delrec", "finetune:sasrec-wo-sp", "finetune:sasrec-usp", "finetune:sasrec-udpsm"} <= set(names)
+    # `w USP`: an untrained soft prompt as large as the distilled one
+    assert json.loads((run / "finetune" / "sasrec-usp" / "config.json").read_text())["soft_tokens"] == 4
     # `w UDPSM`: stage 1 updated the LLM too, and stage 2 started from that LLM
     assert json.loads((run / "finetune" / "sasrec-udpsm" / "config.json").read_text())["llm"] == str(run / "distill" / "sasrec-udpsm" / "llm")
     assert {"eval:zero-shot", "eval:sasrec-delrec", "eval:sasrec-wo-lsr", "eval:random", "eval:popularity"} <= set(names)

@@ -283,6 +283,8 @@ class Pipeline:
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
                         "variant": "delrec" if variant in OWN_STAGE1 else variant}
+            # `w USP` gets an untrained soft prompt of the same size as the distilled one
+            settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:
                 settings["soft_prompt"] = str(self.run / "distill" / stage1 / "soft_prompt.safetensors")
             if variant == "udpsm":
