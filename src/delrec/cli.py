@@ -15,6 +15,7 @@ import argparse
 import ast
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,11 +91,13 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from delrec import distributed
     from delrec.data.protocol import RunData
     from delrec.evaluate import PopularityScorer, RandomScorer, evaluate, format_table, subset_rows
     from delrec.io import write_json
     from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
 
+    is_main = distributed.current().is_main
     run = Path(args.run)
     data = RunData.load(run / "data")
     models = args.models
@@ -121,7 +124,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.limit:
             res["subset"] = {"limit": args.limit, "seed": args.limit_seed, "of": int(len(data.indices(args.split)))}
         tag = name.replace(":", "-").replace("/", "_") + (f".limit{args.limit}" if args.limit else "")
-        write_json(run / "eval" / f"{tag}.{args.split}.json", res)
+        if is_main:  # under a multi-process launch every process scores its shard; one writes
+            write_json(run / "eval" / f"{tag}.{args.split}.json", res)
         results.append(res)
     subset = f", a seeded subset of {len(rows)} samples (--limit)" if args.limit else ""
     print(f"{data.config.name} protocol, {args.split} split{subset}, {data.config.num_candidates} candidates (ties pessimistic)")
@@ -129,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if any("full_ranking" in r for r in results):
         print("\nfull ranking (items seen before the target excluded)")
         print(format_table(results, "full_ranking"))
-    if not args.limit and not args.llm and not args.finetuned:
+    if not args.limit and not args.llm and not args.finetuned and is_main:
         write_json(run / "eval" / f"summary.{args.split}.json", results)
 
 
@@ -376,7 +380,11 @@ def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        # under `accelerate launch` the main process speaks for all: the others only warn
+        level, sys.stdout = logging.WARNING, open(os.devnull, "w")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -385,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"delrec: error: {err}", file=sys.stderr)
         return 2
+    from delrec import distributed
+
+    distributed.shutdown()
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from delrec import distributed
 from delrec.data.protocol import RunData
 
 HR_KS = (1, 5, 10)
@@ -55,19 +56,38 @@ class Scorer(Protocol):
         """[len(rows), num_items + 1] scores over the catalogue (column 0 is padding)."""
 
 
+def _block(scorer: Scorer, batch_size: int) -> int:
+    """Rows per call of the scorer: a multiple of its own batch size (an LLM scorer's verbalizer
+    batch), so that the batches it forms are the same however the rows are chunked or sharded."""
+    inner = getattr(scorer, "batch_size", None) or batch_size
+    return max(1, batch_size // inner) * inner if inner <= batch_size else inner
+
+
 def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        cands = data.candidates[batch]
-        target_col = (cands == data.target[batch][:, None]).argmax(axis=1)
-        out.append(pessimistic_ranks(scorer.score_candidates(data, batch), target_col))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    """Pessimistic rank of the target among each row's fixed candidates. Under a multi-process
+    launch the rows are sharded over the processes and every process gets all ranks back."""
+    inner = getattr(scorer, "batch_size", None) or batch_size
+    step = _block(scorer, batch_size)
+
+    def ranks(rows: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), step):
+            batch = rows[start : start + step]
+            cands = data.candidates[batch]
+            target_col = (cands == data.target[batch][:, None]).argmax(axis=1)
+            out.append(pessimistic_ranks(scorer.score_candidates(data, batch), target_col))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    return distributed.current().map_sharded(ranks, np.asarray(rows), min(inner, step))
 
 
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Rank of the target over the whole catalogue, excluding padding and the items the user
     already interacted with before the target (as RecBole's full-sort evaluation does)."""
+    return distributed.current().map_sharded(lambda r: _full_ranks(scorer, data, r, batch_size), np.asarray(rows), batch_size)
+
+
+def _full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int) -> np.ndarray:
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec import distributed
 from delrec.io import atomic_path, read_json, write_json
 
 log = logging.getLogger("delrec.pipeline")
@@ -176,7 +177,11 @@ class Pipeline:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _step(self, name: str, done: bool, fn) -> None:
+    def _step(self, name: str, done: bool, fn, main_only: bool = False) -> None:
+        """Run `fn` unless `done`. Under a multi-process launch every process runs it (the stages
+        are data-parallel) unless `main_only`, and all wait for each other afterwards, so the
+        next step's skip decision reads finished files. Memory is the main process's."""
+        dist = distributed.current()
         if done:
             log.info("step %s: done earlier with the same settings, skipped", name)
             before = self.earlier.get(name, {})
@@ -186,7 +191,9 @@ class Pipeline:
         log.info("step %s: running", name)
         t0 = time.perf_counter()
         with _PeakMemory() as mem:
-            fn()
+            if dist.is_main or not main_only:
+                fn()
+            dist.barrier()
         gc.collect()
         entry = {"step": name, "status": "ran", "seconds": round(time.perf_counter() - t0, 1),
                  "peak_rss_mb": round(mem.peak / 2**20)}
@@ -218,7 +225,7 @@ class Pipeline:
             raw = load_dataset(c.dataset)
             write(prepare(raw.interactions, raw.items, proto), self.run / "data", source={"dataset": c.dataset, **raw.source})
 
-        self._step("data", marker.exists(), prepare)
+        self._step("data", marker.exists(), prepare, main_only=True)
 
     def teachers(self) -> None:
         from delrec.teachers import default_config
@@ -261,7 +268,8 @@ class Pipeline:
 
         result = distill(self.run, cfg, name=name, progress=self.progress)
         metrics = {**result.metrics, "teacher_fingerprint": self._teacher_fp(teacher)}
-        write_json(result.out_dir / "metrics.json", metrics)
+        if distributed.current().is_main:
+            write_json(result.out_dir / "metrics.json", metrics)
 
     def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
         """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
@@ -300,7 +308,8 @@ class Pipeline:
         from delrec.stages.finetune import finetune
 
         result = finetune(self.run, cfg, name=name, progress=self.progress)
-        write_json(result.out_dir / "metrics.json", {**result.metrics, "upstream_fingerprint": upstream})
+        if distributed.current().is_main:
+            write_json(result.out_dir / "metrics.json", {**result.metrics, "upstream_fingerprint": upstream})
 
     def models(self) -> list[tuple[str, str | None]]:
         """(model name, the file whose change invalidates its evaluation) in report order."""
@@ -367,12 +376,13 @@ class Pipeline:
         result = {"model": name, "scorer": scorer.name, "split": "test", "num_samples": int(len(rows)),
                   "candidates": metrics_from_ranks(ranks), "seconds": round(time.perf_counter() - t0, 1),
                   "ranks": np.asarray(ranks).astype(int).tolist(), "settings": settings}
-        write_json(path, result)
+        if distributed.current().is_main:
+            write_json(path, result)
 
     def write_report(self) -> None:
         from delrec.report import write_report
 
-        self._step("report", False, lambda: write_report(self))
+        self._step("report", False, lambda: write_report(self), main_only=True)
 
     def _write_summary(self, seconds: float) -> None:
         """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time."""
@@ -380,6 +390,8 @@ class Pipeline:
 
         steps = [self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e for e in self.steps]
         total = sum(e["seconds"] or 0.0 for e in steps)
+        if not distributed.current().is_main:
+            return
         write_json(self.run / "pipeline.json", {"steps": steps, "total_seconds": round(total, 1),
                                                 "this_invocation_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
 
@@ -392,7 +404,8 @@ class Pipeline:
         if c.threads:
             torch.set_num_threads(c.threads)
         self.run.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run / "pipeline.log")
+        main = distributed.current().is_main
+        handler = logging.FileHandler(self.run / "pipeline.log") if main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("delrec")
         root.addHandler(handler)
@@ -401,8 +414,9 @@ class Pipeline:
         try:
             import yaml
 
-            with atomic_path(self.run / "config.yaml") as tmp:
-                tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
+            if main:
+                with atomic_path(self.run / "config.yaml") as tmp:
+                    tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
             log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
             t0 = time.perf_counter()
             self.data()

@@ -80,10 +80,11 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch.device understands it."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """"auto" -> this process's GPU when there is one (cuda:LOCAL_RANK under a multi-process
+    launch), else cpu; anything else as torch.device understands it."""
+    from delrec import distributed
+
+    return distributed.current().device(device)
 
 
 def pick_dtype(device: str | torch.device, requested: str | torch.dtype = "auto") -> torch.dtype:

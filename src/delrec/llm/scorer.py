@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
@@ -45,6 +46,11 @@ class LLMScorer:
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
 
+    @property
+    def batch_size(self) -> int:
+        """Prompts per verbalizer call (the evaluator shards and chunks rows in multiples of it)."""
+        return self.verbalizer.batch_size
+
     @classmethod
     def for_run(cls, data: RunData, backbone: Backbone, **kwargs) -> "LLMScorer":
         return cls(backbone, [""] + data.items["title"].tolist(), **kwargs)
@@ -65,7 +71,7 @@ class LLMScorer:
         prompts = [self.prompt(data.history[r], data.candidates[r]) for r in rows]
         out = np.zeros(data.candidates[rows].shape, dtype=np.float32)
         step = self.verbalizer.batch_size
-        bar = tqdm(total=len(prompts), desc=f"score {self.name}", unit="req", disable=not self.progress)
+        bar = tqdm(total=len(prompts), desc=f"score {self.name}", unit="req", disable=not (self.progress and distributed.current().is_main))
         for i in range(0, len(prompts), step):
             scores = self.verbalizer.score(prompts[i : i + step], self.soft_prompt)
             out[i : i + step] = torch.stack(scores).numpy()

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.io import atomic_dir, atomic_path, write_json
 from delrec.llm.backbone import Backbone
@@ -91,22 +93,43 @@ class DistillResult:
 
 
 def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> float:
-    """How often the LLM's top-scored candidate is the label (ties count as misses)."""
-    hits = 0
-    for p, scores in zip(prompts, verbalizer.score(prompts, soft_prompt)):
-        label = p.candidates.index(p.label)
-        hits += int((scores >= scores[label]).sum().item() == 1)
-    return hits / max(len(prompts), 1)
+    """How often the LLM's top-scored candidate is the label (ties count as misses); sharded over
+    the processes of a multi-process launch."""
+
+    def hits(idx: np.ndarray) -> np.ndarray:
+        chosen = [prompts[i] for i in idx]
+        return np.array([int((s >= s[p.candidates.index(p.label)]).sum().item() == 1)
+                         for p, s in zip(chosen, verbalizer.score(chosen, soft_prompt))])
+
+    total = distributed.current().map_sharded(hits, np.arange(len(prompts)), verbalizer.batch_size)
+    return float(total.sum()) / max(len(prompts), 1)
+
+
+class Stage1Loss(nn.Module):
+    """What stage 1 trains (the soft prompt; under `w UDPSM` the LLM too) and the loss it flows
+    through, as one module: the unit that DistributedDataParallel synchronises."""
+
+    def __init__(self, verbalizer: Verbalizer, soft_prompt: SoftPrompt, objective: str):
+        super().__init__()
+        self.soft_prompt = soft_prompt
+        self.llm = verbalizer.backbone.model
+        self.verbalizer, self.objective = verbalizer, objective
+
+    def forward(self, prompts: list[Prompt]) -> torch.Tensor:
+        return self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
 
 
 def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None, backbone: Backbone | None = None,
             progress: bool = True, restart: bool = False) -> DistillResult:
+    dist = distributed.current()
+    dist.check_batch(config.batch_size, "stage 1")
     run_dir = Path(run_dir)
     out = run_dir / "distill" / (name or config.teacher)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    for stale in ("metrics.json", "soft_prompt.safetensors"):
-        (out / stale).unlink(missing_ok=True)
+    if dist.is_main:
+        for stale in ("metrics.json", "soft_prompt.safetensors"):
+            (out / stale).unlink(missing_ok=True)
 
     data = RunData.load(run_dir / "data")
     teacher = TeacherLists.load(run_dir, config.teacher, data) if "rps" in config.tasks else None
@@ -138,6 +161,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     valid = {t: builder.build(t, rng.permutation(builder.eligible("valid", t))[: config.valid_samples]) for t in config.tasks}
 
     trainable = [soft.embedding, *llm_params]
+    loss_module = dist.prepare(Stage1Loss(verbalizer, soft, config.objective))
     groups = [{"params": [soft.embedding], "lr": config.lr}]
     if llm_params:
         groups.append({"params": llm_params, "lr": config.llm_lr})
@@ -159,17 +183,19 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         weighting.load_state_dict(ckpt["weighting"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(_own_rng(ckpt["torch_rng"], dist))
         step, elapsed, metrics = ckpt["step"], ckpt["elapsed"], ckpt["metrics"]
-        _truncate_log(log_path, step)
+        if dist.is_main:
+            _truncate_log(log_path, step)
         log.info("resuming stage 1 from step %d", step)
     else:
-        log_path.unlink(missing_ok=True)
+        if dist.is_main:
+            log_path.unlink(missing_ok=True)
         # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
         metrics["untrained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
         _log(log_path, {"step": 0, "eval": metrics["untrained"]})
 
-    bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not (progress and dist.is_main))
     start = time.perf_counter() - elapsed
     while step < config.steps:
         grads = {t: [torch.zeros_like(p) for p in trainable] for t in config.tasks}
@@ -177,14 +203,15 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         for micro in range(config.grad_accum):
             for task in config.tasks:
                 k = (step * config.grad_accum + micro) * config.batch_size
-                rows = np.take(order[task], range(k, k + config.batch_size), mode="wrap")
-                prompts = builder.build(task, rows)
-                loss = verbalizer.loss(prompts, soft, config.objective)
-                task_grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-                for acc, g in zip(grads[task], task_grads):
-                    if g is not None:
-                        acc += g / config.grad_accum
-                losses[task] = losses.get(task, 0.0) + loss.item() / config.grad_accum
+                batch = np.take(order[task], range(k, k + config.batch_size), mode="wrap")  # the global batch
+                rows = dist.local_share(batch)
+                loss = loss_module(builder.build(task, rows)) * dist.loss_scale(len(rows), len(batch))
+                loss.backward()  # under DDP the gradients arrive averaged over the processes
+                for acc, p in zip(grads[task], trainable):
+                    if p.grad is not None:
+                        acc += p.grad / config.grad_accum
+                        p.grad = None  # each task's gradient is kept apart for the weighting
+                losses[task] = losses.get(task, 0.0) + dist.mean(loss.item()) / config.grad_accum
         weighting.combine(trainable, grads, losses)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
@@ -202,9 +229,12 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
             metrics["trained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
             metrics["trained_at_step"] = step
             _log(log_path, {"step": step, "eval": metrics["trained"]})
-        time_up = config.max_seconds is not None and elapsed > config.max_seconds
+        time_up = config.max_seconds is not None and dist.main_decides(elapsed > config.max_seconds)
         if step % config.checkpoint_every == 0 or time_up:
-            _checkpoint(ckpt_path, config, soft, bb if llm_params else None, optimizer, scheduler, weighting, step, elapsed, metrics)
+            rng = dist.gather(torch.get_rng_state())
+            if dist.is_main:
+                _checkpoint(ckpt_path, config, soft, bb if llm_params else None, optimizer, scheduler, weighting,
+                            step, elapsed, metrics, rng)
         if time_up:
             log.info("stage 1 time budget of %.0f s reached at step %d", config.max_seconds, step)
             break
@@ -222,6 +252,9 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         "valid_samples": {t: len(v) for t, v in valid.items()},
         **metrics,
     }
+    if not dist.is_main:
+        dist.barrier()  # until the main process has written the results
+        return DistillResult(soft, summary, out)
     if llm_params:
         # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
         # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
@@ -233,6 +266,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     write_json(out / "config.json", _config_dict(config))
     write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
     ckpt_path.unlink(missing_ok=True)
+    dist.barrier()
     return DistillResult(soft, summary, out)
 
 
@@ -243,6 +277,8 @@ def _config_dict(config: DistillConfig) -> dict:
 
 
 def _log(path: Path, entry: dict) -> None:
+    if not distributed.current().is_main:
+        return
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -255,12 +291,20 @@ def _truncate_log(path: Path, step: int) -> None:
             tmp.write_text("".join(line + "\n" for line in keep))
 
 
-def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics) -> None:
+def _own_rng(saved, dist: distributed.Distributed) -> torch.Tensor:
+    """This process's RNG state from a checkpoint (one per process; a single state in files
+    written by one process, and the main process's when the process count changed)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    return saved[dist.rank] if len(saved) == dist.world else saved[0]
+
+
+def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics, rng) -> None:
     with atomic_path(path) as tmp:
         torch.save({
             "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
             "llm": bb.model.state_dict() if bb is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "weighting": weighting.state_dict(), "torch_rng": torch.get_rng_state(),
+            "weighting": weighting.state_dict(), "torch_rng": rng,
             "step": step, "elapsed": elapsed, "metrics": metrics,
         }, tmp)

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
 from delrec.io import atomic_dir, atomic_path, write_json
@@ -37,7 +39,7 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _truncate_log
+from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _own_rng, _truncate_log
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,21 @@ def orthogonal_regulariser(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+class Stage2Loss(nn.Module):
+    """The adapted LLM (and, under `w ULSR`, the soft prompt) with the loss it flows through, as
+    one module: the unit that DistributedDataParallel synchronises. Returns the loss to minimise
+    (recommendation loss + weighted orthogonal regulariser) and the recommendation loss alone."""
+
+    def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, config: FinetuneConfig):
+        super().__init__()
+        self.llm, self.soft_prompt = peft_model, soft_prompt
+        self.verbalizer, self.objective, self.orth_reg_weight = scorer.verbalizer, config.objective, config.orth_reg_weight
+
+    def forward(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        rec = self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
+        return rec + self.orth_reg_weight * orthogonal_regulariser(self.llm), rec.detach()
+
+
 def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPrompt | None:
     if config.variant in ("wo-sp", "wo-dpsm", "mcp"):
         return None
@@ -119,11 +136,14 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
              progress: bool = True, restart: bool = False) -> FinetuneResult:
     from peft import AdaLoraConfig, get_peft_model
 
+    dist = distributed.current()
+    dist.check_batch(config.batch_size, "stage 2")
     run_dir = Path(run_dir)
     out = run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}")
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    (out / "metrics.json").unlink(missing_ok=True)
+    if dist.is_main:
+        (out / "metrics.json").unlink(missing_ok=True)
 
     data = RunData.load(run_dir / "data")
     torch.manual_seed(config.seed)
@@ -158,6 +178,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     valid_rows = np.sort(rng.permutation(data.indices("valid"))[: config.valid_samples])
 
     trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
+    loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
     optimizer = _lion(trainable, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
@@ -177,18 +198,19 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         allocator = peft_model.base_model.rankallocator
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = ckpt["allocator"]
         peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(_own_rng(ckpt["torch_rng"], dist))
         state = ckpt["state"]
-        _truncate_log(log_path, state["step"])
+        if dist.is_main:
+            _truncate_log(log_path, state["step"])
         log.info("resuming stage 2 from step %d", state["step"])
-    else:
+    elif dist.is_main:
         log_path.unlink(missing_ok=True)
 
     def valid_ndcg5() -> float:
         peft_model.eval()
         return evaluate(scorer, data, "valid", rows=valid_rows)["candidates"]["NDCG@5"]
 
-    bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not progress)
+    bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not (progress and dist.is_main))
     start = time.perf_counter() - state["elapsed"]
     stopped_early = False
     while state["step"] < config.steps:
@@ -196,13 +218,14 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         step_loss = rec_loss = 0.0
         for micro in range(config.grad_accum):
             k = (state["step"] * config.grad_accum + micro) * config.batch_size
-            rows = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")
+            batch = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")  # the global batch
+            rows = dist.local_share(batch)
             prompts = [scorer.prompt(data.history[r], data.candidates[r], label=data.target[r]) for r in rows]
-            rec = scorer.verbalizer.loss(prompts, soft, config.objective)
-            loss = rec + config.orth_reg_weight * orthogonal_regulariser(peft_model)
-            (loss / config.grad_accum).backward()
-            step_loss += loss.item() / config.grad_accum
-            rec_loss += rec.item() / config.grad_accum
+            loss, rec = loss_module(prompts)
+            # under DDP the gradients arrive averaged over the processes
+            (loss * dist.loss_scale(len(rows), len(batch)) / config.grad_accum).backward()
+            step_loss += dist.mean(loss.item()) / config.grad_accum
+            rec_loss += dist.mean(rec.item()) / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -215,31 +238,25 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
                         "lr": scheduler.get_last_lr()[0], "seconds": round(state["elapsed"], 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
-        time_up = config.max_seconds is not None and state["elapsed"] > config.max_seconds
+        time_up = config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds)
         if state["step"] % config.eval_every == 0 or state["step"] == config.steps or time_up:
             score = valid_ndcg5()
             state["history"].append({"step": state["step"], "valid_NDCG@5": score})
             _log(log_path, {"step": state["step"], "eval": {"valid_NDCG@5": score}})
             if score > state["best"]:
                 state.update(best=score, best_step=state["step"], bad_evals=0)
-                with atomic_dir(out / "adapter") as tmp:
-                    peft_model.save_pretrained(tmp)
-                if soft is not None:
-                    soft.save(out / "soft_prompt.safetensors")
+                if dist.is_main:
+                    with atomic_dir(out / "adapter") as tmp:
+                        peft_model.save_pretrained(tmp)
+                    if soft is not None:
+                        soft.save(out / "soft_prompt.safetensors")
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
         if state["step"] % config.checkpoint_every == 0 or time_up or stopped_early:
-            with atomic_path(ckpt_path) as tmp:
-                allocator = peft_model.base_model.rankallocator
-                torch.save({
-                    "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
-                    "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
-                    "rank_pattern": peft_model.peft_config["default"].rank_pattern,
-                    "torch_rng": torch.get_rng_state(), "state": state,
-                }, tmp)
+            rng = dist.gather(torch.get_rng_state())  # one state per process
+            if dist.is_main:
+                _checkpoint(ckpt_path, config, peft_model, soft, optimizer, scheduler, rng, state)
         if time_up or stopped_early:
             break
     bar.close()
@@ -252,10 +269,25 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         "distinct_train_examples": int(min(state["step"] * config.grad_accum * config.batch_size, len(train_rows))),
         "valid_history": state["history"],
     }
-    write_json(out / "config.json", _config_dict(config))
-    write_json(out / "metrics.json", metrics)  # written last: marks the stage as complete
-    ckpt_path.unlink(missing_ok=True)
+    if dist.is_main:
+        write_json(out / "config.json", _config_dict(config))
+        write_json(out / "metrics.json", metrics)  # written last: marks the stage as complete
+        ckpt_path.unlink(missing_ok=True)
+    dist.barrier()  # no process goes on before the results are on disk
     return FinetuneResult(metrics, out)
+
+
+def _checkpoint(path, config, peft_model, soft, optimizer, scheduler, rng, state) -> None:
+    allocator = peft_model.base_model.rankallocator
+    with atomic_path(path) as tmp:
+        torch.save({
+            "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
+            "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
+            "rank_pattern": peft_model.peft_config["default"].rank_pattern,
+            "torch_rng": rng, "state": state,
+        }, tmp)
 
 
 def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | None = None, templates: Templates | None = None,

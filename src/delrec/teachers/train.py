@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
 from delrec.io import atomic_path, read_json, write_json, write_parquet
@@ -35,9 +37,19 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`auto`: this process's GPU when there is one (cuda:LOCAL_RANK under a launcher), else the CPU."""
+    return distributed.current().device(device or "auto")
+
+
+class TeacherLoss(nn.Module):
+    """The teacher with its training loss as forward: the unit DistributedDataParallel synchronises."""
+
+    def __init__(self, model: SequentialRecommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(history, users, target)
 
 
 class TeacherScorer:
@@ -104,20 +116,26 @@ def train_teacher(
     progress: bool = True,
     restart: bool = False,
 ) -> TrainResult:
+    dist = distributed.current()
     run_dir = Path(run_dir)
     data = RunData.load(run_dir / "data")
     dev = pick_device(device)
     out = run_dir / "teachers" / config.model
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    for stale in ("metrics.json", "model.safetensors", "topk.parquet"):
-        (out / stale).unlink(missing_ok=True)  # a retrain invalidates earlier results
+    if dist.is_main:
+        for stale in ("metrics.json", "model.safetensors", "topk.parquet"):
+            (out / stale).unlink(missing_ok=True)  # a retrain invalidates earlier results
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     random.seed(config.seed)
     max_len = data.config.max_history
     model = build_model(config, data.num_items, data.num_users, max_len).to(dev)
+    loss_module = dist.prepare(TeacherLoss(model))
+    if dist.enabled:
+        # the same initial weights everywhere (DDP broadcasts them), different dropout masks
+        torch.manual_seed(config.seed * 1_000_003 + dist.rank + 1)
     optimizer = _make_optimizer(model, config)
     scorer = TeacherScorer(model, dev)
 
@@ -143,26 +161,33 @@ def train_teacher(
         optimizer.load_state_dict(ckpt["optimizer"])
         best_weights = ckpt["best_weights"]
         state = ckpt["state"]
-        _set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]
+        _set_rng_state(rng if isinstance(rng, dict) else rng[dist.rank] if len(rng) == dist.world else rng[0])
         generator.set_state(ckpt["generator"])
         log.info("resuming %s from epoch %d", config.model, state["epoch"])
-        _truncate_log(log_path, state["epoch"])
-    else:
+        if dist.is_main:
+            _truncate_log(log_path, state["epoch"])
+    elif dist.is_main:
         log_path.unlink(missing_ok=True)
 
-    bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}", disable=not progress)
+    bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}",
+               disable=not (progress and dist.is_main))
     start = time.perf_counter() - state["elapsed"]
     while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
         model.train()
         perm = torch.randperm(len(train_rows), generator=generator).to(dev)
         total_loss = 0.0
         for i in range(0, len(perm), config.batch_size):
-            idx = perm[i : i + config.batch_size]
-            loss = model.loss(history[idx], users[idx], target[idx])
+            batch = perm[i : i + config.batch_size]  # the global batch; this process takes its share
+            if len(batch) < dist.world:
+                continue  # a last batch too small to give every process an example
+            idx = torch.as_tensor(dist.local_share(batch.cpu().numpy()), device=dev)
+            loss = loss_module(history[idx], users[idx], target[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * dist.loss_scale(len(idx), len(batch))).backward()  # DDP averages over processes
             optimizer.step()
             total_loss += loss.item() * len(idx)
+        total_loss = dist.mean(total_loss) * dist.world  # summed over the processes' shares
         model.eval()
         score = _valid_score(scorer, data)
         state["epoch"] += 1
@@ -173,24 +198,14 @@ def train_teacher(
             state["bad_epochs"] += 1
         state["elapsed"] = time.perf_counter() - start
         entry = {"epoch": state["epoch"], "loss": total_loss / len(perm), "valid_NDCG@10": score, "seconds": state["elapsed"]}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(
-                {
-                    "config": config.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "best_weights": best_weights,
-                    "state": state,
-                    "rng": _rng_state(),
-                    "generator": generator.get_state(),
-                },
-                tmp,
-            )
-        if config.max_seconds is not None and state["elapsed"] > config.max_seconds:
+        rng = dist.gather(_rng_state()) if dist.enabled else _rng_state()
+        if dist.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            _checkpoint(ckpt_path, config, model, optimizer, best_weights, state, rng, generator)
+        if config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds):
             log.info("time budget of %.0f s reached after epoch %d", config.max_seconds, state["epoch"])
             break
     bar.close()
@@ -209,11 +224,23 @@ def train_teacher(
         "valid": evaluate(scorer, data, "valid", full_ranking=True),
         "test": evaluate(scorer, data, "test", full_ranking=True),
     }
-    write_topk(scorer, data, out / "topk.parquet", top_h)
-    save_teacher(model, out, data)
-    write_json(out / "metrics.json", metrics)  # written last: marks the teacher as complete
-    ckpt_path.unlink(missing_ok=True)
+    if dist.is_main:
+        write_topk(scorer, data, out / "topk.parquet", top_h)
+        save_teacher(model, out, data)
+        write_json(out / "metrics.json", metrics)  # written last: marks the teacher as complete
+        ckpt_path.unlink(missing_ok=True)
+    dist.barrier()  # no process goes on before the results are on disk
     return TrainResult(model, metrics, out)
+
+
+def _checkpoint(path: Path, config, model, optimizer, best_weights, state, rng, generator) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({
+            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "best_weights": best_weights, "state": state,
+            "rng": rng,  # one state per process under a multi-process launch
+            "generator": generator.get_state(),
+        }, tmp)
 
 
 def _truncate_log(log_path: Path, epochs: int) -> None:

@@ -1,0 +1,197 @@
+"""Two processes (gloo, CPU) through `accelerate launch`, against one process with the same global batch.
+
+Each launch runs tests/dist_worker.py, i.e. the `delrec` command itself, in every process. The
+backbone is a tiny random Llama in float32 saved to a folder; the teacher is trained with dropout 0
+so that one and two processes compute the same thing up to floating-point summation order.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_run
+from delrec.teachers import default_config
+from delrec.teachers.train import train_teacher
+from llm_helpers import tiny_llama_backbone
+from test_distill import titled_dataset
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+# float32 on CPU: the two-process loss is a mean of two half-batch means, summed in another order
+TOLERANCE = 1e-5
+STAGE1 = ["--teacher", "gru4rec", "--steps", "6", "--batch-size", "4", "--soft-tokens", "4", "--dtype", "float32",
+          "--set", "valid_samples=8", "--set", "eval_every=3", "--set", "checkpoint_every=2", "--set", "warmup_steps=2",
+          "--quiet"]
+STAGE2 = ["--teacher", "gru4rec", "--steps", "6", "--batch-size", "4", "--dtype", "float32",
+          "--set", "valid_samples=8", "--set", "eval_every=3", "--set", "checkpoint_every=2", "--set", "warmup_steps=2",
+          "--set", "init_r=4", "--set", "target_r=2", "--set", "lr=0.01", "--quiet"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp, *args, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N dist_worker.py ARGS` (one process: plain
+    python), one thread per process. `--multi_gpu` is accelerate's torchrun-based launcher, which
+    on a machine without GPUs starts CPU processes on gloo (`--cpu` would start only one)."""
+    env = {**os.environ, "HF_HOME": str(tmp / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    if processes == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(WORKER), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run with data and a GRU4Rec teacher, and a tiny Llama in a folder."""
+    root = tmp_path_factory.mktemp("dist")
+    run, data = make_run(root / "run", titled_dataset)
+    torch.set_num_threads(1)
+    train_teacher(run, default_config("gru4rec", max_epochs=2, lr=0.1, dropout=0.0), device="cpu", progress=False)
+    bb = tiny_llama_backbone()
+    bb.model.save_pretrained(root / "llm")
+    bb.tokenizer.save_pretrained(root / "llm")
+    return root, run
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def _losses(folder: Path, key: str) -> np.ndarray:
+    return np.array([e[key] for e in _log(folder) if key in e])
+
+
+@pytest.fixture(scope="module")
+def stage1(setup):
+    """Stage 1 with one process and with two, same global batch (4 examples per task)."""
+    root, run = setup
+    common = ["distill", "--run", str(run), "--llm", str(root / "llm"), *STAGE1]
+    launch(root, *common, "--name", "one", processes=1)
+    launch(root, *common, "--name", "two", processes=2)
+    return root, run
+
+
+def test_stage1_two_processes_equal_one(stage1):
+    _, run = stage1
+    one, two = run / "distill" / "one", run / "distill" / "two"
+    a = load_file(str(one / "soft_prompt.safetensors"))
+    b = load_file(str(two / "soft_prompt.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=TOLERANCE, rtol=0)
+    for key in ("loss_ta", "loss_rps", "weight_ta", "weight_rps"):
+        np.testing.assert_allclose(_losses(two, key), _losses(one, key), rtol=1e-4, atol=TOLERANCE)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["trained"] == m1["trained"] and m2["untrained"] == m1["untrained"]  # sharded valid accuracy
+    assert m2["examples_seen_per_task"] == m1["examples_seen_per_task"] == 6 * 4
+    assert not (two / "checkpoint.pt").exists()
+
+
+def test_stage1_two_process_run_killed_resumes(stage1):
+    root, run = stage1
+    common = ["distill", "--run", str(run), "--llm", str(root / "llm"), *STAGE1, "--name", "killed"]
+    crashed = launch(root, "--crash-after-checkpoints", "2", *common, processes=2, check=False)
+    out = run / "distill" / "killed"
+    assert crashed.returncode != 0
+    assert (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    assert max(e["step"] for e in _log(out)) == 4  # the second checkpoint was at step 4
+    launch(root, *common, processes=2)
+    resumed = load_file(str(out / "soft_prompt.safetensors"))
+    uninterrupted = load_file(str(run / "distill" / "two" / "soft_prompt.safetensors"))
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k])
+    assert [e["step"] for e in _log(out) if "eval" not in e] == list(range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1):
+    root, run = stage1
+    soft = str(run / "distill" / "one" / "soft_prompt.safetensors")
+    common = ["finetune", "--run", str(run), "--llm", str(root / "llm"), "--soft-prompt", soft, *STAGE2]
+    launch(root, *common, "--name", "one", processes=1)
+    launch(root, *common, "--name", "two", processes=2)
+    return root, run, common
+
+
+def test_stage2_two_processes_equal_one(stage2):
+    _, run, _ = stage2
+    one, two = run / "finetune" / "one", run / "finetune" / "two"
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=TOLERANCE, rtol=1e-4)
+    np.testing.assert_allclose(_losses(two, "loss"), _losses(one, "loss"), rtol=1e-4, atol=TOLERANCE)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["valid_history"] == m1["valid_history"]  # valid NDCG@5, evaluated sharded
+    assert m2["train_examples_seen"] == m1["train_examples_seen"] == 6 * 4
+
+
+def test_stage2_two_process_run_killed_resumes(stage2):
+    root, run, common = stage2
+    common = [*common, "--name", "killed"]
+    crashed = launch(root, "--crash-after-checkpoints", "1", *common, processes=2, check=False)
+    out = run / "finetune" / "killed"
+    assert crashed.returncode != 0 and (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    launch(root, *common, processes=2)
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(run / "finetune" / "two" / "adapter" / "adapter_model.safetensors"))
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k])
+
+
+def test_sharded_evaluation_equals_one_process(setup):
+    """Teacher (candidates and full ranking) and LLM scores, sharded over two processes: exactly
+    the single-process metrics. 24 test samples with an LLM batch of 5 leave a ragged last block."""
+    root, run = setup
+    args = ["evaluate", "--run", str(run), "--models", "random", "popularity", "gru4rec", "--full-ranking",
+            "--llm", str(root / "llm"), "--dtype", "float32", "--batch-size", "5", "--limit", "24"]
+    launch(root, *args, processes=1)
+    single = {p.name: json.loads(p.read_text()) for p in (run / "eval").glob("*.json")}
+    shutil.rmtree(run / "eval")
+    launch(root, *args, processes=2)
+    double = {p.name: json.loads(p.read_text()) for p in (run / "eval").glob("*.json")}
+    assert single.keys() == double.keys() and len(single) == 4
+    for name in single:
+        assert double[name] == single[name], name
+
+
+def test_teacher_two_processes_equal_one(setup, tmp_path):
+    """SASRec without dropout, global batch 64: one process and two train the same model."""
+    root, _ = setup
+    results = {}
+    for n in (1, 2):
+        run, _ = make_run(tmp_path / f"p{n}", titled_dataset)
+        launch(root, "teacher", "train", "--model", "sasrec", "--run", str(run), "--device", "cpu", "--quiet",
+               "--set", "max_epochs=2", "--set", "dropout=0.0", "--set", "batch_size=64", processes=n)
+        results[n] = (load_file(str(run / "teachers" / "sasrec" / "model.safetensors")),
+                      json.loads((run / "teachers" / "sasrec" / "metrics.json").read_text()))
+    (w1, m1), (w2, m2) = results[1], results[2]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3)
+    assert m2["best_epoch"] == m1["best_epoch"]
+    for split in ("valid", "test"):
+        for section in ("candidates", "full_ranking"):
+            for metric, value in m1[split][section].items():
+                assert abs(m2[split][section][metric] - value) < 0.02, (split, section, metric)
