@@ -23,7 +23,8 @@ Rows, each one warm-up step then `--steps` timed optimizer steps (5 CPU, 20 CUDA
 * stage 2, as finetune.py: peft AdaLoRA (init_r 12, target_r 8, q/v projections, orth_reg_weight
   0.5) with the soft prompt frozen, per step one batch, loss `Verbalizer.loss` + the orthogonal
   regulariser, backward, clipping, Lion, `update_and_allocate(step)`; objectives `candidates` and
-  `label`, and the plain HF loss (where peft adds the regulariser itself).
+  `label`, and the plain HF loss (where peft adds the regulariser itself); then `ours+ckpt`, the
+  `candidates` row again with gradient checkpointing (Backbone.enable_gradient_checkpointing).
 Reported: examples/s, seconds per step, peak memory (CUDA: torch.cuda.max_memory_allocated, reset
 before each measurement; CPU: the process's VmRSS sampled every 5 ms during it, or getrusage's
 lifetime peak where /proc is missing), and examples/s relative to the plain HF row of the same
@@ -296,6 +297,12 @@ def main() -> None:
         step = stage2_step(loss_fn, peft_model, trainable, _lion(trainable, 1e-4, 1e-6), add_orth=loop == "ours")
         run("stage 2", loop, objective, step, stage2_batches, B, first)
         first += len(stage2_batches)  # AdaLoRA's step counter keeps rising across rows
+    # the same stage-2 step with gradient checkpointing (layers recomputed in backward)
+    bb.enable_gradient_checkpointing()
+    verbalizer = Verbalizer(bb)
+    step = stage2_step(lambda ps, v=verbalizer: v.loss(ps, soft, "candidates"), peft_model, trainable,
+                       _lion(trainable, 1e-4, 1e-6), add_orth=True)
+    run("stage 2", "ours+ckpt", "candidates", step, stage2_batches, B, first)
 
     for r in rows:
         plain = next(x for x in rows if x["stage"] == r["stage"] and x["loop"] == "plain HF")

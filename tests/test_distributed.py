@@ -195,3 +195,31 @@ def test_teacher_two_processes_equal_one(setup, tmp_path):
         for section in ("candidates", "full_ranking"):
             for metric, value in m1[split][section].items():
                 assert abs(m2[split][section][metric] - value) < 0.02, (split, section, metric)
+
+
+def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path):
+    """`delrec run` launched on two processes: every step runs once (data and report on the main
+    process only), the report is written, and the same launch again skips every step."""
+    from test_pipeline import QUICK
+
+    root, run = setup
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    interactions, items = titled_dataset()
+    interactions.to_csv(data_dir / "interactions.csv", index=False)
+    items.to_csv(data_dir / "items.csv", index=False)
+    config = tmp_path / "quick.yaml"
+    config.write_text(f"dataset: {data_dir}\nllm: {root / 'llm'}\nteachers: [gru4rec]\n")
+    out = tmp_path / "run"
+    args = ["run", "--config", str(config), "--quiet", f"run_dir={out}", *QUICK, "variants=[delrec, wo-sp]",
+            "dtype=float32"]
+    launch(root, *args)
+    first = json.loads((out / "pipeline.json").read_text())["steps"]
+    assert {s["status"] for s in first} == {"ran"} and "finetune:gru4rec-wo-sp" in {s["step"] for s in first}
+    assert (out / "report.md").exists() and "## The goal" in (out / "report.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in (out / "eval" / "pipeline").glob("*.json")}
+    launch(root, *args)
+    log = (out / "pipeline.log").read_text().split("pipeline ")[-1]  # the second invocation
+    for step in (s["step"] for s in first if s["step"] != "report"):
+        assert f"step {step}: done earlier" in log, step
+    assert {p: p.stat().st_mtime_ns for p in before} == before

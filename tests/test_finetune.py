@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_distill import FAST, taught_run  # noqa: F401  (module-scoped fixture)
 from delrec.cli import main
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import DistillConfig, distill
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.evaluate import evaluate
+from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=2,
@@ -117,3 +119,57 @@ def test_finetune_and_evaluate_commands(distilled, tmp_path, capsys):
     assert "best valid NDCG@5" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(run), "--finetuned", str(run / "finetune" / "cli"), "--limit", "5", "--dtype", "float32"]) == 0
     assert "| delrec:cli | 5 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make_backbone", [tiny_llama_backbone, tiny_t5_backbone])
+def test_saved_adapter_reproduces_the_best_valid_score(distilled, make_backbone):
+    """The pruned AdaLoRA adapter saved at the best step, loaded back (rank pattern included), scores
+    the valid subset exactly as it did in training."""
+    run, data = distilled
+    bb = make_backbone()
+    cfg = FinetuneConfig(**{**STAGE2, "lr": 0.05}, soft_prompt=_soft(run, bb))
+    result = finetune(run, cfg, name=f"reload-{bb.name}", backbone=bb, progress=False)
+    adapter = load_file(str(result.out_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(v.shape[0] < cfg.init_r for k, v in adapter.items() if "lora_E" in k)  # ranks were pruned
+    rng = np.random.default_rng(cfg.seed)
+    rng.permutation(data.indices("train"))  # finetune draws the train order first, then the valid subset
+    valid_rows = np.sort(rng.permutation(data.indices("valid"))[: cfg.valid_samples])
+    scorer = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
+    ndcg = evaluate(scorer, data, "valid", rows=valid_rows)["candidates"]["NDCG@5"]
+    assert ndcg == pytest.approx(result.metrics["best_valid_NDCG@5"], abs=1e-12)
+
+
+@pytest.mark.parametrize("make_backbone", [tiny_llama_backbone, tiny_t5_backbone])
+def test_gradient_checkpointing_is_used_and_changes_no_result(distilled, make_backbone, monkeypatch):
+    """Both stages with `gradient_checkpointing`: layers are recomputed in backward (the checkpoint
+    function runs), the stage-1 backbone stays bit-identical (no dropout switched on), and the
+    soft prompt and adapter match a run without it."""
+    import transformers.modeling_utils as mu
+
+    run, _ = distilled
+    calls = {"n": 0}
+    real = mu.checkpoint
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)
+    out = {}
+    for gc in (False, True):
+        bb = make_backbone()
+        before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+        name = f"gc{int(gc)}-{bb.name}"
+        calls["n"] = 0
+        s1 = distill(run, DistillConfig(teacher="gru4rec", **{**FAST, "steps": 3}, gradient_checkpointing=gc),
+                     name=name, backbone=bb, progress=False)
+        assert (calls["n"] > 0) == gc
+        assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+        calls["n"] = 0
+        s2 = finetune(run, FinetuneConfig(**{**STAGE2, "steps": 3}, soft_prompt=str(s1.out_dir / "soft_prompt.safetensors"),
+                                          gradient_checkpointing=gc), name=name, backbone=make_backbone(), progress=False)
+        assert (calls["n"] > 0) == gc
+        out[gc] = (s1.soft_prompt.embedding.detach(), load_file(str(s2.out_dir / "adapter" / "adapter_model.safetensors")))
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=0)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], v, atol=1e-6, rtol=1e-5)

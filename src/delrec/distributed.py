@@ -2,7 +2,10 @@
 
 Launch a training or evaluation command under accelerate (or torchrun) and it runs data-parallel:
 
-    accelerate launch --num_processes 2 -m delrec.cli distill --run runs/ml100k --teacher sasrec
+    accelerate launch --multi_gpu --num_processes 2 -m delrec.cli distill --run runs/ml100k --teacher sasrec
+
+(`--multi_gpu` is accelerate's torchrun-based launcher; without GPUs it starts CPU processes that
+talk over gloo. `accelerate launch --cpu` starts a single process unless MPI is set up.)
 
 What that means, for teachers, stage 1, stage 2 and evaluation alike:
 
@@ -11,10 +14,11 @@ What that means, for teachers, stage 1, stage 2 and evaluation alike:
   that DistributedDataParallel takes over processes is the mean over the global batch. Learning
   rate schedules count optimizer steps, which are the same in number for any process count.
 * What a stage trains is wrapped, with the frozen backbone it runs through, in one module whose
-  forward returns the loss, and that module goes through `accelerate`'s `prepare_model`
-  (DistributedDataParallel under `accelerate launch` on CPUs or GPUs; FSDP with an accelerate FSDP
-  config). One wrapper forward per backward is what DDP expects, however many times the verbalizer
-  calls the backbone inside it.
+  forward returns the loss, and that module goes through accelerate's `prepare_model`, which
+  wraps it in DistributedDataParallel. One wrapper forward per backward is what DDP expects,
+  however many times the verbalizer calls the backbone inside it. Sharded engines (FSDP,
+  DeepSpeed ZeRO-3) are refused with a clear error: the stages keep references to unsharded
+  parameters for their optimizers and checkpoints.
 * Decisions that end a loop (time budget, early stopping) are taken by the main process and
   broadcast, so no process waits forever on a collective the others skipped.
 * Only the main process writes checkpoints, logs, metrics and results; every process reads the
@@ -92,8 +96,15 @@ class Distributed:
             return module
         if self._accelerator is None:
             from accelerate import Accelerator
+            from accelerate.utils import DistributedType
 
             self._accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            kind = self._accelerator.distributed_type
+            if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+                # the stages build optimizers and save tensors from unsharded parameters: sharded
+                # engines (FSDP, DeepSpeed) would train stale copies, so refuse rather than mislead
+                raise NotImplementedError(f"delrec runs data-parallel (DDP) only; the launch asks for {kind.value}. "
+                                          "Launch without an FSDP/DeepSpeed config (see docs/distributed.md)")
         return self._accelerator.prepare_model(module, device_placement=False)
 
     # -- collectives -------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class DistillConfig:
     eval_every: int = 50
     checkpoint_every: int = 10
     verbalizer_batch: int = 8
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -140,6 +141,8 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     random.seed(config.seed)
     bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
     bb.freeze()
+    if config.gradient_checkpointing:
+        bb.enable_gradient_checkpointing()
     llm_params = []
     if config.update_llm:
         for p in bb.model.parameters():

@@ -1,0 +1,163 @@
+"""Expected GPU memory per process for the paper setting: stage 1 and stage 2, DDP and FSDP, with and
+without gradient checkpointing. Computed, not measured (measure with benchmarks/stages.py on a GPU).
+
+    python benchmarks/memory_plan.py                 # Flan-T5-XL and a 7B Llama-shaped decoder
+    python benchmarks/memory_plan.py --batch-size 4 --gpus 1 2 4 8
+
+Exact parts (parameter counts from the real model classes built on the meta device, peft's
+AdaLoRA on q/v with init_r 12 counted the same way):
+* frozen backbone weights in bf16 (2 bytes/parameter); FSDP full shard keeps 1/N of them plus one
+  gathered layer at a time;
+* trainable tensors in fp32 (4 bytes) with their gradient and Lion's one momentum buffer; AdaLoRA
+  keeps three more fp32 tensors per adapter weight (importance, its average, its uncertainty).
+Estimated part, activations kept for the backward pass in bf16, per layer and sequence of s tokens
+with hidden size h and a heads: s*h*34 + 5*a*s^2 bytes (Korthikanti et al., 2022, "Reducing
+activation recomputation in large transformer models", Eq. 1 without tensor parallelism; it counts
+dropout masks, which a frozen stage 1 does not have, so it errs high). With checkpointing each
+layer keeps only its input (2*s*h bytes) and one layer is recomputed at a time. Workload as the
+paper's prompts: `--prompt-tokens` text + `--soft-tokens` soft tokens, 15 candidates of
+`--title-tokens` tokens. T5 (our verbalizer): the encoder runs once per prompt, the decoder once
+per candidate with cross-attention over the prompt; decoder-only: candidates packed behind the
+prompt (one sequence of prompt + 15 * (title - 1) tokens). Log-probabilities over the vocabulary
+for every scored token are added in fp32. CUDA context and allocator slack are not included
+(add about 1-2 GB).
+
+Writes benchmarks/results/memory-plan.json ($OUT/memory-plan.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _env import environment, write_results  # noqa: E402
+
+GB = 1e9
+CANDIDATES = 15
+
+
+def build(name: str):
+    """(model on the meta device, config summary) for the two large backbones of the plan."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    if name == "flan-t5-xl":
+        cfg = T5Config(d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=32,
+                       vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        cls, shape = T5ForConditionalGeneration, dict(h=2048, heads=32, enc_layers=24, dec_layers=24, vocab=32128)
+    elif name == "llama-7b":
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000)
+        cls, shape = LlamaForCausalLM, dict(h=4096, heads=32, enc_layers=0, dec_layers=32, vocab=32000)
+    else:
+        raise ValueError(name)
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model, shape
+
+
+def adalora_params(model, init_r: int) -> int:
+    """Trainable parameters peft's AdaLoRA adds on the q and v projections."""
+    import torch
+    from peft import AdaLoraConfig, get_peft_model
+
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    task = "SEQ_2_SEQ_LM" if model.config.model_type == "t5" else "CAUSAL_LM"
+    with torch.device("meta"):
+        peft_model = get_peft_model(model, AdaLoraConfig(init_r=init_r, target_r=8, target_modules=targets,
+                                                         total_step=100, task_type=task))
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def activations(shape: dict, batch: int, prompt: int, title: int, checkpointing: bool) -> float:
+    """Bytes of activations kept for backward (see the module docstring)."""
+    h, a = shape["h"], shape["heads"]
+
+    def layer(s):  # one layer, one sequence
+        return s * h * 34 + 5 * a * s * s
+
+    def kept(s, layers):
+        return layers * 2 * s * h if checkpointing else layers * layer(s)
+
+    if shape["enc_layers"]:  # T5: encoder per prompt, decoder per candidate with cross-attention
+        dec = title
+        enc_total = batch * kept(prompt, shape["enc_layers"])
+        cross = 2 * prompt * h * 2 + 5 * a * dec * prompt  # K, V of the prompt and the attention maps, per layer
+        dec_one = layer(dec) + cross
+        # checkpointed: each layer's input, plus the encoder output repeated per candidate (kept once)
+        dec_total = batch * CANDIDATES * (shape["dec_layers"] * 2 * dec * h + 2 * prompt * h if checkpointing
+                                          else shape["dec_layers"] * dec_one)
+        recompute = max(batch * layer(prompt), batch * CANDIDATES * dec_one) if checkpointing else 0
+        scored = batch * CANDIDATES * title
+        return enc_total + dec_total + recompute + scored * shape["vocab"] * 4
+    seq = prompt + CANDIDATES * (title - 1)
+    recompute = batch * layer(seq) if checkpointing else 0
+    scored = batch * (CANDIDATES * (title - 1) + 1)
+    return batch * kept(seq, shape["dec_layers"]) + recompute + scored * shape["vocab"] * 4
+
+
+def plan(args) -> list[dict]:
+    rows = []
+    for name in args.models:
+        model, shape = build(name)
+        total = sum(p.numel() for p in model.parameters())
+        layer_params = max(sum(p.numel() for p in block.parameters())
+                           for block in model.modules() if type(block).__name__ in ("T5Block", "LlamaDecoderLayer"))
+        adapter = adalora_params(model, args.init_r)
+        prompt = args.prompt_tokens + args.soft_tokens
+        for stage, trainable, extra_states in (("stage 1 (soft prompt)", args.soft_tokens * shape["h"], 0),
+                                               ("stage 2 (AdaLoRA)", adapter, 3)):
+            states = trainable * 4 * (3 + extra_states)  # weight, grad, Lion momentum (+ AdaLoRA's three)
+            for ckpt in (False, True):
+                for n in args.gpus:
+                    per_process_batch = max(1, args.batch_size // n)
+                    act_n = activations(shape, per_process_batch, prompt, args.title_tokens, ckpt)
+                    for strategy in ("DDP", "FSDP"):
+                        if strategy == "DDP":
+                            weights, st = total * 2, states
+                        else:
+                            weights, st = total * 2 / n + layer_params * 2, states / n
+                        rows.append({"model": name, "stage": stage, "gradient_checkpointing": ckpt, "gpus": n,
+                                     "strategy": strategy, "per_process_batch": per_process_batch,
+                                     "parameters": total, "trainable": trainable,
+                                     "weights_gb": round(weights / GB, 2), "trainable_states_gb": round(st / GB, 3),
+                                     "activations_gb": round(act_n / GB, 2),
+                                     "total_gb": round((weights + st + act_n) / GB, 1)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["flan-t5-xl", "llama-7b"])
+    p.add_argument("--batch-size", type=int, default=8, help="global prompts per optimizer step")
+    p.add_argument("--prompt-tokens", type=int, default=320)
+    p.add_argument("--soft-tokens", type=int, default=100)
+    p.add_argument("--title-tokens", type=int, default=12)
+    p.add_argument("--init-r", type=int, default=12)
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 8])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = plan(args)
+    print(f"expected memory per GPU (GB), global batch {args.batch_size}, prompt {args.prompt_tokens} + "
+          f"{args.soft_tokens} soft tokens, {CANDIDATES} candidates of {args.title_tokens} tokens; "
+          "weights and states exact, activations estimated")
+    print("| model | stage | checkpointing | GPUs | strategy | batch/GPU | weights | trainable states | activations | total |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['stage']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {r['gpus']} | "
+              f"{r['strategy']} | {r['per_process_batch']} | {r['weights_gb']:.2f} | {r['trainable_states_gb']:.3f} | "
+              f"{r['activations_gb']:.2f} | {r['total_gb']:.1f} |")
+    out = args.out or (Path(os.environ["OUT"]) / "memory-plan.json" if os.environ.get("OUT")
+                       else ROOT / "benchmarks" / "results" / "memory-plan.json")
+    write_results(out, {"benchmark": "memory plan (computed)", "environment": environment(),
+                        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows})
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
