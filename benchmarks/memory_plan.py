@@ -117,7 +117,7 @@ def plan(args) -> list[dict]:
                 for n in args.gpus:
                     per_process_batch = max(1, args.batch_size // n)
                     act_n = activations(shape, per_process_batch, prompt, args.title_tokens, ckpt)
-                    for strategy in ("DDP", "FSDP"):
+                    for strategy in ("DDP", "FSDP") if n > 1 else ("DDP",):
                         if strategy == "DDP":
                             weights, st = total * 2, states
                         else:

@@ -56,18 +56,13 @@ class Scorer(Protocol):
         """[len(rows), num_items + 1] scores over the catalogue (column 0 is padding)."""
 
 
-def _block(scorer: Scorer, batch_size: int) -> int:
-    """Rows per call of the scorer: a multiple of its own batch size (an LLM scorer's verbalizer
-    batch), so that the batches it forms are the same however the rows are chunked or sharded."""
-    inner = getattr(scorer, "batch_size", None) or batch_size
-    return max(1, batch_size // inner) * inner if inner <= batch_size else inner
-
-
 def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Pessimistic rank of the target among each row's fixed candidates. Under a multi-process
     launch the rows are sharded over the processes and every process gets all ranks back."""
+    # rows go to the scorer in multiples of its own batch (an LLM scorer's verbalizer batch), and
+    # shards are made of such batches: every batch is the same however rows are chunked or sharded
     inner = getattr(scorer, "batch_size", None) or batch_size
-    step = _block(scorer, batch_size)
+    step = max(1, batch_size // inner) * inner
 
     def ranks(rows: np.ndarray) -> np.ndarray:
         out = []
@@ -78,7 +73,7 @@ def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size:
             out.append(pessimistic_ranks(scorer.score_candidates(data, batch), target_col))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    return distributed.current().map_sharded(ranks, np.asarray(rows), min(inner, step))
+    return distributed.current().map_sharded(ranks, np.asarray(rows), inner)
 
 
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
