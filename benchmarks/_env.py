@@ -45,14 +45,3 @@ def environment() -> dict:
         pass
     return env
 
-
-def write_results(path, payload: dict) -> None:
-    """Write a benchmark's JSON atomically (a temporary file renamed), creating the folder."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

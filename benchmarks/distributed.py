@@ -30,10 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from delrec.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _env import environment, write_results  # noqa: E402
+from _env import environment  # noqa: E402
 
 WORKER = ROOT / "benchmarks" / "_rss_worker.py"
 
@@ -111,7 +113,7 @@ def main() -> None:
                "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
     out = args.out or (Path(os.environ["OUT"]) / "distributed-cpu.json" if os.environ.get("OUT")
                        else ROOT / "benchmarks" / "results" / "distributed-cpu.json")
-    write_results(out, payload)
+    write_json(out, payload)
     print(f"-> {out}")
 
 

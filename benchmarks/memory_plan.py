@@ -32,10 +32,12 @@ import os
 import sys
 from pathlib import Path
 
+from delrec.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _env import environment, write_results  # noqa: E402
+from _env import environment  # noqa: E402
 
 GB = 1e9
 CANDIDATES = 15
@@ -154,7 +156,7 @@ def main() -> None:
               f"{r['activations_gb']:.2f} | {r['total_gb']:.1f} |")
     out = args.out or (Path(os.environ["OUT"]) / "memory-plan.json" if os.environ.get("OUT")
                        else ROOT / "benchmarks" / "results" / "memory-plan.json")
-    write_results(out, {"benchmark": "memory plan (computed)", "environment": environment(),
+    write_json(out, {"benchmark": "memory plan (computed)", "environment": environment(),
                         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows})
     print(f"-> {out}")
 
