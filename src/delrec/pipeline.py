@@ -155,9 +155,16 @@ class _PeakMemory:
         self.peak = max(self.peak, self.rss())
 
 
-def _same(recorded, wanted) -> bool:
-    """Settings equal once both went through JSON (tuples become lists)."""
-    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
+def _same(recorded, wanted, defaults: dict | None = None) -> bool:
+    """Settings equal once both went through JSON (tuples become lists). With `defaults` (a
+    config class's default settings), a key the recorded settings lack counts as equal when the
+    wanted value is its default: a setting added in a later version, with the old behaviour as
+    its default, does not invalidate the steps earlier versions ran."""
+    recorded, wanted = json.loads(json.dumps(recorded)), json.loads(json.dumps(wanted))
+    if defaults is not None and isinstance(recorded, dict) and isinstance(wanted, dict):
+        defaults = json.loads(json.dumps(defaults))
+        recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}
+    return recorded == wanted
 
 
 def _fingerprint(path: Path) -> str | None:
@@ -246,8 +253,9 @@ class Pipeline:
         return DistillConfig(**settings)
 
     def distill(self) -> None:
-        from delrec.stages.distill import _config_dict
+        from delrec.stages.distill import DistillConfig, _config_dict
 
+        defaults = _config_dict(DistillConfig())
         wanted = []
         for t in self.config.teachers:
             if set(self.config.variants) & {"delrec", "ulsr", "wo-lsr"}:
@@ -256,7 +264,7 @@ class Pipeline:
         for teacher, name, variant in wanted:
             cfg = self._distill_config(teacher, variant)
             out = self.run / "distill" / name
-            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg)) \
+            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg), defaults) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
             self._step(f"distill:{name}", done, lambda cfg=cfg, name=name, teacher=teacher: self._run_distill(cfg, name, teacher))
 
@@ -287,6 +295,7 @@ class Pipeline:
     def finetune(self) -> None:
         from delrec.stages.finetune import FinetuneConfig, _config_dict
 
+        defaults = _config_dict(FinetuneConfig())
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
@@ -300,7 +309,7 @@ class Pipeline:
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
             out = self.run / "finetune" / name
-            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg)) \
+            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg), defaults) \
                 and read_json(out / "metrics.json").get("upstream_fingerprint") == upstream
             self._step(f"finetune:{name}", done, lambda cfg=cfg, name=name, upstream=upstream: self._run_finetune(cfg, name, upstream))
 

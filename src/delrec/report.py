@@ -188,13 +188,26 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _rps_accuracy(folder: Path, model: str) -> str:
+    """Stage 1's RPS valid accuracy behind a stage-2 model of another run (blank when it had none)."""
+    teacher, _, variant = model.partition("-")
+    stage1 = {"delrec": teacher, "ulsr": teacher}.get(variant, f"{teacher}-{variant}")
+    path = folder / "distill" / stage1 / "metrics.json"
+    if not path.exists():
+        return ""
+    m = read_json(path)
+    before, after = m.get("untrained", {}).get("rps_valid_accuracy"), m.get("trained", {}).get("rps_valid_accuracy")
+    return "" if before is None or after is None else f"{before:.3f} -> {after:.3f}"
+
+
 def _attempts(run: Path, folders: list, rows: np.ndarray, teachers) -> list[str]:
     """Other runs' results beside this one's, with the settings that differ from this run's."""
     import yaml
 
     mine = _flatten(yaml.safe_load((run / "config.yaml").read_text()))
     ignore = {"run_dir", "attempts", "report", "variants", "zero_shot"}
-    lines = ["| run | settings that differ from this run | model | test samples | HR@1 | NDCG@5 |", "|---|---|---|---|---|---|"]
+    lines = ["| run | settings that differ from this run | model | test samples | HR@1 | NDCG@5 | "
+             "stage-1 RPS valid accuracy (untrained -> trained) |", "|---|---|---|---|---|---|---|"]
     for folder in map(Path, folders):
         if not (folder / "config.yaml").exists():
             lines.append(f"| {folder} | (no `delrec run` there) | | | | |")
@@ -210,7 +223,8 @@ def _attempts(run: Path, folders: list, rows: np.ndarray, teachers) -> list[str]
             same = np.array_equal(np.asarray(res["settings"]["rows"]), rows)
             n = f"{res['num_samples']}" + ("" if same else " (other samples)")
             m = res["candidates"]
-            lines.append(f"| {folder.name} | {diff} | {_label(name, teachers)} | {n} | {m['HR@1']:.4f} | {m['NDCG@5']:.4f} |")
+            lines.append(f"| {folder.name} | {diff} | {_label(name, teachers)} | {n} | {m['HR@1']:.4f} | {m['NDCG@5']:.4f} | "
+                         f"{_rps_accuracy(folder, name)} |")
     return lines
 
 
