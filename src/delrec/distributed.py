@@ -91,7 +91,7 @@ class Distributed:
         return local * self.world / total
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` wrapped by accelerate for the launch configuration (DDP, FSDP), or as is."""
+        """`module` wrapped in DistributedDataParallel by accelerate under a multi-process launch, or as is."""
         if not self.enabled:
             return module
         if self._accelerator is None:
