@@ -198,8 +198,9 @@ def test_teacher_two_processes_equal_one(setup, tmp_path):
 
 
 def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path):
-    """`delrec run` launched on two processes: every step runs once (data and report on the main
-    process only), the report is written, and the same launch again skips every step."""
+    """`delrec run` with every stage-1 and stage-2 variant, launched on two processes: every step
+    runs once (data and report on the main process only; DDP accepts each variant's trainable
+    set), the report is written, and the same launch again skips every step."""
     from test_pipeline import QUICK
 
     root, run = setup
@@ -211,7 +212,8 @@ def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path):
     config = tmp_path / "quick.yaml"
     config.write_text(f"dataset: {data_dir}\nllm: {root / 'llm'}\nteachers: [gru4rec]\n")
     out = tmp_path / "run"
-    args = ["run", "--config", str(config), "--quiet", f"run_dir={out}", *QUICK, "variants=[delrec, wo-sp]",
+    args = ["run", "--config", str(config), "--quiet", f"run_dir={out}", *QUICK,
+            "variants=[delrec, wo-sp, usp, ulsr, mcp, wo-dpsm, wo-lsr, wo-ta, wo-rps, udpsm]",
             "dtype=float32"]
     launch(root, *args)
     first = json.loads((out / "pipeline.json").read_text())["steps"]
