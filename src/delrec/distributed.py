@@ -32,6 +32,7 @@ accelerate is not even imported.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Callable
 
@@ -81,9 +82,12 @@ class Distributed:
                              f"number of processes ({self.world})")
 
     def local_share(self, rows):
-        """This process's contiguous share of a global batch (shares differ in size by at most 1)."""
+        """This process's contiguous share of a global batch, an array or a tensor (shares differ
+        in size by at most 1, the first ones larger)."""
         if not self.enabled:
             return rows
+        if isinstance(rows, torch.Tensor):
+            return torch.tensor_split(rows, self.world)[self.rank]  # stays on its device
         return np.array_split(np.asarray(rows), self.world)[self.rank]
 
     def loss_scale(self, local: int, total: int) -> float:
@@ -105,7 +109,11 @@ class Distributed:
                 # engines (FSDP, DeepSpeed) would train stale copies, so refuse rather than mislead
                 raise NotImplementedError(f"delrec runs data-parallel (DDP) only; the launch asks for {kind.value}. "
                                           "Launch without an FSDP/DeepSpeed config (see docs/distributed.md)")
-        return self._accelerator.prepare_model(module, device_placement=False)
+        wrapped = self._accelerator.prepare_model(module, device_placement=False)
+        # accelerate would keep every wrapper it prepared (each with a backbone inside) for the
+        # life of the process, across the steps of `delrec run`; the stage holds its own reference
+        self._accelerator.free_memory()
+        return wrapped
 
     # -- collectives -------------------------------------------------------------------------
 
@@ -116,6 +124,14 @@ class Distributed:
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def own(self, saved):
+        """This process's entry of per-process states saved from `gather` (a bare state, from a
+        file written before states were gathered, is returned as is; when the number of
+        processes changed, every process takes the main process's state)."""
+        if not isinstance(saved, list):
+            return saved
+        return saved[self.rank] if len(saved) == self.world else saved[0]
 
     def mean(self, value: float) -> float:
         return float(np.mean(self.gather(float(value)))) if self.enabled else float(value)
@@ -156,6 +172,7 @@ def shutdown() -> None:
     down (a process that exits with gloo still running can abort at interpreter shutdown)."""
     global _CURRENT
     if _CURRENT is not None and _CURRENT.enabled and torch.distributed.is_initialized():
+        gc.collect()  # the stages' DDP reducers go before their process group, not at interpreter exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     _CURRENT = None

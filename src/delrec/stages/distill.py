@@ -186,7 +186,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         weighting.load_state_dict(ckpt["weighting"])
-        torch.set_rng_state(_own_rng(ckpt["torch_rng"], dist))
+        torch.set_rng_state(dist.own(ckpt["torch_rng"]))
         step, elapsed, metrics = ckpt["step"], ckpt["elapsed"], ckpt["metrics"]
         if dist.is_main:
             _truncate_log(log_path, step)
@@ -255,21 +255,20 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         "valid_samples": {t: len(v) for t, v in valid.items()},
         **metrics,
     }
-    if not dist.is_main:
-        dist.barrier()  # until the main process has written the results
-        return DistillResult(soft, summary, out)
     if llm_params:
         # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
         # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
-        with atomic_dir(out / "llm") as tmp:
-            bb.model.save_pretrained(tmp)
-            bb.tokenizer.save_pretrained(tmp)
         soft.backbone = str(out / "llm")
-    soft.save(out / "soft_prompt.safetensors")
-    write_json(out / "config.json", _config_dict(config))
-    write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
-    ckpt_path.unlink(missing_ok=True)
-    dist.barrier()
+    if dist.is_main:
+        if llm_params:
+            with atomic_dir(out / "llm") as tmp:
+                bb.model.save_pretrained(tmp)
+                bb.tokenizer.save_pretrained(tmp)
+        soft.save(out / "soft_prompt.safetensors")
+        write_json(out / "config.json", _config_dict(config))
+        write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
+        ckpt_path.unlink(missing_ok=True)
+    dist.barrier()  # no process goes on before the results are on disk
     return DistillResult(soft, summary, out)
 
 
@@ -292,14 +291,6 @@ def _truncate_log(path: Path, step: int) -> None:
         keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
-
-
-def _own_rng(saved, dist: distributed.Distributed) -> torch.Tensor:
-    """This process's RNG state from a checkpoint (one per process; a single state in files
-    written by one process, and the main process's when the process count changed)."""
-    if isinstance(saved, torch.Tensor):
-        return saved
-    return saved[dist.rank] if len(saved) == dist.world else saved[0]
 
 
 def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics, rng) -> None:

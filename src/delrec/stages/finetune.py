@@ -40,7 +40,7 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _own_rng, _truncate_log
+from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _truncate_log
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         allocator = peft_model.base_model.rankallocator
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = ckpt["allocator"]
         peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
-        torch.set_rng_state(_own_rng(ckpt["torch_rng"], dist))
+        torch.set_rng_state(dist.own(ckpt["torch_rng"]))
         state = ckpt["state"]
         if dist.is_main:
             _truncate_log(log_path, state["step"])

@@ -161,8 +161,7 @@ def train_teacher(
         optimizer.load_state_dict(ckpt["optimizer"])
         best_weights = ckpt["best_weights"]
         state = ckpt["state"]
-        rng = ckpt["rng"]
-        _set_rng_state(rng if isinstance(rng, dict) else rng[dist.rank] if len(rng) == dist.world else rng[0])
+        _set_rng_state(dist.own(ckpt["rng"]))
         generator.set_state(ckpt["generator"])
         log.info("resuming %s from epoch %d", config.model, state["epoch"])
         if dist.is_main:
@@ -181,7 +180,7 @@ def train_teacher(
             batch = perm[i : i + config.batch_size]  # the global batch; this process takes its share
             if len(batch) < dist.world:
                 continue  # a last batch too small to give every process an example
-            idx = torch.as_tensor(dist.local_share(batch.cpu().numpy()), device=dev)
+            idx = dist.local_share(batch)
             loss = loss_module(history[idx], users[idx], target[idx])
             optimizer.zero_grad(set_to_none=True)
             (loss * dist.loss_scale(len(idx), len(batch))).backward()  # DDP averages over processes
@@ -200,7 +199,7 @@ def train_teacher(
         entry = {"epoch": state["epoch"], "loss": total_loss / len(perm), "valid_NDCG@10": score, "seconds": state["elapsed"]}
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
-        rng = dist.gather(_rng_state()) if dist.enabled else _rng_state()
+        rng = dist.gather(_rng_state())  # one state per process
         if dist.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -238,7 +237,7 @@ def _checkpoint(path: Path, config, model, optimizer, best_weights, state, rng, 
         torch.save({
             "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "best_weights": best_weights, "state": state,
-            "rng": rng,  # one state per process under a multi-process launch
+            "rng": rng,  # one state per process
             "generator": generator.get_state(),
         }, tmp)
 
