@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _env import environment  # noqa: E402
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0 (decoder start), eos 1, unk 2
-MODELS = ("flan-t5-xl", "smollm2-135m")
+MODELS = ("flan-t5-xl", "smollm2-135m")  # the verbalizer benchmark's defaults
+LARGE = ("flan-t5-xl", "llama-7b")  # the paper's backbone and a 7B decoder-only shape (memory benchmarks)
 TOLERANCE = 1e-4
 
 
@@ -73,6 +74,13 @@ def model_config(name: str, tiny: bool):
         config = T5Config(**shape, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         return T5ForConditionalGeneration, config, "hard-coded (Flan-T5-XL)"
+    if name == "llama-7b":  # LLaMA-1/2-7B shape (multi-head attention, no GQA)
+        shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000)
+        if tiny:
+            shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=2000)
+        return LlamaForCausalLM, LlamaConfig(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=None), "hard-coded (7B Llama)"
     if name == "smollm2-135m":
         source = "hard-coded (SmolLM2-135M)"
         shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -94,7 +102,7 @@ def model_config(name: str, tiny: bool):
                          num_key_value_heads=2, vocab_size=2000, head_dim=16)
         config = LlamaConfig(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=None)
         return LlamaForCausalLM, config, source
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS + LARGE[1:]}")
 
 
 def build_backbone(name: str, tiny: bool, device, dtype):
@@ -215,7 +223,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + LARGE[1:])
     p.add_argument("--tiny", action="store_true", help="shrunk shapes and workload, for a CPU smoke test")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--requests", type=int, default=None, help="timed requests (default 64; 16 with --tiny)")

@@ -14,7 +14,13 @@ Estimated part, activations kept for the backward pass in bf16, per layer and se
 with hidden size h and a heads: s*h*34 + 5*a*s^2 bytes (Korthikanti et al., 2022, "Reducing
 activation recomputation in large transformer models", Eq. 1 without tensor parallelism; it counts
 dropout masks, which a frozen stage 1 does not have, so it errs high). With checkpointing each
-layer keeps only its input (2*s*h bytes) and one layer is recomputed at a time. Workload as the
+layer keeps only its input (2*s*h bytes) and one layer is recomputed at a time. Two corrections
+from measuring on an H100 (benchmarks/gpu_memory.py, docs/distributed.md): decoder-only models
+run SDPA's fused kernels, which keep no s^2 attention maps, so the 5*a*s^2 term is dropped for them
+(T5's position bias keeps it); and in stage 2 peft casts the input of every adapted projection to
+the adapters' fp32 and autograd keeps two fp32 copies of it (seen with saved-tensor hooks), 8 bytes
+per token and hidden unit per adapted projection and layer; for T5's cross-attention value
+projection that input is the encoder output repeated for each of the 15 candidates. Workload as the
 paper's prompts: `--prompt-tokens` text + `--soft-tokens` soft tokens, 15 candidates of
 `--title-tokens` tokens. T5 (our verbalizer): the encoder runs once per prompt, the decoder once
 per candidate with cross-attention over the prompt; decoder-only: candidates packed behind the
@@ -44,23 +50,20 @@ CANDIDATES = 15
 
 
 def build(name: str):
-    """(model on the meta device, config summary) for the two large backbones of the plan."""
+    """(model on the meta device, shape summary) for the two large backbones of the plan, with the
+    configs that gpu_memory.py measures (gpu_throughput.model_config)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-    if name == "flan-t5-xl":
-        cfg = T5Config(d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=32,
-                       vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-        cls, shape = T5ForConditionalGeneration, dict(h=2048, heads=32, enc_layers=24, dec_layers=24, vocab=32128)
-    elif name == "llama-7b":
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000)
-        cls, shape = LlamaForCausalLM, dict(h=4096, heads=32, enc_layers=0, dec_layers=32, vocab=32000)
-    else:
-        raise ValueError(name)
+    from gpu_throughput import model_config
+
+    cls, cfg, _ = model_config(name, tiny=False)
     with torch.device("meta"):
         model = cls(cfg)
-    return model, shape
+    if cfg.model_type == "t5":
+        shape = dict(h=cfg.d_model, heads=cfg.num_heads, enc_layers=cfg.num_layers, dec_layers=cfg.num_decoder_layers)
+    else:
+        shape = dict(h=cfg.hidden_size, heads=cfg.num_attention_heads, enc_layers=0, dec_layers=cfg.num_hidden_layers)
+    return model, {**shape, "vocab": cfg.vocab_size}
 
 
 def adalora_params(model, init_r: int) -> int:
@@ -76,16 +79,19 @@ def adalora_params(model, init_r: int) -> int:
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def activations(shape: dict, batch: int, prompt: int, title: int, checkpointing: bool) -> float:
-    """Bytes of activations kept for backward (see the module docstring)."""
+def activations(shape: dict, batch: int, prompt: int, title: int, checkpointing: bool, adapters: bool = False) -> float:
+    """Bytes of activations kept for backward (see the module docstring); `adapters`: stage 2's
+    fp32 copies of the adapted q/v projections' inputs."""
     h, a = shape["h"], shape["heads"]
+    fused = not shape["enc_layers"]  # decoder-only: SDPA keeps no attention maps
 
     def layer(s):  # one layer, one sequence
-        return s * h * 34 + 5 * a * s * s
+        return s * h * 34 + (0 if fused else 5 * a * s * s)
 
     def kept(s, layers):
         return layers * 2 * s * h if checkpointing else layers * layer(s)
 
+    copies = 0 if checkpointing or not adapters else 2 * 4 * h  # bytes per token per adapted projection
     if shape["enc_layers"]:  # T5: encoder per prompt, decoder per candidate with cross-attention
         dec = title
         enc_total = batch * kept(prompt, shape["enc_layers"])
@@ -96,11 +102,16 @@ def activations(shape: dict, batch: int, prompt: int, title: int, checkpointing:
                                           else shape["dec_layers"] * dec_one)
         recompute = max(batch * layer(prompt), batch * CANDIDATES * dec_one) if checkpointing else 0
         scored = batch * CANDIDATES * title
-        return enc_total + dec_total + recompute + scored * shape["vocab"] * 4
+        # adapted: encoder q, v (prompt tokens); decoder self q, v and cross q (title tokens); cross v (the
+        # repeated encoder output)
+        adapted = copies * batch * (shape["enc_layers"] * 2 * prompt
+                                    + shape["dec_layers"] * CANDIDATES * (3 * dec + prompt))
+        return enc_total + dec_total + recompute + scored * shape["vocab"] * 4 + adapted
     seq = prompt + CANDIDATES * (title - 1)
     recompute = batch * layer(seq) if checkpointing else 0
     scored = batch * (CANDIDATES * (title - 1) + 1)
-    return batch * kept(seq, shape["dec_layers"]) + recompute + scored * shape["vocab"] * 4
+    adapted = copies * batch * shape["dec_layers"] * 2 * seq
+    return batch * kept(seq, shape["dec_layers"]) + recompute + scored * shape["vocab"] * 4 + adapted
 
 
 def plan(args) -> list[dict]:
@@ -114,11 +125,12 @@ def plan(args) -> list[dict]:
         prompt = args.prompt_tokens + args.soft_tokens
         for stage, trainable, extra_states in (("stage 1 (soft prompt)", args.soft_tokens * shape["h"], 0),
                                                ("stage 2 (AdaLoRA)", adapter, 3)):
+            adapters = stage.startswith("stage 2")
             states = trainable * 4 * (3 + extra_states)  # weight, grad, Lion momentum (+ AdaLoRA's three)
             for ckpt in (False, True):
                 for n in args.gpus:
                     per_process_batch = max(1, args.batch_size // n)
-                    act_n = activations(shape, per_process_batch, prompt, args.title_tokens, ckpt)
+                    act_n = activations(shape, per_process_batch, prompt, args.title_tokens, ckpt, adapters)
                     for strategy in ("DDP", "FSDP") if n > 1 else ("DDP",):
                         if strategy == "DDP":
                             weights, st = total * 2, states
