@@ -44,15 +44,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp, *args, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def launch(tmp, *args, processes: int = 2, check: bool = True, fsdp: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N dist_worker.py ARGS` (one process: plain
     python), one thread per process. `--multi_gpu` is accelerate's torchrun-based launcher, which
-    on a machine without GPUs starts CPU processes on gloo (`--cpu` would start only one)."""
+    on a machine without GPUs starts CPU processes on gloo (`--cpu` would start only one).
+    `fsdp`: `--use_fsdp --fsdp_version 2` instead of `--multi_gpu` (the same launcher)."""
     env = {**os.environ, "HF_HOME": str(tmp / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
     if processes == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        engine = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(WORKER), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -92,9 +94,7 @@ def stage1(setup):
     return root, run
 
 
-def test_stage1_two_processes_equal_one(stage1):
-    _, run = stage1
-    one, two = run / "distill" / "one", run / "distill" / "two"
+def _same_stage1(one: Path, two: Path) -> None:
     a = load_file(str(one / "soft_prompt.safetensors"))
     b = load_file(str(two / "soft_prompt.safetensors"))
     assert a.keys() == b.keys()
@@ -106,6 +106,11 @@ def test_stage1_two_processes_equal_one(stage1):
     assert m2["trained"] == m1["trained"] and m2["untrained"] == m1["untrained"]  # sharded valid accuracy
     assert m2["examples_seen_per_task"] == m1["examples_seen_per_task"] == 6 * 4
     assert not (two / "checkpoint.pt").exists()
+
+
+def test_stage1_two_processes_equal_one(stage1):
+    _, run = stage1
+    _same_stage1(run / "distill" / "one", run / "distill" / "two")
 
 
 def test_stage1_two_process_run_killed_resumes(stage1):
@@ -134,9 +139,7 @@ def stage2(stage1):
     return root, run, common
 
 
-def test_stage2_two_processes_equal_one(stage2):
-    _, run, _ = stage2
-    one, two = run / "finetune" / "one", run / "finetune" / "two"
+def _same_stage2(one: Path, two: Path) -> None:
     a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
@@ -146,6 +149,11 @@ def test_stage2_two_processes_equal_one(stage2):
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m2["valid_history"] == m1["valid_history"]  # valid NDCG@5, evaluated sharded
     assert m2["train_examples_seen"] == m1["train_examples_seen"] == 6 * 4
+
+
+def test_stage2_two_processes_equal_one(stage2):
+    _, run, _ = stage2
+    _same_stage2(run / "finetune" / "one", run / "finetune" / "two")
 
 
 def test_stage2_two_process_run_killed_resumes(stage2):
@@ -159,6 +167,79 @@ def test_stage2_two_process_run_killed_resumes(stage2):
     uninterrupted = load_file(str(run / "finetune" / "two" / "adapter" / "adapter_model.safetensors"))
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k])
+
+
+@pytest.fixture(scope="module")
+def fsdp(stage2):
+    """Stage 1, then stage 2 from the same soft prompt as the one-process runs, on two processes
+    under `accelerate launch --use_fsdp --fsdp_version 2`: the backbone's weights sharded with
+    FSDP2 (each decoder layer a unit, embeddings and head in the root), trainables kept whole."""
+    root, run, common2 = stage2
+    launch(root, "distill", "--run", str(run), "--llm", str(root / "llm"), *STAGE1, "--name", "fsdp", fsdp=True)
+    launch(root, *common2, "--name", "fsdp", fsdp=True)
+    return root, run, common2
+
+
+def _launch_of(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())["launch"]
+
+
+def test_fsdp_stage1_equals_one_process(fsdp):
+    _, run, _ = fsdp
+    _same_stage1(run / "distill" / "one", run / "distill" / "fsdp")
+    launch = _launch_of(run / "distill" / "fsdp")
+    # tiny Llama: 2 decoder layers + the root; only the soft prompt is kept whole
+    assert launch == {"processes": 2, "engine": "fsdp",
+                      "sharding": {"units": 3, "tensors_sharded": launch["sharding"]["tensors_sharded"], "tensors_whole": 1}}
+    assert launch["sharding"]["tensors_sharded"] > 10
+    assert _launch_of(run / "distill" / "two") == {"processes": 2, "engine": "ddp"}
+    assert _launch_of(run / "distill" / "one") == {"processes": 1, "engine": "single process"}
+
+
+def test_fsdp_stage2_equals_one_process(fsdp):
+    _, run, _ = fsdp
+    _same_stage2(run / "finetune" / "one", run / "finetune" / "fsdp")
+    launch = _launch_of(run / "finetune" / "fsdp")
+    assert launch["engine"] == "fsdp" and launch["sharding"]["units"] == 3
+    assert launch["sharding"]["tensors_whole"] > 1 and launch["sharding"]["tensors_sharded"] > 10  # adapters whole
+
+
+def test_fsdp_stage2_killed_resumes(fsdp):
+    root, run, common = fsdp
+    common = [*common, "--name", "fsdp-killed"]
+    crashed = launch(root, "--crash-after-checkpoints", "1", *common, check=False, fsdp=True)
+    out = run / "finetune" / "fsdp-killed"
+    assert crashed.returncode != 0 and (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    launch(root, *common, fsdp=True)
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(run / "finetune" / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k])
+
+
+@pytest.mark.parametrize("env, error, match", [
+    ({"ACCELERATE_USE_FSDP": "true"}, ValueError, "--fsdp_version 2"),  # accelerate's default is FSDP1
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, ValueError, "--fsdp_version 2"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, NotImplementedError, "DeepSpeed"),
+])
+def test_unsupported_launches_are_refused(monkeypatch, env, error, match):
+    from delrec.distributed import _strategy_of_launch
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(error, match=match):
+        _strategy_of_launch()
+
+
+def test_fsdp_launch_is_recognised(monkeypatch):
+    from delrec.distributed import _strategy_of_launch
+
+    for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION"):
+        monkeypatch.delenv(k, raising=False)
+    assert _strategy_of_launch() == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert _strategy_of_launch() == "fsdp"
 
 
 def test_sharded_evaluation_equals_one_process(setup):
@@ -197,10 +278,11 @@ def test_teacher_two_processes_equal_one(setup, tmp_path):
                 assert abs(m2[split][section][metric] - value) < 0.02, (split, section, metric)
 
 
-def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path, engine):
     """`delrec run` with every stage-1 and stage-2 variant, launched on two processes: every step
-    runs once (data and report on the main process only; DDP accepts each variant's trainable
-    set), the report is written, and the same launch again skips every step."""
+    runs once (data and report on the main process only; DDP and FSDP accept each variant's
+    trainable set), the report is written, and the same launch again skips every step."""
     from test_pipeline import QUICK
 
     root, run = setup
@@ -215,12 +297,12 @@ def test_pipeline_under_two_processes_runs_then_skips(setup, tmp_path):
     args = ["run", "--config", str(config), "--quiet", f"run_dir={out}", *QUICK,
             "variants=[delrec, wo-sp, usp, ulsr, mcp, wo-dpsm, wo-lsr, wo-ta, wo-rps, udpsm]",
             "dtype=float32"]
-    launch(root, *args)
+    launch(root, *args, fsdp=engine == "fsdp")
     first = json.loads((out / "pipeline.json").read_text())["steps"]
     assert {s["status"] for s in first} == {"ran"} and "finetune:gru4rec-wo-sp" in {s["step"] for s in first}
     assert (out / "report.md").exists() and "## The goal" in (out / "report.md").read_text()
     before = {p: p.stat().st_mtime_ns for p in (out / "eval" / "pipeline").glob("*.json")}
-    launch(root, *args)
+    launch(root, *args, fsdp=engine == "fsdp")
     log = (out / "pipeline.log").read_text().split("pipeline ")[-1]  # the second invocation
     for step in (s["step"] for s in first if s["step"] != "report"):
         assert f"step {step}: done earlier" in log, step

@@ -106,9 +106,9 @@ def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPro
     return float(total.sum()) / max(len(prompts), 1)
 
 
-class Stage1Loss(nn.Module):
+class Stage1Loss(distributed.StageModule):
     """What stage 1 trains (the soft prompt; under `w UDPSM` the LLM too) and the loss it flows
-    through, as one module: the unit that DistributedDataParallel synchronises."""
+    through, as one module: the unit that DDP synchronises or FSDP shards."""
 
     def __init__(self, verbalizer: Verbalizer, soft_prompt: SoftPrompt, objective: str):
         super().__init__()
@@ -116,7 +116,7 @@ class Stage1Loss(nn.Module):
         self.llm = verbalizer.backbone.model
         self.verbalizer, self.objective = verbalizer, objective
 
-    def forward(self, prompts: list[Prompt]) -> torch.Tensor:
+    def loss(self, prompts: list[Prompt]) -> torch.Tensor:
         return self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
 
 
@@ -165,6 +165,11 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
 
     trainable = [soft.embedding, *llm_params]
     loss_module = dist.prepare(Stage1Loss(verbalizer, soft, config.objective))
+
+    def valid_accuracy() -> dict:
+        return dist.through(loss_module, lambda: {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft)
+                                                  for t in config.tasks})
+
     groups = [{"params": [soft.embedding], "lr": config.lr}]
     if llm_params:
         groups.append({"params": llm_params, "lr": config.llm_lr})
@@ -195,7 +200,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         if dist.is_main:
             log_path.unlink(missing_ok=True)
         # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
-        metrics["untrained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+        metrics["untrained"] = valid_accuracy()
         _log(log_path, {"step": 0, "eval": metrics["untrained"]})
 
     bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not (progress and dist.is_main))
@@ -210,6 +215,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
                 rows = dist.local_share(batch)
                 loss = loss_module(builder.build(task, rows)) * dist.loss_scale(len(rows), len(batch))
                 loss.backward()  # under DDP the gradients arrive averaged over the processes
+                dist.reduce_gradients(trainable)  # under FSDP they are averaged here
                 for acc, p in zip(grads[task], trainable):
                     if p.grad is not None:
                         acc += p.grad / config.grad_accum
@@ -229,7 +235,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k.startswith("loss_")})
         if step % config.eval_every == 0:
-            metrics["trained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+            metrics["trained"] = valid_accuracy()
             metrics["trained_at_step"] = step
             _log(log_path, {"step": step, "eval": metrics["trained"]})
         time_up = config.max_seconds is not None and dist.main_decides(elapsed > config.max_seconds)
@@ -243,7 +249,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
             break
     bar.close()
     if metrics.get("trained_at_step") != step:
-        metrics["trained"] = {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft) for t in config.tasks}
+        metrics["trained"] = valid_accuracy()
         metrics["trained_at_step"] = step
         _log(log_path, {"step": step, "eval": metrics["trained"]})
 
@@ -253,6 +259,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         "examples_seen_per_task": seen,
         "distinct_train_examples_per_task": {t: min(seen, len(order[t])) for t in config.tasks},
         "valid_samples": {t: len(v) for t, v in valid.items()},
+        "launch": dist.describe(),
         **metrics,
     }
     if llm_params:

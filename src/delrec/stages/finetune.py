@@ -108,9 +108,9 @@ def orthogonal_regulariser(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-class Stage2Loss(nn.Module):
+class Stage2Loss(distributed.StageModule):
     """The adapted LLM (and, under `w ULSR`, the soft prompt) with the loss it flows through, as
-    one module: the unit that DistributedDataParallel synchronises. Returns the loss to minimise
+    one module: the unit that DDP synchronises or FSDP shards. Returns the loss to minimise
     (recommendation loss + weighted orthogonal regulariser) and the recommendation loss alone."""
 
     def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, config: FinetuneConfig):
@@ -118,9 +118,13 @@ class Stage2Loss(nn.Module):
         self.llm, self.soft_prompt = peft_model, soft_prompt
         self.verbalizer, self.objective, self.orth_reg_weight = scorer.verbalizer, config.objective, config.orth_reg_weight
 
-    def forward(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         rec = self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
         return rec + self.orth_reg_weight * orthogonal_regulariser(self.llm), rec.detach()
+
+    def kept_whole(self) -> set[nn.Parameter]:
+        # the soft prompt, frozen or not, is saved beside the adapter
+        return super().kept_whole() | (set(self.soft_prompt.parameters()) if self.soft_prompt is not None else set())
 
 
 def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPrompt | None:
@@ -212,7 +216,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     def valid_ndcg5() -> float:
         peft_model.eval()
-        return evaluate(scorer, data, "valid", rows=valid_rows)["candidates"]["NDCG@5"]
+        return dist.through(loss_module, lambda: evaluate(scorer, data, "valid", rows=valid_rows))["candidates"]["NDCG@5"]
 
     bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not (progress and dist.is_main))
     start = time.perf_counter() - state["elapsed"]
@@ -230,6 +234,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             (loss * dist.loss_scale(len(rows), len(batch)) / config.grad_accum).backward()
             step_loss += dist.mean(loss.item()) / config.grad_accum
             rec_loss += dist.mean(rec.item()) / config.grad_accum
+        dist.reduce_gradients(trainable)  # under FSDP: averaged here
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -269,6 +274,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         "teacher": config.teacher, "variant": config.variant, "llm": bb.name, "steps": state["step"],
         "seconds": round(state["elapsed"], 2), "best_step": state["best_step"], "best_valid_NDCG@5": state["best"],
         "stopped_early": stopped_early, "valid_samples": len(valid_rows),
+        "launch": dist.describe(),
         "train_examples_seen": state["step"] * config.grad_accum * config.batch_size,
         "distinct_train_examples": int(min(state["step"] * config.grad_accum * config.batch_size, len(train_rows))),
         "valid_history": state["history"],

@@ -132,7 +132,7 @@ def train_teacher(
     random.seed(config.seed)
     max_len = data.config.max_history
     model = build_model(config, data.num_items, data.num_users, max_len).to(dev)
-    loss_module = dist.prepare(TeacherLoss(model))
+    loss_module = dist.prepare(TeacherLoss(model), shard=False)  # small: replicated even under FSDP
     if dist.enabled:
         # the same initial weights everywhere (DDP broadcasts them), different dropout masks
         torch.manual_seed(config.seed * 1_000_003 + dist.rank + 1)
