@@ -6,10 +6,13 @@ without gradient checkpointing. Computed, not measured (measure with benchmarks/
 
 Exact parts (parameter counts from the real model classes built on the meta device, peft's
 AdaLoRA on q/v with init_r 12 counted the same way):
-* frozen backbone weights in bf16 (2 bytes/parameter); FSDP full shard keeps 1/N of them plus one
-  gathered layer at a time;
+* frozen backbone weights in bf16 (2 bytes/parameter); under FSDP (delrec's FSDP2 sharding, see
+  docs/distributed.md) each process keeps 1/N of them, plus the root unit (embeddings, head,
+  final norms) gathered for the whole step and two gathered blocks (the one running and the one
+  prefetched);
 * trainable tensors in fp32 (4 bytes) with their gradient and Lion's one momentum buffer; AdaLoRA
   keeps three more fp32 tensors per adapter weight (importance, its average, its uncertainty).
+  delrec keeps them whole on every process under FSDP too.
 Estimated part, activations kept for the backward pass in bf16, per layer and sequence of s tokens
 with hidden size h and a heads: s*h*34 + 5*a*s^2 bytes (Korthikanti et al., 2022, "Reducing
 activation recomputation in large transformer models", Eq. 1 without tensor parallelism; it counts
@@ -119,8 +122,9 @@ def plan(args) -> list[dict]:
     for name in args.models:
         model, shape = build(name)
         total = sum(p.numel() for p in model.parameters())
-        layer_params = max(sum(p.numel() for p in block.parameters())
-                           for block in model.modules() if type(block).__name__ in ("T5Block", "LlamaDecoderLayer"))
+        blocks = [sum(p.numel() for p in block.parameters())
+                  for block in model.modules() if type(block).__name__ in ("T5Block", "LlamaDecoderLayer")]
+        layer_params, root_params = max(blocks), total - sum(blocks)
         adapter = adalora_params(model, args.init_r)
         prompt = args.prompt_tokens + args.soft_tokens
         for stage, trainable, extra_states in (("stage 1 (soft prompt)", args.soft_tokens * shape["h"], 0),
@@ -135,7 +139,7 @@ def plan(args) -> list[dict]:
                         if strategy == "DDP":
                             weights, st = total * 2, states
                         else:
-                            weights, st = total * 2 / n + layer_params * 2, states / n
+                            weights, st = (total - root_params) * 2 / n + (root_params + 2 * layer_params) * 2, states
                         rows.append({"model": name, "stage": stage, "gradient_checkpointing": ckpt, "gpus": n,
                                      "strategy": strategy, "per_process_batch": per_process_batch,
                                      "parameters": total, "trainable": trainable,
