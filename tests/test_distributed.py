@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import make_run
 from delrec.teachers import default_config
 from delrec.teachers.train import train_teacher
-from llm_helpers import tiny_llama_backbone
+from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import titled_dataset
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -202,6 +202,34 @@ def test_fsdp_stage2_equals_one_process(fsdp):
     launch = _launch_of(run / "finetune" / "fsdp")
     assert launch["engine"] == "fsdp" and launch["sharding"]["units"] == 3
     assert launch["sharding"]["tensors_whole"] > 1 and launch["sharding"]["tensors_sharded"] > 10  # adapters whole
+
+
+def test_fsdp_with_gradient_checkpointing_equals_one_process(fsdp):
+    """FSDP's hooks stay outside Hugging Face's per-layer checkpoint: recomputing a sharded block in
+    backward gathers it again and gives the same gradients."""
+    root, run, common = fsdp
+    launch(root, *common, "--name", "fsdp-ckpt", "--set", "gradient_checkpointing=true", fsdp=True)
+    _same_stage2(run / "finetune" / "one", run / "finetune" / "fsdp-ckpt")
+
+
+def test_fsdp_encoder_decoder_equals_one_process(setup):
+    """Flan-T5's architecture under FSDP: the verbalizer runs the encoder on its own, then the
+    decoder once per candidate; the shared embedding sits in the root unit, every T5Block is a unit.
+    Stage 1, then stage 2 from the one-process soft prompt, against one process."""
+    root, run = setup
+    t5 = tiny_t5_backbone()
+    t5.model.save_pretrained(root / "t5")
+    t5.tokenizer.save_pretrained(root / "t5")
+    stage1 = ["distill", "--run", str(run), "--llm", str(root / "t5"), *STAGE1]
+    launch(root, *stage1, "--name", "t5-one", processes=1)
+    launch(root, *stage1, "--name", "t5-fsdp", fsdp=True)
+    _same_stage1(run / "distill" / "t5-one", run / "distill" / "t5-fsdp")
+    assert _launch_of(run / "distill" / "t5-fsdp")["sharding"]["units"] == 2 + 2 + 1
+    soft = str(run / "distill" / "t5-one" / "soft_prompt.safetensors")
+    stage2 = ["finetune", "--run", str(run), "--llm", str(root / "t5"), "--soft-prompt", soft, *STAGE2]
+    launch(root, *stage2, "--name", "t5-one", processes=1)
+    launch(root, *stage2, "--name", "t5-fsdp", fsdp=True)
+    _same_stage2(run / "finetune" / "t5-one", run / "finetune" / "t5-fsdp")
 
 
 def test_fsdp_stage2_killed_resumes(fsdp):
