@@ -3,8 +3,10 @@
 `full-title` (default): the length-normalised log-likelihood of the candidate's whole title as
 the answer. The shared prompt (with its soft prompt) is encoded once per request: for
 decoder-only models the 15 continuations are packed behind it in the same forward pass and share
-its keys/values through a 4D attention mask; for T5 they are decoded as one batch on its single
-encoder output. Logits are computed only where a candidate token is scored.
+its keys/values through a 4D attention mask; for T5 the prompt is encoded once and its
+continuations are packed into one decoder row under a block-diagonal causal mask, cross-attending
+to that single encoder output. Logits are computed only where a candidate token is scored (T5:
+over the packed decoder row, whose every position is a candidate token).
 
 `first-token` (the authors' variant): the log-probability of the title's first token. Every
 title that shares a first token ties, and ties are pessimistic in evaluation.
@@ -201,21 +203,50 @@ class Verbalizer:
         batch = self._batch(prompts, soft_prompt, left_pad=False)
         encoder_out = model.get_encoder()(inputs_embeds=batch.embeds, attention_mask=batch.mask)
         counts = [len(cs) for cs in continuations]
-        owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
-        flat = [c for cs in continuations for c in cs]
         start = model.config.decoder_start_token_id
         if self.method == "first-token":
+            owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
+            flat = [c for cs in continuations for c in cs]
             dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
                         decoder_input_ids=torch.full((len(prompts), 1), start, device=dev), use_cache=False)
             logp = F.log_softmax(dec.logits[:, 0].float(), dim=-1)
             return list(logp[owner, torch.tensor([c[0] for c in flat], device=dev)].split(counts))
-        targets, tmask = _pad_ids(flat, dev)
-        dec_in = torch.cat([torch.full((len(flat), 1), start, device=dev), targets[:, :-1]], dim=1)
-        dec_in = dec_in.masked_fill(dec_in < 0, self.backbone.pad_token_id or 0)
-        dec = model(encoder_outputs=(encoder_out.last_hidden_state[owner],), attention_mask=batch.mask[owner],
-                    decoder_input_ids=dec_in, decoder_attention_mask=tmask, use_cache=False)
-        logp = _gather_logprobs(dec.logits, targets, tmask)
-        return list((logp.sum(1) / tmask.sum(1)).split(counts))
+        # full-title: a prompt's continuations packed into one decoder row, each its own segment
+        # [start, c[:-1]] under a block-diagonal causal mask. T5's decoder self-attention bias
+        # depends only on the distance between positions, which packing keeps within a segment;
+        # cross-attention has no position bias. So each candidate is scored exactly as alone,
+        # while the encoder output (and the keys and values computed from it in every decoder
+        # layer) is not repeated for each candidate.
+        pad = self.backbone.pad_token_id or 0
+        Q = max(sum(len(c) for c in cs) for cs in continuations)
+        dec_in = torch.full((len(prompts), Q), pad, dtype=torch.long, device=dev)
+        segment = torch.full((len(prompts), Q), -1, dtype=torch.long, device=dev)
+        rows, where, tokens, owner = [], [], [], []
+        slot = 0
+        for b, cs in enumerate(continuations):
+            offset = 0
+            for j, c in enumerate(cs):
+                n = len(c)
+                dec_in[b, offset : offset + n] = torch.tensor([start, *c[:-1]], device=dev)
+                segment[b, offset : offset + n] = j
+                rows += [b] * n
+                where += range(offset, offset + n)
+                tokens += c
+                owner += [slot] * n
+                offset += n
+                slot += 1
+        idx = torch.arange(Q, device=dev)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+        allowed = (same & causal) | torch.eye(Q, dtype=torch.bool, device=dev)  # padding sees itself
+        dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
+                    decoder_input_ids=dec_in, decoder_attention_mask=self._mask4d(allowed), use_cache=False)
+        picked = dec.logits[torch.tensor(rows, device=dev), torch.tensor(where, device=dev)].float()
+        token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
+        owner_t = torch.tensor(owner, device=dev)
+        total = torch.zeros(slot, device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
+        count = torch.zeros(slot, device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
+        return list((total / count).split(counts))
 
     def loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates") -> torch.Tensor:
         """The mean training loss of labelled prompts, differentiable (see OBJECTIVES)."""
@@ -268,17 +299,3 @@ def _pad(seqs: list[torch.Tensor], left: bool) -> _Batch:
         embeds[i, sl] = s
         mask[i, sl] = 1
     return _Batch(embeds, mask, torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device))
-
-
-def _pad_ids(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (-1 where padded) and their mask."""
-    M = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), M), -1, dtype=torch.long, device=dev)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, device=dev)
-    return ids, (ids >= 0).long()
-
-
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
-    return logp * mask
