@@ -22,12 +22,12 @@ from measuring on an H100 (benchmarks/gpu_memory.py, docs/distributed.md): decod
 run SDPA's fused kernels, which keep no s^2 attention maps, so the 5*a*s^2 term is dropped for them
 (T5's position bias keeps it); and in stage 2 peft casts the input of every adapted projection to
 the adapters' fp32 and autograd keeps two fp32 copies of it (seen with saved-tensor hooks), 8 bytes
-per token and hidden unit per adapted projection and layer; for T5's cross-attention value
-projection that input is the encoder output repeated for each of the 15 candidates. Workload as the
+per token and hidden unit per adapted projection and layer. Workload as the
 paper's prompts: `--prompt-tokens` text + `--soft-tokens` soft tokens, 15 candidates of
-`--title-tokens` tokens. T5 (our verbalizer): the encoder runs once per prompt, the decoder once
-per candidate with cross-attention over the prompt; decoder-only: candidates packed behind the
-prompt (one sequence of prompt + 15 * (title - 1) tokens). Log-probabilities over the vocabulary
+`--title-tokens` tokens. T5 (our verbalizer): the encoder runs once per prompt, and the decoder
+once per prompt over its 15 titles packed into one row (15 * title tokens) with cross-attention
+over the prompt; decoder-only: candidates packed behind the prompt (one sequence of prompt + 15 *
+(title - 1) tokens). Log-probabilities over the vocabulary
 for every scored token are added in fp32. CUDA context and allocator slack are not included
 (add about 1-2 GB).
 
@@ -95,20 +95,19 @@ def activations(shape: dict, batch: int, prompt: int, title: int, checkpointing:
         return layers * 2 * s * h if checkpointing else layers * layer(s)
 
     copies = 0 if checkpointing or not adapters else 2 * 4 * h  # bytes per token per adapted projection
-    if shape["enc_layers"]:  # T5: encoder per prompt, decoder per candidate with cross-attention
-        dec = title
+    if shape["enc_layers"]:  # T5: encoder once per prompt; the 15 titles packed into one decoder row
+        dec = CANDIDATES * title
         enc_total = batch * kept(prompt, shape["enc_layers"])
         cross = 2 * prompt * h * 2 + 5 * a * dec * prompt  # K, V of the prompt and the attention maps, per layer
         dec_one = layer(dec) + cross
-        # checkpointed: each layer's input, plus the encoder output repeated per candidate (kept once)
-        dec_total = batch * CANDIDATES * (shape["dec_layers"] * 2 * dec * h + 2 * prompt * h if checkpointing
-                                          else shape["dec_layers"] * dec_one)
-        recompute = max(batch * layer(prompt), batch * CANDIDATES * dec_one) if checkpointing else 0
-        scored = batch * CANDIDATES * title
-        # adapted: encoder q, v (prompt tokens); decoder self q, v and cross q (title tokens); cross v (the
-        # repeated encoder output)
-        adapted = copies * batch * (shape["enc_layers"] * 2 * prompt
-                                    + shape["dec_layers"] * CANDIDATES * (3 * dec + prompt))
+        # checkpointed: each layer's input, plus the encoder output the decoder attends to
+        dec_total = batch * (shape["dec_layers"] * 2 * dec * h + 2 * prompt * h if checkpointing
+                             else shape["dec_layers"] * dec_one)
+        recompute = max(batch * layer(prompt), batch * dec_one) if checkpointing else 0
+        scored = batch * dec
+        # adapted: encoder q, v (prompt tokens); decoder self q, v and cross q (title tokens); cross v
+        # (the prompt's encoder output)
+        adapted = copies * batch * (shape["enc_layers"] * 2 * prompt + shape["dec_layers"] * (3 * dec + prompt))
         return enc_total + dec_total + recompute + scored * shape["vocab"] * 4 + adapted
     seq = prompt + CANDIDATES * (title - 1)
     recompute = batch * layer(seq) if checkpointing else 0
