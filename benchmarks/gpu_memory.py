@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _env import environment  # noqa: E402
 from gpu_throughput import LARGE, build_backbone, make_requests  # noqa: E402
 from memory_plan import plan  # noqa: E402
-from stages import CANDIDATES, ORTH_REG_WEIGHT, PeakMemory, measure, stage1_step, stage2_step  # noqa: E402
+from stages import CANDIDATES, PeakMemory, add_adalora, measure, stage1_step, stage2_step  # noqa: E402
 
 
 def computed_gb(name: str, stage: str, ckpt: bool, args) -> float | None:
@@ -55,12 +55,10 @@ def computed_gb(name: str, stage: str, ckpt: bool, args) -> float | None:
 def measure_model(name: str, args, device, dtype) -> list[dict]:
     import numpy as np
     import torch
-    from peft import AdaLoraConfig, get_peft_model
 
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
     from delrec.stages.distill import _lion
-    from delrec.stages.finetune import TARGET_MODULES
     from delrec.stages.weighting import LossWeighting
 
     bb, config, _ = build_backbone(name, args.tiny, device, dtype)
@@ -97,13 +95,7 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
 
     # stage 2: AdaLoRA on the query and value projections, soft prompt frozen
     soft.embedding.requires_grad_(False)
-    targets = TARGET_MODULES.get(getattr(config, "model_type", ""), TARGET_MODULES["default"])
-    peft_model = get_peft_model(bb.model, AdaLoraConfig(
-        init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1, orth_reg_weight=ORTH_REG_WEIGHT, total_step=100_000,
-        target_modules=targets, task_type="SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM"))
-    bb.model = peft_model
-    peft_model.train()
-    trainable = [q for q in peft_model.parameters() if q.requires_grad]
+    peft_model, trainable = add_adalora(bb, config)
     first = 0
     for ckpt in (False, True):
         if ckpt:

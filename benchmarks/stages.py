@@ -174,6 +174,22 @@ def stage2_step(loss_fn, peft_model, trainable, optimizer, add_orth: bool):
     return step
 
 
+def add_adalora(bb, config):
+    """bb's model wrapped with AdaLoRA as finetune.py sets it up (init_r 12, target_r 8, q/v
+    projections), in training mode: (peft model, its trainable tensors)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from delrec.stages.finetune import TARGET_MODULES
+
+    targets = TARGET_MODULES.get(getattr(config, "model_type", ""), TARGET_MODULES["default"])
+    peft_model = get_peft_model(bb.model, AdaLoraConfig(
+        init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1, orth_reg_weight=ORTH_REG_WEIGHT, total_step=100_000,
+        target_modules=targets, task_type="SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM"))
+    bb.model = peft_model
+    peft_model.train()
+    return peft_model, [q for q in peft_model.parameters() if q.requires_grad]
+
+
 def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemory) -> dict:
     """One warm-up step on batches[0], then the rest timed; step indices start at `first`."""
     step(batches[0], first)
@@ -220,14 +236,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from peft import AdaLoraConfig, get_peft_model
-
     from delrec.io import write_json
     from delrec.llm.backbone import pick_dtype
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
     from delrec.stages.distill import _lion
-    from delrec.stages.finetune import TARGET_MODULES, orthogonal_regulariser
+    from delrec.stages.finetune import orthogonal_regulariser
     from delrec.stages.weighting import LossWeighting
 
     device = torch.device(args.device)
@@ -280,13 +294,7 @@ def main() -> None:
 
     # stage 2: AdaLoRA on the query and value projections, soft prompt frozen
     soft.embedding.requires_grad_(False)
-    targets = TARGET_MODULES.get(getattr(config, "model_type", ""), TARGET_MODULES["default"])
-    peft_model = get_peft_model(bb.model, AdaLoraConfig(
-        init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1, orth_reg_weight=ORTH_REG_WEIGHT, total_step=100_000,
-        target_modules=targets, task_type="SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM"))
-    bb.model = peft_model
-    peft_model.train()
-    trainable = [q for q in peft_model.parameters() if q.requires_grad]
+    peft_model, trainable = add_adalora(bb, config)
     with torch.no_grad():
         ours_loss = Verbalizer(bb).loss(batches[0], soft, "label") + ORTH_REG_WEIGHT * orthogonal_regulariser(peft_model)
         check["stage 2"] = loss_check(ours_loss, plain_hf_loss(bb, soft)(batches[0]))
