@@ -1,4 +1,5 @@
-"""Two processes (gloo, CPU) through `accelerate launch`, against one process with the same global batch.
+"""Two processes (gloo, CPU) through `accelerate launch`, against one process with the same global batch,
+replicated (DDP, `--multi_gpu`) and sharded (FSDP2, `--use_fsdp --fsdp_version 2`).
 
 Each launch runs tests/dist_worker.py, i.e. the `delrec` command itself, in every process. The
 backbone is a tiny random Llama in float32 saved to a folder; the teacher is trained with dropout 0
