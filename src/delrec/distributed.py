@@ -213,7 +213,7 @@ class Distributed:
         process. Call it after the backward passes of a step, before reading the gradients."""
         if not self.sharded:
             return
-        self._reshard()
+        self._reshard()  # a synchronised point: backward leaves the root (nothing in it trains) gathered
         grads = [p.grad for p in params if p.grad is not None]
         for dtype in {g.dtype for g in grads}:
             same = [g for g in grads if g.dtype == dtype]

@@ -183,13 +183,7 @@ class Verbalizer:
                     use_cache=False, logits_to_keep=L + 1)
         logits = out.logits  # [B, L + 1, V]: from the prompt's last position onwards
         rows_t, where_t = torch.tensor(rows, device=dev), torch.tensor(where, device=dev)
-        picked = logits[rows_t, where_t].float()
-        token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
-        n_slots = sum(len(cs) for cs in continuations)
-        owner_t = torch.tensor(owner, device=dev)
-        total = torch.zeros(n_slots, device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
-        count = torch.zeros(n_slots, device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
-        return list((total / count).split([len(cs) for cs in continuations]))
+        return _mean_per_continuation(logits[rows_t, where_t], tokens, owner, [len(cs) for cs in continuations])
 
     def _mask4d(self, allowed: torch.Tensor) -> torch.Tensor:
         """[B, Q, K] bool -> the 4D mask the model's attention implementation takes as is."""
@@ -245,12 +239,8 @@ class Verbalizer:
         allowed = (same & causal) | torch.eye(Q, dtype=torch.bool, device=dev)  # padding sees itself
         dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
                     decoder_input_ids=dec_in, decoder_attention_mask=self._mask4d(allowed), use_cache=False)
-        picked = dec.logits[torch.tensor(rows, device=dev), torch.tensor(where, device=dev)].float()
-        token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
-        owner_t = torch.tensor(owner, device=dev)
-        total = torch.zeros(slot, device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
-        count = torch.zeros(slot, device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
-        return list((total / count).split(counts))
+        return _mean_per_continuation(dec.logits[torch.tensor(rows, device=dev), torch.tensor(where, device=dev)],
+                                      tokens, owner, counts)
 
     def _seq2seq_scoring(self, encoder_states, encoder_mask, continuations, start) -> list[torch.Tensor]:
         """Full-title scores without gradients: every continuation its own decoder row over a copy
@@ -324,3 +314,16 @@ def _pad(seqs: list[torch.Tensor], left: bool) -> _Batch:
         embeds[i, sl] = s
         mask[i, sl] = 1
     return _Batch(embeds, mask, torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device))
+
+
+def _mean_per_continuation(picked: torch.Tensor, tokens: list[int], owner: list[int], counts: list[int]) -> list[torch.Tensor]:
+    """Per prompt, the mean log-probability of each continuation's scored tokens: `picked` holds
+    the logits that predict `tokens`, one row each, and owner[i] is the continuation (numbered
+    across all prompts) that token i belongs to; counts: continuations per prompt."""
+    picked = picked.float()
+    dev = picked.device
+    token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
+    owner_t = torch.tensor(owner, device=dev)
+    total = torch.zeros(sum(counts), device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
+    count = torch.zeros(sum(counts), device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
+    return list((total / count).split(counts))
