@@ -10,7 +10,9 @@ import torch
 
 from conftest import make_run
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import MASK, Templates
+from delrec.evaluate import evaluate
+from delrec.llm.scorer import LLMScorer
+from delrec.llm.templates import MASK, Prompt, Templates
 from delrec.stages import distill as distill_mod
 from delrec.stages.distill import DistillConfig, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
@@ -92,6 +94,68 @@ def test_soft_prompt_learns_a_toy_task(taught_run, make_backbone):
     assert np.mean(total[-4:]) < np.mean(total[:4]) - 0.1, total
 
 
+def eval_lines(folder) -> list[dict]:
+    return [e for e in map(json.loads, (folder / "train_log.jsonl").read_text().splitlines()) if "eval" in e]
+
+
+def check_curve(evals: list[dict]) -> None:
+    """Learning-curve lines: step 0 first, examples seen increasing, training seconds not decreasing
+    and never above the wall time (which counts the evaluations too)."""
+    assert evals[0]["step"] == 0 and evals[0]["examples_seen"] == 0 and evals[0]["seconds"] == 0
+    seen = [e["examples_seen"] for e in evals]
+    assert all(b > a for a, b in zip(seen, seen[1:])), seen
+    for key in ("seconds", "wall_seconds"):
+        values = [e[key] for e in evals]
+        assert values == sorted(values), (key, values)
+    assert all(e["seconds"] <= e["wall_seconds"] + 0.01 for e in evals)
+
+
+def test_evaluations_log_learning_curves(taught_run):
+    run, data = taught_run
+    cfg = DistillConfig(teacher="gru4rec", **FAST, valid_lsr_samples=3)
+    bb = tiny_llama_backbone()
+    result = distill(run, cfg, name="curves", backbone=bb, progress=False)
+    evals = eval_lines(result.out_dir)
+    assert [e["step"] for e in evals] == [0, 3, 6] and [e["examples_seen"] for e in evals] == [0, 6, 12]
+    check_curve(evals)
+    for e in evals:
+        m = e["eval"]
+        for t in ("ta", "rps"):
+            assert m[f"{t}_valid_HR@1"] == m[f"{t}_valid_accuracy"]
+            assert 0 <= m[f"{t}_valid_HR@1"] <= m[f"{t}_valid_NDCG@5"] <= 1
+        assert 0 <= m["valid_lsr_HR@1"] <= m["valid_lsr_NDCG@5"] <= 1
+    m = json.loads((result.out_dir / "metrics.json").read_text())
+    assert m["valid_history"] == evals and m["valid_lsr_samples"] == 3
+    rows = m["valid_rows"]
+    assert {t: len(r) for t, r in rows.items()} == {"ta": 4, "rps": 4, "lsr": 3}
+    assert set(sum(rows.values(), [])) <= set(data.indices("valid").tolist())
+    # the LSR rows are stage 2's valid rows (same seed), and the step-0 LSR metrics are the
+    # evaluator's for the untrained soft prompt on them
+    rng = np.random.default_rng(cfg.seed)
+    rng.permutation(data.indices("train"))
+    assert rows["lsr"] == np.sort(rng.permutation(data.indices("valid"))[:3]).tolist()
+    fresh = tiny_llama_backbone()
+    scorer = LLMScorer.for_run(data, fresh, templates=Templates(teacher="GRU4Rec"), progress=False,
+                               soft_prompt=SoftPrompt.for_backbone(fresh, cfg.soft_tokens, seed=cfg.seed))
+    ref = evaluate(scorer, data, "valid", rows=np.array(rows["lsr"]))["candidates"]
+    assert evals[0]["eval"]["valid_lsr_HR@1"] == ref["HR@1"] and evals[0]["eval"]["valid_lsr_NDCG@5"] == ref["NDCG@5"]
+
+
+def test_task_ranks_are_pessimistic():
+    """A candidate tied with the label counts as ranked above it, as in delrec.evaluate."""
+
+    class Fixed:
+        batch_size = 8
+
+        def score(self, prompts, soft_prompt):
+            return [torch.tensor(SCORES[p.label]) for p in prompts]
+
+    SCORES = {"a": [1.0, 1.0, 0.5], "b": [0.0, 2.0, 1.0], "c": [3.0, 3.0, 3.0]}
+    prompts = [Prompt("", "", ("a", "b", "c"), label, False) for label in "abc"]
+    assert distill_mod.prompt_ranks(Fixed(), prompts, None).tolist() == [1, 0, 2]
+    assert distill_mod.accuracy(Fixed(), prompts, None) == pytest.approx(1 / 3)
+
+
 def test_examples_from_a_hand_made_sequence(taught_run):
     run, data = taught_run
     teacher = TeacherLists.load(run, "gru4rec", data)
@@ -152,7 +216,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     assert (run / "distill" / "crash" / "checkpoint.pt").exists()
     resumed = distill(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
     assert torch.equal(resumed.soft_prompt.embedding, ref.soft_prompt.embedding)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "wall_seconds")} for l in p.read_text().splitlines()]
     assert strip(resumed.out_dir / "train_log.jsonl") == strip(ref.out_dir / "train_log.jsonl")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distill import FAST, taught_run  # noqa: F401  (module-scoped fixture)
+from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401  (module-scoped fixture)
 from delrec.cli import main
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.stages import finetune as finetune_mod
@@ -53,6 +53,20 @@ def test_only_adapter_weights_change(distilled, make_backbone):
     assert torch.equal(SoftPrompt.load(result.out_dir).embedding, soft_before)
     assert (result.out_dir / "adapter" / "adapter_config.json").exists()
     assert not (result.out_dir / "checkpoint.pt").exists()
+    # learning-curve lines: before training, every eval_every steps (the last is the end)
+    evals = eval_lines(result.out_dir)
+    assert [e["step"] for e in evals] == [0, 4, 8] and [e["examples_seen"] for e in evals] == [0, 8, 16]
+    check_curve(evals)
+    for e in evals:
+        assert set(e["eval"]) == {f"valid_{k}" for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")}
+        assert 0 <= e["eval"]["valid_HR@1"] <= e["eval"]["valid_NDCG@5"] <= 1
+    m = result.metrics
+    assert m["valid_history"] == [{"step": e["step"], "examples_seen": e["examples_seen"], "seconds": e["seconds"],
+                                   "valid_HR@1": e["eval"]["valid_HR@1"], "valid_NDCG@5": e["eval"]["valid_NDCG@5"]}
+                                  for e in evals]
+    # the step-0 evaluation is a reference only: the best (and saved) adapter is a trained one
+    assert m["best_step"] in (4, 8) and m["best_valid_NDCG@5"] == max(e["eval"]["valid_NDCG@5"] for e in evals[1:])
+    assert m["seconds"] >= evals[-1]["seconds"] and m["wall_seconds"] >= m["seconds"]
 
 
 @pytest.mark.parametrize("make_backbone,objective", [(tiny_llama_backbone, "candidates"), (tiny_t5_backbone, "candidates"),
@@ -102,9 +116,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(distilled, monkeypatch
         finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
     monkeypatch.setattr(finetune_mod.torch, "save", real_save)
     resumed = finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "wall_seconds")} for l in p.read_text().splitlines()]
     assert strip(resumed.out_dir / "train_log.jsonl") == strip(ref.out_dir / "train_log.jsonl")
     assert resumed.metrics["best_valid_NDCG@5"] == ref.metrics["best_valid_NDCG@5"]
+    no_time = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["valid_history"]]
+    assert no_time(resumed.metrics) == no_time(ref.metrics) and resumed.metrics["valid_history"][0]["step"] == 0
 
 
 def test_finetune_and_evaluate_commands(distilled, tmp_path, capsys):
@@ -134,6 +150,7 @@ def test_saved_adapter_reproduces_the_best_valid_score(distilled, make_backbone)
     rng = np.random.default_rng(cfg.seed)
     rng.permutation(data.indices("train"))  # finetune draws the train order first, then the valid subset
     valid_rows = np.sort(rng.permutation(data.indices("valid"))[: cfg.valid_samples])
+    assert result.metrics["valid_rows"] == valid_rows.tolist()  # recorded for the report's reference lines
     scorer = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
     ndcg = evaluate(scorer, data, "valid", rows=valid_rows)["candidates"]["NDCG@5"]
     assert ndcg == pytest.approx(result.metrics["best_valid_NDCG@5"], abs=1e-12)

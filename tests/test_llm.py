@@ -122,10 +122,11 @@ def _prompts():
 
 @pytest.mark.parametrize("kind", BACKBONES)
 @pytest.mark.parametrize("method", ["full-title", "first-token"])
-def test_fast_verbalizer_equals_brute_force(kind, method):
+@pytest.mark.parametrize("passes", ["batch", "prompt"])
+def test_fast_verbalizer_equals_brute_force(kind, method, passes):
     bb = BACKBONES[kind]()
     sp = SoftPrompt.for_backbone(bb, 7, seed=0)
-    v = Verbalizer(bb, method, batch_size=3)  # batches of mixed prompt lengths
+    v = Verbalizer(bb, method, batch_size=3, passes=passes)  # batches of mixed prompt lengths
     prompts = _prompts()
     fast, ref = v.score(prompts, sp), v.score_brute_force(prompts, sp)
     for a, b in zip(fast, ref):
@@ -146,10 +147,33 @@ def test_first_token_ties_titles_sharing_a_first_token():
 def test_batch_size_does_not_change_scores():
     bb = tiny_llama_backbone()
     sp = SoftPrompt.for_backbone(bb, 3, seed=0)
-    a = Verbalizer(bb, batch_size=1).score(_prompts(), sp)
-    b = Verbalizer(bb, batch_size=7).score(_prompts(), sp)
+    a = Verbalizer(bb, batch_size=1, passes="batch").score(_prompts(), sp)
+    b = Verbalizer(bb, batch_size=7, passes="batch").score(_prompts(), sp)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_do_not_depend_on_the_batch_on_cpu(kind, dtype):
+    """On CPU (passes="auto") each prompt has its own forward pass: its scores, and so every rank,
+    are bit-identical whatever the batch size, the order of the prompts and the prompts beside it,
+    in bfloat16 too (padded batches are not: rounding depends on the padded shape)."""
+    bb = BACKBONES[kind]()
+    bb.model.to(dtype)
+    sp = SoftPrompt.for_backbone(bb, 3, seed=0)
+    prompts = _prompts()
+    assert Verbalizer(bb).one_pass_per_prompt
+    reference = Verbalizer(bb, batch_size=1).score(prompts, sp)
+    for batch_size in (2, 3, 7):
+        for x, y in zip(reference, Verbalizer(bb, batch_size=batch_size).score(prompts, sp)):
+            assert torch.equal(x, y)
+    order = [5, 0, 6, 2, 4, 1, 3]
+    shuffled = Verbalizer(bb, batch_size=4).score([prompts[i] for i in order], sp)
+    for i, y in zip(order, shuffled):
+        assert torch.equal(reference[i], y)
+    alone = Verbalizer(bb, batch_size=8).score([prompts[2]], sp)[0]  # without the other prompts
+    assert torch.equal(reference[2], alone)
 
 
 def test_slot_without_soft_prompt_is_an_error():

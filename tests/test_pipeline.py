@@ -16,7 +16,7 @@ from llm_helpers import tiny_llama_backbone
 
 QUICK = [
     "teacher.max_epochs=2", "threads=1",
-    "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, eval_every: 1000}",
+    "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, valid_lsr_samples: 4, eval_every: 1000}",
     "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, init_r: 4, target_r: 2, warmup_steps: 1}",
     "variants=[delrec, wo-sp, usp, wo-lsr, udpsm]", "test_samples=12", "eval_batch_size=4",
 ]
@@ -73,6 +73,20 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     for fig in ("fig-teachers.png", "fig-stage1.png", "fig-stage2.png", "fig-results.png"):
         assert (run / fig).stat().st_size > 1000 and f"]({fig})" in report
     assert "w/o SP (sasrec)" in report and "zero-shot LLM" in report
+    # learning curves: each stage recorded the valid rows it evaluated, and the report drew the
+    # reference lines on them; the budgets say what fraction of an epoch each stage saw
+    s1 = json.loads((run / "distill" / "sasrec" / "metrics.json").read_text())
+    assert {t: len(r) for t, r in s1["valid_rows"].items()} == {"ta": 4, "rps": 4, "lsr": 4}
+    assert [e["step"] for e in s1["valid_history"]] == [0, 3] and "valid_lsr_NDCG@5" in s1["valid_history"][-1]["eval"]
+    s2 = json.loads((run / "finetune" / "sasrec-delrec" / "metrics.json").read_text())
+    assert len(s2["valid_rows"]) == 4 and [e["step"] for e in s2["valid_history"]] == [0, 2, 3]
+    assert s2["valid_rows"] == s1["valid_rows"]["lsr"]  # both stages' recommendation curves on the same rows
+    assert re.search(r"recommendation task over the \d+ valid samples the stage evaluated", report)
+    assert "popularity and the teacher over the same 4 valid samples" in report
+    assert re.search(r"- distill/sasrec: 3 steps, 6 train examples per task = [\d.]+ epoch \(TA \d+, RPS \d+ distinct\), "
+                     r"\d+ s of training \(\d+ s with the evaluations\)", report)
+    assert re.search(r"- finetune/sasrec-delrec: 3 steps, 6 train examples = [\d.]+ epoch \(6 distinct\)", report)
+    assert "the recommendation prompt with the soft prompt (`w/o LSR`, 4 valid samples): HR@1" in report
 
     # the same command again: nothing is recomputed but the report
     before = {p: p.stat().st_mtime_ns for p in (run / "eval" / "pipeline").glob("*.json")}

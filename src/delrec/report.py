@@ -64,7 +64,71 @@ def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _figures(run: Path, teachers, evals: dict, paper: dict) -> list[str]:
+def _stage_file(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).exists() else {}
+
+
+def _examples_per_step(folder: Path, log: list[dict]) -> float:
+    """Train examples (per task in stage 1) per optimizer step, for log lines without `examples_seen`."""
+    cfg = _stage_file(folder, "config.json")
+    if cfg:
+        return cfg.get("batch_size", 1) * cfg.get("grad_accum", 1)
+    return next((e["examples_seen"] / e["step"] for e in log if e.get("examples_seen") and e["step"]), 1)
+
+
+def _stage_valid_rows(folder: Path, data) -> np.ndarray | None:
+    """The valid rows a stage run evaluated: recorded in its metrics.json (stage 1: per task; all
+    of them), or, for a stage-2 run made before they were recorded, drawn again as stage 2 draws them."""
+    rows = _stage_file(folder, "metrics.json").get("valid_rows")
+    if isinstance(rows, dict):
+        rows = sorted(set().union(*rows.values())) if rows else None
+    cfg = _stage_file(folder, "config.json")
+    if rows is None and folder.parent.name == "finetune" and "valid_samples" in cfg:
+        from delrec.stages.distill import lsr_valid_rows
+
+        rows = lsr_valid_rows(data, cfg.get("seed", 0), cfg["valid_samples"])
+    return None if rows is None else np.asarray(rows, dtype=np.int64)
+
+
+def _valid_metrics(scorer, data, rows: np.ndarray) -> dict:
+    """The evaluator's candidate metrics (pessimistic ranks) on `rows`, in this process only (the
+    report runs on the main process of a launch, so nothing is sharded)."""
+    import torch
+
+    from delrec.evaluate import metrics_from_ranks, pessimistic_ranks
+
+    ranks = []
+    for start in range(0, len(rows), 512):
+        batch = rows[start : start + 512]
+        scores = torch.as_tensor(scorer.score_candidates(data, batch)).float().cpu()
+        target_col = (data.candidates[batch] == data.target[batch][:, None]).argmax(axis=1)
+        ranks.append(pessimistic_ranks(scores, target_col))
+    return metrics_from_ranks(np.concatenate(ranks))
+
+
+def _references(pipeline, data, folders: list[Path]) -> tuple[dict, int]:
+    """Horizontal reference lines for a stage's learning curves, on the recommendation task (the
+    fixed candidates) over the valid rows the stage's runs evaluated (their union): the expected
+    random ranker (uniform rank), popularity and each teacher the runs learned from."""
+    from delrec.evaluate import PopularityScorer, metrics_from_ranks
+
+    refs = {f"random ({data.candidates.shape[1]} candidates)": metrics_from_ranks(np.arange(data.candidates.shape[1]))}
+    found = [r for r in (_stage_valid_rows(f, data) for f in folders) if r is not None and len(r)]
+    if pipeline is None or not found:
+        return refs, 0
+    rows = np.unique(np.concatenate(found))
+    used = {(_stage_file(f, "config.json") or _stage_file(f, "metrics.json")).get("teacher") for f in folders}
+    teachers = [t for t in pipeline.config.teachers if t in used] or list(pipeline.config.teachers)
+    makers = [("popularity", lambda: PopularityScorer(data))] + [(t, lambda t=t: pipeline._scorer(data, t)) for t in teachers]
+    for name, make in makers:
+        try:
+            refs[name] = _valid_metrics(make(), data, rows)
+        except (FileNotFoundError, OSError, KeyError):  # a teacher not trained (yet)
+            continue
+    return refs, len(rows)
+
+
+def _figures(run: Path, teachers, evals: dict, paper: dict, pipeline=None, data=None) -> list[str]:
     """PNG figures beside the report; returns the Markdown that shows them."""
     import matplotlib
 
@@ -95,37 +159,85 @@ def _figures(run: Path, teachers, evals: dict, paper: dict) -> list[str]:
         a.legend()
         save(fig, "fig-teachers.png", "Teacher training: loss and valid NDCG@10 per epoch.")
 
-    # stage 1: TA and RPS losses per step (moving average of 5)
-    runs1 = sorted(p.parent for p in (run / "distill").glob("*/train_log.jsonl"))
-    if runs1:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for folder in runs1:
-            log = [e for e in _read_log(folder / "train_log.jsonl") if "eval" not in e]
-            for task in ("ta", "rps"):
-                pts = [(e["step"], e[f"loss_{task}"]) for e in log if f"loss_{task}" in e]
+    def curves(title: str, folders: list[Path], lines, losses, extra_refs: dict) -> tuple:
+        """Valid HR@1 and NDCG@5 against train examples seen (one line per `lines(folder, evals)`
+        entry), reference lines, and the training losses against the same axis."""
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+        colors: dict = {}  # a line's colour, the same in every panel
+        color = lambda label: colors.setdefault(label, f"C{len(colors) % 10}")
+        for folder in folders:
+            log = _read_log(folder / "train_log.jsonl")
+            per_step = _examples_per_step(folder, log)
+            evals = [e for e in log if "eval" in e]
+            seen = [e.get("examples_seen", e["step"] * per_step) for e in evals]
+            for label, hr_key, ndcg_key in lines(folder, evals):
+                for ax, key in zip(axes, (hr_key, ndcg_key)):
+                    pts = [(x, e["eval"].get(key)) for x, e in zip(seen, evals)]
+                    pts = [(x, y) for x, y in pts if y is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", markersize=3, label=label, color=color(label))
+            for label, key in losses(log):
+                pts = [(e["step"] * per_step, e[key]) for e in log if key in e and "eval" not in e]
                 if pts:
                     y = smooth([p[1] for p in pts])
-                    ax.plot([p[0] for p in pts][len(pts) - len(y):], y, label=f"{folder.name} {task.upper()}")
-        ax.set(xlabel="step", ylabel="loss (moving average of 5)", title="stage 1 (soft prompt only)")
-        ax.legend(fontsize=8)
-        save(fig, "fig-stage1.png", "Stage 1: Temporal Analysis and Recommendation Pattern Simulating losses.")
+                    name = f"{folder.name} {label}".strip()
+                    axes[2].plot([p[0] for p in pts][len(pts) - len(y):], y, label=name, color=color(name))
+        refs, n = _references(pipeline, data, folders) if data is not None else ({}, 0)
+        dashes = iter(["--", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1))] * 4)
+        for name, m in {**refs, **extra_refs}.items():
+            color, style = ("0.4", "-.") if name.startswith("random (RPS") else ("0.4", ":") if name.startswith("random") \
+                else ("tab:brown", "--") if name == "popularity" else ("black", next(dashes))
+            label = name if name.startswith("random") else f"{name} (valid)"
+            for ax, key in zip(axes, ("HR@1", "NDCG@5")):
+                ax.axhline(m[key], color=color, linestyle=style, linewidth=1, label=label)
+        axes[0].set(xlabel="train examples seen", ylabel="valid HR@1", title=title)
+        axes[1].set(xlabel="train examples seen", ylabel="valid NDCG@5")
+        axes[2].set(xlabel="train examples seen", ylabel="train loss (moving average of 5)")
+        fig.tight_layout(rect=(0, 0, 0.85, 1))
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.85, 0.5), fontsize=7)
+        if set(axes[2].get_legend_handles_labels()[1]) - set(labels):  # else the figure's legend names them
+            axes[2].legend(fontsize=7)
+        return fig, n
 
-    # stage 2: loss per step, valid NDCG@5 at each evaluation
+    # stage 1: per task HR@1 / NDCG@5 over its candidates (and the LSR prompt's), losses per task
+    runs1 = sorted(p.parent for p in (run / "distill").glob("*/train_log.jsonl"))
+    if runs1:
+        def lines1(folder, evals):
+            keys = set().union(*(e["eval"] for e in evals)) if evals else set()
+            out = [(f"{folder.name} {t.upper()}", f"{t}_valid_HR@1" if f"{t}_valid_HR@1" in keys else f"{t}_valid_accuracy",
+                    f"{t}_valid_NDCG@5") for t in ("ta", "rps") if f"{t}_valid_accuracy" in keys]
+            return out + ([(f"{folder.name} LSR (w/o LSR)", "valid_lsr_HR@1", "valid_lsr_NDCG@5")] if "valid_lsr_HR@1" in keys else [])
+
+        from delrec.evaluate import metrics_from_ranks
+
+        hs = sorted({_stage_file(f, "config.json").get("top_h", 10) for f in runs1})
+        extra = {f"random (RPS, {h} candidates)": metrics_from_ranks(np.arange(h)) for h in hs}
+        fig, n = curves("stage 1 (soft prompt)", runs1, lines1,
+                        lambda log: [(t.upper(), f"loss_{t}") for t in ("ta", "rps") if any(f"loss_{t}" in e for e in log)], extra)
+        where = f"over the {n} valid samples the stage evaluated" if n else "(valid rows not recorded: random only)"
+        save(fig, "fig-stage1.png",
+             "Stage 1 learning curves: valid HR@1 and NDCG@5 of each task over its own candidates (TA: 15; RPS: the "
+             "teacher's shuffled top-h, label its top-1; LSR: the recommendation prompt with the current soft prompt and "
+             "the frozen LLM, i.e. `w/o LSR`) against the train examples of each task seen. Horizontal lines: the "
+             "expected random ranker (15 candidates, and h for RPS), and popularity and the teacher on the "
+             f"recommendation task {where}. Right: training losses (moving average of 5).")
+
+    # stage 2: valid HR@1 / NDCG@5 per variant (early stopping on NDCG@5), recommendation loss
     runs2 = sorted(p.parent for p in (run / "finetune").glob("*/train_log.jsonl"))
     if runs2:
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-        for folder in runs2:
-            log = _read_log(folder / "train_log.jsonl")
+        def losses2(log):
             key = "loss_rec" if any("loss_rec" in e for e in log) else "loss"  # older logs: total only
-            pts = [(e["step"], e[key]) for e in log if key in e]
-            y = smooth([p[1] for p in pts])
-            a.plot([p[0] for p in pts][len(pts) - len(y):], y, label=folder.name)
-            ev = [(e["step"], e["eval"]["valid_NDCG@5"]) for e in log if "eval" in e]
-            b.plot([p[0] for p in ev], [p[1] for p in ev], marker="o", label=folder.name)
-        a.set(xlabel="step", ylabel="recommendation loss (moving average of 5)", title="stage 2 (AdaLoRA)")
-        b.set(xlabel="step", ylabel="valid NDCG@5 (early stopping)")
-        a.legend(fontsize=8)
-        save(fig, "fig-stage2.png", "Stage 2: training loss and the valid NDCG@5 used for early stopping.")
+            return [("", key)]
+
+        fig, n = curves("stage 2 (AdaLoRA)", runs2, lambda folder, evals: [(folder.name, "valid_HR@1", "valid_NDCG@5")],
+                        losses2, {})
+        where = f"over the same {n} valid samples" if n else "(valid rows not recorded: random only)"
+        save(fig, "fig-stage2.png",
+             "Stage 2 learning curves: valid HR@1 and NDCG@5 (early stopping on NDCG@5; step 0 is the untrained adapter) "
+             "of each variant against the train examples seen. Horizontal lines: the expected random ranker, and "
+             f"popularity and the teacher {where}. Right: the recommendation loss (moving average of 5).")
 
     # results: HR@1 and NDCG@5 per model, the paper's as markers
     if evals:
@@ -306,19 +418,27 @@ def write_report(pipeline) -> Path:
 
     # -- stage 1 --
     L += ["## Stage 1: does the LLM pick what the teacher picks?", "",
-          "Valid accuracy: how often the LLM's top candidate is the label (TA: the masked most recent item among "
-          "15 candidates; RPS: the teacher's top-1 among its shuffled top-h list), with the untrained (random) and "
-          "the trained soft prompt.", ""]
+          "Valid accuracy (HR@1): how often the LLM's top candidate is the label (TA: the masked most recent item among "
+          "15 candidates; RPS: the teacher's top-1 among its shuffled top-h list), and NDCG@5 over the same candidates, "
+          "with the untrained (random) and the trained soft prompt; ties count against the LLM.", ""]
     for folder in sorted((run / "distill").glob("*/metrics.json")):
         m = read_json(folder)
+        hist = m.get("valid_history") or []
+        first, last = (hist[0]["eval"], hist[-1]["eval"]) if hist else ({}, {})
         for key, before in m["untrained"].items():
             task = key.split("_")[0]
+            ndcg = f"{task}_valid_NDCG@5"
+            extra = f"; NDCG@5 {first[ndcg]:.3f} -> {last[ndcg]:.3f}" if ndcg in first and ndcg in last else ""
             L.append(f"- {folder.parent.name}, {task.upper()} ({m['valid_samples'][task]} valid samples): untrained "
-                     f"{before:.3f}, trained {m['trained'][key]:.3f}")
+                     f"{before:.3f}, trained {m['trained'][key]:.3f}{extra}")
+        if "valid_lsr_HR@1" in first and "valid_lsr_HR@1" in last:
+            L.append(f"- {folder.parent.name}, the recommendation prompt with the soft prompt (`w/o LSR`, "
+                     f"{m.get('valid_lsr_samples')} valid samples): HR@1 {first['valid_lsr_HR@1']:.3f} -> "
+                     f"{last['valid_lsr_HR@1']:.3f}, NDCG@5 {first['valid_lsr_NDCG@5']:.3f} -> {last['valid_lsr_NDCG@5']:.3f}")
     L.append("")
 
     # -- figures --
-    L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper)]
+    L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper, pipeline, data)]
 
     # -- cold start --
     if evals:
@@ -340,14 +460,23 @@ def write_report(pipeline) -> Path:
         L += ["## Case studies (Figure 9 style)", "", "The first test sample (in subset order) of each kind; not chosen by hand.", "", *cases]
 
     # -- budgets, steps, data, environment --
-    L += ["## Budgets", ""]
+    n_train = int(len(data.indices("train")))
+    L += ["## Budgets", "",
+          f"Train examples seen (stage 1: of each task) and the fraction of one epoch of the {n_train}-sample train split "
+          "that is; seconds of training exclude the evaluations where the run recorded both.", ""]
     for path in sorted((run / "distill").glob("*/metrics.json")) + sorted((run / "finetune").glob("*/metrics.json")):
         m = read_json(path)
         per_task = "examples_seen_per_task" in m
         seen = m["examples_seen_per_task"] if per_task else m["train_examples_seen"]
+        distinct = m.get("distinct_train_examples_per_task" if per_task else "distinct_train_examples")
+        if isinstance(distinct, dict):
+            distinct = ", ".join(f"{t.upper()} {v}" for t, v in distinct.items())
         extra = "" if per_task else f"; best valid NDCG@5 {m['best_valid_NDCG@5']:.4f} at step {m['best_step']} of {m['valid_samples']} valid samples"
+        timing = f"{m['seconds']:.0f} s of training ({m['wall_seconds']:.0f} s with the evaluations)" if "wall_seconds" in m \
+            else f"{m['seconds']:.0f} s"
         L.append(f"- {path.parent.parent.name}/{path.parent.name}: {m['steps']} steps, {seen} train examples"
-                 f"{' per task' if per_task else ''}, {m['seconds']:.0f} s{extra}")
+                 f"{' per task' if per_task else ''} = {seen / max(n_train, 1):.3g} epoch"
+                 f"{f' ({distinct} distinct)' if distinct is not None else ''}, {timing}{extra}")
     L += ["", "Settings (the resolved config, `config.yaml` in the run folder):", "", "```yaml",
           (run / "config.yaml").read_text().strip() if (run / "config.yaml").exists() else "", "```", ""]
     L += ["## Steps: wall time and peak memory", "", format_steps(pipeline.steps), "",

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from delrec import distributed
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt
@@ -41,13 +42,22 @@ class _Batch:
     lengths: torch.Tensor  # [B] real prompt tokens
 
 
+# how prompts go through the model: `prompt` = one forward pass per prompt (no padding, and a
+# prompt's scores do not depend on which prompts share its batch); `batch` = the prompts of a
+# batch padded into one pass (what keeps a GPU busy); `auto` = `prompt` on CPU, `batch` elsewhere
+PASSES = ("auto", "prompt", "batch")
+
+
 class Verbalizer:
-    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8):
+    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8, passes: str = "auto"):
         if method not in METHODS:
             raise ValueError(f"unknown verbalizer {method!r}; choose one of {METHODS}")
+        if passes not in PASSES:
+            raise ValueError(f"unknown pass mode {passes!r}; choose one of {PASSES}")
         self.backbone = backbone
         self.method = method
         self.batch_size = batch_size
+        self.passes = passes
         self._answer_ids: dict[str, list[int]] = {}
         self._text_ids: dict[str, list[int]] = {}
 
@@ -121,9 +131,22 @@ class Verbalizer:
         """Per prompt, the score of each of its continuations (token-id lists): the mean token
         log-probability (`full-title`) or the first token's (`first-token`). Differentiable with
         respect to the soft prompt and the model when called under grad."""
-        if self.backbone.is_encoder_decoder:
-            return self._seq2seq(prompts, continuations, soft_prompt)
-        return self._causal(prompts, continuations, soft_prompt)
+        run = self._seq2seq if self.backbone.is_encoder_decoder else self._causal
+        if not self.one_pass_per_prompt:
+            return run(prompts, continuations, soft_prompt)
+        return [scores for p, cs in zip(prompts, continuations) for scores in run([p], [cs], soft_prompt)]
+
+    @property
+    def one_pass_per_prompt(self) -> bool:
+        """Whether each prompt gets its own forward pass (see PASSES). On CPU that is as fast as
+        padded batches or faster (no padding to compute) and makes every score independent of the
+        batch; under FSDP every process must run the same number of passes per block, so batches
+        are kept there."""
+        from delrec import distributed
+
+        if self.passes != "auto":
+            return self.passes == "prompt"
+        return self.backbone.device.type == "cpu" and not distributed.current().sharded
 
     def _causal(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
         """One forward pass per batch: each row is [left padding, prompt, packed continuations].

@@ -7,8 +7,11 @@ clipping, gradient accumulation. Everything is written to RUN/distill/<name>/:
 
   soft_prompt.safetensors   the result
   config.json               the settings and the budget actually used
-  train_log.jsonl           one line per step (losses, weights, lr) and per evaluation
-  metrics.json              valid accuracy of TA and RPS, untrained vs trained soft prompt
+  train_log.jsonl           one line per step (losses, weights, lr) and per evaluation (step 0,
+                            every `eval_every`, the end): per task HR@1 and NDCG@5 over its
+                            candidates, optionally the LSR prompt's metrics (`valid_lsr_samples`)
+  metrics.json              valid accuracy of TA and RPS, untrained vs trained soft prompt; every
+                            evaluation (`valid_history`) and the valid rows used (`valid_rows`)
   checkpoint.pt             resume state (removed when done)
 """
 
@@ -27,8 +30,10 @@ from tqdm.auto import tqdm
 
 from delrec import distributed
 from delrec.data.protocol import RunData
+from delrec.evaluate import evaluate, metrics_from_ranks, pessimistic_ranks
 from delrec.io import atomic_dir, atomic_path, write_json
 from delrec.llm.backbone import Backbone
+from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
@@ -63,6 +68,7 @@ class DistillConfig:
     max_train_examples: int | None = None  # per task, sampled from the train split with the seed
     max_seconds: float | None = None
     valid_samples: int = 64
+    valid_lsr_samples: int = 0  # > 0: each evaluation also scores this many valid samples with the LSR prompt (`w/o LSR`)
     eval_every: int = 50
     checkpoint_every: int = 10
     verbalizer_batch: int = 8
@@ -92,17 +98,31 @@ class DistillResult:
     out_dir: Path
 
 
-def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> float:
-    """How often the LLM's top-scored candidate is the label (ties count as misses); sharded over
-    the processes of a multi-process launch."""
+def prompt_ranks(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> np.ndarray:
+    """Pessimistic 0-based rank of each prompt's label among its candidates (a tied candidate
+    counts as ranked above the label, as in `delrec.evaluate`); sharded over the processes of a
+    multi-process launch."""
 
-    def hits(idx: np.ndarray) -> np.ndarray:
+    def ranks(idx: np.ndarray) -> np.ndarray:
         chosen = [prompts[i] for i in idx]
-        return np.array([int((s >= s[p.candidates.index(p.label)]).sum().item() == 1)
-                         for p, s in zip(chosen, verbalizer.score(chosen, soft_prompt))])
+        return np.array([pessimistic_ranks(s[None].float(), [p.candidates.index(p.label)])[0]
+                         for p, s in zip(chosen, verbalizer.score(chosen, soft_prompt))], dtype=np.int64)
 
-    total = distributed.current().map_sharded(hits, np.arange(len(prompts)), verbalizer.batch_size)
-    return float(total.sum()) / max(len(prompts), 1)
+    return distributed.current().map_sharded(ranks, np.arange(len(prompts)), verbalizer.batch_size)
+
+
+def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> float:
+    """How often the LLM's top-scored candidate is the label (ties count as misses)."""
+    return float(np.mean(prompt_ranks(verbalizer, prompts, soft_prompt) == 0)) if prompts else 0.0
+
+
+def lsr_valid_rows(data: RunData, seed: int, limit: int) -> np.ndarray:
+    """The fixed valid rows stage 2 evaluates with the same seed and `valid_samples` (it draws the
+    train order first, then the valid subset, from one generator): stage 1's LSR evaluation uses
+    the same rows, so the two stages' curves are on the same samples."""
+    rng = np.random.default_rng(seed)
+    rng.permutation(data.indices("train"))
+    return np.sort(rng.permutation(data.indices("valid"))[:limit])
 
 
 class Stage1Loss(distributed.StageModule):
@@ -160,14 +180,42 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
             raise ValueError(f"no train samples can make a {task.upper()} example")
         rows = rng.permutation(rows)
         order[task] = rows[: config.max_train_examples] if config.max_train_examples else rows
-    valid = {t: builder.build(t, rng.permutation(builder.eligible("valid", t))[: config.valid_samples]) for t in config.tasks}
+    valid_rows = {t: rng.permutation(builder.eligible("valid", t))[: config.valid_samples] for t in config.tasks}
+    valid = {t: builder.build(t, rows) for t, rows in valid_rows.items()}
+    # `w/o LSR`: the recommendation prompt with the current soft prompt and the frozen LLM
+    lsr_scorer = LLMScorer(bb, builder.titles, templates, soft_prompt=soft, batch_size=config.verbalizer_batch,
+                           name="delrec:wo-lsr", progress=False) if config.valid_lsr_samples > 0 else None
+    if lsr_scorer is not None:
+        valid_rows["lsr"] = lsr_valid_rows(data, config.seed, config.valid_lsr_samples)
 
     trainable = [soft.embedding, *llm_params]
     loss_module = dist.prepare(Stage1Loss(verbalizer, soft, config.objective))
 
-    def valid_accuracy() -> dict:
-        return dist.through(loss_module, lambda: {f"{t}_valid_accuracy": accuracy(verbalizer, valid[t], soft)
-                                                  for t in config.tasks})
+    def valid_eval() -> dict:
+        """Per task: HR@1 (the old `*_valid_accuracy`, kept) and NDCG@5 over the task's candidates;
+        with `valid_lsr_samples`, the recommendation metrics of the `w/o LSR` model."""
+
+        def run() -> dict:
+            out = {}
+            for t in config.tasks:
+                m = metrics_from_ranks(prompt_ranks(verbalizer, valid[t], soft))
+                out.update({f"{t}_valid_accuracy": m["HR@1"], f"{t}_valid_HR@1": m["HR@1"], f"{t}_valid_NDCG@5": m["NDCG@5"]})
+            if lsr_scorer is not None:
+                m = evaluate(lsr_scorer, data, "valid", rows=valid_rows["lsr"])["candidates"]
+                out.update({f"valid_lsr_{k}": v for k, v in m.items()})
+            return out
+
+        return dist.through(loss_module, run)
+
+    def record(step: int, elapsed: float, wall: float, scores: dict) -> None:
+        """An evaluation: the compatible accuracies into `metrics`, the full line into the log and history."""
+        entry = {"step": step, "examples_seen": step * config.grad_accum * config.batch_size,
+                 "seconds": round(elapsed, 2), "wall_seconds": round(wall, 2), "eval": scores}
+        metrics.setdefault("valid_history", []).append(entry)
+        _log(log_path, entry)
+
+    def accuracies(scores: dict) -> dict:
+        return {k: v for k, v in scores.items() if k.endswith("_valid_accuracy")}
 
     groups = [{"params": [soft.embedding], "lr": config.lr}]
     if llm_params:
@@ -177,7 +225,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     optimizer = _lion(groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
-    step, elapsed = 0, 0.0
+    step, elapsed, wall = 0, 0.0, 0.0
     metrics: dict = {}
     if ckpt_path.exists() and not restart:
         ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
@@ -192,6 +240,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         weighting.load_state_dict(ckpt["weighting"])
         torch.set_rng_state(dist.own(ckpt["torch_rng"]))
         step, elapsed, metrics = ckpt["step"], ckpt["elapsed"], ckpt["metrics"]
+        wall = ckpt.get("wall", elapsed)
         if dist.is_main:
             _truncate_log(log_path, step)
         log.info("resuming stage 1 from step %d", step)
@@ -199,11 +248,16 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         if dist.is_main:
             log_path.unlink(missing_ok=True)
         # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
-        metrics["untrained"] = valid_accuracy()
-        _log(log_path, {"step": 0, "eval": metrics["untrained"]})
+        wall_start = time.perf_counter()
+        scores = valid_eval()
+        metrics["untrained"] = accuracies(scores)
+        record(0, 0.0, time.perf_counter() - wall_start, scores)
+        wall = time.perf_counter() - wall_start
 
     bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not (progress and dist.is_main))
+    # `elapsed` counts training only (the time budget too); `wall` counts the evaluations as well
     start = time.perf_counter() - elapsed
+    wall_start = time.perf_counter() - wall
     while step < config.steps:
         grads = {t: [torch.zeros_like(p) for p in trainable] for t in config.tasks}
         losses = {}
@@ -227,6 +281,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - start
+        wall = time.perf_counter() - wall_start
         entry = {"step": step, **{f"loss_{t}": v for t, v in losses.items()},
                  **{f"weight_{t}": w for t, w in weighting.current().items()},
                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
@@ -234,30 +289,38 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k.startswith("loss_")})
         if step % config.eval_every == 0:
-            metrics["trained"] = valid_accuracy()
+            t0 = time.perf_counter()
+            scores = valid_eval()
+            start += time.perf_counter() - t0  # evaluation time is not training time
+            metrics["trained"] = accuracies(scores)
             metrics["trained_at_step"] = step
-            _log(log_path, {"step": step, "eval": metrics["trained"]})
+            wall = time.perf_counter() - wall_start
+            record(step, elapsed, wall, scores)
         time_up = config.max_seconds is not None and dist.main_decides(elapsed > config.max_seconds)
         if step % config.checkpoint_every == 0 or time_up:
             rng = dist.gather(torch.get_rng_state())
             if dist.is_main:
                 _checkpoint(ckpt_path, config, soft, bb if llm_params else None, optimizer, scheduler, weighting,
-                            step, elapsed, metrics, rng)
+                            step, elapsed, metrics, rng, wall)
         if time_up:
             log.info("stage 1 time budget of %.0f s reached at step %d", config.max_seconds, step)
             break
     bar.close()
     if metrics.get("trained_at_step") != step:
-        metrics["trained"] = valid_accuracy()
+        scores = valid_eval()
+        metrics["trained"] = accuracies(scores)
         metrics["trained_at_step"] = step
-        _log(log_path, {"step": step, "eval": metrics["trained"]})
+        record(step, elapsed, time.perf_counter() - wall_start, scores)
 
     seen = step * config.grad_accum * config.batch_size
     summary = {
         "teacher": config.teacher, "llm": bb.name, "steps": step, "seconds": round(elapsed, 2),
+        "wall_seconds": round(time.perf_counter() - wall_start, 2),
         "examples_seen_per_task": seen,
         "distinct_train_examples_per_task": {t: min(seen, len(order[t])) for t in config.tasks},
         "valid_samples": {t: len(v) for t, v in valid.items()},
+        "valid_lsr_samples": len(valid_rows.get("lsr", ())),
+        "valid_rows": {t: np.asarray(r).astype(int).tolist() for t, r in valid_rows.items()},  # indices into the run's samples
         "launch": dist.describe(),
         **metrics,
     }
@@ -299,12 +362,12 @@ def _truncate_log(path: Path, step: int) -> None:
             tmp.write_text("".join(line + "\n" for line in keep))
 
 
-def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics, rng) -> None:
+def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics, rng, wall=None) -> None:
     with atomic_path(path) as tmp:
         torch.save({
             "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
             "llm": bb.model.state_dict() if bb is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "weighting": weighting.state_dict(), "torch_rng": rng,
-            "step": step, "elapsed": elapsed, "metrics": metrics,
+            "step": step, "elapsed": elapsed, "wall": elapsed if wall is None else wall, "metrics": metrics,
         }, tmp)

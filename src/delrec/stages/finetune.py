@@ -4,7 +4,9 @@ The soft prompt from stage 1 is inserted into the recommendation (LSR) prompt an
 adapters (peft) on the attention query and value projections are trained on the next item of
 train samples, with Lion (lr 1e-4, weight decay 1e-6). AdaLoRA's rank budget is updated every
 step, after the optimizer step and before the gradients are cleared, as peft requires; its
-orthogonal regulariser is added to the loss. Early stopping on NDCG@5 over a fixed valid subset.
+orthogonal regulariser is added to the loss. Early stopping on NDCG@5 over a fixed valid subset,
+evaluated before training (a reference only), every `eval_every` steps and at the end; each
+evaluation logs the valid candidate metrics with the examples seen and the training seconds.
 
 RUN/finetune/<name>/
   adapter/            the best adapter (peft `save_pretrained`)
@@ -40,7 +42,8 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.stages.distill import TEACHER_NAMES, _lion, _log, _truncate_log
+from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
+from delrec.stages.optim import ADAPTER_INITS, OPTIMIZERS, init_adapters, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,12 @@ class FinetuneConfig:
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
+    optimizer: str = "lion"  # see stages/optim.py
     lr: float = 1e-4
     weight_decay: float = 1e-6
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
     init_r: int = 12
     target_r: int = 8
     tinit: int = 0
@@ -87,6 +92,10 @@ class FinetuneConfig:
             raise ValueError(f"unknown stage-2 variant {self.variant!r}; choose one of {VARIANTS}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
 
@@ -173,6 +182,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     )
     peft_model = get_peft_model(bb.model, peft_config)
     bb.model = peft_model  # the verbalizer calls bb.model: now with adapters
+    init_adapters(peft_model, config.adapter_init, seed=config.seed)
     adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
 
     templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
@@ -187,10 +197,11 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
-    optimizer = _lion(trainable, config.lr, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
-    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
+    # elapsed: training seconds (the time budget); wall: with the evaluations
+    state = {"step": 0, "elapsed": 0.0, "wall": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     if ckpt_path.exists() and not restart:
         ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
         if ckpt["config"] != _config_dict(config):
@@ -214,12 +225,31 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     elif dist.is_main:
         log_path.unlink(missing_ok=True)
 
-    def valid_ndcg5() -> float:
+    def valid_metrics() -> dict:
         peft_model.eval()
-        return dist.through(loss_module, lambda: evaluate(scorer, data, "valid", rows=valid_rows))["candidates"]["NDCG@5"]
+        m = dist.through(loss_module, lambda: evaluate(scorer, data, "valid", rows=valid_rows))["candidates"]
+        return {f"valid_{k}": v for k, v in m.items()}
+
+    def record(scores: dict) -> None:
+        """One evaluation: a log line and a `valid_history` entry."""
+        seen, seconds = state["step"] * config.grad_accum * config.batch_size, round(state["elapsed"], 2)
+        state["history"].append({"step": state["step"], "examples_seen": seen, "seconds": seconds,
+                                 "valid_HR@1": scores["valid_HR@1"], "valid_NDCG@5": scores["valid_NDCG@5"]})
+        _log(log_path, {"step": state["step"], "examples_seen": seen, "seconds": seconds,
+                        "wall_seconds": round(state["wall"], 2), "eval": scores})
+
+    state.setdefault("wall", state["elapsed"])  # a checkpoint written before wall time was kept
+    if state["step"] == 0:
+        # before any training: the untrained adapter (the backbone unchanged), a reference point of
+        # the curve only; it does not compete for the best, so the adapter saved is always trained
+        t0 = time.perf_counter()
+        scores = valid_metrics()
+        state["wall"] = time.perf_counter() - t0
+        record(scores)
 
     bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not (progress and dist.is_main))
     start = time.perf_counter() - state["elapsed"]
+    wall_start = time.perf_counter() - state["wall"]
     stopped_early = False
     while state["step"] < config.steps:
         peft_model.train()
@@ -242,6 +272,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["elapsed"] = time.perf_counter() - start
+        state["wall"] = time.perf_counter() - wall_start
         # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
         _log(log_path, {"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
                         "lr": scheduler.get_last_lr()[0], "seconds": round(state["elapsed"], 2)})
@@ -249,9 +280,12 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
         time_up = config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds)
         if state["step"] % config.eval_every == 0 or state["step"] == config.steps or time_up:
-            score = valid_ndcg5()
-            state["history"].append({"step": state["step"], "valid_NDCG@5": score})
-            _log(log_path, {"step": state["step"], "eval": {"valid_NDCG@5": score}})
+            t0 = time.perf_counter()
+            scores = valid_metrics()
+            start += time.perf_counter() - t0  # evaluation time is not training time
+            state["wall"] = time.perf_counter() - wall_start
+            record(scores)
+            score = scores["valid_NDCG@5"]
             if score > state["best"]:
                 state.update(best=score, best_step=state["step"], bad_evals=0)
                 if dist.is_main:
@@ -277,7 +311,9 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         "launch": dist.describe(),
         "train_examples_seen": state["step"] * config.grad_accum * config.batch_size,
         "distinct_train_examples": int(min(state["step"] * config.grad_accum * config.batch_size, len(train_rows))),
+        "wall_seconds": round(state["wall"], 2),
         "valid_history": state["history"],
+        "valid_rows": valid_rows.astype(int).tolist(),  # indices into the run's samples
     }
     if dist.is_main:
         write_json(out / "config.json", _config_dict(config))
