@@ -120,10 +120,13 @@ def build_backbone(name: str, tiny: bool, device, dtype):
     return bb, config, source
 
 
-def make_requests(bb, n: int, prompt_tokens: int, soft_tokens: int, n_cands: int, title_tokens: int, soft, seed: int):
+def make_requests(bb, n: int, prompt_tokens: int, soft_tokens: int, n_cands: int, title_tokens: int, soft, seed: int,
+                  spread: float = 0.0):
     """`n` prompts of exactly `prompt_tokens` text tokens (as the verbalizer counts them, special
     tokens included) around the soft prompt, each with `n_cands` distinct titles of
-    `title_tokens` tokens (title_tokens - 1 words + EOS)."""
+    `title_tokens` tokens (title_tokens - 1 words + EOS). With `spread` > 0 a prompt is shorter
+    by a uniform draw of up to spread * prompt_tokens tokens (real prompts differ in length: the
+    ML-100K stage-2 prompts run from about 260 to 410 tokens)."""
     import numpy as np
 
     from delrec.llm.templates import Prompt
@@ -143,10 +146,11 @@ def make_requests(bb, n: int, prompt_tokens: int, soft_tokens: int, n_cands: int
     for _ in range(n):
         titles = tuple(dict.fromkeys(text(title_tokens - 1) for _ in range(n_cands)))
         assert len(titles) == n_cands
-        p = Prompt(text(head), text(tail), titles, None, True)
+        shorter = int(rng.integers(0, int(spread * prompt_tokens) + 1)) if spread else 0
+        p = Prompt(text(head), text(tail - shorter), titles, None, True)
         prompts.append(p)
-    got = probe._prompt_embeds(prompts[0], soft).shape[0]
-    assert got == prompt_tokens + soft_tokens, (got, prompt_tokens, soft_tokens)
+    got = max(probe._prompt_embeds(q, soft).shape[0] for q in prompts)
+    assert got == prompt_tokens + soft_tokens or (spread and got < prompt_tokens + soft_tokens), (got, prompt_tokens, soft_tokens)
     assert len(probe.answer_ids(prompts[0].candidates[0])) == title_tokens
     return prompts
 

@@ -10,13 +10,17 @@ speed does not depend on the weights' values) and a synthetic word-level tokeniz
 prompt has exactly the wanted number of tokens. Workload per example (gpu_throughput.make_requests
 plus a label, one of its candidates drawn at random): `--prompt-tokens` text tokens around
 `--soft-tokens` soft-prompt vectors, 15 candidate titles of `--title-tokens` tokens (EOS included).
-Defaults: CPU 230 + 32 tokens, titles of 10, batch 4 (the ML-100K CPU preset); CUDA 320 + 80,
-titles of 12, batch 8 (the issue's); `--tiny` 48 + 8, titles of 5, batch 2, on tiny shapes.
+Defaults: CPU up to 380 + 32 tokens, each prompt shorter by up to 35% (`--spread`; real ML-100K
+stage-2 prompts run from about 260 to 410 tokens), titles of 10, batch 4 (the ML-100K CPU
+preset); CUDA 320 + 80, titles of 12, batch 8, no spread (the issue's); `--tiny` 48 + 8, titles
+of 5, batch 2, on tiny shapes.
 
 Rows, each one warm-up step then `--steps` timed optimizer steps (5 CPU, 20 CUDA, 3 tiny):
 * stage 1, as distill.py: per step a TA and an RPS batch (2 x batch examples), for each
   `Verbalizer.loss` and torch.autograd.grad w.r.t. the soft prompt only, inverse-grad-norm
   combination, clipping, Lion. Objective `candidates` (the default: all 15 titles scored) and `label`;
+  `padded`: the `candidates` row through the padded-batch path (`Verbalizer(passes="batch")`, all
+  prompts of a batch in one forward pass), which was the CPU path before one pass per prompt;
 * stage 1, plain HF: the same step, the loss being `model(inputs_embeds, labels=...)` on each
   prompt (soft prompt spliced in) followed by its label title (T5: encoder input + decoder labels;
   decoder-only: logits kept for the label's positions only, `logits_to_keep`);
@@ -120,14 +124,34 @@ def plain_hf_loss(bb, soft):
             rows.append(torch.cat([embed(torch.tensor(ids(p.before), device=dev)), soft().to(bb.dtype),
                                    embed(torch.tensor(after, device=dev))]))
             labels.append(y)
-        x, y = torch.stack(rows), torch.tensor(labels, device=dev)  # synthetic prompts: equal lengths, no padding
+        # synthetic titles: equal label lengths. Prompts of unequal length are padded, T5's on the
+        # right, decoder-only ones on the left so that every row ends with its label
+        T = max(r.shape[0] for r in rows)
+        x = rows[0].new_zeros(len(rows), T, rows[0].shape[1])
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            sl = slice(0, r.shape[0]) if t5 else slice(T - r.shape[0], T)
+            x[i, sl], mask[i, sl] = r, 1
+        y = torch.tensor(labels, device=dev)
         if t5:
-            return bb.model(inputs_embeds=x, labels=y, use_cache=False).loss
+            return bb.model(inputs_embeds=x, attention_mask=mask, labels=y, use_cache=False).loss
         # logits for the label's positions only: position T-1 predicts y[0] (HF shifts the labels)
         keep = torch.cat([torch.full((len(y), 1), -100, device=dev), y], dim=1)
-        return bb.model(inputs_embeds=x, labels=keep, logits_to_keep=keep.shape[1], use_cache=False).loss
+        return bb.model(inputs_embeds=x, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                        labels=keep, logits_to_keep=keep.shape[1], use_cache=False).loss
 
     return loss
+
+
+def same_loss(bb, soft, batch) -> dict:
+    """The candidates loss on one batch through today's path (one pass per prompt on CPU) and the
+    padded-batch path it replaced: equal up to rounding."""
+    import torch
+
+    from delrec.llm.verbalizer import Verbalizer
+
+    with torch.no_grad():
+        return loss_check(Verbalizer(bb).loss(batch, soft), Verbalizer(bb, passes="batch").loss(batch, soft))
 
 
 def loss_check(ours, plain) -> dict:
@@ -206,13 +230,13 @@ def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemor
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    out = [f"| stage | loop | objective | examples/s | s/step | peak MB ({s['peak_memory']}) | vs plain HF |",
-           "|---|---|---|---|---|---|---|"]
+    out = [f"| stage | loop | objective | examples/s | s/step | peak MB ({s['peak_memory']}) | vs plain HF | vs padded |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         out.append(f"| {r['stage']} | {r['loop']} | {r['objective']} | {r['examples_per_s']:.2f} | "
-                   f"{r['seconds_per_step']:.3f} | {r['peak_mem_mb']:.0f} | {r['vs_plain_hf']:.2f}x |")
+                   f"{r['seconds_per_step']:.3f} | {r['peak_mem_mb']:.0f} | {r['vs_plain_hf']:.2f}x | {r['vs_padded']:.2f}x |")
     out += ["", f"{s['model']} ({s['weights']}), {s['dtype']}, {s['device']}, {s['threads']} threads; per example "
-            f"{s['prompt_tokens']} prompt + {s['soft_tokens']} soft tokens, {s['candidates']} candidates of "
+            f"{s['prompt_tokens']} prompt (up to {s['spread']:.0%} fewer) + {s['soft_tokens']} soft tokens, {s['candidates']} candidates of "
             f"{s['title_tokens']} tokens; batch {s['batch_size']}, {s['steps']} timed steps after 1 warm-up; "
             "label loss, |ours - plain HF| / plain HF: " + ", ".join(
                 f"{k} {v['rel_diff']:.1e} (of {v['plain_hf']:.3g})" for k, v in s["label_loss_check"].items()) + "."]
@@ -230,6 +254,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=None, help="230 CPU, 320 CUDA, 48 tiny")
     p.add_argument("--soft-tokens", type=int, default=None, help="32 CPU, 80 CUDA, 8 tiny")
     p.add_argument("--title-tokens", type=int, default=None, help="10 CPU, 12 CUDA, 5 tiny (EOS included)")
+    p.add_argument("--spread", type=float, default=None,
+                   help="prompts shorter by up to this fraction of --prompt-tokens, drawn uniformly (0.35 CPU, 0 CUDA)")
     p.add_argument("--tiny", action="store_true", help="shrunk shapes and workload, for a smoke test")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -249,7 +275,8 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         print("no GPU available")
         return
-    preset = (3, 2, 48, 8, 5) if args.tiny else (20, 8, 320, 80, 12) if cuda else (5, 4, 230, 32, 10)
+    preset = (3, 2, 48, 8, 5) if args.tiny else (20, 8, 320, 80, 12) if cuda else (5, 4, 380, 32, 10)
+    spread = args.spread if args.spread is not None else 0.0 if cuda else 0.35
     steps, B, P, S, title = (a if a is not None else d for a, d in zip(
         (args.steps, args.batch_size, args.prompt_tokens, args.soft_tokens, args.title_tokens), preset))
     model = args.model or ("flan-t5-xl" if cuda else "smollm2-135m")
@@ -269,7 +296,7 @@ def main() -> None:
     soft = SoftPrompt.for_backbone(bb, S, seed=0)
     rng = np.random.default_rng(2)
     prompts = [replace(q, label=q.candidates[rng.integers(CANDIDATES)])
-               for q in make_requests(bb, 2 * (steps + 1) * B, P, S, CANDIDATES, title, soft, seed=1)]
+               for q in make_requests(bb, 2 * (steps + 1) * B, P, S, CANDIDATES, title, soft, seed=1, spread=spread)]
     batches = [prompts[i : i + B] for i in range(0, len(prompts), B)]
     stage1_batches = [batches[i : i + 2] for i in range(0, len(batches), 2)]  # (TA, RPS) per step
     stage2_batches = [[b] for b in batches[: steps + 1]]
@@ -285,8 +312,9 @@ def main() -> None:
     # stage 1: only the soft prompt learns
     with torch.no_grad():
         check["stage 1"] = loss_check(Verbalizer(bb).loss(batches[0], soft, "label"), plain_hf_loss(bb, soft)(batches[0]))
-    for loop, objective in (("ours", "candidates"), ("ours", "label"), ("plain HF", "label")):
-        verbalizer = Verbalizer(bb)  # fresh token caches for each row
+    check["stage 1, one pass per prompt vs padded batch"] = same_loss(bb, soft, batches[0])
+    for loop, objective in (("ours", "candidates"), ("padded", "candidates"), ("ours", "label"), ("plain HF", "label")):
+        verbalizer = Verbalizer(bb, passes="batch" if loop == "padded" else "auto")  # fresh token caches for each row
         loss_fn = plain_hf_loss(bb, soft) if loop == "plain HF" else (lambda ps, v=verbalizer, o=objective: v.loss(ps, soft, o))
         weighting = LossWeighting("inverse-grad-norm", ("ta", "rps")).to(device)  # its buffers beside the grads
         step = stage1_step(loss_fn, soft, weighting, _lion([soft.embedding], 5e-3, 1e-5))
@@ -298,9 +326,10 @@ def main() -> None:
     with torch.no_grad():
         ours_loss = Verbalizer(bb).loss(batches[0], soft, "label") + ORTH_REG_WEIGHT * orthogonal_regulariser(peft_model)
         check["stage 2"] = loss_check(ours_loss, plain_hf_loss(bb, soft)(batches[0]))
+    check["stage 2, one pass per prompt vs padded batch"] = same_loss(bb, soft, batches[0])
     first = 0
-    for loop, objective in (("ours", "candidates"), ("ours", "label"), ("plain HF", "label")):
-        verbalizer = Verbalizer(bb)
+    for loop, objective in (("ours", "candidates"), ("padded", "candidates"), ("ours", "label"), ("plain HF", "label")):
+        verbalizer = Verbalizer(bb, passes="batch" if loop == "padded" else "auto")
         loss_fn = plain_hf_loss(bb, soft) if loop == "plain HF" else (lambda ps, v=verbalizer, o=objective: v.loss(ps, soft, o))
         step = stage2_step(loss_fn, peft_model, trainable, _lion(trainable, 1e-4, 1e-6), add_orth=loop == "ours")
         run("stage 2", loop, objective, step, stage2_batches, B, first)
@@ -314,13 +343,15 @@ def main() -> None:
 
     for r in rows:
         plain = next(x for x in rows if x["stage"] == r["stage"] and x["loop"] == "plain HF")
+        padded = next(x for x in rows if x["stage"] == r["stage"] and x["loop"] == "padded")
         r["vs_plain_hf"] = r["examples_per_s"] / plain["examples_per_s"]
+        r["vs_padded"] = r["examples_per_s"] / padded["examples_per_s"]
     result = {
         "environment": environment(),
         "settings": {
             "device": device.type, "model": model, "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
             "threads": torch.get_num_threads(), "steps": steps, "batch_size": B, "prompt_tokens": P, "soft_tokens": S,
-            "candidates": CANDIDATES, "title_tokens": title,
+            "candidates": CANDIDATES, "title_tokens": title, "spread": spread,
             "examples_per_step": {"stage 1": 2 * B, "stage 2": B},
             "weights": "random weights (seed 0), real shape; synthetic word-level tokenizer",
             "config_source": source, "config": config.to_diff_dict(), "weights_mb": weights_mb,

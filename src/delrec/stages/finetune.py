@@ -43,7 +43,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
-from delrec.stages.optim import ADAPTER_INITS, OPTIMIZERS, init_adapters, make_optimizer
+from delrec.stages.optim import ADAPTER_INITS, OPTIMIZERS, adapter_groups, init_adapters, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class FinetuneConfig:
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
+    relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
+    vector_lr_scale: float = 0.1  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
     init_r: int = 12
     target_r: int = 8
     tinit: int = 0
@@ -197,7 +199,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
-    optimizer = make_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable),
+                               config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
     # elapsed: training seconds (the time budget); wall: with the evaluations
@@ -275,7 +278,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         state["wall"] = time.perf_counter() - wall_start
         # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
         _log(log_path, {"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
-                        "lr": scheduler.get_last_lr()[0], "seconds": round(state["elapsed"], 2)})
+                        "lr": config.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "seconds": round(state["elapsed"], 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
         time_up = config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds)

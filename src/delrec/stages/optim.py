@@ -38,6 +38,35 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
+def adapter_groups(model: nn.Module, lr: float, vector_lr_scale: float, relative: bool = False, extra=()) -> list[dict]:
+    """Parameter groups for stage 2. AdaLoRA's E (singular values) at `lr`, or with `relative` at
+    `lr` times the RMS singular value of the weight it adapts (||W||_F / sqrt(min(out, in))), so
+    that lr is the fraction of a typical singular value each step may add (SmolLM2-135M's q_proj
+    has an RMS singular value of about 7 where v_proj has about 1: one absolute rate either barely
+    moves q or overturns v). P and Q (singular vectors, entries about 1/sqrt(d) when orthonormal) at
+    `lr * vector_lr_scale`; any other trainable tensor in `extra` (the soft prompt under `w ULSR`)
+    at `lr`. Lion moves every entry by about its lr per step whatever the gradient's size, which is
+    why the groups need rates of their own."""
+    groups, seen = [], set()
+    for module in model.modules():
+        if not (hasattr(module, "lora_E") and hasattr(module, "base_layer")):
+            continue
+        scale = 1.0
+        if relative:
+            w = module.base_layer.weight.detach().float()
+            scale = (torch.linalg.matrix_norm(w) / min(w.shape) ** 0.5).item()
+        for name in module.lora_E:
+            E, A, B = module.lora_E[name], module.lora_A[name], module.lora_B[name]
+            groups.append({"params": [E], "lr": lr * scale})
+            groups.append({"params": [A, B], "lr": lr * vector_lr_scale})
+            seen.update(id(t) for t in (E, A, B))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    rest += [p for p in extra if id(p) not in seen and all(p is not q for q in rest)]
+    if rest:
+        groups.append({"params": rest, "lr": lr})
+    return groups
+
+
 @torch.no_grad()
 def init_adapters(model: nn.Module, how: str, seed: int = 0) -> int:
     """Re-initialise every AdaLoRA adapter of `model` (see the module docstring); returns how many
