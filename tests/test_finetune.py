@@ -15,6 +15,7 @@ from delrec.stages.distill import DistillConfig, distill
 from delrec.evaluate import evaluate
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
+from test_learning import steerable_llama, steerable_t5
 
 STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=2,
               init_r=4, target_r=2, warmup_steps=2)
@@ -48,7 +49,8 @@ def test_only_adapter_weights_change(distilled, make_backbone):
             continue
         assert torch.equal(value, base[clean]), name
     lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    assert lora and any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    # E (the singular values) starts at zero under every adapter start: non-zero means it trained
+    assert lora and any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_E" in n)
     # the stage-1 soft prompt was used frozen: bit-identical
     assert torch.equal(SoftPrompt.load(result.out_dir).embedding, soft_before)
     assert (result.out_dir / "adapter" / "adapter_config.json").exists()
@@ -69,15 +71,17 @@ def test_only_adapter_weights_change(distilled, make_backbone):
     assert m["seconds"] >= evals[-1]["seconds"] and m["wall_seconds"] >= m["seconds"]
 
 
-@pytest.mark.parametrize("make_backbone,objective", [(tiny_llama_backbone, "candidates"), (tiny_t5_backbone, "candidates"),
-                                                      (tiny_llama_backbone, "label")])
+@pytest.mark.parametrize("make_backbone,objective", [(steerable_llama, "candidates"), (steerable_t5, "candidates"),
+                                                      (steerable_llama, "label")])
 def test_loss_falls_on_a_toy_task(distilled, make_backbone, objective):
+    """The recommendation loss itself falls (not only AdaLoRA's regulariser, which the logged `loss`
+    includes), with either objective; tests/test_learning.py checks what it learns."""
     run, _ = distilled
     bb = make_backbone()
-    cfg = FinetuneConfig(**{**STAGE2, "steps": 20, "eval_every": 100, "lr": 1e-2}, max_train_examples=4,
-                         soft_prompt=_soft(run, bb), objective=objective)
+    cfg = FinetuneConfig(**{**STAGE2, "variant": "wo-sp", "steps": 20, "eval_every": 100, "lr": 1e-1}, max_train_examples=4,
+                         objective=objective)
     result = finetune(run, cfg, name=f"toy-{bb.name}-{objective}", backbone=bb, progress=False)
-    losses = [json.loads(l)["loss"] for l in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    losses = [json.loads(l)["loss_rec"] for l in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(losses) == 20 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
 
 

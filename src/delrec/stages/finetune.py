@@ -98,6 +98,9 @@ class FinetuneConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
+        if not 0 < self.target_r < self.init_r:
+            # peft's rank allocator fails inside torch.kthvalue otherwise
+            raise ValueError(f"AdaLoRA needs 0 < target_r < init_r, got target_r {self.target_r}, init_r {self.init_r}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
 
