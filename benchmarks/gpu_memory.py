@@ -58,7 +58,7 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
 
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
-    from delrec.stages.distill import _lion
+    from delrec.stages.optim import lion
     from delrec.stages.weighting import LossWeighting
 
     bb, config, _ = build_backbone(name, args.tiny, device, dtype)
@@ -89,7 +89,7 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
         if ckpt:
             bb.enable_gradient_checkpointing()
         weighting = LossWeighting("inverse-grad-norm", ("ta", "rps")).to(device)
-        step = stage1_step(loss_fn, soft, weighting, _lion([soft.embedding], 5e-3, 1e-5))
+        step = stage1_step(loss_fn, soft, weighting, lion([soft.embedding], 5e-3, 1e-5))
         run("stage 1", ckpt, step, [batches[i : i + 2] for i in range(0, len(batches), 2)], 2 * B)
     bb.model.gradient_checkpointing_disable()
 
@@ -101,7 +101,7 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
         if ckpt:
             bb.enable_gradient_checkpointing()
         verbalizer = Verbalizer(bb)
-        step = stage2_step(loss_fn, peft_model, trainable, _lion(trainable, 1e-4, 1e-6), add_orth=True)
+        step = stage2_step(loss_fn, peft_model, trainable, lion(trainable, 1e-4, 1e-6), add_orth=True)
         run("stage 2", ckpt, step, [[b] for b in batches[: steps + 1]], B, first)
         first += steps + 1  # AdaLoRA's step counter keeps rising across rows
     del bb, peft_model, soft, verbalizer, trainable

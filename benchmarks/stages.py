@@ -266,7 +266,7 @@ def main() -> None:
     from delrec.llm.backbone import pick_dtype
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
-    from delrec.stages.distill import _lion
+    from delrec.stages.optim import lion
     from delrec.stages.finetune import orthogonal_regulariser
     from delrec.stages.weighting import LossWeighting
 
@@ -317,7 +317,7 @@ def main() -> None:
         verbalizer = Verbalizer(bb, passes="batch" if loop == "padded" else "auto")  # fresh token caches for each row
         loss_fn = plain_hf_loss(bb, soft) if loop == "plain HF" else (lambda ps, v=verbalizer, o=objective: v.loss(ps, soft, o))
         weighting = LossWeighting("inverse-grad-norm", ("ta", "rps")).to(device)  # its buffers beside the grads
-        step = stage1_step(loss_fn, soft, weighting, _lion([soft.embedding], 5e-3, 1e-5))
+        step = stage1_step(loss_fn, soft, weighting, lion([soft.embedding], 5e-3, 1e-5))
         run("stage 1", loop, objective, step, stage1_batches, 2 * B)
 
     # stage 2: AdaLoRA on the query and value projections, soft prompt frozen
@@ -331,14 +331,14 @@ def main() -> None:
     for loop, objective in (("ours", "candidates"), ("padded", "candidates"), ("ours", "label"), ("plain HF", "label")):
         verbalizer = Verbalizer(bb, passes="batch" if loop == "padded" else "auto")
         loss_fn = plain_hf_loss(bb, soft) if loop == "plain HF" else (lambda ps, v=verbalizer, o=objective: v.loss(ps, soft, o))
-        step = stage2_step(loss_fn, peft_model, trainable, _lion(trainable, 1e-4, 1e-6), add_orth=loop == "ours")
+        step = stage2_step(loss_fn, peft_model, trainable, lion(trainable, 1e-4, 1e-6), add_orth=loop == "ours")
         run("stage 2", loop, objective, step, stage2_batches, B, first)
         first += len(stage2_batches)  # AdaLoRA's step counter keeps rising across rows
     # the same stage-2 step with gradient checkpointing (layers recomputed in backward)
     bb.enable_gradient_checkpointing()
     verbalizer = Verbalizer(bb)
     step = stage2_step(lambda ps, v=verbalizer: v.loss(ps, soft, "candidates"), peft_model, trainable,
-                       _lion(trainable, 1e-4, 1e-6), add_orth=True)
+                       lion(trainable, 1e-4, 1e-6), add_orth=True)
     run("stage 2", "ours+ckpt", "candidates", step, stage2_batches, B, first)
 
     for r in rows:

@@ -340,6 +340,16 @@ def _attempts(run: Path, folders: list, rows: np.ndarray, teachers) -> list[str]
     return lines
 
 
+def _paired_table(other: str, comparisons: list[tuple[str, dict]]) -> list[str]:
+    """Rows of `significance.compare` results (DELRec first, `other` second) as a Markdown table."""
+    out = [f"| metric | DELRec | {other} | difference (95% CI) | relative | p-value (test) |", "|---|---|---|---|---|---|"]
+    for m, v in comparisons:
+        rel = f"{v['relative']:+.1%}" if v["relative"] is not None else ""
+        out.append(f"| {m} | {v['a']:.4f} | {v['b']:.4f} | {v['diff']:+.4f} ({v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}) "
+                   f"| {rel} | {v['p_value']:.3g} ({v['test']}) |")
+    return out
+
+
 def write_report(pipeline) -> Path:
     import torch
 
@@ -374,16 +384,19 @@ def write_report(pipeline) -> Path:
             verdict = "beats" if all(v["diff"] > 0 for v in cmp.values()) else "does **not** beat"
             L.append(f"DELRec({t}) {verdict} its {t} teacher on HR@1 and NDCG@5:")
             L.append("")
-            L += ["| metric | DELRec | teacher | difference (95% CI) | relative | p-value (test) |", "|---|---|---|---|---|---|"]
-            for m, v in cmp.items():
-                rel = f"{v['relative']:+.1%}" if v["relative"] is not None else ""
-                L.append(f"| {m} | {v['a']:.4f} | {v['b']:.4f} | {v['diff']:+.4f} ({v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}) "
-                         f"| {rel} | {v['p_value']:.3g} ({v['test']}) |")
+            L += _paired_table("teacher", [(m, v) for m, v in cmp.items()])
             if t in ("sasrec",) and paper:
                 L.append("")
                 L.append(f"The paper reports +{paper['sasrec-delrec'][0] / paper['sasrec'][0] - 1:.1%} HR@1 for DELRec(SASRec) "
                          "over SASRec with Flan-T5-XL.")
             L.append("")
+            # the references below the teacher: has the LLM learned anything a trivial ranker lacks?
+            others = [r for r in ("zero-shot", "popularity", "random") if r in evals]
+            if others:
+                L += [f"DELRec({t}) against the other references on the same samples (paired tests):", ""]
+                L += _paired_table("reference", [(f"{m} vs {_label(r, teachers)}", v) for r in others
+                                                 for m, v in compare(evals[name]["ranks"], evals[r]["ranks"]).items()])
+                L.append("")
 
     # -- Table II block --
     L += ["## Results (Table II style)", "", *HEADER]

@@ -38,6 +38,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.stages.examples import ExampleBuilder, TeacherLists
+from delrec.stages.optim import lion
 from delrec.stages.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,6 @@ class DistillConfig:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
-
-
-def _lion(params, lr, weight_decay):
-    from lion_pytorch import Lion
-
-    return Lion(params, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass
@@ -222,7 +217,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         groups.append({"params": llm_params, "lr": config.llm_lr})
     if config.weighting == "uncertainty":
         groups.append({"params": [weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
-    optimizer = _lion(groups, config.lr, config.weight_decay)
+    optimizer = lion(groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
     step, elapsed, wall = 0, 0.0, 0.0
