@@ -12,6 +12,11 @@ only where a candidate token is scored.
 `first-token` (the authors' variant): the log-probability of the title's first token. Every
 title that shares a first token ties, and ties are pessimistic in evaluation.
 
+On CPU each prompt gets a forward pass of its own (`passes`): no padding is computed, and a
+prompt's scores, and so its candidates' ranks, are bit-identical whatever the batch size or the
+other prompts (padded bf16 batches on CPU gave different ranks at batch 8 and 1). On GPUs the
+prompts of a batch share one padded pass.
+
 `score_brute_force` is the reference: each candidate scored by its own full forward pass.
 """
 
@@ -142,8 +147,6 @@ class Verbalizer:
         padded batches or faster (no padding to compute) and makes every score independent of the
         batch; under FSDP every process must run the same number of passes per block, so batches
         are kept there."""
-        from delrec import distributed
-
         if self.passes != "auto":
             return self.passes == "prompt"
         return self.backbone.device.type == "cpu" and not distributed.current().sharded
