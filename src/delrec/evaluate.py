@@ -56,9 +56,10 @@ class Scorer(Protocol):
         """[len(rows), num_items + 1] scores over the catalogue (column 0 is padding)."""
 
 
-def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 1024, local: bool = False) -> np.ndarray:
     """Pessimistic rank of the target among each row's fixed candidates. Under a multi-process
-    launch the rows are sharded over the processes and every process gets all ranks back."""
+    launch the rows are sharded over the processes and every process gets all ranks back, unless
+    `local` (work that runs on one process only, such as the report, must not wait for the others)."""
     # rows go to the scorer in multiples of its own batch (an LLM scorer's verbalizer batch), and
     # shards are made of such batches: every batch is the same however rows are chunked or sharded
     inner = getattr(scorer, "batch_size", None) or batch_size
@@ -73,7 +74,7 @@ def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size:
             out.append(pessimistic_ranks(scorer.score_candidates(data, batch), target_col))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    return distributed.current().map_sharded(ranks, np.asarray(rows), inner)
+    return ranks(np.asarray(rows)) if local else distributed.current().map_sharded(ranks, np.asarray(rows), inner)
 
 
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:

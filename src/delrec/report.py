@@ -93,17 +93,9 @@ def _stage_valid_rows(folder: Path, data) -> np.ndarray | None:
 def _valid_metrics(scorer, data, rows: np.ndarray) -> dict:
     """The evaluator's candidate metrics (pessimistic ranks) on `rows`, in this process only (the
     report runs on the main process of a launch, so nothing is sharded)."""
-    import torch
+    from delrec.evaluate import candidate_ranks, metrics_from_ranks
 
-    from delrec.evaluate import metrics_from_ranks, pessimistic_ranks
-
-    ranks = []
-    for start in range(0, len(rows), 512):
-        batch = rows[start : start + 512]
-        scores = torch.as_tensor(scorer.score_candidates(data, batch)).float().cpu()
-        target_col = (data.candidates[batch] == data.target[batch][:, None]).argmax(axis=1)
-        ranks.append(pessimistic_ranks(scores, target_col))
-    return metrics_from_ranks(np.concatenate(ranks))
+    return metrics_from_ranks(candidate_ranks(scorer, data, rows, local=True))
 
 
 def _references(pipeline, data, folders: list[Path]) -> tuple[dict, int]:

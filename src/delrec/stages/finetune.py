@@ -203,8 +203,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
-    optimizer = make_optimizer(config.optimizer, adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable),
-                               config.lr, config.weight_decay)
+    groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable)
+    optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 
     # elapsed: training seconds (the time budget); wall: with the evaluations

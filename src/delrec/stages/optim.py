@@ -60,8 +60,11 @@ def adapter_groups(model: nn.Module, lr: float, vector_lr_scale: float, relative
             groups.append({"params": [E], "lr": lr * scale})
             groups.append({"params": [A, B], "lr": lr * vector_lr_scale})
             seen.update(id(t) for t in (E, A, B))
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    rest += [p for p in extra if id(p) not in seen and all(p is not q for q in rest)]
+    rest = []
+    for p in [*model.parameters(), *extra]:
+        if p.requires_grad and id(p) not in seen:
+            rest.append(p)
+            seen.add(id(p))
     if rest:
         groups.append({"params": rest, "lr": lr})
     return groups
