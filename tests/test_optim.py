@@ -5,7 +5,7 @@ import torch
 from peft import AdaLoraConfig, get_peft_model
 
 from delrec.stages.finetune import orthogonal_regulariser
-from delrec.stages.optim import adapter_groups, init_adapters, make_optimizer
+from delrec.stages.optim import adapter_groups, init_adapters, lr_schedule, make_optimizer
 from llm_helpers import tiny_llama_backbone
 
 
@@ -66,3 +66,31 @@ def test_optimizers_keep_group_rates(name):
     assert len({round(g["lr"], 8) for g in opt.param_groups}) > 2
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], 0.1, 0.0)
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_lr_schedule_warms_up_then_decays_to_the_floor(name):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = lr_schedule(optimizer, name, warmup_steps=4, total_steps=20, min_ratio=0.1)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    if name == "constant":
+        assert rates[4:] == pytest.approx([1.0] * 16)
+    else:
+        assert all(a >= b for a, b in zip(rates[3:], rates[4:]))  # never rises after warmup
+        assert rates[-1] == pytest.approx(0.1)
+        middle = rates[3 + 8]  # half way through the decay
+        assert middle == pytest.approx(0.55)
+
+
+def test_lr_schedule_refuses_unknown_names_and_floors():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_schedule(optimizer, "step", 1, 10)
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        lr_schedule(optimizer, "linear", 1, 10, min_ratio=1.5)

@@ -38,7 +38,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec.stages.optim import lion
+from delrec.stages.optim import LR_SCHEDULES, lion, lr_schedule
 from delrec.stages.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class DistillConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
+    lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
     max_grad_norm: float = 1.0
     objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     weighting: str = "inverse-grad-norm"
@@ -84,6 +86,8 @@ class DistillConfig:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
 
 
 @dataclass
@@ -218,7 +222,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     if config.weighting == "uncertainty":
         groups.append({"params": [weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
     optimizer = lion(groups, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
 
     step, elapsed, wall = 0, 0.0, 0.0
     metrics: dict = {}

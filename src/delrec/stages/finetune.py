@@ -44,7 +44,8 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
-from delrec.stages.optim import ADAPTER_INITS, OPTIMIZERS, adapter_groups, init_adapters, make_optimizer
+from delrec.stages.optim import (ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters,
+                                 lr_schedule, make_optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class FinetuneConfig:
     lr: float = 2e-2  # the paper's 1e-4 (configs/paper.yaml) moves nothing in a CPU budget (docs/training.md)
     weight_decay: float = 1e-6
     warmup_steps: int = 10
+    lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
     max_grad_norm: float = 1.0
     adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
     relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
@@ -97,6 +100,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
         if not 0 < self.target_r < self.init_r:
@@ -205,7 +210,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
     groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable)
     optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
 
     # elapsed: training seconds (the time budget); wall: with the evaluations
     state = {"step": 0, "elapsed": 0.0, "wall": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}

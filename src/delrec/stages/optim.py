@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("lion", "adamw")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTER_INITS = ("orthogonal", "peft")
 
 
@@ -36,6 +37,32 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int,
+                min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then `constant`, or a `linear` / `cosine` decay that
+    reaches `min_ratio` times the rate at `total_steps`. A decay lets a short run take large
+    steps early and small ones late, where a constant rate kept growing AdaLoRA's orthogonality
+    regulariser and undid the valid gains (docs/training.md)."""
+    import math
+
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"lr_min_ratio must be in [0, 1], got {min_ratio}")
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:  # `step` counts finished steps: the rate of step step + 1
+        if step + 1 < warmup:
+            return (step + 1) / warmup
+        if name == "constant" or total_steps <= warmup:
+            return 1.0
+        done = min(1.0, (step + 1 - warmup) / (total_steps - warmup))
+        shape = 1.0 - done if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+        return min_ratio + (1.0 - min_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def adapter_groups(model: nn.Module, lr: float, vector_lr_scale: float, relative: bool = False, extra=()) -> list[dict]:
