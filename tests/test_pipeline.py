@@ -10,7 +10,8 @@ import pytest
 
 from conftest import sequential_rule_dataset
 from delrec.cli import main
-from delrec.pipeline import Pipeline, PipelineConfig, _apply_override
+from delrec.pipeline import Pipeline, PipelineConfig
+from delrec.settings import apply_override as _apply_override
 from delrec.significance import compare, mcnemar_exact, per_sample, permutation_test
 from llm_helpers import tiny_llama_backbone
 
@@ -150,7 +151,7 @@ def test_config_errors_and_overrides(inputs, tmp_path):
     assert values == {"finetune": {"steps": 3, "lr": 1e-3}, "variants": ["delrec", "usp"]}
     with pytest.raises(ValueError, match="key=value"):
         _apply_override(values, "finetune.steps")
-    with pytest.raises(ValueError, match="unknown settings"):
+    with pytest.raises(ValueError, match="unknown setting 'nonsense'"):
         PipelineConfig.from_file(config, ["nonsense=1"])
     with pytest.raises(ValueError, match="unknown variants"):
         PipelineConfig.from_file(config, ["variants=[delrec, best]"])

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import os
@@ -23,25 +22,15 @@ from pathlib import Path
 log = logging.getLogger("delrec")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """`--set key=value` pairs; values parsed as Python literals where possible."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
+def _settings(args: argparse.Namespace, names: tuple[str, ...], config_cls) -> dict:
+    """Settings of `config_cls` from `--set key=value` (the value is YAML, as in `delrec run`
+    overrides: `--set lr=5e-4`, `--set tasks=[rps]`) and from the named options that were given;
+    every key and type checked before any work starts."""
+    from delrec.settings import check, parse_overrides
 
-
-def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
-    """Settings from `--set key=value` and from the named options that were given."""
-    out = _parse_overrides(args.set)
+    out = parse_overrides(args.set, "--set")
     out.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
-    return out
+    return check(config_cls, out, "--set")
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
@@ -74,9 +63,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def cmd_teacher_train(args: argparse.Namespace) -> None:
     from delrec.teachers import default_config
+    from delrec.teachers.base import TeacherConfig
     from delrec.teachers.train import train_teacher
 
-    overrides = _settings(args, ("patience", "max_seconds", "seed"))
+    overrides = _settings(args, ("patience", "max_seconds", "seed"), TeacherConfig)
     if args.epochs is not None:
         overrides["max_epochs"] = args.epochs
     config = default_config(args.model, **overrides)
@@ -184,7 +174,8 @@ def _finetuned_scorer(args, data):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from delrec.stages.finetune import FinetuneConfig, finetune
 
-    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"))
+    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
+                          FinetuneConfig)
     result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
     print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
@@ -246,7 +237,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from delrec.stages.distill import DistillConfig, distill
 
-    overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"))
+    overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
+                          DistillConfig)
     if args.without:
         overrides["tasks"] = tuple(t for t in ("ta", "rps") if t not in args.without)
     config = DistillConfig(**overrides)

@@ -28,6 +28,7 @@ import numpy as np
 
 from delrec import distributed
 from delrec.io import atomic_path, read_json, write_json
+from delrec.settings import apply_override, check, load_yaml, runtime, same_identity
 
 log = logging.getLogger("delrec.pipeline")
 
@@ -41,82 +42,74 @@ OWN_STAGE1 = {"wo-ta": {"tasks": ("rps",)}, "wo-rps": {"tasks": ("ta",)}, "udpsm
 
 @dataclass
 class PipelineConfig:
+    """The experiment (`runtime` fields only say how it runs: see delrec.settings). The sections
+    (`protocol`, `teacher`, `distill`, `finetune`) hold fields of ProtocolConfig, TeacherConfig,
+    DistillConfig and FinetuneConfig; every key and value is checked on construction."""
+
     run_dir: str = "runs/ml100k-cpu"
     dataset: str = "ml-100k"  # ml-100k, ml-1m or a folder `delrec data prepare` reads
     protocol: dict = field(default_factory=lambda: {"name": "paper"})  # ProtocolConfig fields
-    teachers: list = field(default_factory=lambda: ["sasrec"])
+    teachers: list[str] = field(default_factory=lambda: ["sasrec"])
     teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
     top_h: int = 10  # length of the teacher lists stored for RPS
     llm: str = "smollm2-135m"
     dtype: str = "auto"
-    device: str = "auto"
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    device: str = runtime("auto")
+    threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
     distill: dict = field(default_factory=dict)  # DistillConfig fields
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
-    variants: list = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])
+    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])
     zero_shot: bool = True
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
-    eval_batch_size: int = 8
-    report: bool = True
+    eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
+    report: bool = runtime(True)
     # other runs (folders of earlier `delrec run`s, e.g. with other budgets or soft-prompt sizes)
     # whose results the report lists beside this one's, with the settings that differ
-    attempts: list = field(default_factory=list)
+    attempts: list[str] = runtime(default_factory=list)
 
     def __post_init__(self):
+        from delrec.data.protocol import ProtocolConfig
+        from delrec.stages.distill import DistillConfig
+        from delrec.stages.finetune import FinetuneConfig
+        from delrec.teachers import default_config
+        from delrec.teachers.base import TeacherConfig
+
         unknown = set(self.variants) - set(STAGE2_VARIANTS) - set(EXTRA_VARIANTS)
         if unknown:
             raise ValueError(f"unknown variants {sorted(unknown)}; choose from {STAGE2_VARIANTS + EXTRA_VARIANTS}")
         if not self.teachers:
             raise ValueError("the config names no teacher")
+        # every section's keys and types, then each class's own checks, before any step runs
+        self.protocol = check(ProtocolConfig, self.protocol, "protocol")
+        self.teacher = check(TeacherConfig, self.teacher, "teacher")
+        self.distill = check(DistillConfig, self.distill, "distill")
+        self.finetune = check(FinetuneConfig, self.finetune, "finetune")
+        for section, build in (("protocol", lambda: ProtocolConfig.for_protocol(**self.protocol)),
+                               ("teacher", lambda: [default_config(t, **self.teacher) for t in self.teachers]),
+                               ("distill", lambda: DistillConfig(**{"llm": self.llm, "dtype": self.dtype, **self.distill})),
+                               ("finetune", lambda: FinetuneConfig(**{"llm": self.llm, "dtype": self.dtype, **self.finetune}))):
+            try:
+                build()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{section}: {e}") from None
+        distill_top_h = self.distill.get("top_h", DistillConfig.top_h)
+        if distill_top_h > self.top_h:
+            raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "PipelineConfig":
-        import yaml
-
+        """Settings from a YAML file, then `key=value` / `section.key=value` overrides, checked
+        (keys, types, allowed values) before anything runs; errors name the file and the key."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        values = _numbers(yaml.safe_load(path.read_text()) or {})
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config is a mapping of settings")
+        values = load_yaml(path)
         for item in overrides or []:
-            _apply_override(values, item)
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
-
-
-def _apply_override(values: dict, item: str) -> None:
-    """`key=value` or `section.key=value`; the value is parsed as YAML (numbers, lists, null)."""
-    import yaml
-
-    if "=" not in item:
-        raise ValueError(f"an override is key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    target = values
-    for p in parts[:-1]:
-        target = target.setdefault(p, {})
-        if not isinstance(target, dict):
-            raise ValueError(f"override {item!r}: {p} is not a section")
-    target[parts[-1]] = _numbers(yaml.safe_load(raw))
-
-
-def _numbers(value):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; read such strings as the numbers they are."""
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    if isinstance(value, str):
+            apply_override(values, item)
+        values = check(cls, values, str(path))
         try:
-            return float(value) if any(ch.isdigit() for ch in value) and value.strip().lower() not in ("nan", "inf") else value
-        except ValueError:
-            return value
-    return value
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class _PeakMemory:
@@ -155,16 +148,10 @@ class _PeakMemory:
         self.peak = max(self.peak, self.rss())
 
 
-def _same(recorded, wanted, defaults: dict | None = None) -> bool:
-    """Settings equal once both went through JSON (tuples become lists). With `defaults` (a
-    config class's default settings), a key the recorded settings lack counts as equal when the
-    wanted value is its default: a setting added in a later version, with the old behaviour as
-    its default, does not invalidate the steps earlier versions ran."""
-    recorded, wanted = json.loads(json.dumps(recorded)), json.loads(json.dumps(wanted))
-    if defaults is not None and isinstance(recorded, dict) and isinstance(wanted, dict):
-        defaults = json.loads(json.dumps(defaults))
-        recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}
-    return recorded == wanted
+def _same(recorded, wanted) -> bool:
+    """Settings equal once both went through JSON (tuples become lists). Settings of a config
+    class are compared with delrec.settings.same_identity instead (runtime fields ignored)."""
+    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
 
 
 def _fingerprint(path: Path) -> str | None:
@@ -236,13 +223,16 @@ class Pipeline:
 
     def teachers(self) -> None:
         from delrec.teachers import default_config
+        from delrec.stages.examples import stored_top_h
+        from delrec.teachers.base import TeacherConfig
         from delrec.teachers.train import train_teacher
 
         for name in self.config.teachers:
             tc = default_config(name, **self.config.teacher)
             out = self.run / "teachers" / name
             done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
-                _same(read_json(out / "config.json")["teacher"], asdict(tc))
+                stored_top_h(out / "topk.parquet") == self.config.top_h and \
+                same_identity(TeacherConfig, read_json(out / "config.json")["teacher"], asdict(tc))
             self._step(f"teacher:{name}", done, lambda: train_teacher(
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
 
@@ -255,7 +245,6 @@ class Pipeline:
     def distill(self) -> None:
         from delrec.stages.distill import DistillConfig, _config_dict
 
-        defaults = _config_dict(DistillConfig())
         wanted = []
         for t in self.config.teachers:
             if set(self.config.variants) & {"delrec", "ulsr", "wo-lsr"}:
@@ -264,7 +253,7 @@ class Pipeline:
         for teacher, name, variant in wanted:
             cfg = self._distill_config(teacher, variant)
             out = self.run / "distill" / name
-            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg), defaults) \
+            done = (out / "metrics.json").exists() and same_identity(DistillConfig, read_json(out / "config.json"), _config_dict(cfg)) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
             self._step(f"distill:{name}", done, lambda cfg=cfg, name=name, teacher=teacher: self._run_distill(cfg, name, teacher))
 
@@ -295,7 +284,6 @@ class Pipeline:
     def finetune(self) -> None:
         from delrec.stages.finetune import FinetuneConfig, _config_dict
 
-        defaults = _config_dict(FinetuneConfig())
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
@@ -309,7 +297,7 @@ class Pipeline:
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
             out = self.run / "finetune" / name
-            done = (out / "metrics.json").exists() and _same(read_json(out / "config.json"), _config_dict(cfg), defaults) \
+            done = (out / "metrics.json").exists() and same_identity(FinetuneConfig, read_json(out / "config.json"), _config_dict(cfg)) \
                 and read_json(out / "metrics.json").get("upstream_fingerprint") == upstream
             self._step(f"finetune:{name}", done, lambda cfg=cfg, name=name, upstream=upstream: self._run_finetune(cfg, name, upstream))
 
@@ -343,9 +331,11 @@ class Pipeline:
         rows = subset_rows(data, "test", self.config.test_samples, self.config.eval_seed)
         for name, source in self.models():
             path = self.run / "eval" / "pipeline" / f"{name}.json"
+            # what identifies the result: not the scoring batch size, which does not change scores
             settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
-                        "llm": self.config.llm if name == "zero-shot" else None, "batch_size": self.config.eval_batch_size}
-            done = path.exists() and _same(read_json(path).get("settings"), settings)
+                        "llm": self.config.llm if name == "zero-shot" else None}
+            recorded = read_json(path).get("settings") if path.exists() else None
+            done = recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
             self._step(f"eval:{name}", done, lambda name=name, settings=settings: self._run_eval(data, rows, name, settings, path))
 
     def _scorer(self, data, name: str):

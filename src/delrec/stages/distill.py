@@ -38,6 +38,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.stages.examples import ExampleBuilder, TeacherLists
+from delrec.settings import runtime, same_identity
 from delrec.stages.optim import LR_SCHEDULES, lion, lr_schedule
 from delrec.stages.weighting import LossWeighting
 
@@ -73,12 +74,13 @@ class DistillConfig:
     valid_samples: int = 64
     valid_lsr_samples: int = 0  # > 0: each evaluation also scores this many valid samples with the LSR prompt (`w/o LSR`)
     eval_every: int = 50
-    checkpoint_every: int = 10
-    verbalizer_batch: int = 8
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    # how the stage runs, not what it computes (delrec.settings): changing them reruns nothing
+    checkpoint_every: int = runtime(10)
+    verbalizer_batch: int = runtime(8)
+    gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
     seed: int = 0
     dtype: str = "auto"
-    device: str = "auto"
+    device: str = runtime("auto")
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
@@ -151,7 +153,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
             (out / stale).unlink(missing_ok=True)
 
     data = RunData.load(run_dir / "data")
-    teacher = TeacherLists.load(run_dir, config.teacher, data) if "rps" in config.tasks else None
+    teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
     templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
     builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
 
@@ -228,7 +230,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     metrics: dict = {}
     if ckpt_path.exists() and not restart:
         ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
-        if ckpt["config"] != _config_dict(config):
+        if not same_identity(DistillConfig, ckpt["config"], _config_dict(config)):
             raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
         with torch.no_grad():
             soft.embedding.copy_(ckpt["soft_prompt"])

@@ -22,6 +22,11 @@ from delrec.data.protocol import RunData
 from delrec.llm.templates import Prompt, Templates, rps_prompt, ta_prompt
 
 
+def stored_top_h(path: str | Path) -> int:
+    """The width of the top-h lists in a teacher's topk.parquet (its fixed list size)."""
+    return pq.read_schema(path).field("topk").type.list_size
+
+
 class TeacherLists:
     """The teacher's top-h item lists, one per sample (RUN/teachers/<name>/topk.parquet)."""
 
@@ -30,10 +35,15 @@ class TeacherLists:
         self.name = name
 
     @classmethod
-    def load(cls, run_dir: str | Path, teacher: str, data: RunData) -> "TeacherLists":
+    def load(cls, run_dir: str | Path, teacher: str, data: RunData, top_h: int | None = None) -> "TeacherLists":
+        """`top_h`: the width the caller will use; more than the stored lists hold is an error."""
         path = Path(run_dir) / "teachers" / teacher / "topk.parquet"
         if not path.exists():
             raise FileNotFoundError(f"no top-h lists at {path}; run `delrec teacher train --model {teacher}` first")
+        stored = stored_top_h(path)
+        if top_h is not None and top_h > stored:
+            raise ValueError(f"{path} holds the teacher's top-{stored} lists, but top_h={top_h} was asked for; "
+                             f"train the teacher again with --top-h {top_h} (or top_h: {top_h} in the run config)")
         table = pq.read_table(path)
         ids = table.column("sample_id").to_numpy()
         if not np.array_equal(ids, data.sample_id):

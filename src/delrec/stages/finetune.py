@@ -44,6 +44,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
+from delrec.settings import runtime, same_identity
 from delrec.stages.optim import (ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters,
                                  lr_schedule, make_optimizer)
 
@@ -86,12 +87,13 @@ class FinetuneConfig:
     valid_samples: int = 64
     eval_every: int = 25
     patience: int = 3  # evaluations without a better valid NDCG@5
-    checkpoint_every: int = 10
-    verbalizer_batch: int = 8
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    # how the stage runs, not what it computes (delrec.settings): changing them reruns nothing
+    checkpoint_every: int = runtime(10)
+    verbalizer_batch: int = runtime(8)
+    gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
     seed: int = 0
     dtype: str = "auto"
-    device: str = "auto"
+    device: str = runtime("auto")
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -216,7 +218,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     state = {"step": 0, "elapsed": 0.0, "wall": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     if ckpt_path.exists() and not restart:
         ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
-        if ckpt["config"] != _config_dict(config):
+        if not same_identity(FinetuneConfig, ckpt["config"], _config_dict(config)):
             raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
         missing = peft_model.load_state_dict(ckpt["adapter"], strict=False).unexpected_keys
         if missing:

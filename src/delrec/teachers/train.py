@@ -219,6 +219,7 @@ def train_teacher(
         "epochs_run": state["epoch"],
         "train_seconds": round(train_seconds, 2),
         "device": str(dev),
+        "top_h": top_h,  # width of topk.parquet: part of the fingerprint later stages check
         # teachers also get full-ranking metrics
         "valid": evaluate(scorer, data, "valid", full_ranking=True),
         "test": evaluate(scorer, data, "test", full_ranking=True),

@@ -1,0 +1,104 @@
+"""Settings are checked when they are read, before any step runs (src/delrec/settings.py)."""
+
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from delrec.cli import main
+from delrec.pipeline import Pipeline, PipelineConfig
+from delrec.settings import check, identity, parse_overrides, runtime, same_identity
+from delrec.stages.distill import DistillConfig
+from delrec.stages.finetune import FinetuneConfig
+
+
+@dataclass
+class Example:
+    steps: int = 3
+    lr: float = 1e-3
+    name: str = "a"
+    limit: int | None = None
+    tasks: tuple[str, ...] = ("ta", "rps")
+    flag: bool = False
+    extra: dict = field(default_factory=dict)
+    device: str = runtime("auto")
+
+
+def test_check_coerces_what_is_meant_and_names_what_is_wrong():
+    assert check(Example, {"steps": 1e3, "lr": 1, "tasks": ["rps"], "limit": None}, "x") == \
+        {"steps": 1000, "lr": 1.0, "tasks": ("rps",), "limit": None}
+    with pytest.raises(ValueError, match=r"cfg.yaml: finetune: unknown setting 'stepz' \(did you mean 'steps'\?\)"):
+        check(Example, {"stepz": 3}, "cfg.yaml: finetune")
+    with pytest.raises(ValueError, match="steps: expected an integer, got 'ten'"):
+        check(Example, {"steps": "ten"}, "x")
+    with pytest.raises(ValueError, match="steps: expected an integer, got 2.5"):
+        check(Example, {"steps": 2.5}, "x")
+    with pytest.raises(ValueError, match="flag: expected true or false, got 1"):
+        check(Example, {"flag": 1}, "x")
+    with pytest.raises(ValueError, match="lr: expected a number, got True"):
+        check(Example, {"lr": True}, "x")
+    with pytest.raises(ValueError, match="limit: expected an integer or null"):
+        check(Example, {"limit": "all"}, "x")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        check(Example, [1, 2], "x")
+
+
+def test_runtime_settings_do_not_identify_results():
+    a, b = Example(device="cuda"), Example(device="cpu")
+    assert identity(a) == identity(b) and "device" not in identity(a)
+    assert same_identity(Example, {"steps": 3, "device": "cuda"}, {"steps": 3, "device": "cpu"})
+    assert not same_identity(Example, {"steps": 3}, {"steps": 4})
+    # a setting added later counts as equal when the wanted value is its default
+    assert same_identity(Example, {"steps": 3}, {"steps": 3, "flag": False})
+    assert not same_identity(Example, {"steps": 3}, {"steps": 3, "flag": True})
+    for cls in (DistillConfig, FinetuneConfig):
+        assert same_identity(cls, identity(cls(device="cpu", verbalizer_batch=2, checkpoint_every=1)),
+                             identity(cls(device="cuda", verbalizer_batch=16, gradient_checkpointing=True)))
+
+
+def test_overrides_are_yaml_everywhere():
+    assert parse_overrides(["finetune.lr=1e-4", "tasks=[rps]", "flag=true", "limit=null", "name=x"]) == \
+        {"finetune": {"lr": 1e-4}, "tasks": ["rps"], "flag": True, "limit": None, "name": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["steps"])
+
+
+def _config(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_pipeline_config_is_checked_before_any_step(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(Pipeline, "data", lambda self: ran.append("data"))
+    base = f"run_dir: {tmp_path / 'run'}\n"
+    cases = {
+        "finetune:\n  stepz: 3\n": r"c.yaml: finetune: unknown setting 'stepz' \(did you mean 'steps'\?\)",
+        "finetune:\n  steps: ten\n": "c.yaml: finetune: steps: expected an integer, got 'ten'",
+        "distill:\n  lr_schedule: step\n": "c.yaml: distill: unknown lr_schedule 'step'",
+        "teacher:\n  dropuot: 0.1\n": "did you mean 'dropout'",
+        "teachers: [sasrek]\n": "unknown teacher 'sasrek'",
+        "protocol: {name: paper, max_histroy: 5}\n": "did you mean 'max_history'",
+        "test_sample: 10\n": r"unknown setting 'test_sample' \(did you mean 'test_samples'\?\)",
+        "distill:\n  top_h: 20\n": r"distill.top_h \(20\) is more than the top_h lists the teachers store \(10\)",
+        "finetune:\n  steps: [3\n": r"c.yaml: not valid YAML at line \d+, column \d+: .*flow sequence at line 3\)",
+        "- 1\n- 2\n": "a config is a mapping",
+    }
+    for text, message in cases.items():
+        path = _config(tmp_path, base + text if not text.startswith("-") else text)
+        with pytest.raises(ValueError, match=message):
+            PipelineConfig.from_file(path)
+        t0 = time.perf_counter()
+        assert main(["run", "--config", str(path), "--quiet"]) == 2
+        assert time.perf_counter() - t0 < 10
+    with pytest.raises(ValueError, match="finetune: unknown setting 'stepz'"):
+        PipelineConfig.from_file(_config(tmp_path, base), ["finetune.stepz=3"])
+    assert ran == []
+
+
+def test_cli_set_is_checked(tmp_path, capsys):
+    assert main(["finetune", "--run", str(tmp_path), "--set", "stepz=3"]) == 2
+    assert "--set: unknown setting 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
+    assert main(["distill", "--run", str(tmp_path), "--set", "lr=fast"]) == 2
+    assert "--set: lr: expected a number, got 'fast'" in capsys.readouterr().err
