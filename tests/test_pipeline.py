@@ -103,19 +103,24 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     # setting keeps its default, which is the old behaviour
     for folder in [*(run / "distill").iterdir(), *(run / "finetune").iterdir()]:
         cfg = json.loads((folder / "config.json").read_text())
-        cfg.pop("gradient_checkpointing")
+        cfg.pop("lr_schedule")
         (folder / "config.json").write_text(json.dumps(cfg))
     assert main(_args(config, run)) == 0
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "running" not in log.replace("step report: running", "")
-    assert main(_args(config, run, "finetune.gradient_checkpointing=true")) == 0  # not the default: reruns
+    # runtime settings (how a step runs, not what it computes) rerun nothing
+    assert main(_args(config, run, "finetune.gradient_checkpointing=true", "distill.verbalizer_batch=3",
+                      "finetune.checkpoint_every=1", "eval_batch_size=5", "device=cpu")) == 0
+    log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
+    assert "running" not in log.replace("step report: running", "")
+    assert main(_args(config, run, "finetune.lr_schedule=linear")) == 0  # not the default: reruns
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step finetune:sasrec-delrec: running" in log and "step distill:sasrec: done earlier" in log
 
     # a changed stage-2 setting reruns stage 2 and the evaluations that depend on it, nothing else;
     # the first run, kept as an attempt, is listed in the report with the setting that differs
     shutil.copytree(run, tmp_path / "first")
-    assert main(_args(config, run, "finetune.steps=4", "finetune.gradient_checkpointing=true", f"attempts=[{tmp_path / 'first'}]")) == 0
+    assert main(_args(config, run, "finetune.steps=4", "finetune.lr_schedule=linear", f"attempts=[{tmp_path / 'first'}]")) == 0
     row = next(l for l in (run / "report.md").read_text().splitlines() if l.startswith("| first | finetune.steps=3 | DELRec(sasrec) | 12 |"))
     assert re.search(r"\| \d\.\d{3} -> \d\.\d{3} \|$", row), row  # the attempt's stage-1 RPS accuracy
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
@@ -124,7 +129,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     assert "step eval:sasrec: done earlier" in log and "step eval:sasrec-wo-lsr: done earlier" in log
 
 
-def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch):
+def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch, capsys):
     root, config = inputs
     run = tmp_path / "run"
     real = Pipeline.finetune
@@ -133,8 +138,9 @@ def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C after stage 1
 
     monkeypatch.setattr(Pipeline, "finetune", killed)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(config, run))
+    assert main(_args(config, run)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted; what was finished and the last checkpoint are kept" in err
     assert (run / "distill" / "sasrec" / "metrics.json").exists() and not (run / "report.md").exists()
     monkeypatch.setattr(Pipeline, "finetune", real)
     assert main(_args(config, run)) == 0

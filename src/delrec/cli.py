@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,24 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
     print(path)
 
 
+def _same_data(data_dir: Path, prepared, dataset: str) -> bool:
+    """Whether `data_dir` already holds exactly what `prepared` would write (same source name,
+    protocol settings, statistics and samples): preparing again then changes nothing."""
+    from dataclasses import asdict
+
+    from delrec.io import read_json, read_parquet
+
+    if not (data_dir / "protocol.json").exists():
+        return False
+    written = read_json(data_dir / "protocol.json")
+    if written["protocol"] != json.loads(json.dumps(asdict(prepared.config))) or written["source"].get("dataset") != dataset:
+        return False
+    if read_json(data_dir / "stats.json") != json.loads(json.dumps(prepared.stats)):
+        return False
+    return all(read_parquet(data_dir / f"{name}.parquet").replace_schema_metadata(None).equals(
+        table.replace_schema_metadata(None)) for name, table in (("samples", prepared.samples), ("candidates", prepared.candidates)))
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from delrec.data.loaders import load_dataset
     from delrec.data.protocol import ProtocolConfig, prepare, write
@@ -50,7 +69,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     )
     raw = load_dataset(args.dataset, cache_dir=args.cache_dir)
     prepared = prepare(raw.interactions, raw.items, config)
-    write(prepared, Path(args.out) / "data", source={"dataset": args.dataset, **raw.source})
+    run = Path(args.out)
+    later = [d for d in ("teachers", "distill", "finetune", "eval") if (run / d).is_dir() and any((run / d).iterdir())]
+    if later and not _same_data(run / "data", prepared, args.dataset):
+        # results made from the data there would be read with the new data's ids and samples
+        if not args.force:
+            raise ValueError(f"{run} holds results made from its current data ({', '.join(d + '/' for d in later)}); "
+                             f"preparing other data there would leave them pointing at the wrong items and samples. "
+                             f"Use another --out, or --force to delete those results")
+        for d in later:
+            shutil.rmtree(run / d)
+        log.info("deleted the results made from the earlier data: %s", ", ".join(later))
+    write(prepared, run / "data", source={"dataset": args.dataset, **raw.source})
     s = prepared.stats
     f = s["filtered"]
     print(
@@ -108,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         elif name == "popularity":
             scorer = PopularityScorer(data)
         else:
-            scorer = TeacherScorer(load_teacher(run / "teachers" / name, args.device), pick_device(args.device), name)
+            scorer = TeacherScorer(load_teacher(run / "teachers" / name, args.device, data), pick_device(args.device), name)
         full = (args.full_ranking or data.config.name == "loo") and not name.startswith("llm:")
         res = evaluate(scorer, data, args.split, full_ranking=full, rows=rows)
         if args.limit:
@@ -217,7 +247,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         from delrec.teachers.train import load_teacher
 
         teacher_dir = run / "teachers" / args.teacher
-        model = load_teacher(teacher_dir, args.device)
+        model = load_teacher(teacher_dir, args.device, data)
         h = torch.tensor([([0] * model.max_len + history)[-model.max_len :]], device=next(model.parameters()).device)
         with torch.no_grad():
             scores = model.full_scores(h, None)[0].float().cpu()  # None: a user the teacher has not seen
@@ -270,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-history", type=int)
     p.add_argument("--min-count", type=int, help="k of the k-core filter (default 5)")
     p.add_argument("--cache-dir")
+    p.add_argument("--force", action="store_true", help="over a run folder with results of other data: delete them")
     p.set_defaults(func=cmd_data_prepare)
 
     teacher = sub.add_parser("teacher", help="conventional sequential recommenders").add_subparsers(dest="teacher_command", required=True)
@@ -385,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"delrec: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print("delrec: interrupted; what was finished and the last checkpoint are kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     from delrec import distributed
 
     distributed.shutdown()

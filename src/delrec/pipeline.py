@@ -354,7 +354,7 @@ class Pipeline:
         if name == "popularity":
             return PopularityScorer(data)
         if name in c.teachers:
-            return TeacherScorer(load_teacher(self.run / "teachers" / name, c.device), pick_device(c.device), name)
+            return TeacherScorer(load_teacher(self.run / "teachers" / name, c.device, data), pick_device(c.device), name)
         if name == "zero-shot":
             bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
             return LLMScorer.for_run(data, bb, name=f"zero-shot:{c.llm}", **kw)

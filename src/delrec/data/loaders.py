@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from delrec.data.fetch import DATASETS, SOURCE_FILE, fetch_dataset
+
+
+log = logging.getLogger(__name__)
+GENERIC_EXTS = ("parquet", "csv", "tsv")  # in this order of preference when several exist
 
 
 class DataFormatError(ValueError):
@@ -573,15 +578,24 @@ def load_dataset(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = 
                     f"{[p.name for p in inters]} and {[p.name for p in items]}"
                 )
             return load_recbole_atomic(inters[0], items[0], name=path.name)
-        inter_files = [path / f"interactions.{ext}" for ext in ("parquet", "csv") if (path / f"interactions.{ext}").is_file()]
-        item_files = [path / f"items.{ext}" for ext in ("parquet", "csv") if (path / f"items.{ext}").is_file()]
-        if inter_files and item_files:
+        inter_files = [path / f"interactions.{ext}" for ext in GENERIC_EXTS if (path / f"interactions.{ext}").is_file()]
+        item_files = [path / f"items.{ext}" for ext in GENERIC_EXTS if (path / f"items.{ext}").is_file()]
+        if inter_files or item_files:
+            if not item_files:
+                raise DataFormatError(f"{path}: found {inter_files[0].name} but no items file: add items.csv, items.tsv "
+                                      "or items.parquet with the columns item, title (the titles the LLM reads)")
+            if not inter_files:
+                raise DataFormatError(f"{path}: found {item_files[0].name} but no interactions file: add interactions.csv, "
+                                      "interactions.tsv or interactions.parquet with the columns user, item, timestamp")
+            for files in (inter_files, item_files):
+                if len(files) > 1:
+                    log.info("%s: %s found; reading %s", path, " and ".join(f.name for f in files), files[0].name)
             return load_generic(inter_files[0], item_files[0], name=path.name)
     known = ", ".join(sorted(DATASETS))
     raise ValueError(
         f"cannot load {str(spec)!r}: give a registered data set name ({known}) or a directory holding one of: "
         "u.data + u.item (GroupLens ML-100K); ratings.dat + movies.dat (GroupLens ML-1M); "
-        "<name>.inter + <name>.item (RecBole atomic); interactions.csv|parquet + items.csv|parquet "
+        "<name>.inter + <name>.item (RecBole atomic); interactions.csv|tsv|parquet + items.csv|tsv|parquet "
         "(columns user, item, timestamp / item, title)"
         + ("" if path.exists() else f" ({path} does not exist)")
     )

@@ -183,6 +183,13 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
         "interactions": int(len(interactions)),
     }
     df = interactions[["user", "item", "timestamp"]].reset_index(drop=True)
+    # an exact repeat of a (user, item, timestamp) row is a logging artefact, not a second
+    # interaction: kept, it would inflate the k-core counts and make targets already in the history
+    repeated = df.duplicated(keep="first")
+    duplicates = int(repeated.sum())
+    if duplicates:
+        log.warning("dropped %d exact duplicate (user, item, timestamp) interactions", duplicates)
+        df = df[~repeated.to_numpy()].reset_index(drop=True)
     df["order"] = np.arange(len(df), dtype=np.int64)  # ties in time keep the source order
     df = k_core(df, config.min_count)
     if len(df) == 0:
@@ -277,7 +284,7 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
     }
     stats = {
         "protocol": config.name,
-        "raw": {**raw_stats, "sparsity": _sparsity(**raw_stats)},
+        "raw": {**raw_stats, "sparsity": _sparsity(**raw_stats), "duplicates_dropped": duplicates},
         "filtered": {
             "users": num_users,
             "items": num_items,

@@ -172,11 +172,21 @@ def train_teacher(
     bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}",
                disable=not (progress and dist.is_main))
     start = time.perf_counter() - state["elapsed"]
+
+    def budget_spent() -> bool:  # the same answer on every process
+        return config.max_seconds is not None and dist.main_decides(time.perf_counter() - start > config.max_seconds)
+
     while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
+        if budget_spent():  # checked before an epoch too: a resume after the budget trains no more
+            log.info("time budget of %.0f s spent before epoch %d", config.max_seconds, state["epoch"] + 1)
+            break
         model.train()
         perm = torch.randperm(len(train_rows), generator=generator).to(dev)
-        total_loss = 0.0
-        for i in range(0, len(perm), config.batch_size):
+        total_loss, seen, partial = 0.0, 0, False
+        for n, i in enumerate(range(0, len(perm), config.batch_size)):
+            if n % 16 == 15 and budget_spent():  # and inside it: an epoch can take minutes
+                partial = True
+                break
             batch = perm[i : i + config.batch_size]  # the global batch; this process takes its share
             if len(batch) < dist.world:
                 continue  # a last batch too small to give every process an example
@@ -186,6 +196,7 @@ def train_teacher(
             (loss * dist.loss_scale(len(idx), len(batch))).backward()  # DDP averages over processes
             optimizer.step()
             total_loss += loss.item() * len(idx)
+            seen += len(batch)
         total_loss = dist.mean(total_loss) * dist.world  # summed over the processes' shares
         model.eval()
         score = _valid_score(scorer, data)
@@ -196,7 +207,9 @@ def train_teacher(
         else:
             state["bad_epochs"] += 1
         state["elapsed"] = time.perf_counter() - start
-        entry = {"epoch": state["epoch"], "loss": total_loss / len(perm), "valid_NDCG@10": score, "seconds": state["elapsed"]}
+        entry = {"epoch": state["epoch"], "loss": total_loss / max(1, seen), "valid_NDCG@10": score, "seconds": state["elapsed"]}
+        if partial:
+            entry["partial"] = True  # stopped inside the epoch by the time budget (loss: over the batches run)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
         rng = dist.gather(_rng_state())  # one state per process
@@ -204,8 +217,8 @@ def train_teacher(
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             _checkpoint(ckpt_path, config, model, optimizer, best_weights, state, rng, generator)
-        if config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds):
-            log.info("time budget of %.0f s reached after epoch %d", config.max_seconds, state["epoch"])
+        if partial or budget_spent():
+            log.info("time budget of %.0f s reached in epoch %d", config.max_seconds, state["epoch"])
             break
     bar.close()
 
@@ -298,12 +311,22 @@ def save_teacher(model: SequentialRecommender, out_dir: Path, data: RunData) -> 
     )
 
 
-def load_teacher(teacher_dir: str | Path, device: str | None = None) -> SequentialRecommender:
+def load_teacher(teacher_dir: str | Path, device: str | None = None, data: RunData | None = None) -> SequentialRecommender:
+    """A trained teacher; with `data`, checked to have been trained on that data (its item and
+    user counts, history length and protocol), so a run folder prepared again with other data
+    fails here rather than scoring with a teacher of other items."""
     teacher_dir = Path(teacher_dir)
     weights = teacher_dir / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no trained teacher in {teacher_dir} (missing model.safetensors); run `delrec teacher train`")
     meta = read_json(teacher_dir / "config.json")
+    if data is not None:
+        trained = (meta["num_items"], meta["num_users"], meta["max_len"], meta.get("protocol"))
+        wanted = (data.num_items, data.num_users, data.config.max_history, data.config.name)
+        if trained != wanted:
+            raise ValueError(f"the teacher in {teacher_dir} was trained on other data ({trained[0]} items, {trained[1]} users, "
+                             f"history {trained[2]}, protocol {trained[3]}) than this run's ({wanted[0]} items, {wanted[1]} "
+                             f"users, history {wanted[2]}, protocol {wanted[3]}); train it again")
     config = TeacherConfig.from_dict(meta["teacher"])
     model = build_model(config, meta["num_items"], meta["num_users"], meta["max_len"])
     model.load_state_dict(load_file(str(weights)))
