@@ -31,7 +31,8 @@ from delrec.llm.verbalizer import Verbalizer
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import TEACHER_NAMES, DistillConfig, DistillResult, accuracy, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec.stages.finetune import VARIANTS, FinetuneConfig, finetune, finetuned_scorer
+from delrec import methods
+from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 TEACHER = "gru4rec"
@@ -164,10 +165,11 @@ def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> 
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
     soft = finetune_mod._soft_prompt(run, cfg, bb)
     return LLMScorer.for_run(data, bb, templates=Templates(teacher=TEACHER_NAMES[cfg.teacher]), soft_prompt=soft,
-                             model_card=cfg.variant == "mcp", empty_slot=cfg.variant == "wo-dpsm", progress=False)
+                             **finetune_mod._prompt_flags(methods.get(cfg.variant)), progress=False)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# the methods with a stage 2 of their own (`wo-ta`, `wo-rps`, `udpsm` differ from DELRec in stage 1 only)
+@pytest.mark.parametrize("variant", [m for m in methods.stage2_methods() if methods.get(m).stage1 != "own"])
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_stage2_memorises_its_training_examples(taught_run, stage1, backbone, variant):  # noqa: F811
     """AdaLoRA fine-tuning (every variant trains an adapter; `ulsr` its soft prompt too) for
@@ -175,7 +177,7 @@ def test_stage2_memorises_its_training_examples(taught_run, stage1, backbone, va
     candidates, scored by the adapter saved to disk."""
     run, data = taught_run
     extra = {}
-    if variant in ("delrec", "ulsr"):
+    if methods.get(variant).soft_prompt == "distilled":
         extra["soft_prompt"] = str(stage1(backbone, ("ta", "rps")).result.out_dir / "soft_prompt.safetensors")
     cfg = FinetuneConfig(variant=variant, **STAGE2_BUDGET, **STAGE2_LEARN, **extra)
     # the training samples exactly as finetune draws them: the first N of a seeded permutation of the train rows

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from delrec import methods
+
 log = logging.getLogger("delrec")
 
 
@@ -336,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--teacher")
     p.add_argument("--llm")
-    p.add_argument("--variant", choices=["delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp"],
-                   help="delrec (default); ablations: ulsr (soft prompt trained too), usp (untrained soft prompt), "
-                        "wo-dpsm (no stage 1), mcp (text description of the teacher), wo-sp (no soft prompt)")
-    p.add_argument("--soft-prompt", help="default: RUN/distill/TEACHER/soft_prompt.safetensors")
+    p.add_argument("--variant", choices=methods.stage2_methods(),
+                   help="delrec (default) or an ablation (delrec.methods): " + "; ".join(
+                       f"{name}: {methods.get(name).description}" for name in methods.stage2_methods() if name != "delrec"))
+    p.add_argument("--soft-prompt", help="default: the variant's stage-1 folder, RUN/distill/TEACHER[-VARIANT]/soft_prompt.safetensors")
     p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)

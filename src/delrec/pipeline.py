@@ -26,18 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec import distributed
+from delrec import distributed, methods
 from delrec.io import atomic_path, read_json, write_json
 from delrec.settings import apply_override, check, load_yaml, runtime, same_identity
 
 log = logging.getLogger("delrec.pipeline")
 
-STAGE2_VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
-# variants that need no stage 2 or their own stage 1: `wo-lsr` is stage 1 only (the frozen LLM with
-# the distilled soft prompt); `wo-ta` / `wo-rps` distil with one task only, `udpsm` updates the LLM
-# in stage 1 too (stage 2 then starts from that LLM); each then runs stage 2 as DELRec does
-EXTRA_VARIANTS = ("wo-lsr", "wo-ta", "wo-rps", "udpsm")
-OWN_STAGE1 = {"wo-ta": {"tasks": ("rps",)}, "wo-rps": {"tasks": ("ta",)}, "udpsm": {"update_llm": True}}
 
 
 @dataclass
@@ -58,7 +52,7 @@ class PipelineConfig:
     threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
     distill: dict = field(default_factory=dict)  # DistillConfig fields
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
-    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])
+    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
     zero_shot: bool = True
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
@@ -75,9 +69,11 @@ class PipelineConfig:
         from delrec.teachers import default_config
         from delrec.teachers.base import TeacherConfig
 
-        unknown = set(self.variants) - set(STAGE2_VARIANTS) - set(EXTRA_VARIANTS)
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {STAGE2_VARIANTS + EXTRA_VARIANTS}")
+        for name in self.variants:
+            try:
+                methods.get(name)
+            except ValueError as e:
+                raise ValueError(f"variants: {e}") from None
         if not self.teachers:
             raise ValueError("the config names no teacher")
         # every section's keys and types, then each class's own checks, before any step runs
@@ -239,17 +235,19 @@ class Pipeline:
     def _distill_config(self, teacher: str, variant: str | None = None):
         from delrec.stages.distill import DistillConfig
 
-        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher, **OWN_STAGE1.get(variant, {})}
+        own = methods.get(variant).stage1_settings if variant else {}
+        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher, **own}
         return DistillConfig(**settings)
 
     def distill(self) -> None:
         from delrec.stages.distill import DistillConfig, _config_dict
 
-        wanted = []
+        wanted = []  # (teacher, RUN/distill/ folder, the method with its own stage 1 or None)
+        chosen = [methods.get(v) for v in self.config.variants]
         for t in self.config.teachers:
-            if set(self.config.variants) & {"delrec", "ulsr", "wo-lsr"}:
+            if any(m.stage1 == "shared" for m in chosen):
                 wanted.append((t, t, None))
-            wanted += [(t, f"{t}-{v}", v) for v in OWN_STAGE1 if v in self.config.variants]
+            wanted += [(t, m.stage1_folder(t), m.name) for m in chosen if m.stage1 == "own"]
         for teacher, name, variant in wanted:
             cfg = self._distill_config(teacher, variant)
             out = self.run / "distill" / name
@@ -270,29 +268,20 @@ class Pipeline:
 
     def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
         """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
-        jobs = []
-        for t in self.config.teachers:
-            for v in self.config.variants:
-                if v in ("delrec", "ulsr"):
-                    jobs.append((t, v, t))
-                elif v in OWN_STAGE1:
-                    jobs.append((t, v, f"{t}-{v}"))
-                elif v in STAGE2_VARIANTS:
-                    jobs.append((t, v, None))
-        return jobs
+        return [(t, v, methods.get(v).stage1_folder(t)) for t in self.config.teachers
+                for v in self.config.variants if methods.get(v).stage2]
 
     def finetune(self) -> None:
         from delrec.stages.finetune import FinetuneConfig, _config_dict
 
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
-            settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher,
-                        "variant": "delrec" if variant in OWN_STAGE1 else variant}
+            settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher, "variant": variant}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:
                 settings["soft_prompt"] = str(self.run / "distill" / stage1 / "soft_prompt.safetensors")
-            if variant == "udpsm":
+            if methods.get(variant).stage2_from_stage1_llm:
                 settings["llm"] = str(self.run / "distill" / stage1 / "llm")
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
@@ -317,8 +306,9 @@ class Pipeline:
             out.append(("zero-shot", None))
         for t in c.teachers:
             for v in c.variants:
-                if v == "wo-lsr":
-                    out.append((f"{t}-wo-lsr", str(self.run / "distill" / t / "metrics.json")))
+                method = methods.get(v)
+                if not method.stage2:  # the frozen LLM with stage 1's soft prompt
+                    out.append((f"{t}-{v}", str(self.run / "distill" / method.stage1_folder(t) / "metrics.json")))
                 else:
                     out.append((f"{t}-{v}", str(self.run / "finetune" / f"{t}-{v}" / "metrics.json")))
         return out
@@ -359,9 +349,10 @@ class Pipeline:
             bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
             return LLMScorer.for_run(data, bb, name=f"zero-shot:{c.llm}", **kw)
         teacher, variant = name.split("-", 1)
-        if variant == "wo-lsr":
+        method = methods.get(variant)
+        if not method.stage2:
             bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
-            soft = SoftPrompt.load(self.run / "distill" / teacher / "soft_prompt.safetensors", bb)
+            soft = SoftPrompt.load(self.run / "distill" / method.stage1_folder(teacher) / "soft_prompt.safetensors", bb)
             return LLMScorer.for_run(data, bb, templates=Templates(teacher=TEACHER_NAMES.get(teacher, teacher)),
                                      soft_prompt=soft, name=f"delrec:{name}", **kw)
         return finetuned_scorer(self.run / "finetune" / name, data, dtype=c.dtype, device=c.device, **kw)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec import methods
 from delrec.io import atomic_path, read_json
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
@@ -39,15 +40,13 @@ PAPER_ML100K = {
     "sasrec-ulsr": (0.3486, 0.6678, 0.8276, 0.4930, 0.5823),
     "sasrec-udpsm": (0.3513, 0.6726, 0.8324, 0.5013, 0.5906),
 }
-VARIANT_NAMES = {"delrec": "DELRec", "wo-sp": "w/o SP", "mcp": "w MCP", "usp": "w USP", "wo-dpsm": "w/o DPSM",
-                 "wo-lsr": "w/o LSR", "wo-ta": "w/o TA", "wo-rps": "w/o RPS", "ulsr": "w ULSR", "udpsm": "w UDPSM"}
 COLD_START = 3  # the paper's Section V-F: users with fewer than 3 earlier interactions
 
 
 def _label(name: str, teachers) -> str:
     teacher, _, variant = name.partition("-")
-    if teacher in teachers and variant:
-        return f"DELRec({teacher})" if variant == "delrec" else f"{VARIANT_NAMES.get(variant, variant)} ({teacher})"
+    if teacher in teachers and variant in methods.METHODS:
+        return methods.get(variant).report_label(teacher)
     return {"zero-shot": "zero-shot LLM"}.get(name, name)
 
 
@@ -295,9 +294,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _rps_accuracy(folder: Path, model: str) -> str:
     """Stage 1's RPS valid accuracy behind a stage-2 model of another run (blank when it had none)."""
     teacher, _, variant = model.partition("-")
-    stage1 = {"delrec": teacher, "ulsr": teacher}.get(variant, f"{teacher}-{variant}")
-    path = folder / "distill" / stage1 / "metrics.json"
-    if not path.exists():
+    stage1 = methods.get(variant).stage1_folder(teacher) if variant in methods.METHODS else None
+    path = folder / "distill" / str(stage1) / "metrics.json"
+    if stage1 is None or not path.exists():
         return ""
     m = read_json(path)
     before, after = m.get("untrained", {}).get("rps_valid_accuracy"), m.get("trained", {}).get("rps_valid_accuracy")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from delrec import distributed
+from delrec import distributed, methods
 from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
 from delrec.io import atomic_dir, atomic_path, write_json
@@ -44,13 +44,12 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
-from delrec.settings import runtime, same_identity
+from delrec.settings import closest, runtime, same_identity
 from delrec.stages.optim import (ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters,
                                  lr_schedule, make_optimizer)
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("delrec", "ulsr", "usp", "wo-dpsm", "mcp", "wo-sp")
 TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
 
 
@@ -96,8 +95,9 @@ class FinetuneConfig:
     device: str = runtime("auto")
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown stage-2 variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.variant not in methods.stage2_methods():
+            raise ValueError(f"unknown stage-2 variant {self.variant!r}{closest(self.variant, methods.stage2_methods())}; "
+                             f"choose one of {methods.stage2_methods()} (delrec.methods)")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.optimizer not in OPTIMIZERS:
@@ -150,13 +150,16 @@ class Stage2Loss(distributed.StageModule):
 
 
 def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPrompt | None:
-    if config.variant in ("wo-sp", "wo-dpsm", "mcp"):
+    method = methods.get(config.variant)
+    if method.soft_prompt == "none":
         return None
-    if config.variant == "usp":
+    if method.soft_prompt == "untrained":
         return SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
-    path = Path(config.soft_prompt) if config.soft_prompt else run_dir / "distill" / config.teacher / "soft_prompt.safetensors"
+    folder = method.stage1_folder(config.teacher)
+    path = Path(config.soft_prompt) if config.soft_prompt else run_dir / "distill" / folder / "soft_prompt.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {run_dir} --teacher {config.teacher}` first")
+        raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {run_dir} --teacher "
+                                f"{config.teacher}{'' if folder == config.teacher else f' --name {folder}'}` first")
     return SoftPrompt.load(path, bb)
 
 
@@ -182,7 +185,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         bb.enable_gradient_checkpointing()
     soft = _soft_prompt(run_dir, config, bb)
     if soft is not None:
-        soft.embedding.requires_grad_(config.variant == "ulsr")
+        soft.embedding.requires_grad_(methods.get(config.variant).train_soft_prompt)
 
     model_type = getattr(bb.model.config, "model_type", "")
     targets = list(config.target_modules or TARGET_MODULES.get(model_type, TARGET_MODULES["default"]))
@@ -200,15 +203,14 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
     scorer = LLMScorer(bb, [""] + data.items["title"].tolist(), templates, soft_prompt=soft,
-                       model_card=config.variant == "mcp", empty_slot=config.variant == "wo-dpsm",
-                       batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
+                       **_prompt_flags(methods.get(config.variant)), batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
     rng = np.random.default_rng(config.seed)
     train_rows = rng.permutation(data.indices("train"))
     if config.max_train_examples:
         train_rows = train_rows[: config.max_train_examples]
     valid_rows = np.sort(rng.permutation(data.indices("valid"))[: config.valid_samples])
 
-    trainable = adapter_params + ([soft.embedding] if soft is not None and config.variant == "ulsr" else [])
+    trainable = adapter_params + ([soft.embedding] if soft is not None and soft.embedding.requires_grad else [])
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
     groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable)
     optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
@@ -371,9 +373,14 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
     templates = templates or Templates(teacher=TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"]))
-    return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, model_card=cfg["variant"] == "mcp",
-                             empty_slot=cfg["variant"] == "wo-dpsm", method=method, batch_size=batch_size,
+    return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, **_prompt_flags(methods.get(cfg["variant"])),
+                             method=method, batch_size=batch_size,
                              name=f"delrec:{folder.name}", progress=progress)
+
+
+def _prompt_flags(method: methods.Method) -> dict:
+    """The scorer's prompt for a method's `prompt` (the soft prompt, when there is one, is passed apart)."""
+    return {"model_card": method.prompt == "model-card", "empty_slot": method.prompt == "empty-slot"}
 
 
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,102 @@
+"""The methods `delrec` trains and evaluates: DELRec and its ablations (paper Section V-D), one
+entry each. The pipeline, stage 2, the CLI and the report read this table, so a new variant is
+one `register(Method(...))` plus the code that is really new.
+
+Each method says
+* what stage 1 gives it: the teacher's shared distillation (`shared`), a distillation of its own
+  with other settings (`own`, with `stage1_settings`), or nothing (`none`);
+* where its soft prompt comes from: stage 1 (`distilled`), a random one of the same size
+  (`untrained`), or none (`none`);
+* its recommendation prompt (`prompt`): the LSR prompt with the soft prompt in its slot (`lsr`), with
+  the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
+  (`model-card`), or the plain prompt without slot or instruction (`plain`);
+* what stage 2 trains: AdaLoRA adapters (`stage2`), and the soft prompt too (`train_soft_prompt`);
+  `stage2=False` evaluates stage 1's soft prompt with the frozen LLM;
+* `stage2_from_stage1_llm`: stage 2 starts from the LLM stage 1 updated (`w UDPSM`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from delrec.settings import closest
+
+STAGE1 = ("shared", "own", "none")
+SOFT_PROMPTS = ("distilled", "untrained", "none")
+PROMPTS = ("lsr", "empty-slot", "model-card", "plain")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # in configs, the CLI and run folders (RUN/finetune/<teacher>-<name>)
+    label: str  # in reports: "DELRec" is written DELRec(<teacher>), the others "<label> (<teacher>)"
+    description: str
+    stage1: str = "shared"
+    soft_prompt: str = "distilled"
+    prompt: str = "lsr"
+    stage2: bool = True
+    train_soft_prompt: bool = False
+    stage1_settings: dict = field(default_factory=dict)  # DistillConfig fields of an `own` stage 1
+    stage2_from_stage1_llm: bool = False
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.stage1, STAGE1, "stage1"), (self.soft_prompt, SOFT_PROMPTS, "soft_prompt"),
+                                     (self.prompt, PROMPTS, "prompt")):
+            if value not in allowed:
+                raise ValueError(f"method {self.name!r}: {what} must be one of {allowed}, got {value!r}")
+        if (self.soft_prompt == "distilled") != (self.stage1 != "none"):
+            raise ValueError(f"method {self.name!r}: a distilled soft prompt needs a stage 1, and only it does")
+        if (self.soft_prompt == "none") != (self.prompt != "lsr"):
+            raise ValueError(f"method {self.name!r}: the `lsr` prompt is the one with a soft prompt in its slot")
+        if (self.stage1 == "own") != bool(self.stage1_settings):
+            raise ValueError(f"method {self.name!r}: an `own` stage 1 is one with its own stage1_settings")
+        if (self.train_soft_prompt or self.stage2_from_stage1_llm) and not self.stage2:
+            raise ValueError(f"method {self.name!r}: trains in stage 2 but has no stage 2")
+
+    def stage1_folder(self, teacher: str) -> str | None:
+        """The RUN/distill/ folder its soft prompt comes from (None: no stage 1)."""
+        return {"shared": teacher, "own": f"{teacher}-{self.name}", "none": None}[self.stage1]
+
+    def report_label(self, teacher: str) -> str:
+        return f"DELRec({teacher})" if self.name == "delrec" else f"{self.label} ({teacher})"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}{closest(name, METHODS)}; choose one of {tuple(METHODS)}")
+    return METHODS[name]
+
+
+def stage2_methods() -> tuple[str, ...]:
+    """Names of the methods with a stage 2 (the choices of `delrec finetune --variant`)."""
+    return tuple(m.name for m in METHODS.values() if m.stage2)
+
+
+# DELRec and its ablations (paper Table III and Section V-D), in the paper's order
+register(Method("delrec", "DELRec", "stage 1 distils the teacher into a soft prompt; stage 2 fine-tunes the LLM with it"))
+register(Method("wo-ta", "w/o TA", "stage 1 without the Temporal Analysis task", stage1="own",
+                stage1_settings={"tasks": ("rps",)}))
+register(Method("wo-rps", "w/o RPS", "stage 1 without the Recommendation Pattern Simulating task", stage1="own",
+                stage1_settings={"tasks": ("ta",)}))
+register(Method("wo-lsr", "w/o LSR", "no stage 2: the frozen LLM with the distilled soft prompt", stage2=False))
+register(Method("ulsr", "w ULSR", "stage 2 also updates the soft prompt", train_soft_prompt=True))
+register(Method("udpsm", "w UDPSM", "stage 1 also updates the LLM; stage 2 starts from that LLM", stage1="own",
+                stage1_settings={"update_llm": True}, stage2_from_stage1_llm=True))
+register(Method("usp", "w USP", "an untrained soft prompt of the same size in place of the distilled one",
+                stage1="none", soft_prompt="untrained"))
+register(Method("wo-dpsm", "w/o DPSM", "no stage 1: the soft-prompt slot left empty", stage1="none", soft_prompt="none",
+                prompt="empty-slot"))
+register(Method("mcp", "w MCP", "a hand-written description of the teacher in place of the soft prompt", stage1="none",
+                soft_prompt="none", prompt="model-card"))
+register(Method("wo-sp", "w/o SP", "the plain recommendation prompt fine-tuned, without soft prompt or instruction "
+                "(LLMSEQPROMPT in the paper's Table II)", stage1="none", soft_prompt="none", prompt="plain"))
