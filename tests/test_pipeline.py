@@ -88,6 +88,11 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
                      r"\d+ s of training \(\d+ s with the evaluations\)", report)
     assert re.search(r"- finetune/sasrec-delrec: 3 steps, 6 train examples = [\d.]+ epoch \(6 distinct\)", report)
     assert "the recommendation prompt with the soft prompt (`w/o LSR`, 4 valid samples): HR@1" in report
+    # the report is written from the run folder alone: `delrec report RUN` gives it again, byte for byte
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == report
+    assert "| data | ran |" in report
 
     # the same command again: nothing is recomputed but the report
     before = {p: p.stat().st_mtime_ns for p in (run / "eval" / "pipeline").glob("*.json")}
@@ -98,6 +103,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     assert log.count("step finetune:sasrec-delrec: done earlier") == 1
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert "| total |" in capsys.readouterr().out
+    assert "| data | skipped |" in (run / "report.md").read_text()
 
     # a run made before a setting existed (its config.json lacks the key) is not redone when the
     # setting keeps its default, which is the old behaviour

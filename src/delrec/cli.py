@@ -115,9 +115,9 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from delrec import distributed
     from delrec.data.protocol import RunData
-    from delrec.evaluate import PopularityScorer, RandomScorer, evaluate, format_table, subset_rows
+    from delrec.evaluate import evaluate, format_table, subset_rows
     from delrec.io import write_json
-    from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+    from delrec.scorers import make_scorer
 
     is_main = distributed.current().is_main
     run = Path(args.run)
@@ -133,14 +133,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     elif args.llm:
         models = [*models, f"llm:{args.llm}"]
     for name in models:
-        if name.startswith("llm:"):
-            scorer = _llm_scorer(args, data)
-        elif name == "random":
-            scorer = RandomScorer(seed=data.config.seed)
-        elif name == "popularity":
-            scorer = PopularityScorer(data)
-        else:
-            scorer = TeacherScorer(load_teacher(run / "teachers" / name, args.device, data), pick_device(args.device), name)
+        # random, popularity and teachers by name; any model of the run folder through the same factory
+        scorer = _llm_scorer(args, data) if name.startswith("llm:") else make_scorer(run, data, name, device=args.device,
+                                                                                     llm=args.llm, dtype=args.dtype)
         full = (args.full_ranking or data.config.name == "loo") and not name.startswith("llm:")
         res = evaluate(scorer, data, args.split, full_ranking=full, rows=rows)
         if args.limit:
@@ -159,12 +154,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         write_json(run / "eval" / f"summary.{args.split}.json", results)
 
 
-def _load_backbone(args):
-    from delrec.llm.backbone import Backbone
-
-    return Backbone.load(args.llm, device=args.device, dtype=args.dtype).freeze()
-
-
 def _templates(args, teacher: str | None = None):
     from delrec.llm.templates import Templates
 
@@ -174,33 +163,23 @@ def _templates(args, teacher: str | None = None):
 
 
 def _llm_scorer(args, data):
-    from delrec.llm.scorer import LLMScorer
-    from delrec.llm.soft_prompt import SoftPrompt
-
-    if getattr(args, "finetuned", None):
-        return _finetuned_scorer(args, data)
-    backbone = _load_backbone(args)
-    soft = SoftPrompt.load(args.soft_prompt, backbone) if args.soft_prompt else None
-    return LLMScorer.for_run(
-        data, backbone, templates=_templates(args), soft_prompt=soft, method=args.verbalizer,
-        batch_size=args.batch_size, name=f"llm:{args.llm}" + (" +soft prompt" if soft else ""),
-    )
-
-
-def _finetuned_scorer(args, data):
-    """A stage-2 result: its backbone, adapter, soft prompt and prompt variant, as trained."""
+    """`--finetuned FOLDER` (a stage-2 result: its backbone, adapter, soft prompt and prompt
+    variant, as trained) or `--llm NAME [--soft-prompt FILE]` (the frozen LLM), through the one
+    scorer factory (delrec.scorers)."""
     from delrec.io import read_json
+    from delrec.scorers import make_scorer
     from delrec.stages.distill import TEACHER_NAMES
-    from delrec.stages.finetune import finetuned_scorer
 
-    folder = Path(args.finetuned)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a stage-2 folder (no config.json); run `delrec finetune` first")
-    cfg = read_json(folder / "config.json")
-    teacher = cfg["teacher"]
-    args.llm = args.llm or cfg["llm"]
-    return finetuned_scorer(folder, data, backbone=_load_backbone(args), templates=_templates(args, TEACHER_NAMES.get(teacher, teacher)),
-                            method=args.verbalizer, batch_size=args.batch_size)
+    kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "method": args.verbalizer}
+    if getattr(args, "finetuned", None):
+        folder = Path(args.finetuned)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a stage-2 folder (no config.json); run `delrec finetune` first")
+        teacher = read_json(folder / "config.json")["teacher"]
+        templates = _templates(args, TEACHER_NAMES.get(teacher, teacher)) if (args.templates or args.teacher_name) else None
+        return make_scorer(Path(args.run), data, str(folder), templates=templates, **kw)
+    return make_scorer(Path(args.run), data, "zero-shot", llm=args.llm, templates=_templates(args), soft_prompt=args.soft_prompt,
+                       label=f"llm:{args.llm}" + (" +soft prompt" if args.soft_prompt else ""), **kw)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -216,7 +195,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from delrec.pipeline import Pipeline, PipelineConfig, format_steps
+    from delrec.config import PipelineConfig
+    from delrec.pipeline import Pipeline
+    from delrec.report import format_steps
 
     config = PipelineConfig.from_file(args.config, args.overrides)
     if args.quiet:
@@ -227,6 +208,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     steps = pipeline.execute()
     print(format_steps(steps))
     print(f"-> {pipeline.run}" + (f"; report: {pipeline.run / 'report.md'}" if config.report else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from delrec.report import write_report
+
+    print(f"-> {write_report(Path(args.run))}")
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
@@ -355,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any setting, e.g. run_dir=runs/try finetune.steps=20 test_samples=100")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write RUN/report.md again from the files of a `delrec run` folder")
+    p.add_argument("run", help="the run folder (its config.yaml, pipeline.json, stage folders and evaluations)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
     p.add_argument("--run", required=True)

@@ -21,91 +21,18 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from delrec import distributed, methods
 from delrec.io import atomic_path, read_json, write_json
-from delrec.settings import apply_override, check, load_yaml, runtime, same_identity
+from delrec.config import PipelineConfig  # noqa: F401 (the run config; `delrec.pipeline.PipelineConfig` before)
+from delrec.settings import same_identity
 
 log = logging.getLogger("delrec.pipeline")
 
-
-
-@dataclass
-class PipelineConfig:
-    """The experiment (`runtime` fields only say how it runs: see delrec.settings). The sections
-    (`protocol`, `teacher`, `distill`, `finetune`) hold fields of ProtocolConfig, TeacherConfig,
-    DistillConfig and FinetuneConfig; every key and value is checked on construction."""
-
-    run_dir: str = "runs/ml100k-cpu"
-    dataset: str = "ml-100k"  # ml-100k, ml-1m or a folder `delrec data prepare` reads
-    protocol: dict = field(default_factory=lambda: {"name": "paper"})  # ProtocolConfig fields
-    teachers: list[str] = field(default_factory=lambda: ["sasrec"])
-    teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
-    top_h: int = 10  # length of the teacher lists stored for RPS
-    llm: str = "smollm2-135m"
-    dtype: str = "auto"
-    device: str = runtime("auto")
-    threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
-    distill: dict = field(default_factory=dict)  # DistillConfig fields
-    finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
-    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
-    zero_shot: bool = True
-    test_samples: int | None = 500  # None: the whole test split
-    eval_seed: int = 0
-    eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
-    report: bool = runtime(True)
-    # other runs (folders of earlier `delrec run`s, e.g. with other budgets or soft-prompt sizes)
-    # whose results the report lists beside this one's, with the settings that differ
-    attempts: list[str] = runtime(default_factory=list)
-
-    def __post_init__(self):
-        from delrec.data.protocol import ProtocolConfig
-        from delrec.stages.distill import DistillConfig
-        from delrec.stages.finetune import FinetuneConfig
-        from delrec.teachers import default_config
-        from delrec.teachers.base import TeacherConfig
-
-        for name in self.variants:
-            try:
-                methods.get(name)
-            except ValueError as e:
-                raise ValueError(f"variants: {e}") from None
-        if not self.teachers:
-            raise ValueError("the config names no teacher")
-        # every section's keys and types, then each class's own checks, before any step runs
-        self.protocol = check(ProtocolConfig, self.protocol, "protocol")
-        self.teacher = check(TeacherConfig, self.teacher, "teacher")
-        self.distill = check(DistillConfig, self.distill, "distill")
-        self.finetune = check(FinetuneConfig, self.finetune, "finetune")
-        for section, build in (("protocol", lambda: ProtocolConfig.for_protocol(**self.protocol)),
-                               ("teacher", lambda: [default_config(t, **self.teacher) for t in self.teachers]),
-                               ("distill", lambda: DistillConfig(**{"llm": self.llm, "dtype": self.dtype, **self.distill})),
-                               ("finetune", lambda: FinetuneConfig(**{"llm": self.llm, "dtype": self.dtype, **self.finetune}))):
-            try:
-                build()
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{section}: {e}") from None
-        distill_top_h = self.distill.get("top_h", DistillConfig.top_h)
-        if distill_top_h > self.top_h:
-            raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
-
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "PipelineConfig":
-        """Settings from a YAML file, then `key=value` / `section.key=value` overrides, checked
-        (keys, types, allowed values) before anything runs; errors name the file and the key."""
-        path = Path(path)
-        values = load_yaml(path)
-        for item in overrides or []:
-            apply_override(values, item)
-        values = check(cls, values, str(path))
-        try:
-            return cls(**values)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
 
 class _PeakMemory:
@@ -299,19 +226,7 @@ class Pipeline:
 
     def models(self) -> list[tuple[str, str | None]]:
         """(model name, the file whose change invalidates its evaluation) in report order."""
-        c, out = self.config, []
-        out += [("random", None), ("popularity", None)]
-        out += [(t, str(self.run / "teachers" / t / "metrics.json")) for t in c.teachers]
-        if c.zero_shot:
-            out.append(("zero-shot", None))
-        for t in c.teachers:
-            for v in c.variants:
-                method = methods.get(v)
-                if not method.stage2:  # the frozen LLM with stage 1's soft prompt
-                    out.append((f"{t}-{v}", str(self.run / "distill" / method.stage1_folder(t) / "metrics.json")))
-                else:
-                    out.append((f"{t}-{v}", str(self.run / "finetune" / f"{t}-{v}" / "metrics.json")))
-        return out
+        return self.config.models()
 
     def evaluate(self) -> None:
         from delrec.data.protocol import RunData
@@ -329,33 +244,11 @@ class Pipeline:
             self._step(f"eval:{name}", done, lambda name=name, settings=settings: self._run_eval(data, rows, name, settings, path))
 
     def _scorer(self, data, name: str):
-        from delrec.evaluate import PopularityScorer, RandomScorer
-        from delrec.llm.backbone import Backbone
-        from delrec.llm.scorer import LLMScorer
-        from delrec.llm.soft_prompt import SoftPrompt
-        from delrec.llm.templates import Templates
-        from delrec.stages.distill import TEACHER_NAMES
-        from delrec.stages.finetune import finetuned_scorer
-        from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+        from delrec.scorers import make_scorer
 
-        c, kw = self.config, {"batch_size": self.config.eval_batch_size, "progress": self.progress}
-        if name == "random":
-            return RandomScorer(seed=data.config.seed)
-        if name == "popularity":
-            return PopularityScorer(data)
-        if name in c.teachers:
-            return TeacherScorer(load_teacher(self.run / "teachers" / name, c.device, data), pick_device(c.device), name)
-        if name == "zero-shot":
-            bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
-            return LLMScorer.for_run(data, bb, name=f"zero-shot:{c.llm}", **kw)
-        teacher, variant = name.split("-", 1)
-        method = methods.get(variant)
-        if not method.stage2:
-            bb = Backbone.load(c.llm, device=c.device, dtype=c.dtype).freeze()
-            soft = SoftPrompt.load(self.run / "distill" / method.stage1_folder(teacher) / "soft_prompt.safetensors", bb)
-            return LLMScorer.for_run(data, bb, templates=Templates(teacher=TEACHER_NAMES.get(teacher, teacher)),
-                                     soft_prompt=soft, name=f"delrec:{name}", **kw)
-        return finetuned_scorer(self.run / "finetune" / name, data, dtype=c.dtype, device=c.device, **kw)
+        c = self.config
+        return make_scorer(self.run, data, name, llm=c.llm, dtype=c.dtype, device=c.device, batch_size=c.eval_batch_size,
+                           progress=self.progress)
 
     def _run_eval(self, data, rows, name, settings, path) -> None:
         from delrec.evaluate import candidate_ranks, metrics_from_ranks
@@ -372,13 +265,16 @@ class Pipeline:
     def write_report(self) -> None:
         from delrec.report import write_report
 
-        self._step("report", False, lambda: write_report(self), main_only=True)
+        # the report reads pipeline.json, which therefore holds every step before it
+        self._step("report", False, lambda: write_report(self.run, self.config), main_only=True)
 
     def _write_summary(self, seconds: float) -> None:
         """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time."""
         import torch
 
-        steps = [self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e for e in self.steps]
+        # a skipped step keeps its last real run's time and memory; `this_invocation` says what happened now
+        steps = [{**(self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e),
+                  "this_invocation": e["status"]} for e in self.steps]
         total = sum(e["seconds"] or 0.0 for e in steps)
         if not distributed.current().is_main:
             return
@@ -415,22 +311,10 @@ class Pipeline:
             self.finetune()
             self.evaluate()
             if c.report:
+                self._write_summary(time.perf_counter() - t0)
                 self.write_report()
             self._write_summary(time.perf_counter() - t0)
             return self.steps
         finally:
             root.removeHandler(handler)
             handler.close()
-
-
-def format_steps(steps: list[dict]) -> str:
-    """Steps as a Markdown table; a skipped step shows the time and memory of its last real run."""
-    lines = ["| step | this invocation | seconds | peak memory (MiB) |", "|---|---|---|---|"]
-    total = 0.0
-    for s in steps:
-        secs = "" if s["seconds"] is None else f"{s['seconds']:.1f}"
-        mem = "" if s["peak_rss_mb"] is None else str(s["peak_rss_mb"])
-        total += s["seconds"] or 0.0
-        lines.append(f"| {s['step']} | {s['status']} | {secs} | {mem} |")
-    lines.append(f"| total | | {total:.1f} | |")
-    return "\n".join(lines)

@@ -97,7 +97,7 @@ def _valid_metrics(scorer, data, rows: np.ndarray) -> dict:
     return metrics_from_ranks(candidate_ranks(scorer, data, rows, local=True))
 
 
-def _references(pipeline, data, folders: list[Path]) -> tuple[dict, int]:
+def _references(config, data, folders: list[Path]) -> tuple[dict, int]:
     """Horizontal reference lines for a stage's learning curves, on the recommendation task (the
     fixed candidates) over the valid rows the stage's runs evaluated (their union): the expected
     random ranker (uniform rank), popularity and each teacher the runs learned from."""
@@ -105,12 +105,12 @@ def _references(pipeline, data, folders: list[Path]) -> tuple[dict, int]:
 
     refs = {f"random ({data.candidates.shape[1]} candidates)": metrics_from_ranks(np.arange(data.candidates.shape[1]))}
     found = [r for r in (_stage_valid_rows(f, data) for f in folders) if r is not None and len(r)]
-    if pipeline is None or not found:
+    if config is None or not found:
         return refs, 0
     rows = np.unique(np.concatenate(found))
     used = {(_stage_file(f, "config.json") or _stage_file(f, "metrics.json")).get("teacher") for f in folders}
-    teachers = [t for t in pipeline.config.teachers if t in used] or list(pipeline.config.teachers)
-    makers = [("popularity", lambda: PopularityScorer(data))] + [(t, lambda t=t: pipeline._scorer(data, t)) for t in teachers]
+    teachers = [t for t in config.teachers if t in used] or list(config.teachers)
+    makers = [("popularity", lambda: PopularityScorer(data))] + [(t, lambda t=t: _scorer(config, data, t)) for t in teachers]
     for name, make in makers:
         try:
             refs[name] = _valid_metrics(make(), data, rows)
@@ -119,7 +119,7 @@ def _references(pipeline, data, folders: list[Path]) -> tuple[dict, int]:
     return refs, len(rows)
 
 
-def _figures(run: Path, teachers, evals: dict, paper: dict, pipeline=None, data=None) -> list[str]:
+def _figures(run: Path, teachers, evals: dict, paper: dict, config=None, data=None) -> list[str]:
     """PNG figures beside the report; returns the Markdown that shows them."""
     import matplotlib
 
@@ -173,7 +173,7 @@ def _figures(run: Path, teachers, evals: dict, paper: dict, pipeline=None, data=
                     y = smooth([p[1] for p in pts])
                     name = f"{folder.name} {label}".strip()
                     axes[2].plot([p[0] for p in pts][len(pts) - len(y):], y, label=name, color=color(name))
-        refs, n = _references(pipeline, data, folders) if data is not None else ({}, 0)
+        refs, n = _references(config, data, folders) if data is not None else ({}, 0)
         dashes = iter(["--", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1))] * 4)
         for name, m in {**refs, **extra_refs}.items():
             color, style = ("0.4", "-.") if name.startswith("random (RPS") else ("0.4", ":") if name.startswith("random") \
@@ -247,7 +247,7 @@ def _figures(run: Path, teachers, evals: dict, paper: dict, pipeline=None, data=
     return shown
 
 
-def _case_studies(pipeline, data, evals: dict, teacher: str, rows: np.ndarray) -> list[str]:
+def _case_studies(config, data, evals: dict, teacher: str, rows: np.ndarray) -> list[str]:
     """Three test samples (the first in subset order of each kind: both right, only DELRec
     right, only the teacher right), with history, each model's top-1 and the truth."""
     name = f"{teacher}-delrec"
@@ -267,7 +267,7 @@ def _case_studies(pipeline, data, evals: dict, teacher: str, rows: np.ndarray) -
     titles = [""] + data.items["title"].tolist()
     top1 = {}
     for model in (teacher, name):
-        scores = np.asarray(pipeline._scorer(data, model).score_candidates(data, chosen), dtype=np.float64)
+        scores = np.asarray(_scorer(config, data, model).score_candidates(data, chosen), dtype=np.float64)
         top1[model] = data.candidates[chosen, scores.argmax(axis=1)]
     out = []
     for j, (kind, i) in enumerate(picks):
@@ -341,17 +341,44 @@ def _paired_table(other: str, comparisons: list[tuple[str, dict]]) -> list[str]:
     return out
 
 
-def write_report(pipeline) -> Path:
+def _scorer(config, data, name: str):
+    """A model of the run through the one scorer factory, with the run's settings."""
+    from delrec.scorers import make_scorer
+
+    return make_scorer(config.run_dir, data, name, llm=config.llm, dtype=config.dtype, device=config.device,
+                       batch_size=config.eval_batch_size, progress=False)
+
+
+def format_steps(steps: list[dict]) -> str:
+    """Steps as a Markdown table; a skipped step shows the time and memory of its last real run."""
+    lines = ["| step | this invocation | seconds | peak memory (MiB) |", "|---|---|---|---|"]
+    total = 0.0
+    for s in steps:
+        secs = "" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        mem = "" if s["peak_rss_mb"] is None else str(s["peak_rss_mb"])
+        total += s["seconds"] or 0.0
+        lines.append(f"| {s['step']} | {s.get('this_invocation', s['status'])} | {secs} | {mem} |")
+    lines.append(f"| total | | {total:.1f} | |")
+    return "\n".join(lines)
+
+
+def write_report(run: str | Path, config=None) -> Path:
+    """RUN/report.md and its figures, from the files in the run folder alone (its config.yaml,
+    pipeline.json, data, stage folders and evaluations): `delrec report RUN` writes it again.
+    `config`: the run's PipelineConfig when the caller has it (default: read from the folder)."""
     import torch
 
+    from delrec.config import PipelineConfig
     from delrec.data.protocol import RunData
-    from delrec.pipeline import format_steps
     from delrec.significance import compare, per_sample
 
-    c, run = pipeline.config, pipeline.run
+    run = Path(run)
+    c = config or PipelineConfig.from_run(run)
+    summary = run / "pipeline.json"
+    steps = [e for e in read_json(summary)["steps"] if e["step"] != "report"] if summary.exists() else []
     teachers = list(c.teachers)
     evals = {}
-    for name, _ in pipeline.models():
+    for name, _ in c.models():
         path = run / "eval" / "pipeline" / f"{name}.json"
         if path.exists():
             evals[name] = read_json(path)
@@ -442,7 +469,7 @@ def write_report(pipeline) -> Path:
     L.append("")
 
     # -- figures --
-    L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper, pipeline, data)]
+    L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper, c, data)]
 
     # -- cold start --
     if evals:
@@ -459,7 +486,7 @@ def write_report(pipeline) -> Path:
             L.append("")
 
     # -- case studies --
-    cases = _case_studies(pipeline, data, evals, teachers[0], rows) if evals else []
+    cases = _case_studies(c, data, evals, teachers[0], rows) if evals else []
     if cases:
         L += ["## Case studies (Figure 9 style)", "", "The first test sample (in subset order) of each kind; not chosen by hand.", "", *cases]
 
@@ -483,7 +510,7 @@ def write_report(pipeline) -> Path:
                  f"{f' ({distinct} distinct)' if distinct is not None else ''}, {timing}{extra}")
     L += ["", "Settings (the resolved config, `config.yaml` in the run folder):", "", "```yaml",
           (run / "config.yaml").read_text().strip() if (run / "config.yaml").exists() else "", "```", ""]
-    L += ["## Steps: wall time and peak memory", "", format_steps(pipeline.steps), "",
+    L += ["## Steps: wall time and peak memory", "", format_steps(steps), "",
           "A step skipped by this invocation shows the time and peak resident memory of its last real run "
           "(`pipeline.json`); the report step itself is not in the total.", ""]
     L += ["## Data and protocol", "", f"- dataset: {c.dataset}; protocol: `{json.dumps(protocol['protocol'])}`",

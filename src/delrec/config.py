@@ -1,0 +1,117 @@
+"""The configuration of a `delrec run` experiment (configs/*.yaml), checked when it is read.
+
+Sections hold the fields of the stages' own settings classes; delrec.settings checks every key
+and value before any step runs and says which settings are runtime only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from delrec import methods
+from delrec.settings import apply_override, check, load_yaml, runtime
+
+
+@dataclass
+class PipelineConfig:
+    """The experiment (`runtime` fields only say how it runs: see delrec.settings). The sections
+    (`protocol`, `teacher`, `distill`, `finetune`) hold fields of ProtocolConfig, TeacherConfig,
+    DistillConfig and FinetuneConfig; every key and value is checked on construction."""
+
+    run_dir: str = "runs/ml100k-cpu"
+    dataset: str = "ml-100k"  # ml-100k, ml-1m or a folder `delrec data prepare` reads
+    protocol: dict = field(default_factory=lambda: {"name": "paper"})  # ProtocolConfig fields
+    teachers: list[str] = field(default_factory=lambda: ["sasrec"])
+    teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
+    top_h: int = 10  # length of the teacher lists stored for RPS
+    llm: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = runtime("auto")
+    threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
+    distill: dict = field(default_factory=dict)  # DistillConfig fields
+    finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
+    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
+    zero_shot: bool = True
+    test_samples: int | None = 500  # None: the whole test split
+    eval_seed: int = 0
+    eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
+    report: bool = runtime(True)
+    # other runs (folders of earlier `delrec run`s, e.g. with other budgets or soft-prompt sizes)
+    # whose results the report lists beside this one's, with the settings that differ
+    attempts: list[str] = runtime(default_factory=list)
+
+    def __post_init__(self):
+        from delrec.data.protocol import ProtocolConfig
+        from delrec.stages.distill import DistillConfig
+        from delrec.stages.finetune import FinetuneConfig
+        from delrec.teachers import default_config
+        from delrec.teachers.base import TeacherConfig
+
+        for name in self.variants:
+            try:
+                methods.get(name)
+            except ValueError as e:
+                raise ValueError(f"variants: {e}") from None
+        if not self.teachers:
+            raise ValueError("the config names no teacher")
+        # every section's keys and types, then each class's own checks, before any step runs
+        # (kept as plain JSON values: they are written back to RUN/config.yaml)
+        self.protocol = _plain(check(ProtocolConfig, self.protocol, "protocol"))
+        self.teacher = _plain(check(TeacherConfig, self.teacher, "teacher"))
+        self.distill = _plain(check(DistillConfig, self.distill, "distill"))
+        self.finetune = _plain(check(FinetuneConfig, self.finetune, "finetune"))
+        for section, build in (("protocol", lambda: ProtocolConfig.for_protocol(**self.protocol)),
+                               ("teacher", lambda: [default_config(t, **self.teacher) for t in self.teachers]),
+                               ("distill", lambda: DistillConfig(**{"llm": self.llm, "dtype": self.dtype, **self.distill})),
+                               ("finetune", lambda: FinetuneConfig(**{"llm": self.llm, "dtype": self.dtype, **self.finetune}))):
+            try:
+                build()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{section}: {e}") from None
+        distill_top_h = self.distill.get("top_h", DistillConfig.top_h)
+        if distill_top_h > self.top_h:
+            raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "PipelineConfig":
+        """Settings from a YAML file, then `key=value` / `section.key=value` overrides, checked
+        (keys, types, allowed values) before anything runs; errors name the file and the key."""
+        path = Path(path)
+        values = load_yaml(path)
+        for item in overrides or []:
+            apply_override(values, item)
+        values = check(cls, values, str(path))
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def models(self) -> list[tuple[str, str | None]]:
+        """(model name, the file whose change invalidates its evaluation) in report order."""
+        run, out = Path(self.run_dir), []
+        out += [("random", None), ("popularity", None)]
+        out += [(t, str(run / "teachers" / t / "metrics.json")) for t in self.teachers]
+        if self.zero_shot:
+            out.append(("zero-shot", None))
+        for t in self.teachers:
+            for v in self.variants:
+                method = methods.get(v)
+                if not method.stage2:  # the frozen LLM with stage 1's soft prompt
+                    out.append((f"{t}-{v}", str(run / "distill" / method.stage1_folder(t) / "metrics.json")))
+                else:
+                    out.append((f"{t}-{v}", str(run / "finetune" / f"{t}-{v}" / "metrics.json")))
+        return out
+
+    @classmethod
+    def from_run(cls, run: str | Path) -> "PipelineConfig":
+        """The configuration a `delrec run` recorded in its folder (RUN/config.yaml)."""
+        run = Path(run)
+        if not (run / "config.yaml").exists():
+            raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
+        return cls.from_file(run / "config.yaml", [f"run_dir={run}"])
+
+
+def _plain(values: dict) -> dict:
+    return json.loads(json.dumps(values))
