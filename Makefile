@@ -26,6 +26,7 @@ quick: venv
 	$(BIN)/delrec run --config configs/ml100k-quick.yaml
 
 test: venv
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 bench-teachers: venv

@@ -262,12 +262,13 @@ def main() -> None:
 
     import numpy as np
     import torch
+
     from delrec.io import write_json
     from delrec.llm.backbone import pick_dtype
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
-    from delrec.stages.optim import lion
     from delrec.stages.finetune import orthogonal_regulariser
+    from delrec.stages.optim import lion
     from delrec.stages.weighting import LossWeighting
 
     device = torch.device(args.device)

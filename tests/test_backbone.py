@@ -19,8 +19,7 @@ from delrec.llm import backbone as backbone_mod
 from delrec.llm import model_fetch
 from delrec.llm.backbone import Backbone, cpu_supports_bf16, pick_dtype, resolve_model_path
 from delrec.llm.model_fetch import OFFLINE_MODELS, ModelSource, WheelPart, convert_gguf, fetch_model, is_model_fetched
-
-from llm_helpers import make_test_tokenizer, tiny_llama_backbone, tiny_t5_backbone
+from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 gguf = pytest.importorskip("gguf")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import make_run
-from delrec.llm.soft_prompt import SoftPrompt
 from delrec.evaluate import evaluate
 from delrec.llm.scorer import LLMScorer
+from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import MASK, Prompt, Templates
 from delrec.stages import distill as distill_mod
 from delrec.stages.distill import DistillConfig, distill
@@ -88,7 +88,7 @@ def test_soft_prompt_learns_a_toy_task(taught_run, make_backbone):
                                               "soft_tokens": 8, "lr": 5e-2})
     bb = make_backbone()
     result = distill(run, cfg, name=f"toy-{bb.name}", backbone=bb, progress=False)
-    log = [json.loads(l) for l in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
     total = [e["loss_ta"] + e["loss_rps"] for e in log if "loss_ta" in e]
     assert len(total) == 30
     assert np.mean(total[-4:]) < np.mean(total[:4]) - 0.1, total
@@ -216,14 +216,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     assert (run / "distill" / "crash" / "checkpoint.pt").exists()
     resumed = distill(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
     assert torch.equal(resumed.soft_prompt.embedding, ref.soft_prompt.embedding)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "wall_seconds")} for l in p.read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "wall_seconds")} for line in p.read_text().splitlines()]
     assert strip(resumed.out_dir / "train_log.jsonl") == strip(ref.out_dir / "train_log.jsonl")
 
 
 def test_ablation_flags(taught_run):
     run, _ = taught_run
     no_ta = distill(run, DistillConfig(teacher="gru4rec", tasks=("rps",), **FAST), name="wo-ta", backbone=tiny_llama_backbone(), progress=False)
-    log = [json.loads(l) for l in (no_ta.out_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (no_ta.out_dir / "train_log.jsonl").read_text().splitlines()]
     assert all("loss_ta" not in e for e in log) and any("loss_rps" in e for e in log)
     no_rps = distill(run, DistillConfig(teacher="gru4rec", tasks=("ta",), **FAST), name="wo-rps", backbone=tiny_llama_backbone(), progress=False)
     assert set(no_rps.metrics["trained"]) == {"ta_valid_accuracy"}

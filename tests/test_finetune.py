@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401  (module-scoped fixture)
 from delrec.cli import main
+from delrec.evaluate import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import DistillConfig, distill
-from delrec.evaluate import evaluate
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
+from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401  (module-scoped fixture)
 from test_learning import steerable_llama, steerable_t5
 
 STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=2,
@@ -22,7 +22,7 @@ STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_ev
 
 
 @pytest.fixture(scope="module")
-def distilled(taught_run):
+def distilled(taught_run):  # noqa: F811 (the imported module fixture, by name)
     run, data = taught_run
     for make in (tiny_llama_backbone, tiny_t5_backbone):
         bb = make()
@@ -81,7 +81,7 @@ def test_loss_falls_on_a_toy_task(distilled, make_backbone, objective):
     cfg = FinetuneConfig(**{**STAGE2, "variant": "wo-sp", "steps": 20, "eval_every": 100, "lr": 1e-1}, max_train_examples=4,
                          objective=objective)
     result = finetune(run, cfg, name=f"toy-{bb.name}-{objective}", backbone=bb, progress=False)
-    losses = [json.loads(l)["loss_rec"] for l in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    losses = [json.loads(line)["loss_rec"] for line in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 20 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
 
 
@@ -120,7 +120,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(distilled, monkeypatch
         finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
     monkeypatch.setattr(finetune_mod.torch, "save", real_save)
     resumed = finetune(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "wall_seconds")} for l in p.read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "wall_seconds")} for line in p.read_text().splitlines()]
     assert strip(resumed.out_dir / "train_log.jsonl") == strip(ref.out_dir / "train_log.jsonl")
     assert resumed.metrics["best_valid_NDCG@5"] == ref.metrics["best_valid_NDCG@5"]
     no_time = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["valid_history"]]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
+from delrec import methods
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
@@ -31,9 +31,9 @@ from delrec.llm.verbalizer import Verbalizer
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import TEACHER_NAMES, DistillConfig, DistillResult, accuracy, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec import methods
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
+from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 
 TEACHER = "gru4rec"
 N = 4  # training examples to memorise (per task in stage 1)

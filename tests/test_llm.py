@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import MASK, Templates, lsr_prompt, rps_prompt, ta_prompt
 from delrec.llm.verbalizer import Verbalizer
+from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Fargo", "Alien", "Casablanca", "Titanic", "The Matrix", "Jaws (1995)",
           "Vertigo", "Psycho", "Rocky", "The Usual Suspects (1995)", "Toy", "Heat", "Story"]

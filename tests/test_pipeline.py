@@ -127,7 +127,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     # the first run, kept as an attempt, is listed in the report with the setting that differs
     shutil.copytree(run, tmp_path / "first")
     assert main(_args(config, run, "finetune.steps=4", "finetune.lr_schedule=linear", f"attempts=[{tmp_path / 'first'}]")) == 0
-    row = next(l for l in (run / "report.md").read_text().splitlines() if l.startswith("| first | finetune.steps=3 | DELRec(sasrec) | 12 |"))
+    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| first | finetune.steps=3 | DELRec(sasrec) | 12 |"))
     assert re.search(r"\| \d\.\d{3} -> \d\.\d{3} \|$", row), row  # the attempt's stage-1 RPS accuracy
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step distill:sasrec: done earlier" in log and "step teacher:sasrec: done earlier" in log

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_run, random_dataset
-from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
+from delrec.data.protocol import ProtocolConfig, prepare, write
 from delrec.evaluate import evaluate
 from delrec.teachers import default_config
 from delrec.teachers import train as train_mod
@@ -75,8 +75,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     resumed = train_teacher(crash_run, cfg, device="cpu", progress=False).metrics
     assert resumed["test"] == reference["test"]
     assert resumed["best_epoch"] == reference["best_epoch"]
-    log = [json.loads(l) for l in (crash_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(l) for l in (ref_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (crash_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(line) for line in (ref_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in log] == [e["loss"] for e in ref_log]
 
 
@@ -119,7 +119,7 @@ def test_test_split_never_influences_training(tmp_path):
     for run in ("a", "b"):
         train_teacher(tmp_path / run, cfg, device="cpu", progress=False)
         logs.append((tmp_path / run / "teachers" / "gru4rec" / "train_log.jsonl").read_text())
-    strip = lambda text: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in text.splitlines()]
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
     assert strip(logs[0]) == strip(logs[1])
 
 

@@ -75,7 +75,7 @@ class PipelineConfig:
             raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "PipelineConfig":
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
         """Settings from a YAML file, then `key=value` / `section.key=value` overrides, checked
         (keys, types, allowed values) before anything runs; errors name the file and the key."""
         path = Path(path)
@@ -105,7 +105,7 @@ class PipelineConfig:
         return out
 
     @classmethod
-    def from_run(cls, run: str | Path) -> "PipelineConfig":
+    def from_run(cls, run: str | Path) -> PipelineConfig:
         """The configuration a `delrec run` recorded in its folder (RUN/config.yaml)."""
         run = Path(run)
         if not (run / "config.yaml").exists():

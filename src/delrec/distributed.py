@@ -44,13 +44,13 @@ import gc
 import math
 import os
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-_CURRENT: "Distributed | None" = None
+_CURRENT: Distributed | None = None
 
 
 def _flag(name: str) -> bool:

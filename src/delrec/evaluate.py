@@ -7,7 +7,8 @@ model that gives every candidate the same score gets rank C-1, never rank 0.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from delrec import distributed, methods
-from delrec.io import atomic_path, read_json, write_json
 from delrec.config import PipelineConfig  # noqa: F401 (the run config; `delrec.pipeline.PipelineConfig` before)
+from delrec.io import atomic_path, read_json, write_json
 from delrec.settings import same_identity
 
 log = logging.getLogger("delrec.pipeline")
@@ -145,8 +145,8 @@ class Pipeline:
         self._step("data", marker.exists(), prepare, main_only=True)
 
     def teachers(self) -> None:
-        from delrec.teachers import default_config
         from delrec.stages.examples import stored_top_h
+        from delrec.teachers import default_config
         from delrec.teachers.base import TeacherConfig
         from delrec.teachers.train import train_teacher
 
@@ -156,7 +156,7 @@ class Pipeline:
             done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
                 stored_top_h(out / "topk.parquet") == self.config.top_h and \
                 same_identity(TeacherConfig, read_json(out / "config.json")["teacher"], asdict(tc))
-            self._step(f"teacher:{name}", done, lambda: train_teacher(
+            self._step(f"teacher:{name}", done, lambda tc=tc: train_teacher(
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
 
     def _distill_config(self, teacher: str, variant: str | None = None):
@@ -241,7 +241,7 @@ class Pipeline:
                         "llm": self.config.llm if name == "zero-shot" else None}
             recorded = read_json(path).get("settings") if path.exists() else None
             done = recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
-            self._step(f"eval:{name}", done, lambda name=name, settings=settings: self._run_eval(data, rows, name, settings, path))
+            self._step(f"eval:{name}", done, lambda name=name, settings=settings, path=path: self._run_eval(data, rows, name, settings, path))
 
     def _scorer(self, data, name: str):
         from delrec.scorers import make_scorer

@@ -270,7 +270,7 @@ def _case_studies(config, data, evals: dict, teacher: str, rows: np.ndarray) -> 
         scores = np.asarray(_scorer(config, data, model).score_candidates(data, chosen), dtype=np.float64)
         top1[model] = data.candidates[chosen, scores.argmax(axis=1)]
     out = []
-    for j, (kind, i) in enumerate(picks):
+    for j, (kind, _) in enumerate(picks):
         r = chosen[j]
         history = [titles[k] for k in data.history[r] if k > 0]
         out += [f"**Case {j + 1} ({kind}), test sample {int(data.sample_id[r])}.**", "",

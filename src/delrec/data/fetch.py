@@ -21,7 +21,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from delrec.io import atomic_dir
@@ -146,7 +146,7 @@ def fetch_dataset(
                 "members": list(src.members),
                 "files": list(src.files),
                 "license": src.license,
-                "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s ready in %s", name, target)

@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,6 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from delrec.data.fetch import DATASETS, SOURCE_FILE, fetch_dataset
-
 
 log = logging.getLogger(__name__)
 GENERIC_EXTS = ("parquet", "csv", "tsv")  # in this order of preference when several exist

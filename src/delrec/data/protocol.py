@@ -54,7 +54,7 @@ class ProtocolConfig:
             raise ValueError(f"split_ratio must be three positive numbers summing to 1, got {self.split_ratio}")
 
     @classmethod
-    def for_protocol(cls, name: str, **overrides) -> "ProtocolConfig":
+    def for_protocol(cls, name: str, **overrides) -> ProtocolConfig:
         """Defaults per protocol: `loo` follows RecBole's SASRec setting (history 50)."""
         defaults = {"paper": {}, "loo": {"max_history": 50}}
         if name not in defaults:
@@ -341,7 +341,7 @@ class RunData:
     stats: dict
 
     @classmethod
-    def load(cls, data_dir: str | Path) -> "RunData":
+    def load(cls, data_dir: str | Path) -> RunData:
         data_dir = Path(data_dir)
         meta_path = data_dir / "protocol.json"
         if not meta_path.exists():

@@ -146,7 +146,7 @@ class Backbone:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         cache_dir: str | os.PathLike | None = None,
-    ) -> "Backbone":
+    ) -> Backbone:
         """Load an offline model key, a local folder or a hub name (see `resolve_model_path`).
 
         AutoConfig decides the kind: encoder-decoder configs load with AutoModelForSeq2SeqLM,
@@ -166,7 +166,7 @@ class Backbone:
         return cls(model, tokenizer, name=os.fspath(name_or_path))
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, name: str | None = None) -> "Backbone":
+    def from_model(cls, model: nn.Module, tokenizer, name: str | None = None) -> Backbone:
         """Wrap a model already in memory (tests, or a model built by other means)."""
         return cls(model, tokenizer, name=name)
 
@@ -212,13 +212,13 @@ class Backbone:
             std *= float(scale.float().item() if torch.is_tensor(scale) else scale)
         return std
 
-    def freeze(self) -> "Backbone":
+    def freeze(self) -> Backbone:
         """requires_grad=False on every weight of the model. Returns self."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         return self
 
-    def enable_gradient_checkpointing(self) -> "Backbone":
+    def enable_gradient_checkpointing(self) -> Backbone:
         """Recompute each layer's activations during the backward pass instead of keeping them
         (much less activation memory for about a third more compute). Hugging Face checkpoints a
         layer only while that layer is in training mode; only the layers are flagged here, not
@@ -242,7 +242,7 @@ class Backbone:
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def to(self, device: str | torch.device) -> "Backbone":
+    def to(self, device: str | torch.device) -> Backbone:
         self.model.to(resolve_device(device))
         return self
 

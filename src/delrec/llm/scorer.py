@@ -4,7 +4,7 @@ the same Scorer interface (and so the same evaluator) as the teachers."""
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class LLMScorer:
         return self.verbalizer.batch_size
 
     @classmethod
-    def for_run(cls, data: RunData, backbone: Backbone, **kwargs) -> "LLMScorer":
+    def for_run(cls, data: RunData, backbone: Backbone, **kwargs) -> LLMScorer:
         return cls(backbone, [""] + data.items["title"].tolist(), **kwargs)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None) -> Prompt:

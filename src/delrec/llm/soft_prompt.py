@@ -32,7 +32,7 @@ class SoftPrompt(nn.Module):
         self.backbone = backbone
 
     @classmethod
-    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None) -> "SoftPrompt":
+    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None) -> SoftPrompt:
         prompt = cls(num_tokens, backbone.hidden_size, backbone.embedding_std(), backbone.name, seed)
         return prompt.to(backbone.device)
 
@@ -58,7 +58,7 @@ class SoftPrompt(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backbone=None) -> "SoftPrompt":
+    def load(cls, path: str | os.PathLike, backbone=None) -> SoftPrompt:
         """Load a saved soft prompt; with `backbone`, check that it was trained for it."""
         path = Path(path)
         if path.is_dir():

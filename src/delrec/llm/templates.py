@@ -20,9 +20,9 @@ file (`Templates.from_file`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class Templates:
     model_card: str = MODEL_CARD
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "Templates":
+    def from_file(cls, path: str | Path, **overrides) -> Templates:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"template file {path} does not exist")
@@ -111,7 +111,7 @@ class Templates:
             raise ValueError(f"{path}: unknown template fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{**values, **overrides})
 
-    def with_teacher(self, teacher: str) -> "Templates":
+    def with_teacher(self, teacher: str) -> Templates:
         return replace(self, teacher=teacher)
 
     def _words(self) -> dict:

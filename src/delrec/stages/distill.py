@@ -37,8 +37,8 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
-from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.settings import runtime, same_identity
+from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.optim import LR_SCHEDULES, lion, lr_schedule
 from delrec.stages.weighting import LossWeighting
 

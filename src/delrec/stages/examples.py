@@ -35,7 +35,7 @@ class TeacherLists:
         self.name = name
 
     @classmethod
-    def load(cls, run_dir: str | Path, teacher: str, data: RunData, top_h: int | None = None) -> "TeacherLists":
+    def load(cls, run_dir: str | Path, teacher: str, data: RunData, top_h: int | None = None) -> TeacherLists:
         """`top_h`: the width the caller will use; more than the stored lists hold is an error."""
         path = Path(run_dir) / "teachers" / teacher / "topk.parquet"
         if not path.exists():

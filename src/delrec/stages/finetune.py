@@ -43,10 +43,9 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
 from delrec.settings import closest, runtime, same_identity
-from delrec.stages.optim import (ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters,
-                                 lr_schedule, make_optimizer)
+from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
+from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ class TeacherConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TeacherConfig":
+    def from_dict(cls, d: dict) -> TeacherConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
