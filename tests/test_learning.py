@@ -29,7 +29,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import Verbalizer
 from delrec.stages import finetune as finetune_mod
-from delrec.stages.distill import TEACHER_NAMES, DistillConfig, DistillResult, accuracy, distill
+from delrec.stages.distill import DistillConfig, DistillResult, accuracy, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
@@ -131,7 +131,7 @@ def stage1(taught_run):  # noqa: F811
             bb = BACKBONES[backbone]()
             # the training examples exactly as distill draws them: one seeded generator, a
             # permutation of each task's eligible train rows in task order, the first N of each
-            builder = ExampleBuilder(data, Templates(teacher=TEACHER_NAMES[TEACHER]), teacher, cfg.ta_examples, cfg.top_h, cfg.seed)
+            builder = ExampleBuilder(data, Templates.for_teacher(TEACHER), teacher, cfg.ta_examples, cfg.top_h, cfg.seed)
             rng = np.random.default_rng(cfg.seed)
             prompts = {t: builder.build(t, rng.permutation(builder.eligible("train", t))[:N]) for t in tasks}
             verbalizer = Verbalizer(bb, "full-title", cfg.verbalizer_batch)
@@ -164,7 +164,7 @@ def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> 
     """The model stage 2 starts from: the backbone without adapters, with the variant's prompt and
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
     soft = finetune_mod._soft_prompt(run, cfg, bb)
-    return LLMScorer.for_run(data, bb, templates=Templates(teacher=TEACHER_NAMES[cfg.teacher]), soft_prompt=soft,
+    return LLMScorer.for_run(data, bb, templates=Templates.for_teacher(cfg.teacher), soft_prompt=soft,
                              **finetune_mod._prompt_flags(methods.get(cfg.variant)), progress=False)
 
 

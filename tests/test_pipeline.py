@@ -186,3 +186,48 @@ def test_significance():
     c = compare(a, b)
     assert c["HR@1"]["diff"] == pytest.approx(0.375) and c["HR@1"]["relative"] == pytest.approx(1.0)
     assert c["HR@1"]["ci95"][0] > 0
+
+
+def test_domain_words_reach_every_prompt(inputs, tmp_path, monkeypatch):
+    """A run config's `templates:` section is the wording of stage 1 (TA and RPS), stage 2, every
+    evaluated LLM model and the report's case studies; each stage folder records it."""
+    import delrec.llm.scorer as scorer_mod
+    import delrec.stages.examples as examples_mod
+
+    root, config = inputs
+    seen = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapped(templates, *args, **kwargs):
+            seen.append((name, templates.item, templates.verb, templates.teacher))
+            return real(templates, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, name in ((examples_mod, "ta_prompt"), (examples_mod, "rps_prompt"), (scorer_mod, "lsr_prompt")):
+        spy(module, name)
+    words = "templates={item: game, items: games, verb: played, verb_base: play}"
+    run = tmp_path / "run"
+    assert main(_args(config, run, words, "variants=[delrec, wo-lsr, mcp]")) == 0
+    assert {name for name, *_ in seen} == {"ta_prompt", "rps_prompt", "lsr_prompt"}
+    assert all(item == "game" and verb == "played" for _, item, verb, _ in seen), set(seen)
+    assert {teacher for *_, teacher in seen} == {"SASRec"}
+    for folder in ("distill/sasrec", "finetune/sasrec-delrec", "finetune/sasrec-mcp"):
+        assert json.loads((run / folder / "config.json").read_text())["templates"]["item"] == "game"
+    # other wording is another experiment: the LLM steps run again, the teacher does not
+    assert main(_args(config, run, "templates={item: film}", "variants=[delrec, wo-lsr, mcp]")) == 0
+    status = {s["step"]: s["this_invocation"] for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+    assert status["teacher:sasrec"] == "skipped" and status["distill:sasrec"] == "ran" and status["eval:zero-shot"] == "ran"
+
+
+def test_teachers_describe_themselves():
+    from delrec.llm.templates import Templates
+
+    assert Templates.for_teacher("gru4rec").teacher == "GRU4Rec" and "recurrent" in Templates.for_teacher("gru4rec").model_card
+    assert "convolutional" in Templates.for_teacher("caser").model_card
+    assert Templates.for_teacher("sasrec") == Templates()  # the defaults are SASRec's
+    assert Templates.for_teacher("mymodel", item="song").teacher == "mymodel"
+    with pytest.raises(ValueError, match=r"unknown setting 'itme' \(did you mean 'item'\?\)"):
+        Templates.for_teacher("sasrec", itme="song")

@@ -155,11 +155,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _templates(args, teacher: str | None = None):
-    from delrec.llm.templates import Templates
+    """--templates FILE and --teacher-name over the teacher's own wording (Templates.for_teacher)."""
+    from delrec.llm.templates import Templates, read_overrides
 
-    teacher = args.teacher_name or teacher
-    overrides = {"teacher": teacher} if teacher else {}
-    return Templates.from_file(args.templates, **overrides) if args.templates else Templates(**overrides)
+    overrides = read_overrides(args.templates) if args.templates else {}
+    if args.teacher_name:
+        overrides["teacher"] = args.teacher_name
+    return Templates.for_teacher(teacher, **overrides) if teacher else Templates(**overrides)
 
 
 def _llm_scorer(args, data):
@@ -168,7 +170,6 @@ def _llm_scorer(args, data):
     scorer factory (delrec.scorers)."""
     from delrec.io import read_json
     from delrec.scorers import make_scorer
-    from delrec.stages.distill import TEACHER_NAMES
 
     kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "method": args.verbalizer}
     if getattr(args, "finetuned", None):
@@ -176,7 +177,7 @@ def _llm_scorer(args, data):
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a stage-2 folder (no config.json); run `delrec finetune` first")
         teacher = read_json(folder / "config.json")["teacher"]
-        templates = _templates(args, TEACHER_NAMES.get(teacher, teacher)) if (args.templates or args.teacher_name) else None
+        templates = _templates(args, teacher) if (args.templates or args.teacher_name) else None
         return make_scorer(Path(args.run), data, str(folder), templates=templates, **kw)
     return make_scorer(Path(args.run), data, "zero-shot", llm=args.llm, templates=_templates(args), soft_prompt=args.soft_prompt,
                        label=f"llm:{args.llm}" + (" +soft prompt" if args.soft_prompt else ""), **kw)
@@ -187,6 +188,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           FinetuneConfig)
+    if args.templates:
+        from delrec.llm.templates import read_overrides
+
+        overrides["templates"] = read_overrides(args.templates)
     result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
     print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
@@ -260,6 +265,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
                           DistillConfig)
     if args.without:
         overrides["tasks"] = tuple(t for t in ("ta", "rps") if t not in args.without)
+    if args.templates:
+        from delrec.llm.templates import read_overrides
+
+        overrides["templates"] = read_overrides(args.templates)
     config = DistillConfig(**overrides)
     result = distill(args.run, config, name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
@@ -319,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--without", nargs="+", choices=["ta", "rps"], help="ablations `w/o TA`, `w/o RPS`")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-1 setting, e.g. --set weighting=uncertainty")
+    p.add_argument("--templates", help="a JSON/YAML file of template fields: domain words (item, items, verb, verb_base) "
+                   "or whole templates (delrec.llm.templates)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("finetune", help="DELRec stage 2: AdaLoRA fine-tuning with the stage-1 soft prompt")
@@ -334,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     _add_run_options(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any stage-2 setting, e.g. --set target_r=4")
+    p.add_argument("--templates", help="a JSON/YAML file of template fields: domain words (item, items, verb, verb_base) "
+                   "or whole templates (delrec.llm.templates)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("run", help="the whole experiment from a config: data, teachers, stages 1-2, evaluation, report")

@@ -27,6 +27,9 @@ class PipelineConfig:
     teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
     top_h: int = 10  # length of the teacher lists stored for RPS
     llm: str = "smollm2-135m"
+    # the prompts' wording for every step (Templates fields): domain words such as
+    # {item: game, items: games, verb: played, verb_base: play}, or whole templates
+    templates: dict = field(default_factory=dict)
     dtype: str = "auto"
     device: str = runtime("auto")
     threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
@@ -44,6 +47,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         from delrec.data.protocol import ProtocolConfig
+        from delrec.llm.templates import Templates
         from delrec.stages.distill import DistillConfig
         from delrec.stages.finetune import FinetuneConfig
         from delrec.teachers import default_config
@@ -62,6 +66,7 @@ class PipelineConfig:
         self.teacher = _plain(check(TeacherConfig, self.teacher, "teacher"))
         self.distill = _plain(check(DistillConfig, self.distill, "distill"))
         self.finetune = _plain(check(FinetuneConfig, self.finetune, "finetune"))
+        self.templates = _plain(check(Templates, self.templates, "templates"))
         for section, build in (("protocol", lambda: ProtocolConfig.for_protocol(**self.protocol)),
                                ("teacher", lambda: [default_config(t, **self.teacher) for t in self.teachers]),
                                ("distill", lambda: DistillConfig(**{"llm": self.llm, "dtype": self.dtype, **self.distill})),

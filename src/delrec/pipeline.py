@@ -163,7 +163,7 @@ class Pipeline:
         from delrec.stages.distill import DistillConfig
 
         own = methods.get(variant).stage1_settings if variant else {}
-        settings = {**self._llm_settings(), **self.config.distill, "teacher": teacher, **own}
+        settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.distill, "teacher": teacher, **own}
         return DistillConfig(**settings)
 
     def distill(self) -> None:
@@ -203,7 +203,8 @@ class Pipeline:
 
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
-            settings = {**self._llm_settings(), **self.config.finetune, "teacher": teacher, "variant": variant}
+            settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
+                        "variant": variant}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:
@@ -239,6 +240,8 @@ class Pipeline:
             # what identifies the result: not the scoring batch size, which does not change scores
             settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
                         "llm": self.config.llm if name == "zero-shot" else None}
+            if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
+                settings["templates"] = self.config.templates
             recorded = read_json(path).get("settings") if path.exists() else None
             done = recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
             self._step(f"eval:{name}", done, lambda name=name, settings=settings, path=path: self._run_eval(data, rows, name, settings, path))
@@ -248,7 +251,7 @@ class Pipeline:
 
         c = self.config
         return make_scorer(self.run, data, name, llm=c.llm, dtype=c.dtype, device=c.device, batch_size=c.eval_batch_size,
-                           progress=self.progress)
+                           progress=self.progress, template_overrides=c.templates)
 
     def _run_eval(self, data, rows, name, settings, path) -> None:
         from delrec.evaluate import candidate_ranks, metrics_from_ranks

@@ -346,7 +346,7 @@ def _scorer(config, data, name: str):
     from delrec.scorers import make_scorer
 
     return make_scorer(config.run_dir, data, name, llm=config.llm, dtype=config.dtype, device=config.device,
-                       batch_size=config.eval_batch_size, progress=False)
+                       batch_size=config.eval_batch_size, progress=False, template_overrides=config.templates)
 
 
 def format_steps(steps: list[dict]) -> str:

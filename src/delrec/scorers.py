@@ -16,12 +16,15 @@ from delrec import methods
 
 def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dtype: str = "auto", device: str = "auto",
                 batch_size: int = 8, progress: bool = True, templates=None, soft_prompt: str | None = None,
-                method: str = "full-title", backbone=None, label: str | None = None):
+                method: str = "full-title", backbone=None, label: str | None = None, template_overrides: dict | None = None):
     """A scorer for `name` (see the module docstring). `llm`: the backbone of `zero-shot` and
     of stage-1-only methods (stage-2 folders name their own); `templates`: the prompt wording
     (default: the English movie templates naming the teacher); `method`: the verbalizer's;
-    `backbone`: an already loaded one (fresh, without adapters); `label`: the scorer's name."""
+    `backbone`: an already loaded one (fresh, without adapters); `label`: the scorer's name;
+    `template_overrides`: a run's `templates:` section, for the models that have no stage-2
+    folder recording their own (a stage-2 folder's config.json holds the wording it trained on)."""
     from delrec.evaluate import PopularityScorer, RandomScorer
+    from delrec.llm.templates import Templates
 
     run = Path(run)
     kw = {"batch_size": batch_size, "progress": progress, "method": method}
@@ -36,13 +39,15 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
 
         return TeacherScorer(load_teacher(run / "teachers" / name, device, data), pick_device(device), name)
     if name == "zero-shot":
+        templates = templates or Templates(**(template_overrides or {}))
         return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates, soft_prompt,
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
     folder = Path(name) if Path(name).is_dir() else run / "finetune" / name
     teacher, _, variant = Path(name).name.partition("-")
     if variant in methods.METHODS and not methods.get(variant).stage2:
         stage1 = run / "distill" / methods.get(variant).stage1_folder(teacher) / "soft_prompt.safetensors"
-        return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates or _default_templates(teacher),
+        templates = templates or Templates.for_teacher(teacher, **(template_overrides or {}))
+        return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates,
                            soft_prompt or stage1, label or f"delrec:{name}", **kw)
     if (folder / "config.json").exists():
         from delrec.io import read_json
@@ -50,20 +55,13 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
 
         cfg = read_json(folder / "config.json")
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
-                                  templates=templates or _default_templates(cfg["teacher"]), **kw)
+                                  templates=templates, **kw)
         scorer.name = label or scorer.name
         return scorer
     teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []
     stage2 = sorted(p.name for p in (run / "finetune").iterdir()) if (run / "finetune").is_dir() else []
     raise FileNotFoundError(f"no model {name!r} in {run}: known are random, popularity, zero-shot, the teachers "
                             f"{teachers} and the stage-2 results {stage2}")
-
-
-def _default_templates(teacher: str):
-    from delrec.llm.templates import Templates
-    from delrec.stages.distill import TEACHER_NAMES
-
-    return Templates(teacher=TEACHER_NAMES.get(teacher, teacher))
 
 
 def _backbone(backbone, llm: str | None, dtype: str, device: str):
@@ -85,5 +83,4 @@ def _frozen_llm(data, bb, templates, soft_prompt, name, **kw):
         if not Path(soft_prompt).exists():
             raise FileNotFoundError(f"no soft prompt at {soft_prompt}; run `delrec distill` first")
         soft = SoftPrompt.load(soft_prompt, bb)
-    extra = {"templates": templates} if templates is not None else {}
-    return LLMScorer.for_run(data, bb, soft_prompt=soft, name=name, **extra, **kw)
+    return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, name=name, **kw)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,21 +95,19 @@ class Templates:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> Templates:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"template file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        return cls(**{**read_overrides(path), **overrides})
 
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown template fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**values, **overrides})
+    @classmethod
+    def for_teacher(cls, teacher: str, **overrides) -> Templates:
+        """The templates every step uses for `teacher` (sasrec, gru4rec, caser or another name):
+        the teacher class's display name and model card, then `overrides` (domain words such as
+        item/items/verb/verb_base, or whole templates; a run config's `templates:` section)."""
+        from delrec.settings import check
+        from delrec.teachers import MODELS
+
+        model = MODELS.get(teacher)
+        base = {"teacher": model.display_name, "model_card": model.model_card} if model else {"teacher": teacher}
+        return cls(**{**base, **check(cls, dict(overrides), "templates")})
 
     def with_teacher(self, teacher: str) -> Templates:
         return replace(self, teacher=teacher)
@@ -117,6 +115,23 @@ class Templates:
     def _words(self) -> dict:
         return {"teacher": self.teacher, "item": self.item, "items": self.items, "verb": self.verb,
                 "verb_base": self.verb_base, "mask": MASK}
+
+
+def read_overrides(path: str | Path) -> dict:
+    """Template fields from a JSON or YAML file (`--templates FILE`), checked against Templates."""
+    from delrec.settings import check
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"template file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    return check(Templates, values, str(path))
 
 
 def quote_titles(titles: Sequence[str]) -> str:

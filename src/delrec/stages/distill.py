@@ -44,7 +44,6 @@ from delrec.stages.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
 
-TEACHER_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
 
 
 @dataclass
@@ -61,6 +60,7 @@ class DistillConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
+    templates: dict = field(default_factory=dict)  # Templates fields: domain words (item, verb, ...) or whole templates
     lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -154,7 +154,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
 
     data = RunData.load(run_dir / "data")
     teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
-    templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
+    templates = Templates.for_teacher(config.teacher, **config.templates)
     builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
 
     torch.manual_seed(config.seed)

@@ -26,7 +26,7 @@ import logging
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.settings import closest, runtime, same_identity
-from delrec.stages.distill import TEACHER_NAMES, _log, _truncate_log
+from delrec.stages.distill import _log, _truncate_log
 from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class FinetuneConfig:
     lr: float = 2e-2  # the paper's 1e-4 (configs/paper.yaml) moves nothing in a CPU budget (docs/training.md)
     weight_decay: float = 1e-6
     warmup_steps: int = 10
+    templates: dict = field(default_factory=dict)  # Templates fields: domain words (item, verb, ...) or whole templates
     lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -200,7 +201,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     init_adapters(peft_model, config.adapter_init, seed=config.seed)
     adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
 
-    templates = Templates(teacher=TEACHER_NAMES.get(config.teacher, config.teacher))
+    templates = Templates.for_teacher(config.teacher, **config.templates)
     scorer = LLMScorer(bb, [""] + data.items["title"].tolist(), templates, soft_prompt=soft,
                        **_prompt_flags(methods.get(config.variant)), batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
     rng = np.random.default_rng(config.seed)
@@ -371,7 +372,7 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
         bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
-    templates = templates or Templates(teacher=TEACHER_NAMES.get(cfg["teacher"], cfg["teacher"]))
+    templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
     return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, **_prompt_flags(methods.get(cfg["variant"])),
                              method=method, batch_size=batch_size,
                              name=f"delrec:{folder.name}", progress=progress)

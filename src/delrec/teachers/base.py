@@ -73,7 +73,14 @@ class Dropout(nn.Module):
 
 
 class SequentialRecommender(nn.Module):
-    """Base class: subclasses implement `encode` (a [B, dim] state per history)."""
+    """Base class: subclasses implement `encode` (a [B, dim] state per history).
+
+    `display_name` is how prompts name the teacher; `model_card` describes it in words (the `w MCP`
+    ablation puts it where the soft prompt would go), with the template's domain words
+    ({teacher}, {item}, {items}, {verb})."""
+
+    display_name = ""
+    model_card = "{teacher} is a sequential recommender: it ranks {items} by what the user {verb} before, most recent last"
 
     def __init__(self, num_items: int, num_users: int, max_len: int, config: TeacherConfig):
         super().__init__()

@@ -11,6 +11,10 @@ from delrec.teachers.base import Dropout, SequentialRecommender, TeacherConfig
 
 
 class Caser(SequentialRecommender):
+    display_name = "Caser"
+    model_card = ("{teacher} is a convolutional sequential recommender: it looks at the last few {items} the user {verb} "
+                  "together, as an image of their embeddings, and favours {items} that followed such groups and the user's taste")
+
     def __init__(self, num_items: int, num_users: int, max_len: int, config: TeacherConfig):
         super().__init__(num_items, num_users, max_len, config)
         self.window = min(config.window, max_len)

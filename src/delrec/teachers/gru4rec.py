@@ -10,6 +10,10 @@ from delrec.teachers.base import Dropout, SequentialRecommender, TeacherConfig
 
 
 class GRU4Rec(SequentialRecommender):
+    display_name = "GRU4Rec"
+    model_card = ("{teacher} is a recurrent sequential recommender: it reads the {items} the user {verb} one after another "
+                  "and favours {items} that followed similar sequences, the most recent {items} weighing most")
+
     def __init__(self, num_items: int, num_users: int, max_len: int, config: TeacherConfig):
         super().__init__(num_items, num_users, max_len, config)
         self.input_dropout = Dropout(config.dropout)

@@ -40,6 +40,10 @@ class _Block(nn.Module):
 
 
 class SASRec(SequentialRecommender):
+    display_name = "SASRec"
+    model_card = ("{teacher} is a self-attentive sequential recommender: it weighs every earlier {item} by its relevance "
+                  "to the most recent ones and favours {items} that often follow them")
+
     def __init__(self, num_items: int, num_users: int, max_len: int, config: TeacherConfig):
         super().__init__(num_items, num_users, max_len, config)
         if config.dim % config.num_heads:
