@@ -214,9 +214,43 @@ def add_adalora(bb, config):
     return peft_model, [q for q in peft_model.parameters() if q.requires_grad]
 
 
+class FlopCount:
+    """Floating-point operations of the aten ops torch's flop counter knows (matmuls, attention),
+    forward and backward. torch.utils.flop_counter.FlopCounterMode would do, but its per-module
+    hooks refuse torch.autograd.grad, which stage 1 uses; this is its dispatch part alone."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+        self.total = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemory) -> dict:
-    """One warm-up step on batches[0], then the rest timed; step indices start at `first`."""
-    step(batches[0], first)
+    """One warm-up step on batches[0] (its floating-point operations counted by torch's
+    FlopCounterMode: matmuls and attention, forward and backward), then the rest timed; step
+    indices start at `first`."""
+    counter = FlopCount()
+    with counter:
+        step(batches[0], first)
+    flop_per_example = counter.total / examples_per_step
     with memory:
         t0 = time.perf_counter()
         losses = [step(b, first + i) for i, b in enumerate(batches[1:], 1)]
@@ -225,16 +259,46 @@ def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemor
         seconds = time.perf_counter() - t0
     n = len(batches) - 1
     return {"examples_per_s": examples_per_step * n / seconds, "seconds_per_step": seconds / n,
-            "peak_mem_mb": memory.mb, "loss_first": losses[0], "loss_last": losses[-1]}
+            "peak_mem_mb": memory.mb, "loss_first": losses[0], "loss_last": losses[-1],
+            "gflop_per_example": flop_per_example / 1e9,
+            "gflops_achieved": flop_per_example * examples_per_step * n / seconds / 1e9}
+
+
+def matmul_peak(device, dtype, repeats: int = 30) -> dict:
+    """The matrix-multiply throughput this machine gives now, at the benchmark's thread count, on
+    the shapes of a SmolLM2 MLP over one prompt's tokens (the bulk of a step's work): the ceiling
+    a training step's own GFLOP/s can be compared with (measured in the same run: shared, noisy
+    machines)."""
+    import torch
+
+    out = {}
+    for m, k, n in ((512, 576, 1536), (512, 1536, 576), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"{m}x{k}x{n}"] = 2 * m * k * n / sorted(times)[len(times) // 2] / 1e9  # median
+    return {"shapes_gflops": out, "gflops": max(out.values())}
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    out = [f"| stage | loop | objective | examples/s | s/step | peak MB ({s['peak_memory']}) | vs plain HF | vs padded |",
-           "|---|---|---|---|---|---|---|---|"]
+    peak = s["matmul_peak"]["gflops"]
+    out = [f"| stage | loop | objective | examples/s | s/step | peak MB ({s['peak_memory']}) | vs plain HF | vs padded "
+           f"| GFLOP/example | GFLOP/s | of matmul peak ({peak:.0f} GFLOP/s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         out.append(f"| {r['stage']} | {r['loop']} | {r['objective']} | {r['examples_per_s']:.2f} | "
-                   f"{r['seconds_per_step']:.3f} | {r['peak_mem_mb']:.0f} | {r['vs_plain_hf']:.2f}x | {r['vs_padded']:.2f}x |")
+                   f"{r['seconds_per_step']:.3f} | {r['peak_mem_mb']:.0f} | {r['vs_plain_hf']:.2f}x | {r['vs_padded']:.2f}x "
+                   f"| {r['gflop_per_example']:.3g} | {r['gflops_achieved']:.0f} | {r['gflops_achieved'] / peak:.0%} |")
     out += ["", f"{s['model']} ({s['weights']}), {s['dtype']}, {s['device']}, {s['threads']} threads; per example "
             f"{s['prompt_tokens']} prompt (up to {s['spread']:.0%} fewer) + {s['soft_tokens']} soft tokens, {s['candidates']} candidates of "
             f"{s['title_tokens']} tokens; batch {s['batch_size']}, {s['steps']} timed steps after 1 warm-up; "
@@ -302,13 +366,15 @@ def main() -> None:
     stage1_batches = [batches[i : i + 2] for i in range(0, len(batches), 2)]  # (TA, RPS) per step
     stage2_batches = [[b] for b in batches[: steps + 1]]
     memory, rows, check = PeakMemory(device), [], {}
+    peak = matmul_peak(device, dtype)
+    print(f"matrix multiply: {peak['gflops']:.0f} GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in peak['shapes_gflops'].items())})")
 
     def run(stage, loop, objective, step, batches, per_step, first=0):
         rows.append({"stage": stage, "loop": loop, "objective": objective,
                      **measure(step, batches, first, per_step, memory)})
         r = rows[-1]
         print(f"{stage} {loop:8s} {objective:10s} {r['examples_per_s']:8.2f} ex/s  {r['seconds_per_step']:.3f} s/step  "
-              f"{r['peak_mem_mb']:.0f} MB", flush=True)
+              f"{r['peak_mem_mb']:.0f} MB  {r['gflops_achieved']:.0f} GFLOP/s", flush=True)
 
     # stage 1: only the soft prompt learns
     with torch.no_grad():
@@ -359,6 +425,7 @@ def main() -> None:
             "parameters": parameters,
             "adapter_parameters": sum(q.numel() for q in trainable),
             "peak_memory": memory.method, "label_loss_check": check,
+            "matmul_peak": {"start": peak, "end": (end := matmul_peak(device, dtype)), "gflops": max(peak["gflops"], end["gflops"])},
             "warmup": "one optimizer step on its own batch(es) before each row's timed steps",
         },
         "rows": rows,

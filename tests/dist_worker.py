@@ -16,19 +16,18 @@ torch.set_num_threads(1)  # two processes on two cores
 
 
 def _crash_after(n: int) -> None:
-    from delrec.stages import distill, finetune
+    from delrec.stages.scaffold import StageFolder
 
     count = {"n": 0}
-    for module in (distill, finetune):
-        original = module._checkpoint
+    original = StageFolder.checkpoint
 
-        def wrapped(*args, _original=original, **kwargs):
-            _original(*args, **kwargs)
-            count["n"] += 1
-            if count["n"] >= n and int(os.environ.get("RANK", "0")) == 0:
-                os._exit(17)
+    def wrapped(*args, **kwargs):
+        original(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] >= n and int(os.environ.get("RANK", "0")) == 0:
+            os._exit(17)
 
-        module._checkpoint = wrapped
+    StageFolder.checkpoint = wrapped
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ from delrec.llm.templates import MASK, Prompt, Templates
 from delrec.stages import distill as distill_mod
 from delrec.stages.distill import DistillConfig, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
+from delrec.stages.scaffold import StageFolder
 from delrec.stages.weighting import LossWeighting
 from delrec.teachers import default_config
 from delrec.teachers.train import train_teacher
@@ -200,7 +201,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     cfg = DistillConfig(teacher="gru4rec", **FAST)
     ref = distill(run, cfg, name="ref", backbone=tiny_llama_backbone(), progress=False)
 
-    real = distill_mod._checkpoint
+    real = StageFolder.checkpoint
     calls = {"n": 0}
 
     def crash_after_second_checkpoint(*a, **k):
@@ -209,10 +210,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(distill_mod, "_checkpoint", crash_after_second_checkpoint)
+    monkeypatch.setattr(StageFolder, "checkpoint", crash_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         distill(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
-    monkeypatch.setattr(distill_mod, "_checkpoint", real)
+    monkeypatch.setattr(StageFolder, "checkpoint", real)
     assert (run / "distill" / "crash" / "checkpoint.pt").exists()
     resumed = distill(run, cfg, name="crash", backbone=tiny_llama_backbone(), progress=False)
     assert torch.equal(resumed.soft_prompt.embedding, ref.soft_prompt.embedding)

@@ -34,7 +34,8 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         return PopularityScorer(data)
     from delrec.teachers import MODELS as TEACHERS
 
-    if name in TEACHERS or (run / "teachers" / name).is_dir():  # load_teacher says how to train a missing one
+    as_path = "/" in name or "\\" in name  # the path of a stage-2 folder, not a name in the run
+    if not as_path and (name in TEACHERS or (run / "teachers" / name).is_dir()):  # load_teacher says how to train a missing one
         from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
 
         return TeacherScorer(load_teacher(run / "teachers" / name, device, data), pick_device(device), name)
@@ -42,7 +43,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         templates = templates or Templates(**(template_overrides or {}))
         return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates, soft_prompt,
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
-    folder = Path(name) if Path(name).is_dir() else run / "finetune" / name
+    folder = Path(name) if as_path else run / "finetune" / name
     teacher, _, variant = Path(name).name.partition("-")
     if variant in methods.METHODS and not methods.get(variant).stage2:
         stage1 = run / "distill" / methods.get(variant).stage1_folder(teacher) / "soft_prompt.safetensors"

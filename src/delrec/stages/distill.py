@@ -17,10 +17,8 @@ clipping, gradient accumulation. Everything is written to RUN/distill/<name>/:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,15 +29,16 @@ from tqdm.auto import tqdm
 from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate, metrics_from_ranks, pessimistic_ranks
-from delrec.io import atomic_dir, atomic_path, write_json
+from delrec.io import atomic_dir
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
-from delrec.settings import runtime, same_identity
+from delrec.settings import runtime
 from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.optim import LR_SCHEDULES, lion, lr_schedule
+from delrec.stages.scaffold import Clock, StageFolder
 from delrec.stages.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
@@ -145,12 +144,8 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     dist = distributed.current()
     dist.check_batch(config.batch_size, "stage 1")
     run_dir = Path(run_dir)
-    out = run_dir / "distill" / (name or config.teacher)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    if dist.is_main:
-        for stale in ("metrics.json", "soft_prompt.safetensors"):
-            (out / stale).unlink(missing_ok=True)
+    folder = StageFolder(run_dir / "distill" / (name or config.teacher), stale=("soft_prompt.safetensors",))
+    out = folder.out
 
     data = RunData.load(run_dir / "data")
     teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
@@ -213,7 +208,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         entry = {"step": step, "examples_seen": step * config.grad_accum * config.batch_size,
                  "seconds": round(elapsed, 2), "wall_seconds": round(wall, 2), "eval": scores}
         metrics.setdefault("valid_history", []).append(entry)
-        _log(log_path, entry)
+        folder.log(entry)
 
     def accuracies(scores: dict) -> dict:
         return {k: v for k, v in scores.items() if k.endswith("_valid_accuracy")}
@@ -226,12 +221,9 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
     optimizer = lion(groups, config.lr, config.weight_decay)
     scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
 
-    step, elapsed, wall = 0, 0.0, 0.0
-    metrics: dict = {}
-    if ckpt_path.exists() and not restart:
-        ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
-        if not same_identity(DistillConfig, ckpt["config"], _config_dict(config)):
-            raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
+    step, metrics = 0, {}
+    ckpt = folder.resume(DistillConfig, _config_dict(config), restart, bb.device)
+    if ckpt is not None:
         with torch.no_grad():
             soft.embedding.copy_(ckpt["soft_prompt"])
             if llm_params:
@@ -240,26 +232,20 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         scheduler.load_state_dict(ckpt["scheduler"])
         weighting.load_state_dict(ckpt["weighting"])
         torch.set_rng_state(dist.own(ckpt["torch_rng"]))
-        step, elapsed, metrics = ckpt["step"], ckpt["elapsed"], ckpt["metrics"]
-        wall = ckpt.get("wall", elapsed)
-        if dist.is_main:
-            _truncate_log(log_path, step)
+        step, metrics = ckpt["step"], ckpt["metrics"]
+        clock = Clock(ckpt["elapsed"], ckpt.get("wall"), config.max_seconds)
         log.info("resuming stage 1 from step %d", step)
     else:
-        if dist.is_main:
-            log_path.unlink(missing_ok=True)
         # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
-        wall_start = time.perf_counter()
-        scores = valid_eval()
+        clock = Clock(max_seconds=config.max_seconds)
+        with clock.paused():
+            scores = valid_eval()
         metrics["untrained"] = accuracies(scores)
-        record(0, 0.0, time.perf_counter() - wall_start, scores)
-        wall = time.perf_counter() - wall_start
+        record(0, 0.0, clock.wall, scores)
 
     bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not (progress and dist.is_main))
-    # `elapsed` counts training only (the time budget too); `wall` counts the evaluations as well
-    start = time.perf_counter() - elapsed
-    wall_start = time.perf_counter() - wall
     while step < config.steps:
+        # -- one step: per task its loss and gradient, kept apart, then weighted and combined
         grads = {t: [torch.zeros_like(p) for p in trainable] for t in config.tasks}
         losses = {}
         for micro in range(config.grad_accum):
@@ -281,42 +267,43 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        elapsed = time.perf_counter() - start
-        wall = time.perf_counter() - wall_start
+        elapsed = clock.elapsed
+        # -- log, evaluate, checkpoint
         entry = {"step": step, **{f"loss_{t}": v for t, v in losses.items()},
                  **{f"weight_{t}": w for t, w in weighting.current().items()},
                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
-        _log(log_path, entry)
+        folder.log(entry)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k.startswith("loss_")})
         if step % config.eval_every == 0:
-            t0 = time.perf_counter()
-            scores = valid_eval()
-            start += time.perf_counter() - t0  # evaluation time is not training time
+            with clock.paused():  # evaluation time is not training time
+                scores = valid_eval()
             metrics["trained"] = accuracies(scores)
             metrics["trained_at_step"] = step
-            wall = time.perf_counter() - wall_start
-            record(step, elapsed, wall, scores)
-        time_up = config.max_seconds is not None and dist.main_decides(elapsed > config.max_seconds)
+            record(step, elapsed, clock.wall, scores)
+        time_up = clock.budget_spent()
         if step % config.checkpoint_every == 0 or time_up:
-            rng = dist.gather(torch.get_rng_state())
-            if dist.is_main:
-                _checkpoint(ckpt_path, config, soft, bb if llm_params else None, optimizer, scheduler, weighting,
-                            step, elapsed, metrics, rng, wall)
+            folder.checkpoint(lambda rng, step=step: {
+                "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
+                "llm": bb.model.state_dict() if llm_params else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "weighting": weighting.state_dict(), "torch_rng": rng,
+                "step": step, "elapsed": clock.elapsed, "wall": clock.wall, "metrics": metrics})
         if time_up:
             log.info("stage 1 time budget of %.0f s reached at step %d", config.max_seconds, step)
             break
     bar.close()
+    elapsed = clock.elapsed
     if metrics.get("trained_at_step") != step:
         scores = valid_eval()
         metrics["trained"] = accuracies(scores)
         metrics["trained_at_step"] = step
-        record(step, elapsed, time.perf_counter() - wall_start, scores)
+        record(step, elapsed, clock.wall, scores)
 
     seen = step * config.grad_accum * config.batch_size
     summary = {
         "teacher": config.teacher, "llm": bb.name, "steps": step, "seconds": round(elapsed, 2),
-        "wall_seconds": round(time.perf_counter() - wall_start, 2),
+        "wall_seconds": round(clock.wall, 2),
         "examples_seen_per_task": seen,
         "distinct_train_examples_per_task": {t: min(seen, len(order[t])) for t in config.tasks},
         "valid_samples": {t: len(v) for t, v in valid.items()},
@@ -329,16 +316,15 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
         # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
         soft.backbone = str(out / "llm")
-    if dist.is_main:
+
+    def write_outputs():
         if llm_params:
             with atomic_dir(out / "llm") as tmp:
                 bb.model.save_pretrained(tmp)
                 bb.tokenizer.save_pretrained(tmp)
         soft.save(out / "soft_prompt.safetensors")
-        write_json(out / "config.json", _config_dict(config))
-        write_json(out / "metrics.json", summary)  # written last: marks the stage as complete
-        ckpt_path.unlink(missing_ok=True)
-    dist.barrier()  # no process goes on before the results are on disk
+
+    folder.finish(write_outputs, _config_dict(config), summary)
     return DistillResult(soft, summary, out)
 
 
@@ -346,29 +332,3 @@ def _config_dict(config: DistillConfig) -> dict:
     d = asdict(config)
     d["tasks"] = list(d["tasks"])
     return d
-
-
-def _log(path: Path, entry: dict) -> None:
-    if not distributed.current().is_main:
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint (a crash may have left some)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in keep))
-
-
-def _checkpoint(path, config, soft, bb, optimizer, scheduler, weighting, step, elapsed, metrics, rng, wall=None) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({
-            "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
-            "llm": bb.model.state_dict() if bb is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "weighting": weighting.state_dict(), "torch_rng": rng,
-            "step": step, "elapsed": elapsed, "wall": elapsed if wall is None else wall, "metrics": metrics,
-        }, tmp)

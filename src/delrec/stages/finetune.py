@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,15 +36,15 @@ from tqdm.auto import tqdm
 from delrec import distributed, methods
 from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
-from delrec.io import atomic_dir, atomic_path, write_json
+from delrec.io import atomic_dir
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.settings import closest, runtime, same_identity
-from delrec.stages.distill import _log, _truncate_log
+from delrec.settings import closest, runtime
 from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
+from delrec.stages.scaffold import Clock, StageFolder
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +169,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     dist = distributed.current()
     dist.check_batch(config.batch_size, "stage 2")
     run_dir = Path(run_dir)
-    out = run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    if dist.is_main:
-        (out / "metrics.json").unlink(missing_ok=True)
+    folder = StageFolder(run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}"))
+    out = folder.out
 
     data = RunData.load(run_dir / "data")
     torch.manual_seed(config.seed)
@@ -218,13 +214,11 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     # elapsed: training seconds (the time budget); wall: with the evaluations
     state = {"step": 0, "elapsed": 0.0, "wall": 0.0, "best": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
-    if ckpt_path.exists() and not restart:
-        ckpt = torch.load(ckpt_path, map_location=bb.device, weights_only=False)
-        if not same_identity(FinetuneConfig, ckpt["config"], _config_dict(config)):
-            raise ValueError(f"{ckpt_path} was written with other settings; pass --restart to start again")
+    ckpt = folder.resume(FinetuneConfig, _config_dict(config), restart, bb.device, position=lambda c: c["state"]["step"])
+    if ckpt is not None:
         missing = peft_model.load_state_dict(ckpt["adapter"], strict=False).unexpected_keys
         if missing:
-            raise ValueError(f"{ckpt_path} holds adapter tensors this model lacks: {missing[:3]}")
+            raise ValueError(f"{folder.checkpoint_path} holds adapter tensors this model lacks: {missing[:3]}")
         if soft is not None and ckpt["soft_prompt"] is not None:
             with torch.no_grad():
                 soft.embedding.copy_(ckpt["soft_prompt"])
@@ -235,11 +229,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
         torch.set_rng_state(dist.own(ckpt["torch_rng"]))
         state = ckpt["state"]
-        if dist.is_main:
-            _truncate_log(log_path, state["step"])
         log.info("resuming stage 2 from step %d", state["step"])
-    elif dist.is_main:
-        log_path.unlink(missing_ok=True)
 
     def valid_metrics() -> dict:
         peft_model.eval()
@@ -251,23 +241,23 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         seen, seconds = state["step"] * config.grad_accum * config.batch_size, round(state["elapsed"], 2)
         state["history"].append({"step": state["step"], "examples_seen": seen, "seconds": seconds,
                                  "valid_HR@1": scores["valid_HR@1"], "valid_NDCG@5": scores["valid_NDCG@5"]})
-        _log(log_path, {"step": state["step"], "examples_seen": seen, "seconds": seconds,
-                        "wall_seconds": round(state["wall"], 2), "eval": scores})
+        folder.log({"step": state["step"], "examples_seen": seen, "seconds": seconds,
+                    "wall_seconds": round(state["wall"], 2), "eval": scores})
 
-    state.setdefault("wall", state["elapsed"])  # a checkpoint written before wall time was kept
+    # elapsed: training seconds (the time budget); wall: with the evaluations
+    clock = Clock(state["elapsed"], state.get("wall"), config.max_seconds)
     if state["step"] == 0:
         # before any training: the untrained adapter (the backbone unchanged), a reference point of
         # the curve only; it does not compete for the best, so the adapter saved is always trained
-        t0 = time.perf_counter()
-        scores = valid_metrics()
-        state["wall"] = time.perf_counter() - t0
+        with clock.paused():
+            scores = valid_metrics()
+        state["wall"] = clock.wall
         record(scores)
 
     bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not (progress and dist.is_main))
-    start = time.perf_counter() - state["elapsed"]
-    wall_start = time.perf_counter() - state["wall"]
     stopped_early = False
     while state["step"] < config.steps:
+        # -- one step: the recommendation loss (+ the orthogonal regulariser), AdaLoRA's rank budget
         peft_model.train()
         step_loss = rec_loss = 0.0
         for micro in range(config.grad_accum):
@@ -287,19 +277,18 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         peft_model.base_model.update_and_allocate(state["step"])  # after the step, before zero_grad
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["elapsed"] = time.perf_counter() - start
-        state["wall"] = time.perf_counter() - wall_start
+        state["elapsed"], state["wall"] = clock.elapsed, clock.wall
+        # -- log, evaluate (keeping the best adapter), checkpoint
         # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
-        _log(log_path, {"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
+        folder.log({"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
                         "lr": config.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "seconds": round(state["elapsed"], 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
-        time_up = config.max_seconds is not None and dist.main_decides(state["elapsed"] > config.max_seconds)
+        time_up = clock.budget_spent()
         if state["step"] % config.eval_every == 0 or state["step"] == config.steps or time_up:
-            t0 = time.perf_counter()
-            scores = valid_metrics()
-            start += time.perf_counter() - t0  # evaluation time is not training time
-            state["wall"] = time.perf_counter() - wall_start
+            with clock.paused():  # evaluation time is not training time
+                scores = valid_metrics()
+            state["wall"] = clock.wall
             record(scores)
             score = scores["valid_NDCG@5"]
             if score > state["best"]:
@@ -313,9 +302,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
         if state["step"] % config.checkpoint_every == 0 or time_up or stopped_early:
-            rng = dist.gather(torch.get_rng_state())  # one state per process
-            if dist.is_main:
-                _checkpoint(ckpt_path, config, peft_model, soft, optimizer, scheduler, rng, state)
+            state["elapsed"], state["wall"] = clock.elapsed, clock.wall
+            folder.checkpoint(lambda rng: _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state))
         if time_up or stopped_early:
             break
     bar.close()
@@ -331,25 +319,20 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         "valid_history": state["history"],
         "valid_rows": valid_rows.astype(int).tolist(),  # indices into the run's samples
     }
-    if dist.is_main:
-        write_json(out / "config.json", _config_dict(config))
-        write_json(out / "metrics.json", metrics)  # written last: marks the stage as complete
-        ckpt_path.unlink(missing_ok=True)
-    dist.barrier()  # no process goes on before the results are on disk
+    folder.finish(None, _config_dict(config), metrics)  # the best adapter is on disk already
     return FinetuneResult(metrics, out)
 
 
-def _checkpoint(path, config, peft_model, soft, optimizer, scheduler, rng, state) -> None:
+def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state) -> dict:
     allocator = peft_model.base_model.rankallocator
-    with atomic_path(path) as tmp:
-        torch.save({
-            "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
-            "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
-            "rank_pattern": peft_model.peft_config["default"].rank_pattern,
-            "torch_rng": rng, "state": state,
-        }, tmp)
+    return {
+        "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
+        "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
+        "rank_pattern": peft_model.peft_config["default"].rank_pattern,
+        "torch_rng": rng, "state": state,
+    }
 
 
 def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | None = None, templates: Templates | None = None,

@@ -13,10 +13,8 @@ RUN/teachers/<model>/
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
 from delrec.io import atomic_path, read_json, write_json, write_parquet
+from delrec.stages.scaffold import Clock, StageFolder
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -120,12 +119,8 @@ def train_teacher(
     run_dir = Path(run_dir)
     data = RunData.load(run_dir / "data")
     dev = pick_device(device)
-    out = run_dir / "teachers" / config.model
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    if dist.is_main:
-        for stale in ("metrics.json", "model.safetensors", "topk.parquet"):
-            (out / stale).unlink(missing_ok=True)  # a retrain invalidates earlier results
+    folder = StageFolder(run_dir / "teachers" / config.model, stale=("model.safetensors", "topk.parquet"), counter="epoch")
+    out = folder.out
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -149,14 +144,8 @@ def train_teacher(
     generator = torch.Generator().manual_seed(config.seed)  # the order of training samples
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0}
     best_weights = copy.deepcopy(model.state_dict())
-    if ckpt_path.exists() and not restart:
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ckpt["config"] != config.to_dict():
-            diff = {k: (ckpt["config"].get(k), v) for k, v in config.to_dict().items() if ckpt["config"].get(k) != v}
-            raise ValueError(
-                f"{ckpt_path} was written with other settings {diff} (checkpoint, requested); "
-                "pass --restart to train from scratch"
-            )
+    ckpt = folder.resume(TeacherConfig, config.to_dict(), restart, dev, position=lambda c: c["state"]["epoch"])
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         best_weights = ckpt["best_weights"]
@@ -164,22 +153,16 @@ def train_teacher(
         _set_rng_state(dist.own(ckpt["rng"]))
         generator.set_state(ckpt["generator"])
         log.info("resuming %s from epoch %d", config.model, state["epoch"])
-        if dist.is_main:
-            _truncate_log(log_path, state["epoch"])
-    elif dist.is_main:
-        log_path.unlink(missing_ok=True)
 
     bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}",
                disable=not (progress and dist.is_main))
-    start = time.perf_counter() - state["elapsed"]
-
-    def budget_spent() -> bool:  # the same answer on every process
-        return config.max_seconds is not None and dist.main_decides(time.perf_counter() - start > config.max_seconds)
-
+    clock = Clock(state["elapsed"], max_seconds=config.max_seconds)  # the valid evaluations count here
+    budget_spent = clock.budget_spent  # the same answer on every process
     while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
         if budget_spent():  # checked before an epoch too: a resume after the budget trains no more
             log.info("time budget of %.0f s spent before epoch %d", config.max_seconds, state["epoch"] + 1)
             break
+        # -- one epoch over the train split in a seeded order
         model.train()
         perm = torch.randperm(len(train_rows), generator=generator).to(dev)
         total_loss, seen, partial = 0.0, 0, False
@@ -198,6 +181,7 @@ def train_teacher(
             total_loss += loss.item() * len(idx)
             seen += len(batch)
         total_loss = dist.mean(total_loss) * dist.world  # summed over the processes' shares
+        # -- validate (keeping the best weights), log, checkpoint
         model.eval()
         score = _valid_score(scorer, data)
         state["epoch"] += 1
@@ -206,17 +190,19 @@ def train_teacher(
             best_weights = copy.deepcopy(model.state_dict())
         else:
             state["bad_epochs"] += 1
-        state["elapsed"] = time.perf_counter() - start
+        state["elapsed"] = clock.elapsed
         entry = {"epoch": state["epoch"], "loss": total_loss / max(1, seen), "valid_NDCG@10": score, "seconds": state["elapsed"]}
         if partial:
             entry["partial"] = True  # stopped inside the epoch by the time budget (loss: over the batches run)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
-        rng = dist.gather(_rng_state())  # one state per process
-        if dist.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            _checkpoint(ckpt_path, config, model, optimizer, best_weights, state, rng, generator)
+        folder.log(entry)
+        folder.checkpoint(lambda rng, best_weights=best_weights: {
+            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "best_weights": best_weights, "state": state,
+            "rng": rng,  # one state per process
+            "generator": generator.get_state(),
+        }, rng_state=_rng_state)
         if partial or budget_spent():
             log.info("time budget of %.0f s reached in epoch %d", config.max_seconds, state["epoch"])
             break
@@ -237,34 +223,15 @@ def train_teacher(
         "valid": evaluate(scorer, data, "valid", full_ranking=True),
         "test": evaluate(scorer, data, "test", full_ranking=True),
     }
-    if dist.is_main:
+
+    def write_outputs():
         write_topk(scorer, data, out / "topk.parquet", top_h)
-        save_teacher(model, out, data)
-        write_json(out / "metrics.json", metrics)  # written last: marks the teacher as complete
-        ckpt_path.unlink(missing_ok=True)
-    dist.barrier()  # no process goes on before the results are on disk
+        save_teacher(model, out, data)  # with config.json
+
+    folder.finish(write_outputs, None, metrics)
     return TrainResult(model, metrics, out)
 
 
-def _checkpoint(path: Path, config, model, optimizer, best_weights, state, rng, generator) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({
-            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_weights": best_weights, "state": state,
-            "rng": rng,  # one state per process
-            "generator": generator.get_state(),
-        }, tmp)
-
-
-def _truncate_log(log_path: Path, epochs: int) -> None:
-    """Keep only the log lines the checkpoint knows about (a crash may have left one more)."""
-    if log_path.exists():
-        lines = log_path.read_text().splitlines()[:epochs]
-        with atomic_path(log_path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in lines))
-
-
-@torch.no_grad()
 def write_topk(scorer: TeacherScorer, data: RunData, path: Path, top_h: int, batch_size: int = 1024) -> None:
     """The teacher's top-h over the catalogue for every sample (seen items excluded, as in full
     ranking), and its scores on the sample's fixed candidates."""
