@@ -87,11 +87,15 @@ class PipelineConfig:
         values = load_yaml(path)
         for item in overrides or []:
             apply_override(values, item)
-        values = check(cls, values, str(path))
+        return cls._from_values(values, str(path))
+
+    @classmethod
+    def _from_values(cls, values: dict, where: str) -> PipelineConfig:
+        values = check(cls, values, where)
         try:
             return cls(**values)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
 
     def models(self) -> list[tuple[str, str | None]]:
         """(model name, the file whose change invalidates its evaluation) in report order."""
@@ -115,7 +119,7 @@ class PipelineConfig:
         run = Path(run)
         if not (run / "config.yaml").exists():
             raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
-        return cls.from_file(run / "config.yaml", [f"run_dir={run}"])
+        return cls._from_values({**load_yaml(run / "config.yaml"), "run_dir": str(run)}, str(run / "config.yaml"))
 
 
 def _plain(values: dict) -> dict:

@@ -199,7 +199,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
 
     templates = Templates.for_teacher(config.teacher, **config.templates)
     scorer = LLMScorer(bb, [""] + data.items["title"].tolist(), templates, soft_prompt=soft,
-                       **_prompt_flags(methods.get(config.variant)), batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
+                       **_prompt_flags(methods.get(config.variant)), batch_size=config.verbalizer_batch,
+                       name=f"delrec:{config.variant}", progress=False)
     rng = np.random.default_rng(config.seed)
     train_rows = rng.permutation(data.indices("train"))
     if config.max_train_examples:
@@ -244,7 +245,6 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         folder.log({"step": state["step"], "examples_seen": seen, "seconds": seconds,
                     "wall_seconds": round(state["wall"], 2), "eval": scores})
 
-    # elapsed: training seconds (the time budget); wall: with the evaluations
     clock = Clock(state["elapsed"], state.get("wall"), config.max_seconds)
     if state["step"] == 0:
         # before any training: the untrained adapter (the backbone unchanged), a reference point of
