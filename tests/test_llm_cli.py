@@ -60,7 +60,7 @@ def test_recommend_errors(tmp_path, tiny_model_dir, capsys):
     assert "history is empty" in capsys.readouterr().err
     assert main(["recommend", "--run", str(run), "--llm", tiny_model_dir, "--history", "Movie 3 (1993", "--candidates", "Movie 4 (1994)"]) == 2
     err = capsys.readouterr().err
-    assert "unknown title 'Movie 3 (1993'" in err and "'Movie 3 (1993)'" in err  # the closest known titles
+    assert "unknown item 'Movie 3 (1993'" in err and "'Movie 3 (1993)'" in err  # the closest known titles
     assert main(["recommend", "--run", str(run), "--llm", tiny_model_dir, "--history", "Movie 3 (1993)"]) == 2
     assert "delrec teacher train" in capsys.readouterr().err  # no teacher for candidates
 

@@ -222,40 +222,26 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
-
+    """Rank candidates for one history with the LLM, through the Python API (delrec.recommender):
+    the same checks (unknown titles with the closest ones, duplicates, candidates already in the
+    history, the history cut to the model's window) for the command and for the API."""
     from delrec.data.protocol import RunData
-    from delrec.llm.scorer import match_titles
+    from delrec.recommender import Recommender
 
     run = Path(args.run)
     data = RunData.load(run / "data")
-    titles = [""] + data.items["title"].tolist()
-    if not args.history:
-        raise ValueError("the history is empty: give at least one title with --history")
-    history = match_titles(args.history, titles)
-    if args.candidates:
-        candidates = match_titles(args.candidates, titles)
-        source = "given"
-    else:
-        from delrec.teachers.train import load_teacher
-
-        teacher_dir = run / "teachers" / args.teacher
-        model = load_teacher(teacher_dir, args.device, data)
-        h = torch.tensor([([0] * model.max_len + history)[-model.max_len :]], device=next(model.parameters()).device)
-        with torch.no_grad():
-            scores = model.full_scores(h, None)[0].float().cpu()  # None: a user the teacher has not seen
-        scores[history] = float("-inf")  # never recommend what the user already has
-        candidates = scores.topk(args.num_candidates).indices.tolist()
-        source = f"the {args.teacher} teacher's top {args.num_candidates}"
+    if args.num_candidates is not None and args.num_candidates < 2:
+        raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
     scorer = _llm_scorer(args, data)
-    prompt = scorer.prompt(history, candidates)
-    scores = scorer.verbalizer.score([prompt], scorer.soft_prompt)[0].numpy()
-    order = np.argsort(-scores, kind="stable")
-    print(f"history: {', '.join(titles[i] for i in history)}")
-    print(f"candidates: {source}; ranked by {scorer.name} ({args.verbalizer})")
-    for rank, j in enumerate(order, 1):
-        print(f"{rank:3d}. {scores[j]:8.4f}  {prompt.candidates[j]}")
+    rec = Recommender(run, data, scorer, scorer.name, args.teacher, args.device, args.num_candidates)
+    n = len(args.candidates) if args.candidates else rec.num_candidates
+    result = rec.rank(args.history, args.candidates or None, k=n)
+    if result.history_truncated:
+        print(f"history: the {result.history_truncated} earliest titles left out (the model reads the last {rec.max_history})")
+    print(f"history: {', '.join(result.history_used)}")
+    print(f"candidates: {result.candidates_from}; ranked by {scorer.name} ({args.verbalizer})")
+    for rank, item in enumerate(result.items, 1):
+        print(f"{rank:3d}. {item.score:8.4f}  {item.title}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -377,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", nargs="*", default=[], metavar="TITLE", help="titles, most recent last")
     p.add_argument("--candidates", nargs="*", metavar="TITLE", help="default: the teacher's top list")
     p.add_argument("--teacher", default="sasrec", help="teacher whose top list gives the candidates")
-    p.add_argument("--num-candidates", type=int, default=15)
+    p.add_argument("--num-candidates", type=int, help="how many of the teacher's top items to rank (default: the protocol's 15)")
     p.add_argument("--device", default="auto")
     _add_llm_args(p, default_llm="smollm2-135m")
     p.set_defaults(func=cmd_recommend)

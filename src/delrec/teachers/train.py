@@ -61,6 +61,8 @@ class TeacherScorer:
 
     def _inputs(self, data: RunData, rows: np.ndarray):
         history = torch.as_tensor(data.history[rows][:, -self.model.max_len :], device=self.device)
+        if getattr(data, "unknown_users", False):  # requests of users the model has not seen (delrec.recommender)
+            return history, None
         users = torch.as_tensor(data.user_idx[rows], device=self.device)
         return history, users
 

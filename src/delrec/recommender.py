@@ -1,0 +1,209 @@
+"""Use a trained model: rank items for a user's history, from Python.
+
+    from delrec import Recommender
+
+    rec = Recommender.from_run("runs/ml100k-cpu", model="sasrec-delrec")   # loaded once
+    result = rec.rank(["Toy Story (1995)", "Usual Suspects, The (1995)"], k=5)
+    for item in result.items:
+        print(item.title, item.score)
+    results = rec.rank_many([{"history": [...]}, {"history": [...], "candidates": [...]}])
+
+`model` is any model of the run folder the evaluator knows (delrec.scorers): `random`,
+`popularity`, a teacher, `zero-shot`, or `<teacher>-<method>`. History and candidates are given as
+item ids (the ids of the data's items file) or titles, as written in the data ("Usual Suspects,
+The (1995)") or normalised ("The Usual Suspects (1995)"), case-insensitive. Without candidates,
+the teacher's top list over the items the user has not seen is ranked (as `delrec recommend`
+does). Every problem with a request is a `RequestError` that names the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A request the recommender cannot answer; `field` names the part that is wrong."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item: str  # the item's id in the data
+    title: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Ranking:
+    items: list[RankedItem]  # best first, at most k
+    candidates_from: str  # "given", or which teacher's top list
+    history_used: list[str] = field(default_factory=list)  # titles, most recent last
+    history_truncated: int = 0  # earliest items left out: the model reads at most max_history
+
+
+class Recommender:
+    """A model of a run folder, loaded once, answering ranking requests."""
+
+    def __init__(self, run: str | Path, data, scorer, model: str, teacher: str | None, device: str = "auto",
+                 num_candidates: int | None = None):
+        self.run, self.data, self.scorer, self.model = Path(run), data, scorer, model
+        self.teacher_name, self.device = teacher, device
+        self.num_candidates = num_candidates or data.candidates.shape[1]
+        self.max_history = data.config.max_history
+        items = data.items
+        self.titles = [""] + items["title"].tolist()
+        self.ids = [""] + items["item"].astype(str).tolist()
+        self._by_id = {item: i for i, item in enumerate(self.ids) if i > 0}
+        self._by_title: dict[str, int] = {}
+        for i, title in enumerate(self.titles[1:], 1):
+            self._by_title.setdefault(" ".join(title.split()).lower(), i)
+        self._teacher = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, model: str = "sasrec-delrec", *, teacher: str | None = None, device: str = "auto",
+                 dtype: str = "auto", llm: str | None = None, batch_size: int = 8, num_candidates: int | None = None,
+                 templates: dict | None = None) -> Recommender:
+        """`teacher`: whose top list gives the default candidates (default: the model's own
+        teacher, else the first trained one); `llm`: the backbone of `zero-shot` (default: the
+        run's); `templates`: the run's prompt wording for models without a stage-2 folder."""
+        from delrec.data.protocol import RunData
+        from delrec.scorers import make_scorer
+
+        run = Path(run)
+        data = RunData.load(run / "data")
+        config = _run_config(run)
+        if llm is None and config is not None:
+            llm = config.llm
+        if templates is None and config is not None:
+            templates = config.templates
+        scorer = make_scorer(run, data, model, llm=llm, dtype=dtype, device=device, batch_size=batch_size, progress=False,
+                             template_overrides=templates)
+        trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
+        own = model.partition("-")[0]
+        teacher = teacher or (own if own in trained else trained[0] if trained else None)
+        return cls(run, data, scorer, model, teacher, device, num_candidates)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def resolve(self, refs: Sequence[str | int], what: str) -> list[int]:
+        """Item indices of ids or titles; an unknown one names the closest titles."""
+        from delrec.data.loaders import normalize_title
+
+        out = []
+        for n, ref in enumerate(refs):
+            key = str(ref).strip()
+            if key in self._by_id:
+                out.append(self._by_id[key])
+                continue
+            title = " ".join(key.split()).lower()
+            found = self._by_title.get(title, self._by_title.get(normalize_title(key).lower()))
+            if found is None:
+                close = difflib.get_close_matches(normalize_title(key), self.titles[1:], n=3, cutoff=0.5)
+                hint = f"; closest titles: {', '.join(repr(c) for c in close)}" if close else ""
+                raise RequestError(f"{what}[{n}]", f"unknown item {ref!r} (neither an item id nor a title){hint}")
+            out.append(found)
+        return out
+
+    def rank(self, history: Sequence[str | int], candidates: Sequence[str | int] | None = None, k: int = 10) -> Ranking:
+        return self.rank_many([{"history": history, "candidates": candidates, "k": k}])[0]
+
+    def rank_many(self, requests: Sequence[dict]) -> list[Ranking]:
+        """Several requests ({"history": [...], "candidates": [...] or None, "k": 10}), scored
+        together where they have the same number of candidates (one batch per size)."""
+        prepared = [self._prepare(r.get("history"), r.get("candidates"), r.get("k", 10)) for r in requests]
+        scores: list[np.ndarray | None] = [None] * len(prepared)
+        for size in sorted({len(p[1]) for p in prepared}):
+            idx = [i for i, p in enumerate(prepared) if len(p[1]) == size]
+            batch = self._score([prepared[i][0] for i in idx], [prepared[i][1] for i in idx])
+            for i, row in zip(idx, batch):
+                scores[i] = row
+        out = []
+        for (history, candidates, k, source, truncated), row in zip(prepared, scores):
+            order = np.argsort(-np.asarray(row, dtype=np.float64), kind="stable")[:k]
+            out.append(Ranking([RankedItem(self.ids[candidates[j]], self.titles[candidates[j]], float(row[j])) for j in order],
+                               source, [self.titles[i] for i in history], truncated))
+        return out
+
+    def _prepare(self, history, candidates, k):
+        if history is None or isinstance(history, (str, bytes)) or len(history) == 0:
+            raise RequestError("history", "the history is empty: give at least one item the user interacted with (a list, most recent last)")
+        items = self.resolve(history, "history")
+        truncated = max(0, len(items) - self.max_history)
+        items = items[truncated:]
+        if candidates is None:
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_candidates:
+                raise RequestError("k", f"must be an integer from 1 to {self.num_candidates}, got {k!r}")
+            cands, source = self._teacher_top(items), f"the {self.teacher_name} teacher's top {self.num_candidates}"
+        else:
+            if isinstance(candidates, (str, bytes)) or len(candidates) < 2:
+                raise RequestError("candidates", "give at least two items to rank (a list)")
+            cands, source = self.resolve(candidates, "candidates"), "given"
+            seen = {}
+            for n, c in enumerate(cands):
+                if c in seen:
+                    raise RequestError(f"candidates[{n}]", f"{self.titles[c]!r} is also candidates[{seen[c]}]")
+                seen[c] = n
+            in_history = [n for n, c in enumerate(cands) if c in set(items)]
+            if in_history:
+                raise RequestError(f"candidates[{in_history[0]}]", f"{self.titles[cands[in_history[0]]]!r} is already in the history")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(cands):
+                raise RequestError("k", f"must be an integer from 1 to the {len(cands)} candidates, got {k!r}")
+        return items, cands, k, source, truncated
+
+    def _teacher_top(self, history: list[int]) -> list[int]:
+        import torch
+
+        if self.teacher_name is None:
+            raise RequestError("candidates", f"none given, and {self.run} has no trained teacher to propose them: "
+                                             "give candidates, or train one (`delrec teacher train`)")
+        if self._teacher is None:
+            from delrec.teachers.train import load_teacher
+
+            self._teacher = load_teacher(self.run / "teachers" / self.teacher_name, self.device, self.data)
+        model = self._teacher
+        h = torch.tensor([([0] * model.max_len + history)[-model.max_len :]], device=next(model.parameters()).device)
+        with torch.no_grad():
+            scores = model.full_scores(h, None)[0].float().cpu()  # None: a user the teacher has not seen
+        scores[history] = float("-inf")  # never what the user already has
+        return scores.topk(min(self.num_candidates, self.data.num_items - len(set(history)))).indices.tolist()
+
+    def _score(self, histories: list[list[int]], candidates: list[list[int]]) -> list[np.ndarray]:
+        """Scores of each request's candidates by the model, through the evaluator's scorer on a
+        view of the requests shaped like the run's samples."""
+        view = _Requests(self.data, histories, candidates)
+        scores = self.scorer.score_candidates(view, np.arange(len(histories)))
+        scores = scores.numpy() if hasattr(scores, "numpy") else np.asarray(scores)
+        return [np.asarray(s, dtype=np.float32) for s in scores]
+
+
+class _Requests:
+    """Requests in the shape of a run's samples (left-padded histories, candidates, an unseen
+    user), so every scorer of the evaluator scores them as it scores test samples."""
+
+    def __init__(self, data, histories: list[list[int]], candidates: list[list[int]]):
+        width = data.config.max_history
+        self.config, self.items, self.num_items = data.config, data.items, data.num_items
+        self.history = np.zeros((len(histories), width), dtype=np.int64)
+        for r, h in enumerate(histories):
+            self.history[r, width - len(h):] = h
+        self.history_len = np.array([len(h) for h in histories])
+        self.candidates = np.asarray(candidates, dtype=np.int64)
+        self.unknown_users = True  # no user the teacher has seen: teachers score without a user part
+        self.sample_id = np.arange(len(histories))
+
+
+def _run_config(run: Path):
+    from delrec.config import PipelineConfig
+
+    try:
+        return PipelineConfig.from_run(run)
+    except FileNotFoundError:  # a folder made step by step, without `delrec run`
+        return None
