@@ -244,8 +244,8 @@ class FlopCount:
 
 
 def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemory) -> dict:
-    """One warm-up step on batches[0] (its floating-point operations counted by torch's
-    FlopCounterMode: matmuls and attention, forward and backward), then the rest timed; step
+    """One warm-up step on batches[0] (its floating-point operations counted by FlopCount, with
+    torch's formulas for matmuls and attention, forward and backward), then the rest timed; step
     indices start at `first`."""
     counter = FlopCount()
     with counter:

@@ -151,7 +151,8 @@ class Recommender:
                 if c in seen:
                     raise RequestError(f"candidates[{n}]", f"{self.titles[c]!r} is also candidates[{seen[c]}]")
                 seen[c] = n
-            in_history = [n for n, c in enumerate(cands) if c in set(items)]
+            history_set = set(items)
+            in_history = [n for n, c in enumerate(cands) if c in history_set]
             if in_history:
                 raise RequestError(f"candidates[{in_history[0]}]", f"{self.titles[cands[in_history[0]]]!r} is already in the history")
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(cands):

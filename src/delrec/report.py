@@ -402,7 +402,7 @@ def write_report(run: str | Path, config=None) -> Path:
             verdict = "beats" if all(v["diff"] > 0 for v in cmp.values()) else "does **not** beat"
             L.append(f"DELRec({t}) {verdict} its {t} teacher on HR@1 and NDCG@5:")
             L.append("")
-            L += _paired_table("teacher", [(m, v) for m, v in cmp.items()])
+            L += _paired_table("teacher", list(cmp.items()))
             if t in ("sasrec",) and paper:
                 L.append("")
                 L.append(f"The paper reports +{paper['sasrec-delrec'][0] / paper['sasrec'][0] - 1:.1%} HR@1 for DELRec(SASRec) "

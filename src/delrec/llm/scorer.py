@@ -3,7 +3,6 @@ the same Scorer interface (and so the same evaluator) as the teachers."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,22 +80,3 @@ class LLMScorer:
 
     def score_all(self, data: RunData, rows: np.ndarray):
         raise NotImplementedError("an LLM ranks candidate sets; full-catalogue ranking is not supported")
-
-
-def match_titles(queries: Sequence[str], known: Sequence[str]) -> list[int]:
-    """Positions in `known` of each query title (exact, then case-insensitive); an unknown title
-    is an error listing the closest known titles."""
-    exact = {t: i for i, t in enumerate(known) if t}
-    lower = {t.lower(): i for t, i in exact.items()}
-    out = []
-    for q in queries:
-        q = " ".join(q.split())
-        if q in exact:
-            out.append(exact[q])
-        elif q.lower() in lower:
-            out.append(lower[q.lower()])
-        else:
-            close = difflib.get_close_matches(q, list(exact), n=5, cutoff=0.5)
-            hint = "; closest known titles: " + ", ".join(repr(c) for c in close) if close else ""
-            raise ValueError(f"unknown title {q!r}{hint}")
-    return out

@@ -159,9 +159,8 @@ def train_teacher(
     bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}",
                disable=not (progress and dist.is_main))
     clock = Clock(state["elapsed"], max_seconds=config.max_seconds)  # the valid evaluations count here
-    budget_spent = clock.budget_spent  # the same answer on every process
     while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
-        if budget_spent():  # checked before an epoch too: a resume after the budget trains no more
+        if clock.budget_spent():  # checked before an epoch too (the same answer on every process): a resume after the budget trains no more
             log.info("time budget of %.0f s spent before epoch %d", config.max_seconds, state["epoch"] + 1)
             break
         # -- one epoch over the train split in a seeded order
@@ -169,7 +168,7 @@ def train_teacher(
         perm = torch.randperm(len(train_rows), generator=generator).to(dev)
         total_loss, seen, partial = 0.0, 0, False
         for n, i in enumerate(range(0, len(perm), config.batch_size)):
-            if n % 16 == 15 and budget_spent():  # and inside it: an epoch can take minutes
+            if n % 16 == 15 and clock.budget_spent():  # and inside it: an epoch can take minutes
                 partial = True
                 break
             batch = perm[i : i + config.batch_size]  # the global batch; this process takes its share
@@ -205,7 +204,7 @@ def train_teacher(
             "rng": rng,  # one state per process
             "generator": generator.get_state(),
         }, rng_state=_rng_state)
-        if partial or budget_spent():
+        if partial or clock.budget_spent():
             log.info("time budget of %.0f s reached in epoch %d", config.max_seconds, state["epoch"])
             break
     bar.close()
