@@ -5,6 +5,7 @@
     delrec teacher train --model sasrec --run runs/ml100k
     delrec evaluate --run runs/ml100k [--llm smollm2-135m --limit 1000 | --finetuned DIR]
     delrec recommend --run runs/ml100k --history "Toy Story (1995)" "Heat (1995)"
+    delrec serve --run runs/ml100k --model sasrec-delrec     (HTTP: POST /recommend, docs at /docs)
     delrec distill --run runs/ml100k --teacher sasrec          (stage 1)
     delrec finetune --run runs/ml100k --teacher sasrec         (stage 2)
 """
@@ -244,6 +245,25 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         print(f"{rank:3d}. {item.score:8.4f}  {item.title}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model of a run folder over HTTP (delrec.serve) until Ctrl-C or SIGTERM."""
+    from delrec.recommender import Recommender
+
+    if args.num_candidates is not None and args.num_candidates < 2:
+        raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
+    for name in ("max_batch", "max_body_bytes", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
+    from delrec.serve import serve
+
+    rec = Recommender.from_run(args.run, model=args.model, teacher=args.teacher, device=args.device, dtype=args.dtype, llm=args.llm,
+                               batch_size=args.batch_size, num_candidates=args.num_candidates, max_candidates=args.max_candidates)
+    serve(rec, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
+          log_level="info" if args.verbose else "warning")
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     from delrec.stages.distill import DistillConfig, distill
 
@@ -367,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_llm_args(p, default_llm="smollm2-135m")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("serve", help="serve a trained model over HTTP (POST /recommend; docs at /docs)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--model", default="sasrec-delrec",
+                   help="any model of the run: a teacher, popularity, zero-shot, <teacher>-<method> (default: sasrec-delrec)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    p.add_argument("--teacher", help="whose top list gives the candidates a request leaves out (default: the model's own)")
+    p.add_argument("--num-candidates", type=int, help="how many of the teacher's top items to rank (default: the protocol's 15)")
+    p.add_argument("--max-candidates", type=int, default=50, help="the most candidates one request may give")
+    p.add_argument("--max-batch", type=int, default=16, help="the most requests scored together")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per LLM forward pass")
+    p.add_argument("--llm", help="the backbone of zero-shot (default: the run's)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

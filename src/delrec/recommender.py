@@ -8,6 +8,11 @@
         print(item.title, item.score)
     results = rec.rank_many([{"history": [...]}, {"history": [...], "candidates": [...]}])
 
+`rank_many` scores requests together (one forward pass per batch), which is what the HTTP service
+(delrec.serve) does with requests that arrive together; `prepare` checks one request without
+scoring it, and `rank_prepared` scores checked requests, so a service can refuse a bad request
+before it joins a batch.
+
 `model` is any model of the run folder the evaluator knows (delrec.scorers): `random`,
 `popularity`, a teacher, `zero-shot`, or `<teacher>-<method>`. History and candidates are given as
 item ids (the ids of the data's items file) or titles, as written in the data ("Usual Suspects,
@@ -42,6 +47,16 @@ class RankedItem:
 
 
 @dataclass(frozen=True)
+class PreparedRequest:
+    """A checked request: item indices (0 is padding), ready to score."""
+
+    history: tuple[int, ...]  # at most max_history items, most recent last
+    candidates: tuple[int, ...] | None  # None: the teacher's top list, found when scored
+    k: int
+    history_truncated: int  # earliest items left out
+
+
+@dataclass(frozen=True)
 class Ranking:
     items: list[RankedItem]  # best first, at most k
     candidates_from: str  # "given", or which teacher's top list
@@ -53,10 +68,11 @@ class Recommender:
     """A model of a run folder, loaded once, answering ranking requests."""
 
     def __init__(self, run: str | Path, data, scorer, model: str, teacher: str | None, device: str = "auto",
-                 num_candidates: int | None = None):
+                 num_candidates: int | None = None, max_candidates: int = 50):
         self.run, self.data, self.scorer, self.model = Path(run), data, scorer, model
         self.teacher_name, self.device = teacher, device
-        self.num_candidates = num_candidates or data.candidates.shape[1]
+        self.num_candidates = num_candidates or data.candidates.shape[1]  # proposed when none are given
+        self.max_candidates = max(max_candidates, self.num_candidates)  # the most a request may give
         self.max_history = data.config.max_history
         items = data.items
         self.titles = [""] + items["title"].tolist()
@@ -70,7 +86,7 @@ class Recommender:
     @classmethod
     def from_run(cls, run: str | Path, model: str = "sasrec-delrec", *, teacher: str | None = None, device: str = "auto",
                  dtype: str = "auto", llm: str | None = None, batch_size: int = 8, num_candidates: int | None = None,
-                 templates: dict | None = None) -> Recommender:
+                 max_candidates: int = 50, templates: dict | None = None) -> Recommender:
         """`teacher`: whose top list gives the default candidates (default: the model's own
         teacher, else the first trained one); `llm`: the backbone of `zero-shot` (default: the
         run's); `templates`: the run's prompt wording for models without a stage-2 folder."""
@@ -89,7 +105,7 @@ class Recommender:
         trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
         own = model.partition("-")[0]
         teacher = teacher or (own if own in trained else trained[0] if trained else None)
-        return cls(run, data, scorer, model, teacher, device, num_candidates)
+        return cls(run, data, scorer, model, teacher, device, num_candidates, max_candidates)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -112,27 +128,70 @@ class Recommender:
             out.append(found)
         return out
 
+    def search(self, query: str, limit: int = 10) -> list[tuple[str, str]]:
+        """(id, title) of the items whose title contains `query` (case-insensitive; in the
+        original or the normalised form), the exact title first, then the titles that start with
+        it, then the shortest; else the closest titles."""
+        from delrec.data.loaders import normalize_title
+
+        words = " ".join(str(query).split()).lower()
+        if not words:
+            return []
+        alt = normalize_title(" ".join(str(query).split())).lower()
+        def closeness(i: int) -> tuple | None:  # exact title, then titles starting with it, then containing it
+            title = self.titles[i].lower()
+            where = min((title.find(w) for w in (words, alt) if w in title), default=-1)
+            if where < 0:
+                return None
+            return (title not in (words, alt), where > 0, len(title), title)
+
+        found = {i: key for i in range(1, len(self.titles)) if (key := closeness(i)) is not None}
+        hits = sorted(found, key=found.get)
+        if not hits:
+            close = difflib.get_close_matches(normalize_title(str(query)), self.titles[1:], n=limit, cutoff=0.5)
+            hits = [self._by_title[" ".join(c.split()).lower()] for c in close]
+        return [(self.ids[i], self.titles[i]) for i in hits[:limit]]
+
     def rank(self, history: Sequence[str | int], candidates: Sequence[str | int] | None = None, k: int = 10) -> Ranking:
         return self.rank_many([{"history": history, "candidates": candidates, "k": k}])[0]
 
     def rank_many(self, requests: Sequence[dict]) -> list[Ranking]:
         """Several requests ({"history": [...], "candidates": [...] or None, "k": 10}), scored
-        together where they have the same number of candidates (one batch per size)."""
-        prepared = [self._prepare(r.get("history"), r.get("candidates"), r.get("k", 10)) for r in requests]
+        together where they have the same number of candidates (one batch per size). A bad
+        request raises a RequestError naming it (`requests[2].history[0]: ...`) before any is scored."""
+        prepared = []
+        for n, r in enumerate(requests):
+            try:
+                prepared.append(self.prepare(r.get("history"), r.get("candidates"), r.get("k", 10)))
+            except RequestError as e:
+                raise RequestError(f"requests[{n}].{e.field}" if len(requests) > 1 else e.field, str(e).partition(": ")[2]) from None
+        return self.rank_prepared(prepared)
+
+    def rank_prepared(self, prepared: Sequence[PreparedRequest]) -> list[Ranking]:
+        """Rankings of checked requests; the teacher's top lists of those without candidates are
+        found in one pass, and requests with as many candidates are scored in one batch."""
+        missing = [i for i, p in enumerate(prepared) if p.candidates is None]
+        tops = self._teacher_top([list(prepared[i].history) for i in missing]) if missing else []
+        candidates = [list(p.candidates) if p.candidates is not None else None for p in prepared]
+        for i, top in zip(missing, tops):
+            candidates[i] = top
         scores: list[np.ndarray | None] = [None] * len(prepared)
-        for size in sorted({len(p[1]) for p in prepared}):
-            idx = [i for i, p in enumerate(prepared) if len(p[1]) == size]
-            batch = self._score([prepared[i][0] for i in idx], [prepared[i][1] for i in idx])
+        for size in sorted({len(c) for c in candidates}):
+            idx = [i for i, c in enumerate(candidates) if len(c) == size]
+            batch = self._score([list(prepared[i].history) for i in idx], [candidates[i] for i in idx])
             for i, row in zip(idx, batch):
                 scores[i] = row
         out = []
-        for (history, candidates, k, source, truncated), row in zip(prepared, scores):
-            order = np.argsort(-np.asarray(row, dtype=np.float64), kind="stable")[:k]
-            out.append(Ranking([RankedItem(self.ids[candidates[j]], self.titles[candidates[j]], float(row[j])) for j in order],
-                               source, [self.titles[i] for i in history], truncated))
+        teacher_list = f"the {self.teacher_name} teacher's top {self.num_candidates}"
+        for p, cands, row in zip(prepared, candidates, scores):
+            order = np.argsort(-np.asarray(row, dtype=np.float64), kind="stable")[: p.k]
+            out.append(Ranking([RankedItem(self.ids[cands[j]], self.titles[cands[j]], float(row[j])) for j in order],
+                               "given" if p.candidates is not None else teacher_list,
+                               [self.titles[i] for i in p.history], p.history_truncated))
         return out
 
-    def _prepare(self, history, candidates, k):
+    def prepare(self, history, candidates=None, k=10) -> PreparedRequest:
+        """Check one request (see the module docstring) without scoring it."""
         if history is None or isinstance(history, (str, bytes)) or len(history) == 0:
             raise RequestError("history", "the history is empty: give at least one item the user interacted with (a list, most recent last)")
         items = self.resolve(history, "history")
@@ -141,11 +200,16 @@ class Recommender:
         if candidates is None:
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_candidates:
                 raise RequestError("k", f"must be an integer from 1 to {self.num_candidates}, got {k!r}")
-            cands, source = self._teacher_top(items), f"the {self.teacher_name} teacher's top {self.num_candidates}"
+            if self.teacher_name is None:
+                raise RequestError("candidates", f"none given, and {self.run} has no trained teacher to propose them: "
+                                                 "give candidates, or train one (`delrec teacher train`)")
+            return PreparedRequest(tuple(items), None, k, truncated)
         else:
             if isinstance(candidates, (str, bytes)) or len(candidates) < 2:
                 raise RequestError("candidates", "give at least two items to rank (a list)")
-            cands, source = self.resolve(candidates, "candidates"), "given"
+            if len(candidates) > self.max_candidates:
+                raise RequestError("candidates", f"at most {self.max_candidates} items to rank, got {len(candidates)}")
+            cands = self.resolve(candidates, "candidates")
             seen = {}
             for n, c in enumerate(cands):
                 if c in seen:
@@ -157,24 +221,25 @@ class Recommender:
                 raise RequestError(f"candidates[{in_history[0]}]", f"{self.titles[cands[in_history[0]]]!r} is already in the history")
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(cands):
                 raise RequestError("k", f"must be an integer from 1 to the {len(cands)} candidates, got {k!r}")
-        return items, cands, k, source, truncated
+            return PreparedRequest(tuple(items), tuple(cands), k, truncated)
 
-    def _teacher_top(self, history: list[int]) -> list[int]:
+    def _teacher_top(self, histories: list[list[int]]) -> list[list[int]]:
+        """The teacher's top num_candidates over the items each history has not seen, in one pass."""
         import torch
 
-        if self.teacher_name is None:
-            raise RequestError("candidates", f"none given, and {self.run} has no trained teacher to propose them: "
-                                             "give candidates, or train one (`delrec teacher train`)")
         if self._teacher is None:
             from delrec.teachers.train import load_teacher
 
             self._teacher = load_teacher(self.run / "teachers" / self.teacher_name, self.device, self.data)
         model = self._teacher
-        h = torch.tensor([([0] * model.max_len + history)[-model.max_len :]], device=next(model.parameters()).device)
+        h = torch.tensor([([0] * model.max_len + h)[-model.max_len :] for h in histories], device=next(model.parameters()).device)
         with torch.no_grad():
-            scores = model.full_scores(h, None)[0].float().cpu()  # None: a user the teacher has not seen
-        scores[history] = float("-inf")  # never what the user already has
-        return scores.topk(min(self.num_candidates, self.data.num_items - len(set(history)))).indices.tolist()
+            scores = model.full_scores(h, None).float().cpu()  # None: users the teacher has not seen
+        out = []
+        for row, history in zip(scores, histories):
+            row[history] = float("-inf")  # never what the user already has
+            out.append(row.topk(min(self.num_candidates, self.data.num_items - len(set(history)))).indices.tolist())
+        return out
 
     def _score(self, histories: list[list[int]], candidates: list[list[int]]) -> list[np.ndarray]:
         """Scores of each request's candidates by the model, through the evaluator's scorer on a
