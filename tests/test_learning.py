@@ -32,7 +32,7 @@ from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import DistillConfig, DistillResult, accuracy, distill
 from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
-from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
+from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 
 TEACHER = "gru4rec"
@@ -65,13 +65,13 @@ STAGE2_BUDGET = dict(teacher=TEACHER, steps=STAGE2_STEPS, max_train_examples=N, 
                      eval_every=STAGE2_STEPS, checkpoint_every=10**6, soft_tokens=8, dtype="float32", device="cpu")
 
 
-def steerable_llama() -> Backbone:
+def steerable_llama(words=DEFAULT_WORDS) -> Backbone:
     """tiny_llama_backbone with every matrix redrawn at std 0.2 (seeded). As drawn (std 0.02) its
     tied word embeddings have norm about 0.11, and after the final RMSNorm (weight 1, frozen) every
     logit is bounded by about 0.6: candidate scores differ by a fraction of a nat whatever an adapter
     or a soft prompt does (measured: stage 1 at lr 0.1 stayed at TA accuracy 0, stage 2 at lr 1e-2
     for 150 steps reached HR@1 0.25)."""
-    bb = tiny_llama_backbone()
+    bb = tiny_llama_backbone(words)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in bb.model.parameters():
@@ -80,13 +80,13 @@ def steerable_llama() -> Backbone:
     return bb
 
 
-def steerable_t5() -> Backbone:
+def steerable_t5(words=DEFAULT_WORDS) -> Backbone:
     """tiny_t5_backbone with its attention queries scaled by 3. T5 draws queries at std
     (d_model * d_kv)^-0.5 (0.044 here), so attention is nearly uniform and the frozen decoder sees
     little more than the mean of the encoder output; a soft prompt could not steer it (measured:
     stage 1 at lr 0.1 to 0.2 with 8 to 100 soft tokens, TA/RPS accuracy at most 0.75). Sharper
     attention made the soft prompt effective; stage 2 learned either way."""
-    bb = tiny_t5_backbone()
+    bb = tiny_t5_backbone(words)
     with torch.no_grad():
         for name, p in bb.model.named_parameters():
             if name.endswith(".q.weight"):
@@ -164,12 +164,14 @@ def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> 
     """The model stage 2 starts from: the backbone without adapters, with the variant's prompt and
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
     soft = finetune_mod._soft_prompt(run, cfg, bb)
-    return LLMScorer.for_run(data, bb, templates=Templates.for_teacher(cfg.teacher), soft_prompt=soft,
-                             **finetune_mod._prompt_flags(methods.get(cfg.variant)), progress=False)
+    return finetune_mod.stage2_scorer(run, data, bb, cfg.variant, cfg.teacher, Templates.for_teacher(cfg.teacher), soft,
+                                      cfg.teacher_list_size, progress=False)
 
 
-# the methods with a stage 2 of their own (`wo-ta`, `wo-rps`, `udpsm` differ from DELRec in stage 1 only)
-@pytest.mark.parametrize("variant", [m for m in methods.stage2_methods() if methods.get(m).stage1 != "own"])
+# DELRec's ablations with a stage 2 of their own (`wo-ta`, `wo-rps`, `udpsm` differ from DELRec in
+# stage 1 only); the Table II baselines have their guards in tests/test_baselines.py
+@pytest.mark.parametrize("variant", [m for m in methods.stage2_methods()
+                                     if methods.get(m).stage1 != "own" and methods.get(m).ablation])
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_stage2_memorises_its_training_examples(taught_run, stage1, backbone, variant):  # noqa: F811
     """AdaLoRA fine-tuning (every variant trains an adapter; `ulsr` its soft prompt too) for

@@ -23,12 +23,57 @@ def test_entries_are_checked():
 
 
 def test_the_paper_ablations():
-    assert set(methods.METHODS) == {"delrec", "wo-ta", "wo-rps", "wo-lsr", "ulsr", "udpsm", "usp", "wo-dpsm", "mcp", "wo-sp"}
+    ablations = {m.name for m in methods.METHODS.values() if m.ablation}
+    assert ablations == {"delrec", "wo-ta", "wo-rps", "wo-lsr", "ulsr", "udpsm", "usp", "wo-dpsm", "mcp", "wo-sp"}
     assert methods.get("wo-lsr").stage2 is False and "wo-lsr" not in methods.stage2_methods()
     assert methods.get("wo-ta").stage1_folder("sasrec") == "sasrec-wo-ta"
     assert methods.get("ulsr").stage1_folder("caser") == "caser" and methods.get("wo-sp").stage1_folder("caser") is None
     assert methods.get("delrec").report_label("sasrec") == "DELRec(sasrec)"
     assert methods.get("wo-sp").report_label("sasrec") == "w/o SP (sasrec)"
+
+
+def test_the_table2_baselines():
+    """The LLM-based baselines of Table II: `wo-sp` is LLMSEQPROMPT (one training, two names); the
+    others are not ablations, and only LLMSEQSIM has no stage 2."""
+    baselines = {m.name: m.paper_rows for m in methods.METHODS.values() if m.paper_rows}
+    assert baselines == {"wo-sp": ("LLMSEQPROMPT",), "teacher-list": ("RecRanker", "LLM-TRSR"), "llamarec": ("LlamaRec",),
+                         "llmseqsim": ("LLMSEQSIM",)}
+    assert methods.get("wo-sp").table2_label("sasrec") == "LLMSEQPROMPT = w/o SP (sasrec)"
+    assert methods.get("llamarec").table2_label("sasrec") == "LlamaRec (sasrec)"
+    assert methods.get("delrec").table2_label("sasrec") == "DELRec(sasrec)"
+    assert {"teacher-list", "llamarec"} <= set(methods.stage2_methods()) and "llmseqsim" not in methods.stage2_methods()
+    assert methods.get("llamarec").ranker == "letters" and methods.get("llmseqsim").ranker == "similarity"
+    assert all(methods.get(m).stage1_folder("sasrec") is None for m in ("teacher-list", "llamarec", "llmseqsim"))
+
+
+def test_ranker_and_prompt_go_together():
+    with pytest.raises(ValueError, match="ranker must be one of"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="bm25")
+    with pytest.raises(ValueError, match="`letters` ranker reads the `lettered` prompt"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="letters")
+    with pytest.raises(ValueError, match="`letters` ranker reads the `lettered` prompt"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="lettered")
+    with pytest.raises(ValueError, match="`similarity` ranker uses no prompt"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="similarity", stage2=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="none", ranker="similarity")
+    with pytest.raises(ValueError, match="zero-shot LLM"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", stage2=False)
+    with pytest.raises(ValueError, match="the `lsr` prompt is the one with a soft prompt"):
+        Method("x", "X", "", prompt="teacher-list")
+
+
+def test_the_pipeline_plans_the_baselines(tmp_path):
+    """Stage 2 for the trained baselines (no stage 1), an evaluation of each, LLMSEQSIM with nothing
+    upstream; a teacher list longer than the stored top-h lists is refused before any step."""
+    config = PipelineConfig(run_dir=str(tmp_path), variants=["wo-sp", "teacher-list", "llamarec", "llmseqsim"])
+    pipeline = Pipeline(config)
+    assert pipeline._finetune_jobs() == [("sasrec", "wo-sp", None), ("sasrec", "teacher-list", None), ("sasrec", "llamarec", None)]
+    models = dict(pipeline.models())
+    assert models["sasrec-llmseqsim"] is None and models["sasrec-llamarec"].endswith("finetune/sasrec-llamarec/metrics.json")
+    with pytest.raises(ValueError, match=r"teacher_list_size \(12\) is more than the top_h"):
+        PipelineConfig(run_dir=str(tmp_path), variants=["teacher-list"], finetune={"teacher_list_size": 12})
+    PipelineConfig(run_dir=str(tmp_path), variants=["llamarec"], finetune={"teacher_list_size": 12})  # not used: no check
 
 
 def test_a_new_method_is_one_entry(tmp_path, monkeypatch):

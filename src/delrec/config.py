@@ -78,6 +78,10 @@ class PipelineConfig:
         distill_top_h = self.distill.get("top_h", DistillConfig.top_h)
         if distill_top_h > self.top_h:
             raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
+        list_size = self.finetune.get("teacher_list_size", FinetuneConfig.teacher_list_size)
+        if list_size > self.top_h and any(methods.get(v).prompt == "teacher-list" for v in self.variants):
+            raise ValueError(f"finetune.teacher_list_size ({list_size}) is more than the top_h lists the teachers store "
+                             f"({self.top_h})")
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -107,7 +111,9 @@ class PipelineConfig:
         for t in self.teachers:
             for v in self.variants:
                 method = methods.get(v)
-                if not method.stage2:  # the frozen LLM with stage 1's soft prompt
+                if not method.stage2 and method.stage1 == "none":  # the bare LLM (LLMSEQSIM): nothing upstream
+                    out.append((f"{t}-{v}", None))
+                elif not method.stage2:  # the frozen LLM with stage 1's soft prompt
                     out.append((f"{t}-{v}", str(run / "distill" / method.stage1_folder(t) / "metrics.json")))
                 else:
                     out.append((f"{t}-{v}", str(run / "finetune" / f"{t}-{v}" / "metrics.json")))

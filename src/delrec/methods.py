@@ -1,6 +1,7 @@
-"""The methods `delrec` trains and evaluates: DELRec and its ablations (paper Section V-D), one
-entry each. The pipeline, stage 2, the CLI and the report read this table, so a new variant is
-one `register(Method(...))` plus the code that is really new.
+"""The methods `delrec` trains and evaluates: DELRec, its ablations (paper Section V-D) and the
+LLM-based baselines of the paper's Table II that fit one harness, one entry each. The pipeline,
+stage 2, the scorer factory, the CLI and the report read this table, so a new variant is one
+`register(Method(...))` plus the code that is really new.
 
 Each method says
 * what stage 1 gives it: the teacher's shared distillation (`shared`), a distillation of its own
@@ -9,10 +10,18 @@ Each method says
   (`untrained`), or none (`none`);
 * its recommendation prompt (`prompt`): the LSR prompt with the soft prompt in its slot (`lsr`), with
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
-  (`model-card`), or the plain prompt without slot or instruction (`plain`);
+  (`model-card`), the plain prompt without slot or instruction (`plain`), the plain prompt with the
+  teacher's top-h list written in as text (`teacher-list`), the candidates listed under index
+  letters (A), (B), ... (`lettered`), or no prompt at all (`none`: the similarity ranker);
+* how candidates are ranked (`ranker`): by the LM's likelihood of each title as the answer
+  (`titles`, llm/verbalizer.py), by the LM head's score of each candidate's index letter at the
+  answer position (`letters`, LlamaRec), or by the cosine similarity of title embeddings to the
+  history's (`similarity`, LLMSEQSIM; llm/similarity.py);
 * what stage 2 trains: AdaLoRA adapters (`stage2`), and the soft prompt too (`train_soft_prompt`);
-  `stage2=False` evaluates stage 1's soft prompt with the frozen LLM;
-* `stage2_from_stage1_llm`: stage 2 starts from the LLM stage 1 updated (`w UDPSM`).
+  `stage2=False` evaluates stage 1's soft prompt with the frozen LLM, or ranks by similarity;
+* `stage2_from_stage1_llm`: stage 2 starts from the LLM stage 1 updated (`w UDPSM`);
+* where it appears in the paper: `ablation` (a row of Tables III-IV) and `paper_rows` (the rows of
+  Table II it stands for, e.g. ("LlamaRec",)); the report labels it by them (`table2_label`).
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from delrec.settings import closest
 
 STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")
-PROMPTS = ("lsr", "empty-slot", "model-card", "plain")
+PROMPTS = ("lsr", "empty-slot", "model-card", "plain", "teacher-list", "lettered", "none")
+RANKERS = ("titles", "letters", "similarity")
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,14 @@ class Method:
     train_soft_prompt: bool = False
     stage1_settings: dict = field(default_factory=dict)  # DistillConfig fields of an `own` stage 1
     stage2_from_stage1_llm: bool = False
+    ranker: str = "titles"
+    ablation: bool = True  # a row of the paper's ablation tables (III-IV); False for the other Table II baselines
+    paper_rows: tuple[str, ...] = ()  # the rows of the paper's Table II this method stands for
 
     def __post_init__(self):
+        object.__setattr__(self, "paper_rows", tuple(self.paper_rows))  # a list from a caller stays hashable
         for value, allowed, what in ((self.stage1, STAGE1, "stage1"), (self.soft_prompt, SOFT_PROMPTS, "soft_prompt"),
-                                     (self.prompt, PROMPTS, "prompt")):
+                                     (self.prompt, PROMPTS, "prompt"), (self.ranker, RANKERS, "ranker")):
             if value not in allowed:
                 raise ValueError(f"method {self.name!r}: {what} must be one of {allowed}, got {value!r}")
         if (self.soft_prompt == "distilled") != (self.stage1 != "none"):
@@ -52,6 +66,14 @@ class Method:
             raise ValueError(f"method {self.name!r}: an `own` stage 1 is one with its own stage1_settings")
         if (self.train_soft_prompt or self.stage2_from_stage1_llm) and not self.stage2:
             raise ValueError(f"method {self.name!r}: trains in stage 2 but has no stage 2")
+        if (self.ranker == "letters") != (self.prompt == "lettered"):
+            raise ValueError(f"method {self.name!r}: the `letters` ranker reads the `lettered` prompt, and only it does")
+        if (self.ranker == "similarity") != (self.prompt == "none"):
+            raise ValueError(f"method {self.name!r}: the `similarity` ranker uses no prompt, and only it does")
+        if self.ranker == "similarity" and self.stage2:
+            raise ValueError(f"method {self.name!r}: the `similarity` ranker has nothing to train in stage 2")
+        if not self.stage2 and self.ranker != "similarity" and self.stage1 == "none":
+            raise ValueError(f"method {self.name!r}: without stage 1 and stage 2 it is the zero-shot LLM (`zero-shot`)")
 
     def stage1_folder(self, teacher: str) -> str | None:
         """The RUN/distill/ folder its soft prompt comes from (None: no stage 1)."""
@@ -59,6 +81,14 @@ class Method:
 
     def report_label(self, teacher: str) -> str:
         return f"DELRec({teacher})" if self.name == "delrec" else f"{self.label} ({teacher})"
+
+    def table2_label(self, teacher: str) -> str:
+        """Its label among the paper's Table II rows: the paper's names for it, and its ablation
+        name too when it is also an ablation ("LLMSEQPROMPT = w/o SP (sasrec)")."""
+        if not self.paper_rows:
+            return self.report_label(teacher)
+        names = " / ".join(self.paper_rows)
+        return f"{names} = {self.label} ({teacher})" if self.ablation else f"{names} ({teacher})"
 
 
 METHODS: dict[str, Method] = {}
@@ -99,4 +129,23 @@ register(Method("wo-dpsm", "w/o DPSM", "no stage 1: the soft-prompt slot left em
 register(Method("mcp", "w MCP", "a hand-written description of the teacher in place of the soft prompt", stage1="none",
                 soft_prompt="none", prompt="model-card"))
 register(Method("wo-sp", "w/o SP", "the plain recommendation prompt fine-tuned, without soft prompt or instruction "
-                "(LLMSEQPROMPT in the paper's Table II)", stage1="none", soft_prompt="none", prompt="plain"))
+                "(LLMSEQPROMPT in the paper's Table II)", stage1="none", soft_prompt="none", prompt="plain",
+                paper_rows=("LLMSEQPROMPT",)))
+
+# The other LLM-based baselines of the paper's Table II that run on the same harness: the same
+# run folder, fixed candidates, backbone and (where they train) stage 2. docs/baselines.md says
+# what each original does and where ours differs.
+register(Method("teacher-list", "teacher list in prompt, RecRanker / LLM-TRSR style",
+                "the teacher's top-h recommendations written into the plain prompt as text, fine-tuned as in stage 2 "
+                "(the first paradigm: RecRanker, Luo et al. 2023/2024; LLM-TRSR, Zheng et al. WWW 2024)",
+                stage1="none", soft_prompt="none", prompt="teacher-list", ablation=False, paper_rows=("RecRanker", "LLM-TRSR")))
+register(Method("llamarec", "LlamaRec",
+                "the candidates listed under index letters (A), (B), ...; each scored by the LM head's log-probability "
+                "of its letter at the answer position, one forward pass per prompt; fine-tuned as in stage 2 "
+                "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt="none", prompt="lettered", ranker="letters",
+                ablation=False, paper_rows=("LlamaRec",)))
+register(Method("llmseqsim", "LLMSEQSIM",
+                "no training: candidates ranked by the cosine similarity of their title embedding (the backbone's mean-pooled "
+                "last hidden states) to the mean embedding of the history's titles (LLMSEQSIM, Harte et al. RecSys 2023)",
+                stage1="none", soft_prompt="none", prompt="none", ranker="similarity", stage2=False, ablation=False,
+                paper_rows=("LLMSEQSIM",)))

@@ -238,8 +238,10 @@ class Pipeline:
         for name, source in self.models():
             path = self.run / "eval" / "pipeline" / f"{name}.json"
             # what identifies the result: not the scoring batch size, which does not change scores
+            # the bare LLM's results (zero-shot, LLMSEQSIM) depend on the backbone and on nothing upstream
+            bare_llm = name == "zero-shot" or (source is None and name.partition("-")[2] in methods.METHODS)
             settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
-                        "llm": self.config.llm if name == "zero-shot" else None}
+                        "llm": self.config.llm if bare_llm else None}
             if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
                 settings["templates"] = self.config.templates
             recorded = read_json(path).get("settings") if path.exists() else None

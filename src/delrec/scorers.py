@@ -3,8 +3,9 @@
 
 Names: `random`, `popularity`, a teacher (RUN/teachers/<name>), `zero-shot` (the LLM alone,
 optionally with a soft prompt), `<teacher>-<method>` for a method of delrec.methods (its stage-2
-folder RUN/finetune/<teacher>-<method>, or, for a method without stage 2 such as `wo-lsr`, the
-frozen LLM with its stage-1 soft prompt), or the path of any stage-2 folder.
+folder RUN/finetune/<teacher>-<method>; for a method without stage 2, the frozen LLM with its
+stage-1 soft prompt, such as `wo-lsr`, or the LLM's title embeddings, `llmseqsim`), or the path of
+any stage-2 folder.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
     folder = Path(name) if as_path else run / "finetune" / name
     teacher, _, variant = Path(name).name.partition("-")
+    if variant in methods.METHODS and methods.get(variant).ranker == "similarity":
+        from delrec.llm.similarity import TitleSimilarityScorer
+
+        return TitleSimilarityScorer.for_run(data, _backbone(backbone, llm, dtype, device), batch_size=batch_size,
+                                             progress=progress, name=label or f"llmseqsim:{name}")
     if variant in methods.METHODS and not methods.get(variant).stage2:
         stage1 = run / "distill" / methods.get(variant).stage1_folder(teacher) / "soft_prompt.safetensors"
         templates = templates or Templates.for_teacher(teacher, **(template_overrides or {}))
@@ -56,7 +62,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
 
         cfg = read_json(folder / "config.json")
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
-                                  templates=templates, **kw)
+                                  templates=templates, run_dir=run, **kw)
         scorer.name = label or scorer.name
         return scorer
     teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []

@@ -1,5 +1,5 @@
-"""The LLM as a recommender: LSR prompts over a run's samples, scored by the verbalizer, behind
-the same Scorer interface (and so the same evaluator) as the teachers."""
+"""The LLM as a recommender: a method's recommendation prompts over a run's samples, scored by its
+verbalizer, behind the same Scorer interface (and so the same evaluator) as the teachers."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt, Templates, lsr_prompt
-from delrec.llm.verbalizer import Verbalizer
+from delrec.llm.templates import Prompt, Templates, lettered_prompt, lsr_prompt, teacher_list_prompt
+from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
+from delrec.methods import PROMPTS
 
 
 class LLMScorer:
-    """Scores each sample's fixed candidates (in their on-disk, shuffled order) with the LSR
-    prompt. Without a soft prompt it is the zero-shot LLM (the `w/o SP` prompt, which does not
-    mention one); `model_card=True` and `empty_slot=True` give the `w MCP` and `w/o DPSM` prompts."""
+    """Scores each sample's fixed candidates (in their on-disk, shuffled order) with a method's
+    recommendation prompt (`prompt`, one of delrec.methods.PROMPTS; default: the LSR prompt with a
+    soft prompt, the plain prompt without one, which is the zero-shot LLM). `model-card` and
+    `empty-slot` are the `w MCP` and `w/o DPSM` prompts; `teacher-list` writes the teacher's top
+    list in (`teacher_top` gives it per sample: stages.examples.TeacherTop); `lettered` lists the
+    candidates under index letters and scores them with LlamaRec's letter verbalizer."""
 
     def __init__(
         self,
@@ -28,20 +32,32 @@ class LLMScorer:
         titles: Sequence[str],
         templates: Templates | None = None,
         soft_prompt: SoftPrompt | None = None,
-        model_card: bool = False,
-        empty_slot: bool = False,
+        prompt: str | None = None,
         method: str = "full-title",
         batch_size: int = 8,
         name: str | None = None,
         progress: bool = True,
+        teacher_top=None,
     ):
         self.backbone = backbone
         self.titles = list(titles)  # indexed by item_idx; [0] is padding
         self.templates = templates or Templates()
         self.soft_prompt = soft_prompt
-        self.model_card = model_card
-        self.empty_slot = empty_slot
-        self.verbalizer = Verbalizer(backbone, method, batch_size)
+        self.prompt_kind = prompt or ("lsr" if soft_prompt is not None else "plain")
+        if self.prompt_kind not in PROMPTS or self.prompt_kind == "none":
+            raise ValueError(f"unknown recommendation prompt {self.prompt_kind!r}; choose one of {PROMPTS[:-1]}")
+        if (self.prompt_kind == "lsr") != (soft_prompt is not None):
+            raise ValueError("a soft prompt goes with the `lsr` prompt (its slot), and only with it")
+        if (self.prompt_kind == "teacher-list") != (teacher_top is not None):
+            raise ValueError("the `teacher-list` prompt needs the teacher's top lists (teacher_top), and only it uses them")
+        self.teacher_top = teacher_top
+        if self.prompt_kind == "lettered":
+            if method != "full-title":
+                raise ValueError(f"the lettered prompt (LlamaRec) is scored by its index letters; the title verbalizer "
+                                 f"{method!r} does not apply")
+            self.verbalizer = LetterVerbalizer(backbone, batch_size)
+        else:
+            self.verbalizer = Verbalizer(backbone, method, batch_size)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
 
@@ -54,20 +70,31 @@ class LLMScorer:
     def for_run(cls, data: RunData, backbone: Backbone, **kwargs) -> LLMScorer:
         return cls(backbone, [""] + data.items["title"].tolist(), **kwargs)
 
-    def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None) -> Prompt:
-        titles = self.titles
-        return lsr_prompt(
-            self.templates,
-            [titles[i] for i in history if i > 0],
-            [titles[i] for i in candidates],
-            label=titles[label] if label is not None else None,
-            soft_prompt=self.soft_prompt is not None,
-            model_card=self.model_card,
-            empty_slot=self.empty_slot,
-        )
+    def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None,
+               teacher_top: Sequence[int] | None = None) -> Prompt:
+        """The prompt of one sample (item indices); `teacher_top`: the teacher's list for it, which
+        the `teacher-list` prompt needs (`prompts` looks it up)."""
+        titles, t, kind = self.titles, self.templates, self.prompt_kind
+        shown = [titles[i] for i in history if i > 0]
+        cands = [titles[i] for i in candidates]
+        answer = titles[label] if label is not None else None
+        if kind == "teacher-list":
+            if teacher_top is None:
+                raise ValueError("the `teacher-list` prompt needs the teacher's top list of the sample")
+            return teacher_list_prompt(t, shown, cands, [titles[i] for i in teacher_top], label=answer)
+        if kind == "lettered":
+            return lettered_prompt(t, shown, cands, label=answer)
+        return lsr_prompt(t, shown, cands, label=answer, soft_prompt=kind == "lsr", model_card=kind == "model-card",
+                          empty_slot=kind == "empty-slot")
+
+    def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False) -> list[Prompt]:
+        """The prompts of `rows` of `data` (with their ground truth as the label when `labels`)."""
+        tops = self.teacher_top.lists(data, rows) if self.teacher_top is not None else [None] * len(rows)
+        return [self.prompt(data.history[r], data.candidates[r], label=data.target[r] if labels else None, teacher_top=top)
+                for r, top in zip(rows, tops)]
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:
-        prompts = [self.prompt(data.history[r], data.candidates[r]) for r in rows]
+        prompts = self.prompts(data, rows)
         out = np.zeros(data.candidates[rows].shape, dtype=np.float32)
         step = self.verbalizer.batch_size
         bar = tqdm(total=len(prompts), desc=f"score {self.name}", unit="req", disable=not (self.progress and distributed.current().is_main))
@@ -79,4 +106,7 @@ class LLMScorer:
         return out
 
     def score_all(self, data: RunData, rows: np.ndarray):
+        # LlamaRec's own use is two-stage: a retriever's top 20 of the catalogue ranked by the LLM.
+        # Full ranking under the `loo` protocol would go here (the teacher's top list as the
+        # candidates, the rest of the catalogue below them); not done yet.
         raise NotImplementedError("an LLM ranks candidate sets; full-catalogue ranking is not supported")

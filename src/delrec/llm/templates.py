@@ -13,6 +13,12 @@ order, and the label. The backbone splices the soft-prompt vectors in between.
 * LSR (the recommendation prompt of stage 2 and evaluation): history and candidates; the label
   is the ground truth.
 
+Two baselines of the paper's Table II have prompts of their own (docs/baselines.md):
+* teacher list (RecRanker / LLM-TRSR style): the plain recommendation prompt with the teacher's
+  top-h recommendations written in as text;
+* lettered (LlamaRec): the candidates listed under index letters "(A) title", "(B) title", ...,
+  and the answer is a letter.
+
 Domain words (movie, game, item) and every template text can be overridden from a JSON or YAML
 file (`Templates.from_file`).
 """
@@ -58,6 +64,20 @@ LSR_PLAIN_TEMPLATE = (
     "Candidates: {candidates}.\n"
     "Which candidate will the user {verb_base} next? Answer: "
 )
+# the text-paradigm baseline (RecRanker / LLM-TRSR style): the teacher's recommendations as text
+TEACHER_LIST_TEMPLATE = (
+    "A user {verb} these {items} in order, the most recent last: {history}.\n"
+    "{teacher} recommends these {items}, best first: {teacher_list}.\n"
+    "Candidates: {candidates}.\n"
+    "Which candidate will the user {verb_base} next? Answer: "
+)
+# LlamaRec: the candidates under index letters, one a line; the answer is the letter
+LETTERED_TEMPLATE = (
+    "A user {verb} these {items} in order, the most recent last: {history}.\n"
+    "Candidates:\n{candidates}\n"
+    "Which candidate will the user {verb_base} next? Answer with its letter. Answer: "
+)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # index letters of the lettered prompt: at most 26 candidates
 # `w MCP` ablation: a hand-written description of the teacher in place of the soft prompt
 MODEL_CARD = (
     "{teacher} is a self-attentive sequential recommender: it weighs every earlier {item} by its relevance "
@@ -92,6 +112,8 @@ class Templates:
     lsr: str = LSR_TEMPLATE
     lsr_plain: str = LSR_PLAIN_TEMPLATE
     model_card: str = MODEL_CARD
+    teacher_list: str = TEACHER_LIST_TEMPLATE
+    lettered: str = LETTERED_TEMPLATE
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> Templates:
@@ -169,6 +191,29 @@ def lsr_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], 
     if empty_slot:
         return _render(t.lsr, values, candidates, label, soft="")
     return _render(t.lsr if soft_prompt else t.lsr_plain, values, candidates, label, soft=None)
+
+
+def teacher_list_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], teacher_top: Sequence[str],
+                        label: str | None = None) -> Prompt:
+    """The plain recommendation prompt with the teacher's top-h recommendations (best first) written
+    in as text: the text paradigm of RecRanker and LLM-TRSR (docs/baselines.md)."""
+    _check(history, candidates, label)
+    if len(teacher_top) == 0:
+        raise ValueError("the teacher's top list is empty")
+    values = {**t._words(), "history": quote_titles(history), "teacher_list": quote_titles(teacher_top),
+              "candidates": quote_titles(candidates)}
+    return _render(t.teacher_list, values, candidates, label, soft="")
+
+
+def lettered_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], label: str | None = None) -> Prompt:
+    """LlamaRec's prompt: the candidates in display order under the index letters (A), (B), ...,
+    one a line; the answer is the label's letter (scored by verbalizer.LetterVerbalizer)."""
+    _check(history, candidates, label)
+    if len(candidates) > len(LETTERS):
+        raise ValueError(f"the lettered prompt indexes at most {len(LETTERS)} candidates (A-Z), got {len(candidates)}")
+    listed = "\n".join(f"({letter}) {title}" for letter, title in zip(LETTERS, candidates))
+    values = {**t._words(), "history": quote_titles(history), "candidates": listed}
+    return _render(t.lettered, values, candidates, label, soft="")
 
 
 def ta_prompt(t: Templates, sequence: Sequence[str], candidates: Sequence[str], num_examples: int = 4) -> Prompt:

@@ -18,6 +18,10 @@ other prompts (padded bf16 batches on CPU gave different ranks at batch 8 and 1)
 prompts of a batch share one padded pass.
 
 `score_brute_force` is the reference: each candidate scored by its own full forward pass.
+
+`LetterVerbalizer` is LlamaRec's (Yue et al. 2023): the prompt lists the candidates under index
+letters and each candidate's score is the log-probability of its letter at the answer position,
+all read from one forward pass per prompt (the `first-token` path with one-token continuations).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from delrec import distributed
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt
+from delrec.llm.templates import LETTERS, Prompt
 
 METHODS = ("full-title", "first-token")
 # training objectives: `candidates` is cross-entropy over the verbalizer's scores of the prompt's
@@ -88,6 +92,11 @@ class Verbalizer:
             self._answer_ids[title] = ids
         return ids
 
+    def continuations(self, prompt: Prompt) -> list[list[int]]:
+        """The token ids each candidate's score is read from, in `prompt.candidates` order: its
+        title as the answer."""
+        return [self.answer_ids(t) for t in prompt.candidates]
+
     def _prompt_embeds(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> torch.Tensor:
         bb = self.backbone
         before, after = prompt.before, prompt.after
@@ -125,7 +134,7 @@ class Verbalizer:
             for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 chunk = [prompts[j] for j in idx]
-                cands = [[self.answer_ids(t) for t in p.candidates] for p in chunk]
+                cands = [self.continuations(p) for p in chunk]
                 for j, scores in zip(idx, self.sequence_logprobs(chunk, cands, soft_prompt)):
                     out[j] = scores.float().cpu()
         return out
@@ -295,11 +304,11 @@ class Verbalizer:
             raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
         if any(p.label is None for p in prompts):
             raise ValueError("a training prompt has no label")
-        if objective == "label":
-            logp = self.sequence_logprobs(prompts, [[self.answer_ids(p.label)] for p in prompts], soft_prompt)
-            return -torch.cat(logp).mean()
-        scores = self.sequence_logprobs(prompts, [[self.answer_ids(t) for t in p.candidates] for p in prompts], soft_prompt)
         labels = [p.candidates.index(p.label) for p in prompts]
+        if objective == "label":
+            answers = [[self.continuations(p)[y]] for p, y in zip(prompts, labels)]
+            return -torch.cat(self.sequence_logprobs(prompts, answers, soft_prompt)).mean()
+        scores = self.sequence_logprobs(prompts, [self.continuations(p) for p in prompts], soft_prompt)
         return torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
 
     # -- reference ---------------------------------------------------------------------------
@@ -312,8 +321,7 @@ class Verbalizer:
             for p in prompts:
                 prompt = self._prompt_embeds(p, soft_prompt)
                 scores = []
-                for title in p.candidates:
-                    ids = self.answer_ids(title)
+                for ids in self.continuations(p):
                     n = 1 if self.method == "first-token" else len(ids)
                     y = torch.tensor(ids, device=bb.device)
                     if bb.is_encoder_decoder:
@@ -328,6 +336,44 @@ class Verbalizer:
                     scores.append(logp[:n].mean())
                 out.append(torch.stack(scores).cpu())
         return out
+
+
+class LetterVerbalizer(Verbalizer):
+    """LlamaRec's verbalizer: candidate j of a lettered prompt (templates.lettered_prompt) is scored
+    by the log-probability of the j-th index letter as the answer's first token, so a prompt's
+    candidates are all scored by one forward pass (log-probabilities rank as the letter logits do:
+    they differ by the prompt's log-normaliser). The `candidates` objective is then LlamaRec's
+    cross-entropy over the candidates' letters, `label` the plain LM loss of the label's letter.
+
+    Each letter must be one token of the backbone's vocabulary: after "Answer:" a decoder-only
+    model reads " A" (one token in SmolLM2; docs/baselines.md), a T5 decoder starts
+    the answer with "A" (SentencePiece's "\u2581A"); the other spelling is the fallback. A backbone
+    that gives neither form one distinct token per letter is refused when it must rank that many
+    candidates, naming the letter."""
+
+    def __init__(self, backbone: Backbone, batch_size: int = 8, passes: str = "auto"):
+        super().__init__(backbone, "first-token", batch_size, passes)
+        forms = ("{}", " {}") if backbone.is_encoder_decoder else (" {}", "{}")
+        best: tuple[str, list[int], str] | None = None
+        for form in forms:
+            ids, problem = [], ""
+            for letter in LETTERS:
+                tokens = backbone.encode_text(form.format(letter))
+                if len(tokens) != 1 or tokens[0] == backbone.tokenizer.unk_token_id or tokens[0] in ids:
+                    problem = f"{form.format(letter)!r} encodes to {tokens}"
+                    break
+                ids.append(tokens[0])
+            if best is None or len(ids) > len(best[1]):
+                best = (form, ids, problem)
+        self.letter_form, self.letter_ids, self._letter_problem = best  # ids of A, B, ... as far as they are single tokens
+
+    def continuations(self, prompt: Prompt) -> list[list[int]]:
+        n = len(prompt.candidates)
+        if n > len(self.letter_ids):
+            raise ValueError(f"{self.backbone.name}: LlamaRec's verbalizer needs one distinct token per index letter, but "
+                             f"the tokenizer gives them for {len(self.letter_ids)} letters only ({self._letter_problem}), "
+                             f"and this prompt has {n} candidates")
+        return [[i] for i in self.letter_ids[:n]]
 
 
 def _pad(seqs: list[torch.Tensor], left: bool) -> _Batch:

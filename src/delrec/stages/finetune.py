@@ -16,7 +16,10 @@ RUN/finetune/<name>/
 
 Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `ulsr` (the same,
 trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
-`mcp` (a hand-written description of the teacher in the slot), `wo-sp` (no slot and no mention).
+`mcp` (a hand-written description of the teacher in the slot), `wo-sp` (no slot and no mention;
+LLMSEQPROMPT in Table II). Baselines of Table II trained the same way (docs/baselines.md):
+`teacher-list` (the teacher's top `teacher_list_size` items written into the prompt) and
+`llamarec` (lettered candidates, scored and trained on their index letters).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.settings import closest, runtime
+from delrec.stages.examples import TeacherTop
 from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.stages.scaffold import Clock, StageFolder
 
@@ -58,6 +62,7 @@ class FinetuneConfig:
     variant: str = "delrec"
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
     soft_tokens: int = 100  # for `usp`
+    teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
     objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     steps: int = 100
     batch_size: int = 4
@@ -110,6 +115,8 @@ class FinetuneConfig:
             raise ValueError(f"AdaLoRA needs 0 < target_r < init_r, got target_r {self.target_r}, init_r {self.init_r}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
+        if self.teacher_list_size < 1:
+            raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
 
 
 @dataclass
@@ -198,9 +205,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
 
     templates = Templates.for_teacher(config.teacher, **config.templates)
-    scorer = LLMScorer(bb, [""] + data.items["title"].tolist(), templates, soft_prompt=soft,
-                       **_prompt_flags(methods.get(config.variant)), batch_size=config.verbalizer_batch,
-                       name=f"delrec:{config.variant}", progress=False)
+    scorer = stage2_scorer(run_dir, data, bb, config.variant, config.teacher, templates, soft, config.teacher_list_size,
+                           batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
     rng = np.random.default_rng(config.seed)
     train_rows = rng.permutation(data.indices("train"))
     if config.max_train_examples:
@@ -264,7 +270,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             k = (state["step"] * config.grad_accum + micro) * config.batch_size
             batch = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")  # the global batch
             rows = dist.local_share(batch)
-            prompts = [scorer.prompt(data.history[r], data.candidates[r], label=data.target[r]) for r in rows]
+            prompts = scorer.prompts(data, rows, labels=True)
             loss, rec = loss_module(prompts)
             # under DDP the gradients arrive averaged over the processes
             (loss * dist.loss_scale(len(rows), len(batch)) / config.grad_accum).backward()
@@ -337,9 +343,11 @@ def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state) -> d
 
 def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | None = None, templates: Templates | None = None,
                      method: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
-                     progress: bool = True) -> LLMScorer:
+                     progress: bool = True, run_dir: str | Path | None = None) -> LLMScorer:
     """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt and its
-    prompt variant, exactly as trained. `backbone` (fresh, without adapters) saves a reload."""
+    prompt variant, exactly as trained. `backbone` (fresh, without adapters) saves a reload;
+    `run_dir`: the run whose teacher lists a `teacher-list` model reads (default: the folder's
+    own run, RUN/finetune/<name>)."""
     from peft import PeftModel
 
     folder = Path(folder)
@@ -356,14 +364,20 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
     templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
-    return LLMScorer.for_run(data, bb, templates=templates, soft_prompt=soft, **_prompt_flags(methods.get(cfg["variant"])),
-                             method=method, batch_size=batch_size,
-                             name=f"delrec:{folder.name}", progress=progress)
+    return stage2_scorer(run_dir or folder.parent.parent, data, bb, cfg["variant"], cfg["teacher"], templates, soft,
+                         cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size), method=method,
+                         batch_size=batch_size, name=f"delrec:{folder.name}", progress=progress)
 
 
-def _prompt_flags(method: methods.Method) -> dict:
-    """The scorer's prompt for a method's `prompt` (the soft prompt, when there is one, is passed apart)."""
-    return {"model_card": method.prompt == "model-card", "empty_slot": method.prompt == "empty-slot"}
+def stage2_scorer(run_dir: str | Path, data: RunData, backbone: Backbone, variant: str, teacher: str, templates: Templates,
+                  soft_prompt: SoftPrompt | None, teacher_list_size: int, **kwargs) -> LLMScorer:
+    """The scorer of a stage-2 method (delrec.methods) on `backbone` as it is: the method's prompt
+    and verbalizer, its soft prompt, and for `teacher-list` the teacher's top lists of the run.
+    `kwargs`: LLMScorer's (method, batch_size, name, progress)."""
+    method = methods.get(variant)
+    teacher_top = TeacherTop(run_dir, teacher, data, teacher_list_size) if method.prompt == "teacher-list" else None
+    return LLMScorer.for_run(data, backbone, templates=templates, soft_prompt=soft_prompt, prompt=method.prompt,
+                             teacher_top=teacher_top, **kwargs)
 
 
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
