@@ -113,14 +113,18 @@ class Recommender:
         """Item indices of ids or titles; an unknown one names the closest titles."""
         from delrec.data.loaders import normalize_title
 
-        out = []
+        by_id, out = self._by_id, []
         for n, ref in enumerate(refs):
-            key = str(ref).strip()
-            if key in self._by_id:
-                out.append(self._by_id[key])
+            found = by_id.get(ref) if isinstance(ref, str) else None  # the common case first: an id as it is
+            if found is not None:
+                out.append(found)
                 continue
-            title = " ".join(key.split()).lower()
-            found = self._by_title.get(title, self._by_title.get(normalize_title(key).lower()))
+            key = str(ref).strip()
+            found = by_id.get(key)
+            if found is None:
+                found = self._by_title.get(" ".join(key.split()).lower())
+            if found is None:
+                found = self._by_title.get(normalize_title(key).lower())
             if found is None:
                 close = difflib.get_close_matches(normalize_title(key), self.titles[1:], n=3, cutoff=0.5)
                 hint = f"; closest titles: {', '.join(repr(c) for c in close)}" if close else ""

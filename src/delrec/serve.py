@@ -9,9 +9,10 @@ Endpoints: `POST /recommend` (one request), `POST /recommend/batch` (several), `
 and the OpenAPI docs at `/docs`.
 
 Requests that arrive together are scored together: a single model thread takes every request
-waiting in the queue (up to `max_batch`, waiting at most `max_wait_ms` for more) and ranks them in
-one `Recommender.rank_prepared` call, so throughput grows with load instead of requests queueing
-one by one. Each request is checked before it joins a batch (delrec.recommender's checks: a 400
+waiting in the queue (up to `max_batch`) and ranks them in one `Recommender.rank_prepared` call, so
+throughput grows with load instead of requests queueing one by one. While the model is busy, the
+next batch gathers by itself; a batch waits (at most `max_wait_ms`) only for requests that have
+already arrived and are still being read and checked, so a lone client never waits. Each request is checked before it joins a batch (delrec.recommender's checks: a 400
 that names the field), so a bad request never fails the good ones it would have been batched
 with; should scoring a batch fail anyway, its requests are scored one by one and only the failing
 one gets a 500. Bodies over `max_body_bytes` get a 413 before they are read. The service never
@@ -33,7 +34,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from delrec.recommender import PreparedRequest, Ranking, Recommender, RequestError
 
@@ -110,6 +111,7 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.recommender, self.max_batch, self.max_wait = recommender, max_batch, max_wait_ms / 1000
         self.metrics = metrics or Metrics()
+        self.arriving = 0  # requests received but not yet queued (being read and checked), counted by the app
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
         # one thread: torch already uses every core within a batch, and batches must not interleave
@@ -139,7 +141,7 @@ class MicroBatcher:
         futures = [loop.create_future() for _ in requests]
         for request, future in zip(requests, futures):
             self._queue.put_nowait(_Pending(request, future))
-        return list(await asyncio.gather(*futures))
+        return [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
 
     async def _next_batch(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -149,7 +151,7 @@ class MicroBatcher:
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self.arriving == 0:  # nothing on its way: waiting would only add latency
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
@@ -229,16 +231,40 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
     return round(sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)], 3)
 
 
-class _BodyLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, by its Content-Length before it is read,
-    or as soon as it passes the limit when it comes in chunks (read here, then handed on whole)."""
+class _Gate:
+    """The service's outer ASGI layer (plain ASGI: Starlette's decorator middleware costs a
+    noticeable share of a fast model's request):
+    * a 413 for a body over `max_bytes`, by its Content-Length before it is read, or as soon as it
+      passes the limit when it comes in chunks (read here, then handed on whole);
+    * counts every request's endpoint, status and latency in `metrics`;
+    * counts the /recommend requests on their way to the batcher (`batcher.arriving`), until the
+      endpoint marks them queued (`scope["delrec"]["queued"]`) or they are answered without it."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, metrics: Metrics, batcher: MicroBatcher):
+        self.app, self.max_bytes, self.metrics, self.batcher = app, max_bytes, metrics, batcher
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+        arriving = scope["path"].startswith("/recommend")
+        scope["delrec"] = {"queued": False}
+        self.batcher.arriving += arriving
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, counting_send)
+        finally:
+            if arriving and not scope["delrec"]["queued"]:  # refused before it reached the queue
+                self.batcher.arriving -= 1
+            self.metrics.request(scope["path"], status, time.perf_counter() - start)
+
+    async def _limited(self, scope, receive, send):
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             try:
@@ -247,15 +273,21 @@ class _BodyLimit:
                 return await _send_json(send, 400, {"field": "content-length", "error": "not an integer"})
             if too_large:
                 return await _send_json(send, 413, self._error())
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await _send_json(send, 413, self._error())
-            more = message.get("more_body", False)
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return
+        if message.get("more_body", False):  # in chunks: gather them, counting
+            body = bytearray(message.get("body", b""))
+            while message.get("more_body", False):
+                if len(body) > self.max_bytes:
+                    return await _send_json(send, 413, self._error())
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                body += message.get("body", b"")
+            message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        if len(message.get("body", b"")) > self.max_bytes:  # chunks that came in one piece (no Content-Length)
+            return await _send_json(send, 413, self._error())
         handed = False
 
         async def replay():
@@ -263,7 +295,7 @@ class _BodyLimit:
             if handed:
                 return await receive()
             handed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return message
 
         await self.app(scope, replay, send)
 
@@ -286,10 +318,12 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
 
     metrics = Metrics()
     batcher = MicroBatcher(recommender, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
-    def response(ranking: Ranking) -> RecommendResponse:
-        return RecommendResponse(model=recommender.model, items=[Item(item=i.item, title=i.title, score=i.score) for i in ranking.items],
-                                 candidates_from=ranking.candidates_from, history_used=ranking.history_used,
-                                 history_truncated=ranking.history_truncated)
+    def answer(ranking: Ranking) -> dict:
+        """A RecommendResponse as plain JSON data: the endpoints return it as a JSONResponse, which
+        FastAPI sends as it is (validating our own output again costs more than a teacher's forward pass)."""
+        return {"model": recommender.model, "items": [{"item": i.item, "title": i.title, "score": i.score} for i in ranking.items],
+                "candidates_from": ranking.candidates_from, "history_used": ranking.history_used,
+                "history_truncated": ranking.history_truncated}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -302,16 +336,9 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
                   description=__doc__.split("\n\n", 2)[2] if __doc__ else None)
     app.state.metrics, app.state.batcher, app.state.recommender = metrics, batcher, recommender
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        status = 500
-        try:
-            result = await call_next(request)
-            status = result.status_code
-            return result
-        finally:
-            metrics.request(request.url.path, status, time.perf_counter() - start)
+    def queued(request: Request) -> None:
+        request.scope["delrec"]["queued"] = True
+        batcher.arriving -= 1
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, e: RequestError):
@@ -321,9 +348,9 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     async def malformed(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "malformed request"}
-        if first.get("type") == "json_invalid":  # its loc is the character where the JSON breaks
-            return JSONResponse({"field": "body", "error": f"not valid JSON ({first.get('ctx', {}).get('error', 'malformed')}, "
-                                                           f"at character {first['loc'][-1]})", "errors": 1}, status_code=422)
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"field": "body", "error": f"not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})",
+                                 "errors": 1}, status_code=422)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
         where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
         message = str(first.get("msg", "malformed request")).removeprefix("Value error, ")
@@ -341,20 +368,37 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     async def failed(request: Request, e: Exception):
         return JSONResponse({"field": None, "error": f"the model failed on this request: {type(e).__name__}"}, status_code=500)
 
-    @app.post("/recommend", response_model=RecommendResponse, summary="rank items for one user's history")
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
-        prepared = recommender.prepare(body.history, body.candidates, body.k)
-        return response((await batcher.rank([prepared]))[0])
+    def body_of(model, raw: bytes):
+        """The request body checked by pydantic straight from its JSON (a third of the time FastAPI's
+        body parameter takes, which is most of what a request costs the event loop)."""
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
 
-    @app.post("/recommend/batch", response_model=BatchResponse, summary="rank items for several histories")
-    async def recommend_batch(body: BatchRequest) -> BatchResponse:
+    def documented(model) -> dict:  # the body's schema in the OpenAPI docs, as a body parameter would give it
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+    @app.post("/recommend", response_model=RecommendResponse, summary="rank items for one user's history",
+              openapi_extra=documented(RecommendRequest))
+    async def recommend(request: Request) -> JSONResponse:
+        body = body_of(RecommendRequest, await request.body())
+        prepared = recommender.prepare(body.history, body.candidates, body.k)
+        queued(request)
+        return JSONResponse(answer((await batcher.rank([prepared]))[0]))
+
+    @app.post("/recommend/batch", response_model=BatchResponse, summary="rank items for several histories",
+              openapi_extra=documented(BatchRequest))
+    async def recommend_batch(request: Request) -> JSONResponse:
+        body = body_of(BatchRequest, await request.body())
         prepared = []
         for n, r in enumerate(body.requests):
             try:
                 prepared.append(recommender.prepare(r.history, r.candidates, r.k))
             except RequestError as e:
                 raise RequestError(f"requests[{n}].{e.field}", str(e).partition(": ")[2]) from None
-        return BatchResponse(results=[response(r) for r in await batcher.rank(prepared)])
+        queued(request)
+        return JSONResponse({"results": [answer(r) for r in await batcher.rank(prepared)]})
 
     @app.get("/items", response_model=list[Item], summary="find items by title")
     async def items(query: str = Query(min_length=1, max_length=200), limit: int = Query(10, ge=1, le=100)) -> list[Item]:
@@ -369,7 +413,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     async def get_metrics() -> dict:
         return metrics.snapshot() | {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
 
-    return _BodyLimit(app, max_body_bytes)
+    return _Gate(app, max_body_bytes, metrics, batcher)
 
 
 def bind(host: str, port: int):
@@ -377,7 +421,9 @@ def bind(host: str, port: int):
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it every response waits ~40 ms for the client's delayed ACK (Nagle's algorithm)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
