@@ -5,7 +5,8 @@
 For each model:
 
 * **python-api**: the model loaded in this process (delrec.Recommender) and called one request at
-  a time for `--seconds`: the reference latency and requests/s, with no HTTP.
+  a time for `--seconds`: the reference latency and requests/s, with no HTTP. Both run on the same
+  torch threads (`--threads`; default 1 for a conventional model, every core for an LLM).
 * **service, N clients** (N in `--clients`, default 1 4 16 64): the real service started as a
   subprocess (`delrec serve --port 0`) and driven by N concurrent keep-alive connections, each
   sending its next request as soon as the previous answer arrives, for `--seconds` (LLM models:
@@ -194,10 +195,20 @@ def direct_row(rec, requests: list[dict], seconds: float) -> dict:
             "errors": 0, "mean_batch_size": 1.0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def is_llm(model: str) -> bool:
+    return "-" in model or model == "zero-shot"
+
+
+def threads(model: str, args) -> int:
+    """The service's torch threads: `--threads`, else one for a conventional model (its forward pass
+    is shorter than the HTTP work around it, which needs a core of its own) and every core for an LLM."""
+    return args.threads or (os.cpu_count() if is_llm(model) else 1)
+
+
 def start_service(run: Path, model: str, args) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, "-m", "delrec.cli", "serve", "--run", str(run), "--model", model, "--port", "0",
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--batch-size", str(args.batch_size),
-               "--dtype", args.dtype]
+               "--dtype", args.dtype, "--threads", str(threads(model, args))]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -218,12 +229,14 @@ def mean_batch(before: dict, after: dict) -> float | None:
 
 
 def bench_model(run: Path, model: str, requests: list[dict], args) -> list[dict]:
+    import torch
+
     from delrec import Recommender
 
-    is_llm = "-" in model or model == "zero-shot"
-    seconds = args.llm_seconds if is_llm else args.seconds
+    seconds = args.llm_seconds if is_llm(model) else args.seconds
+    torch.set_num_threads(threads(model, args))  # the direct calls run as the service does
     rec = Recommender.from_run(run, model=model, dtype=args.dtype, batch_size=args.batch_size)
-    rows = [{"model": model} | direct_row(rec, requests, seconds)]
+    rows = [{"model": model, "threads": threads(model, args)} | direct_row(rec, requests, seconds)]
     print(_table_row(rows[-1]), flush=True)
     expected = {json.dumps(r, sort_keys=True): rec.rank(**r) for r in requests[: args.burst_pool]} if args.burst_seconds else {}
     del rec
@@ -235,11 +248,11 @@ def bench_model(run: Path, model: str, requests: list[dict], args) -> list[dict]
         for clients in args.clients:
             before = batch_sizes(port)
             row = asyncio.run(drive(port, clients, seconds, body))
-            rows.append({"model": model, "mode": "service", "clients": clients} | row
+            rows.append({"model": model, "threads": threads(model, args), "mode": "service", "clients": clients} | row
                         | {"mean_batch_size": mean_batch(before, batch_sizes(port)), "peak_rss_mb": peak_rss_mb(process.pid)})
             print(_table_row(rows[-1]), flush=True)
         if args.burst_seconds:
-            rows.append({"model": model} | burst_row(port, requests[: args.burst_pool], expected, args.burst_seconds, process.pid))
+            rows.append({"model": model, "threads": threads(model, args)} | burst_row(port, requests[: args.burst_pool], expected, args.burst_seconds, process.pid))
             print(_table_row(rows[-1]), flush=True)
     finally:
         process.terminate()
@@ -283,7 +296,7 @@ def burst_row(port: int, requests: list[dict], expected: dict, seconds: float, p
                                                                     "peak_rss_mb": peak_rss_mb(pid)}
 
 
-COLUMNS = ("model", "mode", "clients", "requests", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch_size", "peak_rss_mb")
+COLUMNS = ("model", "threads", "mode", "clients", "requests", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch_size", "peak_rss_mb")
 
 
 def _table_row(row: dict) -> str:
@@ -307,6 +320,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per LLM forward pass")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads of the model (default: 1 for a teacher, every core for an LLM)")
     parser.add_argument("--out", help="default: benchmarks/results/serve-<cpu|gpu>.json")
     args = parser.parse_args()
 

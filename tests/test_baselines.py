@@ -291,9 +291,10 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "teacher.max_epochs=1", "threads=1", "zero_shot=false",
                  "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, init_r: 4, target_r: 2, "
                  "warmup_steps: 1, teacher_list_size: 3}",
-                 "variants=[wo-sp, teacher-list, llamarec, llmseqsim]", "test_samples=6", "eval_batch_size=3"]) == 0
+                 "distill={soft_tokens: 4, steps: 1, batch_size: 1, valid_samples: 2, valid_lsr_samples: 0, eval_every: 1000}",
+                 "variants=[delrec, wo-sp, teacher-list, llamarec, llmseqsim]", "test_samples=6", "eval_batch_size=3"]) == 0
     steps = [s["step"] for s in json.loads((run / "pipeline.json").read_text())["steps"]]
-    assert not any(s.startswith("distill:") for s in steps)
+    assert [s for s in steps if s.startswith("distill:")] == ["distill:sasrec"]  # DELRec's; no baseline has a stage 1
     assert {"finetune:sasrec-teacher-list", "finetune:sasrec-llamarec", "eval:sasrec-llmseqsim"} <= set(steps)
     assert "finetune:sasrec-llmseqsim" not in steps
     evals = {p.stem: json.loads(p.read_text()) for p in (run / "eval" / "pipeline").glob("*.json")}
@@ -306,3 +307,12 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
         assert f"| {label} |" in table2, label
     ablations = report.split("## Ablations")[1].split("## ")[0]
     assert "| w/o SP (sasrec) |" in ablations and "LlamaRec" not in ablations
+    # DELRec against each baseline, paired, with a verdict on the paper's claim and each model's cost
+    claim = report.split("## The paper's claim: DELRec(sasrec) above every baseline of Table II?")[1].split("\n## ")[0]
+    for label in ("sasrec", "LLMSEQPROMPT = w/o SP (sasrec)", "RecRanker / LLM-TRSR (sasrec)", "LlamaRec (sasrec)", "LLMSEQSIM (sasrec)"):
+        assert f"\n| {label} | " in claim, label
+    assert "**The claim holds here**" in claim or "**The claim does not hold here**" in claim
+    assert "Not in this comparison" in claim and "LLaRA" in claim and "KDALRD" in claim
+    cost = claim.split("### What each model cost")[1]
+    assert "| DELRec(sasrec) | stage 1: 1 examples per task (shared with the other methods that use it); stage 2: 4 examples |" in cost
+    assert "| LLMSEQSIM (sasrec) | nothing (no training) | 0 |" in cost and "| LlamaRec (sasrec) | stage 2: 4 examples |" in cost

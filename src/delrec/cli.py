@@ -258,6 +258,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
     from delrec.serve import serve
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     rec = Recommender.from_run(args.run, model=args.model, teacher=args.teacher, device=args.device, dtype=args.dtype, llm=args.llm,
                                batch_size=args.batch_size, num_candidates=args.num_candidates, max_candidates=args.max_candidates)
     serve(rec, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
@@ -401,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per LLM forward pass")
+    p.add_argument("--threads", type=int, help="torch threads of the model (default: torch's, one per core); "
+                                                "a fast model (a teacher) on few cores serves more with 1, leaving a core to HTTP")
     p.add_argument("--llm", help="the backbone of zero-shot (default: the run's)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
