@@ -36,7 +36,7 @@ class RequestError(ValueError):
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.message = field_name, message
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Recommender:
             try:
                 prepared.append(self.prepare(r.get("history"), r.get("candidates"), r.get("k", 10)))
             except RequestError as e:
-                raise RequestError(f"requests[{n}].{e.field}" if len(requests) > 1 else e.field, str(e).partition(": ")[2]) from None
+                raise RequestError(f"requests[{n}].{e.field}" if len(requests) > 1 else e.field, e.message) from None
         return self.rank_prepared(prepared)
 
     def rank_prepared(self, prepared: Sequence[PreparedRequest]) -> list[Ranking]:

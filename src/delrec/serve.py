@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import math
 import threading
@@ -238,10 +239,12 @@ class _Gate:
       passes the limit when it comes in chunks (read here, then handed on whole);
     * counts every request's endpoint, status and latency in `metrics`;
     * counts the /recommend requests on their way to the batcher (`batcher.arriving`), until the
-      endpoint marks them queued (`scope["delrec"]["queued"]`) or they are answered without it."""
+      endpoint marks them queued (`scope["delrec"]["queued"]`) or they are answered without it;
+    * answers the ranking endpoints itself (`fast`), with the same code their routes call."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics, batcher: MicroBatcher):
+    def __init__(self, app, max_bytes: int, metrics: Metrics, batcher: MicroBatcher, fast: dict | None = None):
         self.app, self.max_bytes, self.metrics, self.batcher = app, max_bytes, metrics, batcher
+        self.fast = fast or {}  # (method, path) -> async (body, scope) -> (status, answer): answered here
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -288,6 +291,10 @@ class _Gate:
             message = {"type": "http.request", "body": bytes(body), "more_body": False}
         if len(message.get("body", b"")) > self.max_bytes:  # chunks that came in one piece (no Content-Length)
             return await _send_json(send, 413, self._error())
+        handler = self.fast.get((scope["method"], scope["path"]))
+        if handler is not None:
+            status, answer = await handler(message.get("body", b""), scope)
+            return await _send_json(send, status, answer)
         handed = False
 
         async def replay():
@@ -303,10 +310,19 @@ class _Gate:
         return {"field": "body", "error": f"the request body is over the service's limit of {self.max_bytes} bytes"}
 
 
-async def _send_json(send, status: int, body: dict) -> None:
-    import json
+def _validation_error(errors: list[dict]) -> dict:
+    """pydantic's errors as one answer naming the first wrong field (`history[0]`, `k`, `body`)."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "malformed request"}
+    if first.get("type") == "json_invalid":
+        return {"field": "body", "error": f"not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})", "errors": 1}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
+    where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+    message = str(first.get("msg", "malformed request")).removeprefix("Value error, ")
+    return {"field": where, "error": message, "errors": len(errors)}
 
-    data = json.dumps(body).encode()
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
@@ -318,6 +334,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
 
     metrics = Metrics()
     batcher = MicroBatcher(recommender, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
+
     def answer(ranking: Ranking) -> dict:
         """A RecommendResponse as plain JSON data: the endpoints return it as a JSONResponse, which
         FastAPI sends as it is (validating our own output again costs more than a teacher's forward pass)."""
@@ -336,45 +353,44 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
                   description=__doc__.split("\n\n", 2)[2] if __doc__ else None)
     app.state.metrics, app.state.batcher, app.state.recommender = metrics, batcher, recommender
 
-    def queued(request: Request) -> None:
-        request.scope["delrec"]["queued"] = True
+    async def rank_requests(raw: bytes, scope: dict, many: bool) -> tuple[int, dict]:
+        """POST /recommend (`many=False`) and POST /recommend/batch: (status, answer) for a body.
+        The gate calls it straight for every such request (FastAPI's routing, body and exception
+        layers would cost the event loop more than a teacher's whole forward pass); the routes
+        below describe the endpoints in the OpenAPI docs and call it too."""
+        try:
+            body = (BatchRequest if many else RecommendRequest).model_validate_json(raw)
+        except ValidationError as e:
+            return 422, _validation_error(e.errors())
+        try:
+            if many:
+                prepared = []
+                for n, r in enumerate(body.requests):
+                    try:
+                        prepared.append(recommender.prepare(r.history, r.candidates, r.k))
+                    except RequestError as e:
+                        raise RequestError(f"requests[{n}].{e.field}", e.message) from None
+            else:
+                prepared = [recommender.prepare(body.history, body.candidates, body.k)]
+        except RequestError as e:
+            return 400, {"field": e.field, "error": e.message}
+        scope["delrec"]["queued"] = True
         batcher.arriving -= 1
-
-    @app.exception_handler(RequestError)
-    async def bad_request(request: Request, e: RequestError):
-        return JSONResponse({"field": e.field, "error": str(e).partition(": ")[2]}, status_code=400)
+        try:
+            rankings = await batcher.rank(prepared)
+        except ScoringFailed as e:
+            return 500, {"field": None, "error": str(e)}
+        except ServiceStopping as e:
+            return 503, {"field": None, "error": str(e)}
+        return 200, {"results": [answer(r) for r in rankings]} if many else answer(rankings[0])
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "malformed request"}
-        if first.get("type") == "json_invalid":
-            return JSONResponse({"field": "body", "error": f"not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})",
-                                 "errors": 1}, status_code=422)
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
-        where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
-        message = str(first.get("msg", "malformed request")).removeprefix("Value error, ")
-        return JSONResponse({"field": where, "error": message, "errors": len(errors)}, status_code=422)
-
-    @app.exception_handler(ServiceStopping)
-    async def stopping(request: Request, e: ServiceStopping):
-        return JSONResponse({"field": None, "error": str(e)}, status_code=503)
-
-    @app.exception_handler(ScoringFailed)
-    async def scoring_failed(request: Request, e: ScoringFailed):
-        return JSONResponse({"field": None, "error": str(e)}, status_code=500)
+        return JSONResponse(_validation_error(e.errors()), status_code=422)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
-        return JSONResponse({"field": None, "error": f"the model failed on this request: {type(e).__name__}"}, status_code=500)
-
-    def body_of(model, raw: bytes):
-        """The request body checked by pydantic straight from its JSON (a third of the time FastAPI's
-        body parameter takes, which is most of what a request costs the event loop)."""
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+        return JSONResponse({"field": None, "error": f"the service failed on this request: {type(e).__name__}"}, status_code=500)
 
     def documented(model) -> dict:  # the body's schema in the OpenAPI docs, as a body parameter would give it
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
@@ -382,23 +398,14 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     @app.post("/recommend", response_model=RecommendResponse, summary="rank items for one user's history",
               openapi_extra=documented(RecommendRequest))
     async def recommend(request: Request) -> JSONResponse:
-        body = body_of(RecommendRequest, await request.body())
-        prepared = recommender.prepare(body.history, body.candidates, body.k)
-        queued(request)
-        return JSONResponse(answer((await batcher.rank([prepared]))[0]))
+        status, answer = await rank_requests(await request.body(), request.scope, many=False)
+        return JSONResponse(answer, status_code=status)
 
     @app.post("/recommend/batch", response_model=BatchResponse, summary="rank items for several histories",
               openapi_extra=documented(BatchRequest))
     async def recommend_batch(request: Request) -> JSONResponse:
-        body = body_of(BatchRequest, await request.body())
-        prepared = []
-        for n, r in enumerate(body.requests):
-            try:
-                prepared.append(recommender.prepare(r.history, r.candidates, r.k))
-            except RequestError as e:
-                raise RequestError(f"requests[{n}].{e.field}", str(e).partition(": ")[2]) from None
-        queued(request)
-        return JSONResponse({"results": [answer(r) for r in await batcher.rank(prepared)]})
+        status, answer = await rank_requests(await request.body(), request.scope, many=True)
+        return JSONResponse(answer, status_code=status)
 
     @app.get("/items", response_model=list[Item], summary="find items by title")
     async def items(query: str = Query(min_length=1, max_length=200), limit: int = Query(10, ge=1, le=100)) -> list[Item]:
@@ -413,7 +420,9 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     async def get_metrics() -> dict:
         return metrics.snapshot() | {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
 
-    return _Gate(app, max_body_bytes, metrics, batcher)
+    fast = {("POST", "/recommend"): lambda raw, scope: rank_requests(raw, scope, many=False),
+            ("POST", "/recommend/batch"): lambda raw, scope: rank_requests(raw, scope, many=True)}
+    return _Gate(app, max_body_bytes, metrics, batcher, fast)
 
 
 def bind(host: str, port: int):
