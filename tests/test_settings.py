@@ -102,3 +102,15 @@ def test_cli_set_is_checked(tmp_path, capsys):
     assert "--set: unknown setting 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
     assert main(["distill", "--run", str(tmp_path), "--set", "lr=fast"]) == 2
     assert "--set: lr: expected a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_variant_teachers_limit_the_llm_methods_to_those_teachers():
+    """Table II: GRU4Rec and Caser are rows of their own beside DELRec(SASRec) and the baselines,
+    without stage 1 or stage 2 runs of their own."""
+    config = PipelineConfig(teachers=["sasrec", "gru4rec", "caser"], variant_teachers=["sasrec"], variants=["delrec", "wo-sp", "llmseqsim"])
+    names = [name for name, _ in config.models()]
+    assert names == ["random", "popularity", "sasrec", "gru4rec", "caser", "zero-shot", "sasrec-delrec", "sasrec-wo-sp", "sasrec-llmseqsim"]
+    assert [(t, v) for t, v, _ in Pipeline(config, progress=False)._finetune_jobs()] == [("sasrec", "delrec"), ("sasrec", "wo-sp")]
+    assert PipelineConfig(teachers=["sasrec", "gru4rec"], variants=["delrec"]).llm_teachers == ["sasrec", "gru4rec"]  # default: all
+    with pytest.raises(ValueError, match=r"variant_teachers: \['caser'\] are not among the teachers \['sasrec'\]"):
+        PipelineConfig(teachers=["sasrec"], variant_teachers=["caser"])

@@ -36,6 +36,9 @@ class PipelineConfig:
     distill: dict = field(default_factory=dict)  # DistillConfig fields
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
     variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
+    # the teachers whose variants are trained and evaluated (default: every teacher); the others are
+    # rows of their own only (e.g. GRU4Rec and Caser beside DELRec(SASRec) in Table II)
+    variant_teachers: list[str] | None = None
     zero_shot: bool = True
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
@@ -60,6 +63,10 @@ class PipelineConfig:
                 raise ValueError(f"variants: {e}") from None
         if not self.teachers:
             raise ValueError("the config names no teacher")
+        if self.variant_teachers is not None:
+            unknown = [t for t in self.variant_teachers if t not in self.teachers]
+            if unknown:
+                raise ValueError(f"variant_teachers: {unknown} are not among the teachers {self.teachers}")
         # every section's keys and types, then each class's own checks, before any step runs
         # (kept as plain JSON values: they are written back to RUN/config.yaml)
         self.protocol = _plain(check(ProtocolConfig, self.protocol, "protocol"))
@@ -101,6 +108,11 @@ class PipelineConfig:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
+    @property
+    def llm_teachers(self) -> list[str]:
+        """The teachers whose variants are trained and evaluated."""
+        return list(self.teachers if self.variant_teachers is None else self.variant_teachers)
+
     def models(self) -> list[tuple[str, str | None]]:
         """(model name, the file whose change invalidates its evaluation) in report order."""
         run, out = Path(self.run_dir), []
@@ -108,7 +120,7 @@ class PipelineConfig:
         out += [(t, str(run / "teachers" / t / "metrics.json")) for t in self.teachers]
         if self.zero_shot:
             out.append(("zero-shot", None))
-        for t in self.teachers:
+        for t in self.llm_teachers:
             for v in self.variants:
                 method = methods.get(v)
                 if not method.stage2 and method.stage1 == "none":  # the bare LLM (LLMSEQSIM): nothing upstream

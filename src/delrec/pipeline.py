@@ -171,7 +171,7 @@ class Pipeline:
 
         wanted = []  # (teacher, RUN/distill/ folder, the method with its own stage 1 or None)
         chosen = [methods.get(v) for v in self.config.variants]
-        for t in self.config.teachers:
+        for t in self.config.llm_teachers:
             if any(m.stage1 == "shared" for m in chosen):
                 wanted.append((t, t, None))
             wanted += [(t, m.stage1_folder(t), m.name) for m in chosen if m.stage1 == "own"]
@@ -195,7 +195,7 @@ class Pipeline:
 
     def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
         """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
-        return [(t, v, methods.get(v).stage1_folder(t)) for t in self.config.teachers
+        return [(t, v, methods.get(v).stage1_folder(t)) for t in self.config.llm_teachers
                 for v in self.config.variants if methods.get(v).stage2]
 
     def finetune(self) -> None:
