@@ -64,6 +64,10 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
                                   templates=templates, run_dir=run, **kw)
         scorer.name = label or scorer.name
+        if methods.get(cfg.get("variant", "delrec")).ranker == "letters":  # LlamaRec: its teacher retrieves for full ranking
+            from delrec.retrieval import RetrieveThenRank
+
+            return RetrieveThenRank(scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
         return scorer
     teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []
     stage2 = sorted(p.name for p in (run / "finetune").iterdir()) if (run / "finetune").is_dir() else []

@@ -1,0 +1,72 @@
+"""Two-stage ranking over the whole catalogue, as LlamaRec uses its LLM (Yue et al. 2023): a
+conventional model retrieves its top items among those the user has not seen, and the LLM ranks
+them; items not retrieved rank below every retrieved one (LlamaRec counts such a target as a miss).
+
+On the fixed 15 candidates of the `paper` protocol the candidates are given, and this wrapper
+passes them to the LLM as they are; `score_all` is the two-stage use, which `delrec evaluate
+--full-ranking` (and the `loo` protocol, whose models are compared by full ranking) calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
+
+
+class RetrieveThenRank:
+    """A candidate-set ranker (`ranker`, e.g. LlamaRec's lettered LLM) made a full ranker by a
+    retriever (a teacher's scorer, loaded on first use by `retriever`)."""
+
+    def __init__(self, ranker, retriever: Callable[[], object], retrieve: int = LLAMAREC_RETRIEVE):
+        if retrieve < 2:
+            raise ValueError(f"retrieve at least 2 items to rank, got {retrieve}")
+        self.ranker, self._make_retriever, self._retriever, self.retrieve = ranker, retriever, None, retrieve
+        self.name = ranker.name
+
+    def __getattr__(self, name):  # batch_size, verbalizer, ... of the ranker
+        if name.startswith("_") or name in ("ranker", "retrieve", "name"):
+            raise AttributeError(name)
+        return getattr(self.ranker, name)
+
+    def score_candidates(self, data, rows: np.ndarray):
+        return self.ranker.score_candidates(data, rows)
+
+    @torch.no_grad()
+    def score_all(self, data, rows: np.ndarray) -> torch.Tensor:
+        """[len(rows), num_items + 1]: the LLM's scores of the retrieved items, -inf elsewhere."""
+        if self._retriever is None:
+            self._retriever = self._make_retriever()
+        rows = np.asarray(rows)
+        scores = torch.as_tensor(self._retriever.score_all(data, rows), dtype=torch.float32).clone()
+        scores[:, 0] = float("-inf")  # padding
+        seen_row, seen_item = data.seen_items(rows)
+        scores[torch.as_tensor(seen_row), torch.as_tensor(seen_item)] = float("-inf")  # never what the user has seen
+        k = min(self.retrieve, data.num_items - 1)
+        top = scores.topk(k, dim=1).indices  # the retriever's order: the LLM sees them as listed
+        ranked = torch.as_tensor(self.ranker.score_candidates(_WithCandidates(data, rows, top.numpy()), np.arange(len(rows))))
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, top, ranked.float())
+        return out
+
+
+class _WithCandidates:
+    """`rows` of a run's samples with other candidates (the retrieved items), in the shape the
+    scorers read (row-indexed arrays sliced, the rest of the data as it is)."""
+
+    _PER_ROW = ("history", "history_len", "target", "user_idx", "sample_id", "position", "split")
+
+    def __init__(self, data, rows: np.ndarray, candidates: np.ndarray):
+        self._data = data
+        for name in self._PER_ROW:
+            if hasattr(data, name):
+                setattr(self, name, np.asarray(getattr(data, name))[rows])
+        self.candidates = np.asarray(candidates, dtype=np.int64)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._data, name)
