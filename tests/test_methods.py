@@ -37,13 +37,15 @@ def test_the_table2_baselines():
     others are not ablations, and only LLMSEQSIM has no stage 2."""
     baselines = {m.name: m.paper_rows for m in methods.METHODS.values() if m.paper_rows}
     assert baselines == {"wo-sp": ("LLMSEQPROMPT",), "teacher-list": ("RecRanker", "LLM-TRSR"), "llamarec": ("LlamaRec",),
-                         "llmseqsim": ("LLMSEQSIM",)}
+                         "llara": ("LLaRA",), "llmseqsim": ("LLMSEQSIM",)}
     assert methods.get("wo-sp").table2_label("sasrec") == "LLMSEQPROMPT = w/o SP (sasrec)"
     assert methods.get("llamarec").table2_label("sasrec") == "LlamaRec (sasrec)"
+    assert methods.get("llara").table2_label("sasrec") == "LLaRA (sasrec)"
     assert methods.get("delrec").table2_label("sasrec") == "DELRec(sasrec)"
-    assert {"teacher-list", "llamarec"} <= set(methods.stage2_methods()) and "llmseqsim" not in methods.stage2_methods()
+    assert {"teacher-list", "llamarec", "llara"} <= set(methods.stage2_methods()) and "llmseqsim" not in methods.stage2_methods()
     assert methods.get("llamarec").ranker == "letters" and methods.get("llmseqsim").ranker == "similarity"
-    assert all(methods.get(m).stage1_folder("sasrec") is None for m in ("teacher-list", "llamarec", "llmseqsim"))
+    assert methods.get("llara").prompt == "hybrid" and methods.get("llara").ranker == "titles"
+    assert all(methods.get(m).stage1_folder("sasrec") is None for m in ("teacher-list", "llamarec", "llara", "llmseqsim"))
 
 
 def test_ranker_and_prompt_go_together():

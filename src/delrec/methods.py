@@ -12,12 +12,15 @@ Each method says
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
   (`model-card`), the plain prompt without slot or instruction (`plain`), the plain prompt with the
   teacher's top-h list written in as text (`teacher-list`), the candidates listed under index
-  letters (A), (B), ... (`lettered`), or no prompt at all (`none`: the similarity ranker);
+  letters (A), (B), ... (`lettered`), the plain prompt with one item vector after each title, the
+  teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
+  llm/item_projector.py), or no prompt at all (`none`: the similarity ranker);
 * how candidates are ranked (`ranker`): by the LM's likelihood of each title as the answer
   (`titles`, llm/verbalizer.py), by the LM head's score of each candidate's index letter at the
   answer position (`letters`, LlamaRec), or by the cosine similarity of title embeddings to the
   history's (`similarity`, LLMSEQSIM; llm/similarity.py);
-* what stage 2 trains: AdaLoRA adapters (`stage2`), and the soft prompt too (`train_soft_prompt`);
+* what stage 2 trains: AdaLoRA adapters (`stage2`; with them the `hybrid` prompt's item projector),
+  and the soft prompt too (`train_soft_prompt`);
   `stage2=False` evaluates stage 1's soft prompt with the frozen LLM, or ranks by similarity;
 * `stage2_from_stage1_llm`: stage 2 starts from the LLM stage 1 updated (`w UDPSM`);
 * where it appears in the paper: `ablation` (a row of Tables III-IV) and `paper_rows` (the rows of
@@ -32,7 +35,7 @@ from delrec.settings import closest
 
 STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")
-PROMPTS = ("lsr", "empty-slot", "model-card", "plain", "teacher-list", "lettered", "none")
+PROMPTS = ("lsr", "empty-slot", "model-card", "plain", "teacher-list", "lettered", "hybrid", "none")
 RANKERS = ("titles", "letters", "similarity")
 
 
@@ -72,6 +75,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: the `similarity` ranker uses no prompt, and only it does")
         if self.ranker == "similarity" and self.stage2:
             raise ValueError(f"method {self.name!r}: the `similarity` ranker has nothing to train in stage 2")
+        if self.prompt == "hybrid" and not self.stage2:
+            raise ValueError(f"method {self.name!r}: the `hybrid` prompt's item projector is trained in stage 2, so it needs one")
         if not self.stage2 and self.ranker != "similarity" and self.stage1 == "none":
             raise ValueError(f"method {self.name!r}: without stage 1 and stage 2 it is the zero-shot LLM (`zero-shot`)")
 
@@ -144,6 +149,11 @@ register(Method("llamarec", "LlamaRec",
                 "of its letter at the answer position, one forward pass per prompt; fine-tuned as in stage 2 "
                 "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt="none", prompt="lettered", ranker="letters",
                 ablation=False, paper_rows=("LlamaRec",)))
+register(Method("llara", "LLaRA",
+                "the teacher's item embeddings, frozen, mapped by a trained two-layer MLP into the LLM's input space, one "
+                "item vector after each title of the history and the candidates (the hybrid prompt), with a curriculum "
+                "from text-only to hybrid prompts; the projector trained with the adapters in stage 2 (LLaRA, Liao et al. "
+                "SIGIR 2024)", stage1="none", soft_prompt="none", prompt="hybrid", ablation=False, paper_rows=("LLaRA",)))
 register(Method("llmseqsim", "LLMSEQSIM",
                 "no training: candidates ranked by the cosine similarity of their title embedding (the backbone's mean-pooled "
                 "last hidden states) to the mean embedding of the history's titles (LLMSEQSIM, Harte et al. RecSys 2023)",

@@ -13,7 +13,7 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt, Templates, lettered_prompt, lsr_prompt, teacher_list_prompt
+from delrec.llm.templates import Prompt, Templates, hybrid_prompt, lettered_prompt, lsr_prompt, teacher_list_prompt
 from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
 from delrec.methods import PROMPTS
 
@@ -24,7 +24,9 @@ class LLMScorer:
     soft prompt, the plain prompt without one, which is the zero-shot LLM). `model-card` and
     `empty-slot` are the `w MCP` and `w/o DPSM` prompts; `teacher-list` writes the teacher's top
     list in (`teacher_top` gives it per sample: stages.examples.TeacherTop); `lettered` lists the
-    candidates under index letters and scores them with LlamaRec's letter verbalizer."""
+    candidates under index letters and scores them with LlamaRec's letter verbalizer; `hybrid`
+    (LLaRA) puts an item vector after each title, made by `item_projector` from the item's
+    teacher embedding (llm/item_projector.py)."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class LLMScorer:
         name: str | None = None,
         progress: bool = True,
         teacher_top=None,
+        item_projector=None,
     ):
         self.backbone = backbone
         self.titles = list(titles)  # indexed by item_idx; [0] is padding
@@ -51,13 +54,19 @@ class LLMScorer:
         if (self.prompt_kind == "teacher-list") != (teacher_top is not None):
             raise ValueError("the `teacher-list` prompt needs the teacher's top lists (teacher_top), and only it uses them")
         self.teacher_top = teacher_top
+        if (self.prompt_kind == "hybrid") != (item_projector is not None):
+            raise ValueError("the `hybrid` prompt (LLaRA) needs its item projector (item_projector), and only it uses one")
+        if item_projector is not None and item_projector.num_items != len(self.titles) - 1:
+            raise ValueError(f"the item projector holds the teacher's embeddings of {item_projector.num_items} items, but "
+                             f"this run has {len(self.titles) - 1}: it was trained on other data")
+        self.item_projector = item_projector
         if self.prompt_kind == "lettered":
             if method != "full-title":
                 raise ValueError(f"the lettered prompt (LlamaRec) is scored by its index letters; the title verbalizer "
                                  f"{method!r} does not apply")
             self.verbalizer = LetterVerbalizer(backbone, batch_size)
         else:
-            self.verbalizer = Verbalizer(backbone, method, batch_size)
+            self.verbalizer = Verbalizer(backbone, method, batch_size, item_vectors=item_projector)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
 
@@ -71,13 +80,19 @@ class LLMScorer:
         return cls(backbone, [""] + data.items["title"].tolist(), **kwargs)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None,
-               teacher_top: Sequence[int] | None = None) -> Prompt:
+               teacher_top: Sequence[int] | None = None, text_only: bool = False) -> Prompt:
         """The prompt of one sample (item indices); `teacher_top`: the teacher's list for it, which
-        the `teacher-list` prompt needs (`prompts` looks it up)."""
+        the `teacher-list` prompt needs (`prompts` looks it up); `text_only`: the `hybrid` prompt
+        without its item vectors (where LLaRA's curriculum starts)."""
         titles, t, kind = self.titles, self.templates, self.prompt_kind
-        shown = [titles[i] for i in history if i > 0]
+        if text_only and kind != "hybrid":
+            raise ValueError(f"only the `hybrid` prompt has a text-only form, not {kind!r}")
+        items = [i for i in history if i > 0]
+        shown = [titles[i] for i in items]
         cands = [titles[i] for i in candidates]
         answer = titles[label] if label is not None else None
+        if kind == "hybrid":
+            return hybrid_prompt(t, shown, cands, items, [int(i) for i in candidates], label=answer, item_vectors=not text_only)
         if kind == "teacher-list":
             if teacher_top is None:
                 raise ValueError("the `teacher-list` prompt needs the teacher's top list of the sample")
@@ -87,10 +102,12 @@ class LLMScorer:
         return lsr_prompt(t, shown, cands, label=answer, soft_prompt=kind == "lsr", model_card=kind == "model-card",
                           empty_slot=kind == "empty-slot")
 
-    def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False) -> list[Prompt]:
-        """The prompts of `rows` of `data` (with their ground truth as the label when `labels`)."""
+    def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False, text_only: bool = False) -> list[Prompt]:
+        """The prompts of `rows` of `data` (with their ground truth as the label when `labels`;
+        `text_only`: see `prompt`)."""
         tops = self.teacher_top.lists(data, rows) if self.teacher_top is not None else [None] * len(rows)
-        return [self.prompt(data.history[r], data.candidates[r], label=data.target[r] if labels else None, teacher_top=top)
+        return [self.prompt(data.history[r], data.candidates[r], label=data.target[r] if labels else None, teacher_top=top,
+                            text_only=text_only)
                 for r, top in zip(rows, tops)]
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:

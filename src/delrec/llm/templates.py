@@ -18,6 +18,9 @@ Two baselines of the paper's Table II have prompts of their own (docs/baselines.
   top-h recommendations written in as text;
 * lettered (LlamaRec): the candidates listed under index letters "(A) title", "(B) title", ...,
   and the answer is a letter.
+* hybrid (LLaRA): the plain recommendation prompt with one item vector right after each title of
+  the history and of the candidates (`Prompt.item_slots`); the verbalizer puts there the teacher's
+  embedding of that item mapped into the LLM's input space (llm/item_projector.py).
 
 Domain words (movie, game, item) and every template text can be overridden from a JSON or YAML
 file (`Templates.from_file`).
@@ -87,15 +90,21 @@ MODEL_CARD = (
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt's text with the places where vectors go in between its tokens: the soft-prompt
+    slot (one block of vectors, between `before` and `after`) and, in LLaRA's hybrid prompt, one
+    item vector per `item_slots` entry. A prompt without either is plain text."""
+
     before: str  # text before the soft-prompt slot (the whole prompt when there is no slot)
     after: str  # text after the slot, ending with the answer cue
     candidates: tuple[str, ...]  # titles in display order
     label: str | None  # the answer's title; None at inference
     has_slot: bool
+    # (offset in `text`, item index), in text order: the item's vector goes at that character offset
+    item_slots: tuple[tuple[int, int], ...] = ()
 
     @property
     def text(self) -> str:
-        """The prompt as plain text (slot removed): for logs and case studies."""
+        """The prompt as plain text (slot and item vectors removed): for logs and case studies."""
         return self.before + self.after
 
 
@@ -214,6 +223,45 @@ def lettered_prompt(t: Templates, history: Sequence[str], candidates: Sequence[s
     listed = "\n".join(f"({letter}) {title}" for letter, title in zip(LETTERS, candidates))
     values = {**t._words(), "history": quote_titles(history), "candidates": listed}
     return _render(t.lettered, values, candidates, label, soft="")
+
+
+# where `hybrid_prompt` marks an item vector while it renders (private-use characters, never in a title)
+HISTORY_MARK, CANDIDATE_MARK = "\ue000", "\ue001"
+
+
+def hybrid_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], history_items: Sequence[int],
+                  candidate_items: Sequence[int], label: str | None = None, item_vectors: bool = True) -> Prompt:
+    """LLaRA's hybrid prompt: the plain recommendation prompt (`lsr_plain`, as `w/o SP` and
+    LLMSEQPROMPT read it) with one item vector right after each title of the history and of the
+    candidates: `item_slots` holds, in text order, the offset just after each closing quote and
+    the item index (`history_items`, `candidate_items`: the items of the titles, in the same
+    order). `item_vectors=False` gives the text-only form that LLaRA's curriculum starts from:
+    the same text without the vectors."""
+    _check(history, candidates, label)
+    if len(history_items) != len(history) or len(candidate_items) != len(candidates):
+        raise ValueError(f"the hybrid prompt needs one item per title: {len(history)} history titles and "
+                         f"{len(history_items)} items, {len(candidates)} candidate titles and {len(candidate_items)} items")
+    if not item_vectors:
+        return lsr_prompt(t, history, candidates, label, soft_prompt=False)
+    if any(HISTORY_MARK in x or CANDIDATE_MARK in x for x in (*history, *candidates)):
+        raise ValueError("a title holds one of the private-use characters U+E000 / U+E001 the hybrid prompt marks items with")
+    values = {**t._words(), "history": ", ".join(f'"{x}"{HISTORY_MARK}' for x in history),
+              "candidates": ", ".join(f'"{x}"{CANDIDATE_MARK}' for x in candidates)}
+    marked = t.lsr_plain.replace(SLOT, "").format(**values)
+    items = {HISTORY_MARK: iter(history_items), CANDIDATE_MARK: iter(candidate_items)}
+    pieces, slots, start, length = [], [], 0, 0
+    for at in (i for i, ch in enumerate(marked) if ch in items):
+        pieces.append(marked[start:at])
+        length += at - start
+        item = next(items[marked[at]], None)
+        if item is None:
+            raise ValueError("the `lsr_plain` template must show {history} and {candidates} once each for the hybrid prompt")
+        slots.append((length, int(item)))
+        start = at + 1
+    if len(slots) != len(history) + len(candidates):
+        raise ValueError("the `lsr_plain` template must show {history} and {candidates} once each for the hybrid prompt")
+    text = "".join(pieces) + marked[start:]
+    return Prompt(text, "", tuple(candidates), label, False, tuple(slots))
 
 
 def ta_prompt(t: Templates, sequence: Sequence[str], candidates: Sequence[str], num_examples: int = 4) -> Prompt:

@@ -19,6 +19,11 @@ prompts of a batch share one padded pass.
 
 `score_brute_force` is the reference: each candidate scored by its own full forward pass.
 
+A prompt may carry vectors at several places: the soft prompt in its slot, and in LLaRA's hybrid
+prompt one item vector after each title (`Prompt.item_slots`, filled by the verbalizer's
+`item_vectors`, an item_projector.ItemProjector). Prompts without item slots take the path they
+always took; the others are cut at every vector and their text pieces embedded in one lookup.
+
 `LetterVerbalizer` is LlamaRec's (Yue et al. 2023): the prompt lists the candidates under index
 letters and each candidate's score is the log-probability of its letter at the answer position,
 all read from one forward pass per prompt (the `first-token` path with one-token continuations).
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from delrec import distributed
 from delrec.llm.backbone import Backbone
@@ -58,7 +64,10 @@ PASSES = ("auto", "prompt", "batch")
 
 
 class Verbalizer:
-    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8, passes: str = "auto"):
+    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8, passes: str = "auto",
+                 item_vectors: nn.Module | None = None):
+        """`item_vectors`: maps [n] item indices to [n, hidden] input vectors (item_projector.ItemProjector);
+        what a prompt's `item_slots` are filled with (LLaRA's hybrid prompt)."""
         if method not in METHODS:
             raise ValueError(f"unknown verbalizer {method!r}; choose one of {METHODS}")
         if passes not in PASSES:
@@ -67,6 +76,7 @@ class Verbalizer:
         self.method = method
         self.batch_size = batch_size
         self.passes = passes
+        self.item_vectors = item_vectors
         self._answer_ids: dict[str, list[int]] = {}
         self._text_ids: dict[str, list[int]] = {}
 
@@ -98,6 +108,8 @@ class Verbalizer:
         return [self.answer_ids(t) for t in prompt.candidates]
 
     def _prompt_embeds(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> torch.Tensor:
+        if prompt.item_slots:
+            return self._embeds_with_items(prompt, soft_prompt)
         bb = self.backbone
         before, after = prompt.before, prompt.after
         if prompt.has_slot:
@@ -117,6 +129,42 @@ class Verbalizer:
                 raise ValueError("the prompt has a soft-prompt slot but no soft prompt was given")
             parts.append(soft_prompt().to(bb.dtype))
         parts.append(bb.input_embeddings(torch.tensor(ids_after, dtype=torch.long, device=bb.device)))
+        return torch.cat(parts, dim=0)
+
+    def _embeds_with_items(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> torch.Tensor:
+        """The input vectors of a prompt with vectors at several places: its text cut at the
+        soft-prompt slot (if any) and at each item slot, each piece tokenised on its own (as the
+        text around the soft-prompt slot is), one projected item vector per item slot. The same
+        conventions as `_prompt_embeds`: BOS first where the tokenizer adds one, the last piece
+        right-stripped, T5's </s> at the end."""
+        bb = self.backbone
+        if self.item_vectors is None:
+            raise ValueError("the prompt has item slots (LLaRA's hybrid prompt) but the verbalizer has no item projector")
+        cuts = [(offset, item) for offset, item in prompt.item_slots]
+        if prompt.has_slot:
+            if soft_prompt is None:
+                raise ValueError("the prompt has a soft-prompt slot but no soft prompt was given")
+            cuts.append((len(prompt.before), None))  # None: the soft prompt's block
+            cuts.sort(key=lambda c: (c[0], c[1] is not None))
+        text = prompt.text
+        edges = [0, *(offset for offset, _ in cuts), len(text)]
+        pieces = [text[a:b] for a, b in zip(edges, edges[1:])]
+        pieces[-1] = pieces[-1].rstrip()
+        ids = [self._encode(piece) for piece in pieces]
+        bos = bb.tokenizer.bos_token_id
+        if not bb.is_encoder_decoder and bos is not None and getattr(bb.tokenizer, "add_bos_token", False):
+            ids[0] = [bos] + ids[0]
+        if bb.is_encoder_decoder and bb.eos_token_id is not None:
+            ids[-1] = ids[-1] + [bb.eos_token_id]
+        # one embedding lookup for every text piece and one projector call for every item
+        words = bb.input_embeddings(torch.tensor([i for piece in ids for i in piece], dtype=torch.long, device=bb.device))
+        words = words.split([len(piece) for piece in ids])
+        items = torch.tensor([item for _, item in cuts if item is not None], dtype=torch.long, device=bb.device)
+        vectors = iter(self.item_vectors(items).to(bb.dtype))
+        parts = [words[0]]
+        for (_, item), piece in zip(cuts, words[1:]):
+            parts.append(soft_prompt().to(bb.dtype) if item is None else next(vectors)[None])
+            parts.append(piece)
         return torch.cat(parts, dim=0)
 
     def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool) -> _Batch:

@@ -12,14 +12,17 @@ evaluation logs the valid candidate metrics with the examples seen and the train
 RUN/finetune/<name>/
   adapter/            the best adapter (peft `save_pretrained`)
   soft_prompt.safetensors   the soft prompt used (trained further under `w ULSR`)
+  item_projector.safetensors   LLaRA's projector of the teacher's item embeddings (`llara`), saved with the best adapter
   config.json, train_log.jsonl, metrics.json, checkpoint.pt (while training)
 
 Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `ulsr` (the same,
 trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
 `mcp` (a hand-written description of the teacher in the slot), `wo-sp` (no slot and no mention;
 LLMSEQPROMPT in Table II). Baselines of Table II trained the same way (docs/baselines.md):
-`teacher-list` (the teacher's top `teacher_list_size` items written into the prompt) and
-`llamarec` (lettered candidates, scored and trained on their index letters).
+`teacher-list` (the teacher's top `teacher_list_size` items written into the prompt),
+`llamarec` (lettered candidates, scored and trained on their index letters) and `llara` (an item
+vector after each title, from the teacher's item embedding through a projector trained with the
+adapters; each micro-batch gets the hybrid prompt or its text-only form by LLaRA's `curriculum`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
 from delrec.io import atomic_dir
 from delrec.llm.backbone import Backbone
+from delrec.llm.item_projector import WEIGHTS_NAME as PROJECTOR_NAME
+from delrec.llm.item_projector import ItemProjector
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
@@ -53,6 +58,11 @@ from delrec.stages.scaffold import Clock, StageFolder
 log = logging.getLogger(__name__)
 
 TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
+# LLaRA's curriculum (`llara`): whether a training micro-batch gets the hybrid prompt or its
+# text-only form. `linear`: the hybrid prompt with probability (i + 1) / N at micro-batch i of the
+# N = steps * grad_accum the run plans, as LLaRA's TrainCollater draws (cur_step / max_step);
+# `none`: the hybrid prompt from the start. Evaluation always uses the hybrid prompt.
+CURRICULA = ("linear", "none")
 
 
 @dataclass
@@ -63,6 +73,10 @@ class FinetuneConfig:
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
     soft_tokens: int = 100  # for `usp`
     teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
+    curriculum: str = "linear"  # for `llara`: from text-only to hybrid prompts, see CURRICULA
+    # for `llara`: its projector's lr relative to lr. Its weights have entries of about 1/sqrt(d), as
+    # AdaLoRA's P and Q (vector_lr_scale), and Lion moves every entry by about its lr per step
+    projector_lr_scale: float = 0.25
     objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     steps: int = 100
     batch_size: int = 4
@@ -117,6 +131,10 @@ class FinetuneConfig:
             self.target_modules = tuple(self.target_modules)
         if self.teacher_list_size < 1:
             raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
+        if self.projector_lr_scale <= 0:
+            raise ValueError(f"projector_lr_scale must be positive, got {self.projector_lr_scale}")
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"unknown curriculum {self.curriculum!r}{closest(self.curriculum, CURRICULA)}; choose one of {CURRICULA}")
 
 
 @dataclass
@@ -137,22 +155,57 @@ def orthogonal_regulariser(model: torch.nn.Module) -> torch.Tensor:
 
 
 class Stage2Loss(distributed.StageModule):
-    """The adapted LLM (and, under `w ULSR`, the soft prompt) with the loss it flows through, as
-    one module: the unit that DDP synchronises or FSDP shards. Returns the loss to minimise
-    (recommendation loss + weighted orthogonal regulariser) and the recommendation loss alone."""
+    """The adapted LLM (and, under `w ULSR`, the soft prompt; under `llara`, the item projector)
+    with the loss it flows through, as one module: the unit that DDP synchronises or FSDP shards.
+    Returns the loss to minimise (recommendation loss + weighted orthogonal regulariser) and the
+    recommendation loss alone."""
 
     def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, config: FinetuneConfig):
         super().__init__()
-        self.llm, self.soft_prompt = peft_model, soft_prompt
+        self.llm, self.soft_prompt, self.item_projector = peft_model, soft_prompt, scorer.item_projector
         self.verbalizer, self.objective, self.orth_reg_weight = scorer.verbalizer, config.objective, config.orth_reg_weight
 
     def loss(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         rec = self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
-        return rec + self.orth_reg_weight * orthogonal_regulariser(self.llm), rec.detach()
+        total = rec + self.orth_reg_weight * orthogonal_regulariser(self.llm)
+        if self.item_projector is not None and not any(p.item_slots for p in prompts):
+            # a text-only batch of LLaRA's curriculum: the projector takes no part, but DDP wants a
+            # gradient for every parameter it wraps; zeros, which `finetune` drops when no batch of
+            # the step was hybrid (so the optimizer skips the projector, as LLaRA freezes it)
+            total = total + 0.0 * sum(p.sum() for p in self.item_projector.parameters())
+        return total, rec.detach()
 
     def kept_whole(self) -> set[nn.Parameter]:
         # the soft prompt, frozen or not, is saved beside the adapter
         return super().kept_whole() | (set(self.soft_prompt.parameters()) if self.soft_prompt is not None else set())
+
+
+def hybrid_batch(config: FinetuneConfig, micro_batch: int) -> bool:
+    """Whether training micro-batch `micro_batch` (counted over the run: step * grad_accum + micro)
+    gets the hybrid prompt under `config.curriculum` (CURRICULA). Drawn from (seed, micro_batch)
+    alone, so a resumed run and every process of a launch draw the same."""
+    if config.curriculum == "none":
+        return True
+    planned = config.steps * config.grad_accum
+    draw = np.random.default_rng((config.seed, 0x11A7A, micro_batch)).random()  # 0x11A7A: a stream of its own
+    return draw < (micro_batch + 1) / planned
+
+
+def item_projector_for(run_dir: str | Path, config: FinetuneConfig, bb: Backbone, data: RunData) -> ItemProjector | None:
+    """The untrained item projector a `hybrid`-prompt method (LLaRA) starts stage 2 with: its
+    teacher's item embeddings into `bb`'s input space (None for other methods)."""
+    from delrec.teachers.train import load_teacher
+
+    if methods.get(config.variant).prompt != "hybrid":
+        return None
+    teacher_dir = Path(run_dir) / "teachers" / config.teacher
+    if not (teacher_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"{config.variant} maps the {config.teacher} teacher's item embeddings into the LLM, but "
+                                f"{teacher_dir} holds no trained teacher; run `delrec teacher train --run {run_dir} "
+                                f"--model {config.teacher}` first")
+    with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights: not from the run's stream
+        teacher = load_teacher(teacher_dir, "cpu", data)
+    return ItemProjector.from_teacher(teacher, bb, config.teacher, seed=config.seed)
 
 
 def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPrompt | None:
@@ -204,9 +257,11 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     init_adapters(peft_model, config.adapter_init, seed=config.seed)
     adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
 
+    projector = item_projector_for(run_dir, config, bb, data)
     templates = Templates.for_teacher(config.teacher, **config.templates)
     scorer = stage2_scorer(run_dir, data, bb, config.variant, config.teacher, templates, soft, config.teacher_list_size,
-                           batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False)
+                           batch_size=config.verbalizer_batch, name=f"delrec:{config.variant}", progress=False,
+                           item_projector=projector)
     rng = np.random.default_rng(config.seed)
     train_rows = rng.permutation(data.indices("train"))
     if config.max_train_examples:
@@ -216,6 +271,10 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     trainable = adapter_params + ([soft.embedding] if soft is not None and soft.embedding.requires_grad else [])
     loss_module = dist.prepare(Stage2Loss(peft_model, scorer, soft, config))
     groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=trainable)
+    projector_params = list(projector.parameters()) if projector is not None else []  # trained with the adapters
+    if projector_params:
+        groups.append({"params": projector_params, "lr": config.lr * config.projector_lr_scale})
+        trainable += projector_params
     optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
     scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
 
@@ -229,6 +288,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         if soft is not None and ckpt["soft_prompt"] is not None:
             with torch.no_grad():
                 soft.embedding.copy_(ckpt["soft_prompt"])
+        if projector is not None:
+            projector.load_state_dict(ckpt["item_projector"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         allocator = peft_model.base_model.rankallocator
@@ -266,17 +327,23 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         # -- one step: the recommendation loss (+ the orthogonal regulariser), AdaLoRA's rank budget
         peft_model.train()
         step_loss = rec_loss = 0.0
+        hybrid = 0  # micro-batches of this step with LLaRA's hybrid prompt
         for micro in range(config.grad_accum):
             k = (state["step"] * config.grad_accum + micro) * config.batch_size
             batch = np.take(train_rows, range(k, k + config.batch_size), mode="wrap")  # the global batch
             rows = dist.local_share(batch)
-            prompts = scorer.prompts(data, rows, labels=True)
+            with_items = projector is not None and hybrid_batch(config, state["step"] * config.grad_accum + micro)
+            hybrid += with_items
+            prompts = scorer.prompts(data, rows, labels=True, text_only=projector is not None and not with_items)
             loss, rec = loss_module(prompts)
             # under DDP the gradients arrive averaged over the processes
             (loss * dist.loss_scale(len(rows), len(batch)) / config.grad_accum).backward()
             step_loss += dist.mean(loss.item()) / config.grad_accum
             rec_loss += dist.mean(rec.item()) / config.grad_accum
         dist.reduce_gradients(trainable)  # under FSDP: averaged here
+        if projector is not None and not hybrid:
+            for p in projector_params:  # a text-only step: the projector took no part, and the optimizer skips it
+                p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
@@ -286,8 +353,11 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         state["elapsed"], state["wall"] = clock.elapsed, clock.wall
         # -- log, evaluate (keeping the best adapter), checkpoint
         # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
-        folder.log({"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
-                        "lr": config.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "seconds": round(state["elapsed"], 2)})
+        line = {"step": state["step"], "loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
+                "lr": config.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "seconds": round(state["elapsed"], 2)}
+        if projector is not None:
+            line["hybrid_share"] = hybrid / config.grad_accum  # of this step's micro-batches (LLaRA's curriculum)
+        folder.log(line)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", best=f"{state['best']:.4f}")
         time_up = clock.budget_spent()
@@ -304,12 +374,14 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
                         peft_model.save_pretrained(tmp)
                     if soft is not None:
                         soft.save(out / "soft_prompt.safetensors")
+                    if projector is not None:
+                        projector.save(out / PROJECTOR_NAME)
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
         if state["step"] % config.checkpoint_every == 0 or time_up or stopped_early:
             state["elapsed"], state["wall"] = clock.elapsed, clock.wall
-            folder.checkpoint(lambda rng: _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state))
+            folder.checkpoint(lambda rng: _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state, projector))
         if time_up or stopped_early:
             break
     bar.close()
@@ -329,11 +401,13 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     return FinetuneResult(metrics, out)
 
 
-def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state) -> dict:
+def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state, projector=None) -> dict:
     allocator = peft_model.base_model.rankallocator
     return {
         "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
         "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
+        # the optimizer's state holds the projector's moments with the adapters'
+        "item_projector": {k: v.detach().clone() for k, v in projector.state_dict().items()} if projector is not None else None,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
         "rank_pattern": peft_model.peft_config["default"].rank_pattern,
@@ -344,8 +418,8 @@ def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state) -> d
 def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | None = None, templates: Templates | None = None,
                      method: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
                      progress: bool = True, run_dir: str | Path | None = None) -> LLMScorer:
-    """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt and its
-    prompt variant, exactly as trained. `backbone` (fresh, without adapters) saves a reload;
+    """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt (or LLaRA's
+    item projector) and its prompt variant, exactly as trained. `backbone` (fresh, without adapters) saves a reload;
     `run_dir`: the run whose teacher lists a `teacher-list` model reads (default: the folder's
     own run, RUN/finetune/<name>)."""
     from peft import PeftModel
@@ -363,17 +437,19 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
         bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
+    projector = ItemProjector.load(folder / PROJECTOR_NAME, bb) if methods.get(cfg["variant"]).prompt == "hybrid" else None
     templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
     return stage2_scorer(run_dir or folder.parent.parent, data, bb, cfg["variant"], cfg["teacher"], templates, soft,
                          cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size), method=method,
-                         batch_size=batch_size, name=f"delrec:{folder.name}", progress=progress)
+                         batch_size=batch_size, name=f"delrec:{folder.name}", progress=progress, item_projector=projector)
 
 
 def stage2_scorer(run_dir: str | Path, data: RunData, backbone: Backbone, variant: str, teacher: str, templates: Templates,
                   soft_prompt: SoftPrompt | None, teacher_list_size: int, **kwargs) -> LLMScorer:
     """The scorer of a stage-2 method (delrec.methods) on `backbone` as it is: the method's prompt
     and verbalizer, its soft prompt, and for `teacher-list` the teacher's top lists of the run.
-    `kwargs`: LLMScorer's (method, batch_size, name, progress)."""
+    `kwargs`: LLMScorer's (method, batch_size, name, progress, and for the `hybrid` prompt its
+    item_projector: `item_projector_for` gives an untrained one)."""
     method = methods.get(variant)
     teacher_top = TeacherTop(run_dir, teacher, data, teacher_list_size) if method.prompt == "teacher-list" else None
     return LLMScorer.for_run(data, backbone, templates=templates, soft_prompt=soft_prompt, prompt=method.prompt,
