@@ -1,39 +1,65 @@
-"""Verbalizer throughput on a GPU with randomly initialised backbones of real shapes.
+"""Verbalizer scoring throughput on a GPU, to the issue's measurement standard, with randomly
+initialised backbones of real shapes.
 
-    python benchmarks/gpu_throughput.py                       # CUDA, bf16, Flan-T5-XL and SmolLM2-135M shapes
-    python benchmarks/gpu_throughput.py --device cpu --tiny --dtype float32 --out /tmp/gpu_tiny.json   # smoke test
+    python benchmarks/gpu_throughput.py                                  # CUDA, bf16, Flan-T5-XL and SmolLM2-135M shapes
+    python benchmarks/gpu_throughput.py --models smollm2-135m            # what benchmarks/run_gpu.sh runs (about 3 min, H100)
+    python benchmarks/gpu_throughput.py --device cpu --tiny              # smoke test on CPU: tiny shapes, seconds
 
-No weights and no tokenizer can travel to the GPU machine, so each backbone is built from its
-config with random weights (the speed of a forward pass does not depend on the weights' values)
-and a synthetic word-level tokenizer over "w0" .. "w{V-4}" (plus <pad>, </s>, <unk>) gives every
-text exactly the wanted number of tokens:
+No tokenizer has to travel to the GPU machine, so each backbone is built from its config with
+random weights (the speed of a forward pass does not depend on the weights' values) and a
+synthetic word-level tokenizer over "w0" .. "w{V-4}" (plus <pad>, </s>, <unk>) gives every text
+exactly the wanted number of tokens:
 
 * Flan-T5-XL shape: d_model 2048, d_ff 5120 (gated-gelu), 24 + 24 layers, 32 heads, vocab 32128;
 * SmolLM2-135M shape: the config.json of the converted model when present here, else
   hidden 576, intermediate 1536, 30 layers, 9 heads (3 KV), vocab 49152, tied embeddings.
 
-Workload per request (the issue's): `--prompt-tokens` (320) text tokens around `--soft-tokens`
-(80) soft-prompt vectors, and `--candidates` (15) titles of `--title-tokens` (12) tokens
-(11 words + EOS); requests are scored `--batch-size` (8) at a time.
+Workload per request: `--prompt-tokens` (320) text tokens around `--soft-tokens` (80)
+soft-prompt vectors, and `--candidates` (15) titles of `--title-tokens` (12) tokens (11 words +
+EOS).
 
-Measured per backbone: requests/s and peak GPU memory (torch.cuda.max_memory_allocated, reset
-before each measurement) of
-* `Verbalizer.score`, full-title and first-token (ours);
-* a plain Hugging Face loop, full-title: per request one forward pass over a batch of the 15
-  (prompt + candidate) sequences, logits kept for the candidate positions only;
-and the max |score difference| between ours and the plain loop (float32: must be <= 1e-4; bf16:
-for information). One warm-up batch, not among the timed requests, precedes each measurement.
+Measured, per backbone:
+* `Verbalizer.score`, full-title and first-token (ours), at every batch size of `--batch-sizes`
+  (8 16 32 64): one row each, `--requests` (2000) requests timed after one untimed warm-up batch;
+* a plain Hugging Face loop (full-title; per request one forward pass over a batch of its 15
+  (prompt + candidate) sequences, logits kept for the candidate positions only), one row of
+  `--plain-requests` (default: `--requests`) requests: the speed-up's denominator;
+* per row: requests/s, peak GPU memory (torch.cuda.max_memory_allocated, reset before each row),
+  the floating-point operations per request (counted once per row on the warm-up batch by a
+  dispatch mode, torch's formulas for matrix products and attention, as benchmarks/stages.py
+  counts them: the work the kernels execute, padding included), the TFLOP/s that makes and its
+  fraction of `--peak-tflops` (default 989: the H100/H200 SXM dense bf16 tensor-core peak of
+  NVIDIA's datasheets, 1,979 being with 2:4 sparsity; both chips have the same compute) and of a
+  bf16 matrix product measured in the same run (8192^3 on CUDA);
+* `fastest`: per backbone and scorer, the batch size with the most requests/s.
 
-Writes $OUT/gpu_throughput.json when $OUT is set, else benchmarks/results/gpu_throughput.json
-(`--out` overrides; with `--tiny` the default is /tmp/gpu_throughput_tiny.json, never the results
-folder). Without CUDA, and unless `--device cpu`, prints "no GPU available" and exits 0.
+Scores against the reference: the first `--check-requests` (64) requests are also scored by the
+plain loop in float32 (a float32 copy of the same weights). Each row's max |score - float32
+reference| over them must be within the tolerance: 1e-4 when the benchmark runs in float32, else
+max(1e-4, `--bf16-factor` (4) x the plain loop's own bf16 error on the same requests and the same
+kind of score) — the rounding a plain bf16 forward pass makes is the yardstick, so ours may differ
+from the exact scores by a few times what bf16 itself costs, not more. First-token rows are
+compared with the reference's first-token log-probabilities, whose bf16 error is larger than that
+of a mean over the title's tokens. The share of requests whose top candidate agrees with
+the reference is reported beside it. `all_equal_within_tolerance` is false if any row fails, and
+the exit status is then 1.
+
+Writes $OUT/gpu_throughput-<gpu>.json when $OUT is set (<gpu> the device's name in lower case,
+e.g. nvidia-h200), else benchmarks/results/gpu_throughput-<gpu>.json; the JSON names the GPU at
+its top ("gpu"), and is rewritten after every row (`complete` false until the last: a run stopped
+by a time limit keeps the rows it measured). `--out` overrides; with `--tiny` the default is /tmp/gpu_throughput_tiny.json,
+never the results folder. Without CUDA, and unless `--device cpu`, prints "no GPU available" and
+exits 0. Earlier results (benchmarks/results/gpu_throughput.json, 32 requests at batch 8 only)
+were measured with the first version of this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -41,6 +67,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))  # runs from a checkout without `pip install -e .` (the GPU machine)
 
 from _env import environment  # noqa: E402
 
@@ -155,10 +182,16 @@ def make_requests(bb, n: int, prompt_tokens: int, soft_tokens: int, n_cands: int
     return prompts
 
 
-def plain_hf_scores(bb, prompts, soft) -> list:
+# the bf16 dense tensor-core peak of an H100 SXM5 and of an H200 (NVIDIA datasheets; the same GH100
+# compute, 1,979 TFLOP/s with 2:4 sparsity). An H100 PCIe card has 756.
+DEFAULT_PEAK_TFLOPS = 989.0
+DEFAULT_PEAK_NAME = "NVIDIA H100 SXM / H200, dense bf16 tensor-core peak (datasheet)"
+
+
+def plain_hf_logprobs(bb, prompts, soft) -> list:
     """The plain Hugging Face reference: per request, one forward pass over a batch of its
-    candidates, each the whole (prompt + title) sequence; mean log-probability of the title's
-    tokens (EOS included), as the verbalizer's full-title score."""
+    candidates, each the whole (prompt + title) sequence; per request a [candidates, title
+    tokens] tensor of the title tokens' log-probabilities (EOS included)."""
     import torch
     import torch.nn.functional as F
 
@@ -183,134 +216,286 @@ def plain_hf_scores(bb, prompts, soft) -> list:
             else:
                 seq = torch.cat([prompt[None].expand(C, -1, -1), embed(y[:, :-1])], 1)
                 logits = model(inputs_embeds=seq, use_cache=False, logits_to_keep=M).logits
-            logp = F.log_softmax(logits.float(), -1).gather(2, y[..., None])[..., 0]
-            out.append(logp.mean(1).cpu())
+            out.append(F.log_softmax(logits.float(), -1).gather(2, y[..., None])[..., 0].cpu())
     return out
 
 
-def measure(fn, prompts, warm, batch_size: int, device) -> dict:
+def plain_hf_scores(bb, prompts, soft) -> list:
+    """The reference's full-title scores: the mean log-probability of each title's tokens."""
+    return [lp.mean(1) for lp in plain_hf_logprobs(bb, prompts, soft)]
+
+
+# fused attention kernels torch's flop registry does not list, counted with the formula of the
+# kernel they stand for (same leading arguments: query, key, value)
+_FLOP_ALIASES = {"_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product_flash_attention"}
+
+
+class FlopCount:
+    """Floating-point operations of the aten ops torch's flop counter knows (matrix products,
+    attention), counted by a dispatch mode as in benchmarks/stages.py (FlopCounterMode's module
+    hooks are not needed for a forward pass; its registry is what counts)."""
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+        self.total = 0
+        registry = dict(flop_registry)
+        for alias, name in _FLOP_ALIASES.items():
+            op = getattr(torch.ops.aten, alias, None)
+            if op is not None:
+                registry[op] = flop_registry[getattr(torch.ops.aten, name)]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def matmul_peak(device, dtype, size: int, repeats: int = 10) -> dict:
+    """TFLOP/s of one size^3 matrix product in `dtype` on `device`, the mean of `repeats` after
+    three warm-ups (KINDS.md's measurement of the lent H200: 788 TFLOP/s at 8192 in bf16)."""
+    import torch
+
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / repeats
+    del a, b
+    return {"shape": f"{size}x{size}x{size}", "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * size**3 / seconds / 1e12}
+
+
+def measure(fn, prompts, warm, device) -> tuple[dict, list]:
+    """Score `warm` once (untimed; its floating-point operations counted), then every prompt of
+    `prompts` (`fn` gets them all: it batches them itself), timed; scores per prompt."""
     import torch
 
     cuda = device.type == "cuda"
-    fn(warm)
+    with FlopCount() as count:
+        fn(warm)
+    flop_per_request = count.total / len(warm)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        scores += fn(prompts[i : i + batch_size])
+    scores = fn(prompts)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    res = {"seconds": seconds, "requests_per_s": len(prompts) / seconds}
+    res = {"requests": len(prompts), "seconds": seconds, "requests_per_s": len(prompts) / seconds,
+           "flop_per_request": flop_per_request, "tflops_achieved": flop_per_request * len(prompts) / seconds / 1e12}
     if cuda:
         res["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return res, torch.stack(scores).float()
+    else:
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # the process's lifetime peak
+    return res, scores
+
+
+def compare(scores: list, reference: list) -> dict:
+    """Max |scores - reference| over the requests both have, and how often the top candidate agrees."""
+    import torch
+
+    n = len(reference)
+    got, ref = torch.stack([s.float() for s in scores[:n]]), torch.stack([r.float() for r in reference])
+    return {"max_abs_diff": float((got - ref).abs().max()),
+            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+
+
+def gpu_slug(name: str | None) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200' (a file-name part); 'cpu' without a GPU."""
+    return re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-") or "gpu"
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
     mem = "peak GPU MB" if s["device"] == "cuda" else "peak RSS MB (process)"
-    out = [f"| backbone | scorer | requests/s | seconds ({s['requests']} requests) | {mem} |", "|---|---|---|---|---|"]
+    out = [f"| backbone | scorer | batch | requests | requests/s | GFLOP/request | TFLOP/s | of {s['peak_tflops']:.0f} TFLOP/s "
+           f"| of measured matmul | {mem} | max abs diff vs fp32 ref | within tol | top-1 agreement |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         m = r.get("peak_gpu_mem_mb", r.get("peak_rss_mb"))
-        out.append(f"| {r['model']} | {r['scorer']} | {r['requests_per_s']:.2f} | {r['seconds']:.2f} | {m:.0f} |")
+        out.append(f"| {r['model']} | {r['scorer']} | {r['batch_size'] or '-'} | {r['requests']} | {r['requests_per_s']:.2f} | "
+                   f"{r['flop_per_request'] / 1e9:.3g} | {r['tflops_achieved']:.2f} | {r['fraction_of_peak']:.2%} | "
+                   f"{r['fraction_of_measured_matmul']:.2%} | {m:.0f} | {r['max_abs_diff']:.2e} | "
+                   f"{'yes' if r['equal_within_tolerance'] else 'NO'} | {r['top1_agreement']:.3f} |")
     out.append("")
     for name, m in result["models"].items():
-        out.append(f"{name}: ours (full-title) / plain HF loop = **{m['ratio_full_title']:.1f}x**; "
-                   f"max |ours - plain HF| = {m['max_abs_diff']:.2e} in {s['dtype']}; weights {m['weights_mb']:.0f} MB.")
+        fast = m["fastest"]
+        out.append(f"{name}: fastest full-title {fast['ours full-title']['requests_per_s']:.1f} requests/s at batch "
+                   f"{fast['ours full-title']['batch_size']}, first-token {fast['ours first-token']['requests_per_s']:.1f} at batch "
+                   f"{fast['ours first-token']['batch_size']}; ours (full-title, fastest) / plain HF loop = "
+                   f"**{m['ratio_full_title']:.1f}x**; tolerance full-title {m['tolerance']['full-title']:.2e}, first-token "
+                   f"{m['tolerance']['first-token']:.2e} (the plain loop's own {s['dtype']} error: "
+                   f"{m['reference_error']['full-title']:.2e}, {m['reference_error']['first-token']:.2e}); "
+                   f"weights {m['weights_mb']:.0f} MB.")
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + LARGE[1:])
-    p.add_argument("--tiny", action="store_true", help="shrunk shapes and workload, for a CPU smoke test")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--requests", type=int, default=None, help="timed requests (default 64; 16 with --tiny)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and workload, for a CPU smoke test (float32 by default)")
+    p.add_argument("--dtype", default=None, help="default bfloat16; float32 with --tiny")
+    p.add_argument("--requests", type=int, default=None, help="timed requests per row (default 2000; 24 with --tiny)")
+    p.add_argument("--plain-requests", type=int, default=None, help="timed requests of the plain HF row (default: --requests)")
+    p.add_argument("--check-requests", type=int, default=None, help="requests compared with the float32 reference (default 64; 8 with --tiny)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="the sweep (default 8 16 32 64; 2 4 with --tiny)")
+    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help=f"the peak the fraction is of (default {DEFAULT_PEAK_TFLOPS:g}: {DEFAULT_PEAK_NAME})")
+    p.add_argument("--peak-name", default=None, help="what --peak-tflops is, for the JSON")
+    p.add_argument("--bf16-factor", type=float, default=4.0, help="tolerance = this x the plain loop's own low-precision error")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default 320; 64 with --tiny")
     p.add_argument("--soft-tokens", type=int, default=None, help="default 80; 16 with --tiny")
     p.add_argument("--candidates", type=int, default=15)
     p.add_argument("--title-tokens", type=int, default=12)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import torch
 
-    from delrec.llm.backbone import pick_dtype
+    from delrec.llm.backbone import Backbone, pick_dtype
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no GPU available")
-        return
+        return 0
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     if args.out is None:
+        name = f"gpu_throughput-{gpu_slug(gpu)}.json"
         if args.tiny:
             args.out = "/tmp/gpu_throughput_tiny.json"
         elif os.environ.get("OUT"):
-            args.out = str(Path(os.environ["OUT"]) / "gpu_throughput.json")
+            args.out = str(Path(os.environ["OUT"]) / name)
         else:
-            args.out = str(ROOT / "benchmarks" / "results" / "gpu_throughput.json")
-    n = args.requests or (16 if args.tiny else 64)
+            args.out = str(ROOT / "benchmarks" / "results" / name)
+    n = args.requests or (24 if args.tiny else 2000)
+    n_plain = args.plain_requests or n
+    n_check = min(args.check_requests or (8 if args.tiny else 64), n, n_plain)
+    sizes = args.batch_sizes or ([2, 4] if args.tiny else [8, 16, 32, 64])
     P = args.prompt_tokens or (64 if args.tiny else 320)
     S = args.soft_tokens or (16 if args.tiny else 80)
-    dtype = pick_dtype(device, args.dtype)
+    dtype = pick_dtype(device, args.dtype or ("float32" if args.tiny else "bfloat16"))
+    peak_name = args.peak_name or (DEFAULT_PEAK_NAME if args.peak_tflops == DEFAULT_PEAK_TFLOPS else "given by --peak-tflops")
+    matmul = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 512)
+    print(f"{gpu or 'cpu'}: {dtype} matrix product {matmul['shape']} {matmul['tflops']:.2f} TFLOP/s; "
+          f"peak {args.peak_tflops:g} TFLOP/s ({peak_name})", flush=True)
 
     rows, models = [], {}
+
+    def save(complete: bool) -> dict:
+        """The results so far (after every row: a benchmark stopped by a time limit keeps its rows)."""
+        from delrec.io import write_json
+
+        result = {
+            "gpu": gpu,
+            "complete": complete,
+            "environment": environment(),
+            "settings": {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
+                         "requests": n, "plain_requests": n_plain, "check_requests": n_check, "batch_sizes": sizes,
+                         "prompt_tokens": P, "soft_tokens": S, "candidates": args.candidates, "title_tokens": args.title_tokens,
+                         "peak_tflops": args.peak_tflops, "peak_name": peak_name, "measured_matmul": matmul,
+                         "bf16_factor": args.bf16_factor,
+                         "flops": "counted on each row's warm-up batch by a dispatch mode (torch.utils.flop_counter's formulas: "
+                                  "matrix products and attention), executed work, padding included",
+                         "weights": "random (seed 0); synthetic word-level tokenizer",
+                         "warmup": "one batch of the row's batch size (one request for the plain loop), not among the timed ones"},
+            "rows": rows,
+            "models": models,
+            "all_equal_within_tolerance": all(r["equal_within_tolerance"] for r in rows),
+        }
+        write_json(args.out, result)
+        return result
+
     for name in args.models:
         bb, config, source = build_backbone(name, args.tiny, device, dtype)
         weights_mb = sum(t.numel() * t.element_size() for t in bb.model.state_dict().values()) / 2**20
         soft = SoftPrompt.for_backbone(bb, S, seed=0)
-        prompts = make_requests(bb, n + args.batch_size, P, S, args.candidates, args.title_tokens, soft, seed=1)
-        timed, warm = prompts[:n], prompts[n:]
-        scores = {}
-        for scorer, fn in (
-            ("ours full-title", lambda ps, v=Verbalizer(bb, "full-title", args.batch_size): v.score(ps, soft)),
-            ("ours first-token", lambda ps, v=Verbalizer(bb, "first-token", args.batch_size): v.score(ps, soft)),
-            ("plain HF loop full-title", lambda ps: plain_hf_scores(bb, ps, soft)),
-        ):
-            res, scores[scorer] = measure(fn, timed, warm, args.batch_size, device)
-            if device.type != "cuda":
-                res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-            rows.append({"model": name, "scorer": scorer, **res})
-            print(f"{name:13s} {scorer:25s} {res['requests_per_s']:8.2f} req/s  {res['seconds']:.2f} s"
-                  + (f"  {res['peak_gpu_mem_mb']:.0f} MB" if "peak_gpu_mem_mb" in res else ""), flush=True)
-        diff = float((scores["ours full-title"] - scores["plain HF loop full-title"]).abs().max())
-        by = {r["scorer"]: r for r in rows if r["model"] == name}
+        warm_n = max(sizes)
+        prompts = make_requests(bb, max(n, n_plain) + warm_n, P, S, args.candidates, args.title_tokens, soft, seed=1)
+        timed, warm = prompts[: max(n, n_plain)], prompts[-warm_n:]
+        # the float32 reference on the first n_check requests, and the plain loop's own error against it
+        bb32 = Backbone.from_model(copy.deepcopy(bb.model).float(), bb.tokenizer, name=f"{bb.name}-float32")
+        ref_lp = plain_hf_logprobs(bb32, timed[:n_check], soft)
+        del bb32
+        low_lp = plain_hf_logprobs(bb, timed[:n_check], soft)
+        kinds = {"full-title": lambda lp: lp.mean(1), "first-token": lambda lp: lp[:, 0]}
+        reference = {k: [f(lp) for lp in ref_lp] for k, f in kinds.items()}
+        # what rounding alone costs: the plain loop in the benchmark's dtype against float32, per score kind
+        own = {k: compare([f(lp) for lp in low_lp], reference[k])["max_abs_diff"] for k, f in kinds.items()}
+        tolerance = {k: TOLERANCE if dtype == torch.float32 else max(TOLERANCE, args.bf16_factor * e) for k, e in own.items()}
+        kind = {"ours full-title": "full-title", "ours first-token": "first-token", "plain HF loop full-title": "full-title"}
+
+        def row(scorer, batch_size, fn, requests):
+            res, scores = measure(fn, timed[:requests], warm[: batch_size or 1], device)
+            res.update(compare(scores, reference[kind[scorer]]))
+            res.update({"model": name, "scorer": scorer, "batch_size": batch_size,
+                        "fraction_of_peak": res["tflops_achieved"] / args.peak_tflops,
+                        "fraction_of_measured_matmul": res["tflops_achieved"] / matmul["tflops"],
+                        "tolerance": tolerance[kind[scorer]],
+                        "equal_within_tolerance": res["max_abs_diff"] <= tolerance[kind[scorer]]})
+            rows.append(res)
+            save(complete=False)
+            mem = f"{res['peak_gpu_mem_mb']:.0f} MB" if "peak_gpu_mem_mb" in res else f"RSS {res['peak_rss_mb']:.0f} MB"
+            print(f"{name:13s} {scorer:25s} batch {batch_size or '-':>3} {res['requests_per_s']:9.2f} req/s  "
+                  f"{res['tflops_achieved']:7.2f} TFLOP/s ({res['fraction_of_peak']:.2%} of peak)  {mem}  "
+                  f"max|diff| {res['max_abs_diff']:.2e} {'ok' if res['equal_within_tolerance'] else 'OVER TOLERANCE'}", flush=True)
+            return res
+
+        for b in sizes:
+            for scorer, method in (("ours full-title", "full-title"), ("ours first-token", "first-token")):
+                v = Verbalizer(bb, method, b)
+                row(scorer, b, lambda ps, v=v: v.score(ps, soft), n)
+        plain = row("plain HF loop full-title", None, lambda ps: plain_hf_scores(bb, ps, soft), n_plain)
+        mine = [r for r in rows if r["model"] == name]
+        fastest = {s: max((r for r in mine if r["scorer"] == s), key=lambda r: r["requests_per_s"])
+                   for s in ("ours full-title", "ours first-token")}
         models[name] = {
             "config_source": source, "config": config.to_diff_dict(), "weights_mb": weights_mb,
             "parameters": sum(t.numel() for t in bb.model.parameters()),
-            "ratio_full_title": by["ours full-title"]["requests_per_s"] / by["plain HF loop full-title"]["requests_per_s"],
-            "ratio_first_token": by["ours first-token"]["requests_per_s"] / by["plain HF loop full-title"]["requests_per_s"],
-            "max_abs_diff": diff,
-            "equal_within_tolerance": diff <= TOLERANCE if dtype == torch.float32 else None,
+            "fastest": {s: {k: r[k] for k in ("batch_size", "requests_per_s", "tflops_achieved", "fraction_of_peak")}
+                        for s, r in fastest.items()},
+            "ratio_full_title": fastest["ours full-title"]["requests_per_s"] / plain["requests_per_s"],
+            "ratio_first_token": fastest["ours first-token"]["requests_per_s"] / plain["requests_per_s"],
+            "reference_error": own, "tolerance": tolerance,  # per score kind (full-title, first-token)
+            "equal_within_tolerance": all(r["equal_within_tolerance"] for r in mine),
         }
         del bb, soft
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result = {
-        "environment": environment(),
-        "settings": {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
-                     "requests": n, "batch_size": args.batch_size, "prompt_tokens": P, "soft_tokens": S,
-                     "candidates": args.candidates, "title_tokens": args.title_tokens,
-                     "weights": "random (seed 0); synthetic word-level tokenizer",
-                     "warmup": "one batch of batch_size requests, not among the timed ones, before each scorer"},
-        "rows": rows,
-        "models": models,
-    }
-    from delrec.io import write_json
-
-    write_json(args.out, result)
+    result = save(complete=True)
     print()
     print(markdown(result))
     print(f"-> {args.out}")
+    if not result["all_equal_within_tolerance"]:
+        print("some scores are not within the tolerance of the float32 reference (see max_abs_diff)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
