@@ -98,3 +98,14 @@ def test_recommend_command_checks_its_input(run, capsys):
     assert main([*base, "--history", *[f"i{i}" for i in range(12)], "--num-candidates", "4"]) == 0
     out = capsys.readouterr().out
     assert "the 2 earliest titles left out" in out and len([line for line in out.splitlines() if line[:4].strip().endswith(".")]) == 4
+
+
+def test_closest_titles_match_difflib_over_the_whole_catalogue(run):
+    """The trigram pre-selection finds what difflib finds comparing every title."""
+    import difflib
+
+    folder, _ = run
+    rec = Recommender.from_run(folder, model="popularity")
+    for query in ["Movie 3 (1993", "movi 12 (2002)", "The Usual Suspect", "Usual Suspects, The", "Movie (1999)", "zzz"]:
+        assert rec.closest_titles(query, 3) == difflib.get_close_matches(query, rec.titles[1:], n=3, cutoff=0.5), query
+    assert rec.search("Movie 1 (1991")[0] == ("i1", "Movie 1 (1991)")  # no title contains it: the closest one

@@ -82,6 +82,7 @@ class Recommender:
         for i, title in enumerate(self.titles[1:], 1):
             self._by_title.setdefault(" ".join(title.split()).lower(), i)
         self._teacher = None
+        self._trigrams: dict[str, list[int]] | None = None  # for closest_titles, built on first use
 
     @classmethod
     def from_run(cls, run: str | Path, model: str = "sasrec-delrec", *, teacher: str | None = None, device: str = "auto",
@@ -126,11 +127,28 @@ class Recommender:
             if found is None:
                 found = self._by_title.get(normalize_title(key).lower())
             if found is None:
-                close = difflib.get_close_matches(normalize_title(key), self.titles[1:], n=3, cutoff=0.5)
+                close = self.closest_titles(normalize_title(key), 3)
                 hint = f"; closest titles: {', '.join(repr(c) for c in close)}" if close else ""
                 raise RequestError(f"{what}[{n}]", f"unknown item {ref!r} (neither an item id nor a title){hint}")
             out.append(found)
         return out
+
+    def closest_titles(self, title: str, n: int = 3, cutoff: float = 0.5) -> list[str]:
+        """The titles most like `title` (difflib's ratio of at least `cutoff`), best first. Only
+        the titles that share the most character trigrams with it are compared: difflib over a
+        whole catalogue takes tens of milliseconds (a service's event loop would stall on every
+        misspelt title), this about one."""
+        if self._trigrams is None:
+            self._trigrams = {}
+            for i, t in enumerate(self.titles[1:], 1):
+                for gram in _trigrams(t):
+                    self._trigrams.setdefault(gram, []).append(i)
+        shared: dict[int, int] = {}
+        for gram in _trigrams(title):
+            for i in self._trigrams.get(gram, ()):
+                shared[i] = shared.get(i, 0) + 1
+        pool = sorted(shared, key=lambda i: -shared[i])[: max(50, 5 * n)]
+        return difflib.get_close_matches(title, [self.titles[i] for i in pool], n=n, cutoff=cutoff)
 
     def search(self, query: str, limit: int = 10) -> list[tuple[str, str]]:
         """(id, title) of the items whose title contains `query` (case-insensitive; in the
@@ -152,7 +170,7 @@ class Recommender:
         found = {i: key for i in range(1, len(self.titles)) if (key := closeness(i)) is not None}
         hits = sorted(found, key=found.get)
         if not hits:
-            close = difflib.get_close_matches(normalize_title(str(query)), self.titles[1:], n=limit, cutoff=0.5)
+            close = self.closest_titles(normalize_title(str(query)), limit)
             hits = [self._by_title[" ".join(c.split()).lower()] for c in close]
         return [(self.ids[i], self.titles[i]) for i in hits[:limit]]
 
@@ -252,6 +270,11 @@ class Recommender:
         scores = self.scorer.score_candidates(view, np.arange(len(histories)))
         scores = scores.numpy() if hasattr(scores, "numpy") else np.asarray(scores)
         return [np.asarray(s, dtype=np.float32) for s in scores]
+
+
+def _trigrams(title: str) -> set[str]:
+    text = f"  {' '.join(title.lower().split())} "
+    return {text[i : i + 3] for i in range(len(text) - 2)}
 
 
 class _Requests:
