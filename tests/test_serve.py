@@ -116,7 +116,9 @@ def test_endpoints_answer_as_the_python_api(teacher_service):
     status, spec = call(port, "GET", "/openapi.json")
     assert status == 200 and {"/recommend", "/recommend/batch", "/items", "/healthz", "/metrics"} <= set(spec["paths"])
 
+    assert call(port, "GET", "/no/such/path")[0] == 404
     status, metrics = call(port, "GET", "/metrics")
+    assert "/no/such/path" not in metrics["requests"] and metrics["requests"]["other"] >= 1
     assert status == 200 and metrics["requests"]["/recommend"] >= 2 and metrics["requests"]["/recommend/batch"] >= 1
     assert metrics["latency_ms"]["p50"] > 0 and metrics["batches"] >= 3 and metrics["max_batch"] == 8
 

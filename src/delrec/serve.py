@@ -41,6 +41,7 @@ from delrec.recommender import PreparedRequest, Ranking, Recommender, RequestErr
 
 log = logging.getLogger("delrec.serve")
 
+ENDPOINTS = ("/recommend", "/recommend/batch", "/items", "/healthz", "/metrics", "/docs", "/openapi.json")
 MAX_BATCH_REQUESTS = 256  # requests in one POST /recommend/batch
 MAX_HISTORY_ITEMS = 10_000  # items in one request's history (it is cut to the model's window after)
 
@@ -265,7 +266,8 @@ class _Gate:
         finally:
             if arriving and not scope["delrec"]["queued"]:  # refused before it reached the queue
                 self.batcher.arriving -= 1
-            self.metrics.request(scope["path"], status, time.perf_counter() - start)
+            path = scope["path"]  # any other path counts as one: a scan of random paths must not grow the counters
+            self.metrics.request(path if path in ENDPOINTS else "other", status, time.perf_counter() - start)
 
     async def _limited(self, scope, receive, send):
         length = dict(scope.get("headers") or []).get(b"content-length")
