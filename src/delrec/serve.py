@@ -338,8 +338,8 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     batcher = MicroBatcher(recommender, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
 
     def answer(ranking: Ranking) -> dict:
-        """A RecommendResponse as plain JSON data: the endpoints return it as a JSONResponse, which
-        FastAPI sends as it is (validating our own output again costs more than a teacher's forward pass)."""
+        """A RecommendResponse as plain JSON data, sent as it is (validating our own output again
+        would cost more than a teacher's forward pass)."""
         return {"model": recommender.model, "items": [{"item": i.item, "title": i.title, "score": i.score} for i in ranking.items],
                 "candidates_from": ranking.candidates_from, "history_used": ranking.history_used,
                 "history_truncated": ranking.history_truncated}
