@@ -398,24 +398,28 @@ def _claim_section(run: Path, evals: dict, teachers, paper: dict) -> list[str]:
               "Paired tests on the same test samples (HR@1: exact McNemar; NDCG@5: sign-flip permutation); "
               f"significant: p < {SIGNIFICANT}.", "",
               "| baseline | HR@1 DELRec − baseline | p | NDCG@5 DELRec − baseline | p | verdict |", "|---|---|---|---|---|---|"]
-        above, below, unclear = [], [], []
+        above, partly, below, unclear = [], [], [], []
         for b in others:
             v = compare(evals[name]["ranks"], evals[b]["ranks"])
             h, n = v["HR@1"], v["NDCG@5"]
-            if all(x["diff"] > 0 and x["p_value"] < SIGNIFICANT for x in (h, n)):
+            better = [m for m, x in (("HR@1", h), ("NDCG@5", n)) if x["diff"] > 0 and x["p_value"] < SIGNIFICANT]
+            if len(better) == 2:
                 verdict, group = "DELRec above", above
             elif any(x["diff"] < 0 and x["p_value"] < SIGNIFICANT for x in (h, n)):
                 verdict, group = "DELRec **below**", below
+            elif better:
+                verdict, group = f"DELRec above on {better[0]} only", partly
             else:
                 verdict, group = "no significant difference", unclear
             group.append(_table2_name(b, teachers))
             L.append(f"| {_table2_name(b, teachers)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
         L.append("")
-        if not below and not unclear:
+        if not below and not unclear and not partly:
             L.append(f"**The claim holds here**: DELRec({t}) is significantly above every baseline this run evaluated, on HR@1 and NDCG@5.")
         else:
             parts = [f"below {', '.join(below)}" if below else "", f"not significantly different from {', '.join(unclear)}" if unclear else "",
-                     f"above {', '.join(above)}" if above else ""]
+                     f"above on one metric only against {', '.join(partly)}" if partly else "",
+                     f"above {', '.join(above)} on both metrics" if above else ""]
             L.append(f"**The claim does not hold here**: DELRec({t}) is " + "; ".join(p for p in parts if p) + ".")
         missing = [r for r in ("LLaRA", "RecRanker", "LLM-TRSR", "LlamaRec", "LLMSEQPROMPT", "LLMSEQSIM")
                    if not any(r in (_method(b, teachers).paper_rows if _method(b, teachers) else ()) for b in others)]
