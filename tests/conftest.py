@@ -54,3 +54,25 @@ def make_run(tmp_path, dataset=sequential_rule_dataset, protocol: str = "paper",
 @pytest.fixture
 def rule_run(tmp_path):
     return make_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def csv_llm_run(tmp_path_factory):
+    """(run folder, tiny LLM folder): a run prepared from CSV files (titles as MovieLens writes them), with a GRU4Rec teacher
+    and a tiny LLM saved beside it (the Python API's and the HTTP service's tests)."""
+    from delrec.cli import main
+    from llm_helpers import tiny_llama_backbone
+
+    root = tmp_path_factory.mktemp("csv-llm-run")
+    interactions, items = sequential_rule_dataset(num_users=60, num_items=40, length=20)
+    items.loc[0, "title"] = "Usual Suspects, The (1995)"
+    (root / "data").mkdir()
+    interactions.to_csv(root / "data" / "interactions.csv", index=False)
+    items.to_csv(root / "data" / "items.csv", index=False)
+    assert main(["data", "prepare", str(root / "data"), "--out", str(root / "run")]) == 0
+    assert main(["teacher", "train", "--model", "gru4rec", "--run", str(root / "run"), "--epochs", "2", "--quiet",
+                 "--set", "lr=0.1"]) == 0
+    bb = tiny_llama_backbone()
+    bb.model.save_pretrained(root / "llm")
+    bb.tokenizer.save_pretrained(root / "llm")
+    return root / "run", str(root / "llm")

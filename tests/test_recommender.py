@@ -3,31 +3,15 @@
 import numpy as np
 import pytest
 
-from conftest import sequential_rule_dataset
 from delrec import Recommender, RequestError
 from delrec.cli import main
 from delrec.data.protocol import RunData
 from delrec.scorers import make_scorer
-from llm_helpers import tiny_llama_backbone
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run prepared from CSV files (titles as MovieLens writes them), with a GRU4Rec teacher
-    and a tiny LLM saved beside it."""
-    root = tmp_path_factory.mktemp("recommender")
-    interactions, items = sequential_rule_dataset(num_users=60, num_items=40, length=20)
-    items.loc[0, "title"] = "Usual Suspects, The (1995)"
-    (root / "data").mkdir()
-    interactions.to_csv(root / "data" / "interactions.csv", index=False)
-    items.to_csv(root / "data" / "items.csv", index=False)
-    assert main(["data", "prepare", str(root / "data"), "--out", str(root / "run")]) == 0
-    assert main(["teacher", "train", "--model", "gru4rec", "--run", str(root / "run"), "--epochs", "2", "--quiet",
-                 "--set", "lr=0.1"]) == 0
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(root / "llm")
-    bb.tokenizer.save_pretrained(root / "llm")
-    return root / "run", str(root / "llm")
+def run(csv_llm_run):
+    return csv_llm_run
 
 
 def test_ids_titles_and_original_titles_resolve(run):

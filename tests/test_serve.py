@@ -17,29 +17,14 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from conftest import sequential_rule_dataset
 from delrec import Recommender
 from delrec.cli import main
 from delrec.serve import bind, create_app, make_server
-from llm_helpers import tiny_llama_backbone
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run prepared from CSV files, with a GRU4Rec teacher and a tiny LLM saved beside it."""
-    root = tmp_path_factory.mktemp("serve")
-    interactions, items = sequential_rule_dataset(num_users=60, num_items=40, length=20)
-    items.loc[0, "title"] = "Usual Suspects, The (1995)"
-    (root / "data").mkdir()
-    interactions.to_csv(root / "data" / "interactions.csv", index=False)
-    items.to_csv(root / "data" / "items.csv", index=False)
-    assert main(["data", "prepare", str(root / "data"), "--out", str(root / "run")]) == 0
-    assert main(["teacher", "train", "--model", "gru4rec", "--run", str(root / "run"), "--epochs", "2", "--quiet",
-                 "--set", "lr=0.1"]) == 0
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(root / "llm")
-    bb.tokenizer.save_pretrained(root / "llm")
-    return root / "run", str(root / "llm")
+def run(csv_llm_run):
+    return csv_llm_run
 
 
 @contextmanager
