@@ -66,9 +66,10 @@ def _dry_run(*args) -> str:
     return proc.stdout
 
 
-def test_session_script_dry_run_prints_the_session_in_order():
-    out = _dry_run("--time-limit", "540", "--", "finetune.eval_every=100")
-    order = ["gpu_weights.py join --dir .gpu-transfer", "gpu_throughput.py --models smollm2-135m",
+def test_session_script_dry_run_prints_the_session_in_order(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")  # what gpu_weights.py split leaves with the parts
+    out = _dry_run("--time-limit", "540", "--transfer", str(tmp_path), "--", "finetune.eval_every=100")
+    order = [f"gpu_weights.py join --dir {tmp_path}", "gpu_throughput.py --models smollm2-135m",
              "-m delrec.cli run --config configs/ml100k-gpu.yaml --quiet", "gpu_progress.py runs/ml100k-gpu",
              "run-state.tgz"]
     at = [out.find(s) for s in order]
@@ -79,6 +80,12 @@ def test_session_script_dry_run_prints_the_session_in_order():
     assert "wo-ta" in run_line and "llmseqsim" in run_line and "udpsm" not in run_line  # w UDPSM left out by default
     assert run_line.endswith("finetune.eval_every=100")
     assert "timeout -s TERM -k 15 240" in out  # the throughput benchmark's own limit
+
+
+def test_session_script_without_carried_weights_skips_the_join(tmp_path):
+    out = _dry_run("--transfer", str(tmp_path / "absent"))
+    assert "nothing carried to join" in out and "gpu_weights.py join" not in out
+    assert "delrec.cli run --config configs/ml100k-gpu.yaml" in out  # delrec's cache may hold them already
 
 
 def test_session_script_benchmarks_mode():
