@@ -130,7 +130,8 @@ def test_llamarec_scores_are_the_letter_logits_of_one_forward_pass(taught_run, m
     assert len(calls) == len(rows)  # one forward pass per prompt, whatever the number of candidates
     letters = torch.tensor([bb.encode_text(scorer.verbalizer.letter_form.format(c))[0] for c in LETTERS[:15]])
     with torch.no_grad():
-        for r, row_scores in zip(rows, scores):
+        for r, stored_scores in zip(rows, scores):
+            row_scores = stored_scores[scorer.display_order(data, [r])[0]]  # letter (A), (B), ... order
             ids = bb.encode_text(scorer.prompts(data, [r])[0].text.rstrip())
             if bb.is_encoder_decoder:
                 start = bb.model.config.decoder_start_token_id
@@ -139,6 +140,29 @@ def test_llamarec_scores_are_the_letter_logits_of_one_forward_pass(taught_run, m
                 logits = bb.model(input_ids=torch.tensor([ids])).logits[0, -1]
             torch.testing.assert_close(row_scores, F.log_softmax(logits.float(), dim=-1)[letters], atol=1e-5, rtol=1e-5)
             assert torch.equal(row_scores.argsort(), logits[letters].argsort())  # the letter logits rank the same
+
+
+def test_llamarec_lists_the_candidates_in_the_teachers_order(taught_run):  # noqa: F811
+    """LlamaRec's retrieval stage on the fixed candidates: (A) is the teacher's best candidate,
+    (B) the next, ...; the label's letter follows; scores come back in the stored order."""
+    run, data = taught_run
+    scorer = _scorer(run, data, letter_llama(), "llamarec")
+    rows = np.concatenate([data.indices("train")[:2], data.indices("test")[:4]])
+    teacher = np.asarray(make_scorer(run, data, TEACHER, device="cpu").score_candidates(data, rows))
+    titles = _titles(data)
+    reordered = 0
+    for b, r in enumerate(rows):
+        by_teacher = data.candidates[r][np.argsort(-teacher[b], kind="stable")]
+        prompt = scorer.prompts(data, [r], labels=True)[0]
+        assert prompt.candidates == tuple(titles[i] for i in by_teacher)
+        assert prompt.label == titles[data.target[r]]
+        assert prompt.candidates.index(prompt.label) == int((teacher[b] > teacher[b][data.candidates[r] == data.target[r]]).sum())
+        reordered += not np.array_equal(by_teacher, data.candidates[r])
+        shown = scorer.verbalizer.score([prompt])[0].numpy()  # in letter order
+        stored = np.asarray(scorer.score_candidates(data, [r]))[0]
+        for k, item in enumerate(by_teacher):
+            assert stored[list(data.candidates[r]).index(item)] == pytest.approx(shown[k], abs=1e-6)
+    assert reordered == len(rows)  # the stored order is shuffled: the teacher's is another
 
 
 # -- stage 2 of the trained baselines --------------------------------------------------------------

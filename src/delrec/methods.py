@@ -11,8 +11,8 @@ Each method says
 * its recommendation prompt (`prompt`): the LSR prompt with the soft prompt in its slot (`lsr`), with
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
   (`model-card`), the plain prompt without slot or instruction (`plain`), the plain prompt with the
-  teacher's top-h list written in as text (`teacher-list`), the candidates listed under index
-  letters (A), (B), ... (`lettered`), the plain prompt with one item vector after each title, the
+  teacher's top-h list written in as text (`teacher-list`), the candidates listed in the teacher's
+  order under index letters (A), (B), ... (`lettered`, LlamaRec; retrieval.TeacherOrder), the plain prompt with one item vector after each title, the
   teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
   llm/item_projector.py), or no prompt at all (`none`: the similarity ranker);
 * how candidates are ranked (`ranker`): by the LM's likelihood of each title as the answer
@@ -145,7 +145,8 @@ register(Method("teacher-list", "teacher list in prompt, RecRanker / LLM-TRSR st
                 "(the first paradigm: RecRanker, Luo et al. 2023/2024; LLM-TRSR, Zheng et al. WWW 2024)",
                 stage1="none", soft_prompt="none", prompt="teacher-list", ablation=False, paper_rows=("RecRanker", "LLM-TRSR")))
 register(Method("llamarec", "LlamaRec",
-                "the candidates listed under index letters (A), (B), ...; each scored by the LM head's log-probability "
+                "the candidates listed in the teacher's order (its retrieval stage) under index letters (A), (B), ...; "
+                "each scored by the LM head's log-probability "
                 "of its letter at the answer position, one forward pass per prompt; fine-tuned as in stage 2 "
                 "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt="none", prompt="lettered", ranker="letters",
                 ablation=False, paper_rows=("LlamaRec",)))

@@ -2,19 +2,45 @@
 conventional model retrieves its top items among those the user has not seen, and the LLM ranks
 them; items not retrieved rank below every retrieved one (LlamaRec counts such a target as a miss).
 
-On the fixed 15 candidates of the `paper` protocol the candidates are given, and this wrapper
-passes them to the LLM as they are; `score_all` is the two-stage use, which `delrec evaluate
---full-ranking` (and the `loo` protocol, whose models are compared by full ranking) calls.
+On the fixed 15 candidates of the `paper` protocol the candidates are given, and the retrieval
+stage is their order: `TeacherOrder` lists them in the retriever's (the teacher's) order, best
+first, as LlamaRec lists its retrieved items. `RetrieveThenRank.score_all` is the two-stage use
+over the whole catalogue, which `delrec evaluate --full-ranking` (and the `loo` protocol, whose
+models are compared by full ranking) calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
+
+
+class TeacherOrder:
+    """Each sample's candidates in the order of a trained teacher's scores, best first (ties
+    keep their stored order): LlamaRec's retrieval stage on a fixed candidate set. The teacher is
+    the run's (trained on the train split only), scoring from the sample's history and, for the
+    run's own samples, its user (what the teacher's own evaluation uses); it loads on first use.
+    An LLMScorer given one (its `candidate_order`) lists the candidates so, in training and at
+    evaluation alike."""
+
+    def __init__(self, run_dir: str | Path, teacher: str, data, device: str = "cpu"):
+        self.run_dir, self.teacher, self.data, self.device = Path(run_dir), teacher, data, device
+        self._scorer = None
+
+    def order(self, data, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), num_candidates]: stored candidate positions, the teacher's best first."""
+        if self._scorer is None:
+            from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+
+            model = load_teacher(self.run_dir / "teachers" / self.teacher, self.device, self.data)
+            self._scorer = TeacherScorer(model, pick_device(self.device), self.teacher)
+        scores = np.asarray(self._scorer.score_candidates(data, np.asarray(rows)), dtype=np.float64)
+        return np.argsort(-scores, axis=1, kind="stable")
 
 
 class RetrieveThenRank:

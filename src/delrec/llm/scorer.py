@@ -26,7 +26,9 @@ class LLMScorer:
     list in (`teacher_top` gives it per sample: stages.examples.TeacherTop); `lettered` lists the
     candidates under index letters and scores them with LlamaRec's letter verbalizer; `hybrid`
     (LLaRA) puts an item vector after each title, made by `item_projector` from the item's
-    teacher embedding (llm/item_projector.py)."""
+    teacher embedding (llm/item_projector.py). `candidate_order` (LlamaRec's retrieval stage,
+    delrec.retrieval.TeacherOrder) lists each sample's candidates in another order than the
+    stored one; scores are returned in the stored order all the same."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class LLMScorer:
         progress: bool = True,
         teacher_top=None,
         item_projector=None,
+        candidate_order=None,
     ):
         self.backbone = backbone
         self.titles = list(titles)  # indexed by item_idx; [0] is padding
@@ -60,6 +63,7 @@ class LLMScorer:
             raise ValueError(f"the item projector holds the teacher's embeddings of {item_projector.num_items} items, but "
                              f"this run has {len(self.titles) - 1}: it was trained on other data")
         self.item_projector = item_projector
+        self.candidate_order = candidate_order
         if self.prompt_kind == "lettered":
             if method != "full-title":
                 raise ValueError(f"the lettered prompt (LlamaRec) is scored by its index letters; the title verbalizer "
@@ -102,24 +106,41 @@ class LLMScorer:
         return lsr_prompt(t, shown, cands, label=answer, soft_prompt=kind == "lsr", model_card=kind == "model-card",
                           empty_slot=kind == "empty-slot")
 
-    def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False, text_only: bool = False) -> list[Prompt]:
+    def display_order(self, data: RunData, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), num_candidates]: for each row, the stored candidate positions in the order
+        the prompt lists them (the identity unless a `candidate_order` reorders them)."""
+        rows = np.asarray(rows)
+        if self.candidate_order is None:
+            return np.broadcast_to(np.arange(data.candidates.shape[1]), (len(rows), data.candidates.shape[1]))
+        return self.candidate_order.order(data, rows)
+
+    def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False, text_only: bool = False,
+                order: np.ndarray | None = None) -> list[Prompt]:
         """The prompts of `rows` of `data` (with their ground truth as the label when `labels`;
-        `text_only`: see `prompt`)."""
+        `text_only`: see `prompt`), the candidates in `display_order` (`order`, when the caller
+        has it already)."""
+        rows = np.asarray(rows)
         tops = self.teacher_top.lists(data, rows) if self.teacher_top is not None else [None] * len(rows)
-        return [self.prompt(data.history[r], data.candidates[r], label=data.target[r] if labels else None, teacher_top=top,
+        order = self.display_order(data, rows) if order is None else order
+        shown = np.take_along_axis(data.candidates[rows], order, axis=1)
+        return [self.prompt(data.history[r], cands, label=data.target[r] if labels else None, teacher_top=top,
                             text_only=text_only)
-                for r, top in zip(rows, tops)]
+                for r, cands, top in zip(rows, shown, tops)]
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:
-        prompts = self.prompts(data, rows)
-        out = np.zeros(data.candidates[rows].shape, dtype=np.float32)
+        rows = np.asarray(rows)
+        order = self.display_order(data, rows)
+        prompts = self.prompts(data, rows, order=order)
+        shown_scores = np.zeros(data.candidates[rows].shape, dtype=np.float32)
         step = self.verbalizer.batch_size
         bar = tqdm(total=len(prompts), desc=f"score {self.name}", unit="req", disable=not (self.progress and distributed.current().is_main))
         for i in range(0, len(prompts), step):
             scores = self.verbalizer.score(prompts[i : i + step], self.soft_prompt)
-            out[i : i + step] = torch.stack(scores).numpy()
+            shown_scores[i : i + step] = torch.stack(scores).numpy()
             bar.update(len(scores))
         bar.close()
+        out = np.empty_like(shown_scores)
+        np.put_along_axis(out, order, shown_scores, axis=1)  # back to the stored order
         return out
 
     def score_all(self, data: RunData, rows: np.ndarray):

@@ -50,6 +50,7 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
+from delrec.retrieval import TeacherOrder
 from delrec.settings import closest, runtime
 from delrec.stages.examples import TeacherTop
 from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
@@ -447,13 +448,15 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
 def stage2_scorer(run_dir: str | Path, data: RunData, backbone: Backbone, variant: str, teacher: str, templates: Templates,
                   soft_prompt: SoftPrompt | None, teacher_list_size: int, **kwargs) -> LLMScorer:
     """The scorer of a stage-2 method (delrec.methods) on `backbone` as it is: the method's prompt
-    and verbalizer, its soft prompt, and for `teacher-list` the teacher's top lists of the run.
-    `kwargs`: LLMScorer's (method, batch_size, name, progress, and for the `hybrid` prompt its
-    item_projector: `item_projector_for` gives an untrained one)."""
+    and verbalizer, its soft prompt, for `teacher-list` the teacher's top lists of the run, and
+    for the `lettered` prompt (LlamaRec) the candidates in the teacher's order (its retrieval
+    stage). `kwargs`: LLMScorer's (method, batch_size, name, progress, and for the `hybrid`
+    prompt its item_projector: `item_projector_for` gives an untrained one)."""
     method = methods.get(variant)
     teacher_top = TeacherTop(run_dir, teacher, data, teacher_list_size) if method.prompt == "teacher-list" else None
+    order = TeacherOrder(run_dir, teacher, data) if method.prompt == "lettered" else None
     return LLMScorer.for_run(data, backbone, templates=templates, soft_prompt=soft_prompt, prompt=method.prompt,
-                             teacher_top=teacher_top, **kwargs)
+                             teacher_top=teacher_top, candidate_order=order, **kwargs)
 
 
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
