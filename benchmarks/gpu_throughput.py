@@ -227,13 +227,16 @@ def plain_hf_scores(bb, prompts, soft) -> list:
 
 # fused attention kernels torch's flop registry does not list, counted with the formula of the
 # kernel they stand for (same leading arguments: query, key, value)
-_FLOP_ALIASES = {"_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product_flash_attention"}
+_FLOP_ALIASES = {"_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu_backward": "_scaled_dot_product_flash_attention_backward"}
 
 
 class FlopCount:
     """Floating-point operations of the aten ops torch's flop counter knows (matrix products,
-    attention), counted by a dispatch mode as in benchmarks/stages.py (FlopCounterMode's module
-    hooks are not needed for a forward pass; its registry is what counts)."""
+    attention, and the fused attention kernels in _FLOP_ALIASES), forward and backward, counted by
+    a dispatch mode (also benchmarks/stages.py's). torch.utils.flop_counter.FlopCounterMode would
+    do, but its per-module hooks refuse torch.autograd.grad, which stage 1 uses; this is its
+    dispatch part alone."""
 
     def __enter__(self):
         import torch

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _env import environment  # noqa: E402
-from gpu_throughput import MODELS, build_backbone, make_requests  # noqa: E402
+from gpu_throughput import MODELS, FlopCount, build_backbone, make_requests  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
 CANDIDATES = 15
@@ -212,35 +212,6 @@ def add_adalora(bb, config):
     bb.model = peft_model
     peft_model.train()
     return peft_model, [q for q in peft_model.parameters() if q.requires_grad]
-
-
-class FlopCount:
-    """Floating-point operations of the aten ops torch's flop counter knows (matmuls, attention),
-    forward and backward. torch.utils.flop_counter.FlopCounterMode would do, but its per-module
-    hooks refuse torch.autograd.grad, which stage 1 uses; this is its dispatch part alone."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils.flop_counter import flop_registry
-
-        counter = self
-        self.total = 0
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                formula = flop_registry.get(func._overloadpacket)
-                if formula is not None:
-                    counter.total += formula(*args, **kwargs, out_val=out)
-                return out
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
 
 
 def measure(step, batches, first: int, examples_per_step: int, memory: PeakMemory) -> dict:

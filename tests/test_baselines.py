@@ -340,3 +340,18 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     cost = claim.split("### What each model cost")[1]
     assert "| DELRec(sasrec) | stage 1: 1 examples per task (shared with the other methods that use it); stage 2: 4 examples |" in cost
     assert "| LLMSEQSIM (sasrec) | nothing (no training) | 0 |" in cost and "| LlamaRec (sasrec) | stage 2: 4 examples |" in cost
+
+
+@pytest.mark.parametrize("hr,ndcg,verdict,group", [
+    ((+0.1, 0.001), (+0.2, 0.001), "DELRec above", "above"),
+    ((+0.03, 0.19), (+0.07, 0.0002), "DELRec above on NDCG@5 only", "partly"),
+    ((-0.05, 0.045), (-0.03, 0.17), "DELRec **below** on HR@1 only", "below"),
+    ((-0.05, 0.001), (-0.03, 0.01), "DELRec **below**", "below"),
+    ((+0.05, 0.001), (-0.03, 0.01), "DELRec **below** on NDCG@5 only", "below"),  # below on one outweighs above on the other
+    ((+0.01, 0.78), (-0.02, 0.30), "no significant difference", "unclear"),
+])
+def test_the_claims_verdict_against_one_baseline(hr, ndcg, verdict, group):
+    from delrec.report import claim_verdict
+
+    comparison = {"HR@1": {"diff": hr[0], "p_value": hr[1]}, "NDCG@5": {"diff": ndcg[0], "p_value": ndcg[1]}}
+    assert claim_verdict(comparison) == (verdict, group)

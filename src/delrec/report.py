@@ -383,6 +383,22 @@ def _training_cost(run: Path, name: str, teachers, evals: dict) -> tuple[str, st
     return ("; ".join(parts) or "nothing (no training)", f"{seconds:.0f}", evaluation)
 
 
+def claim_verdict(comparison: dict) -> tuple[str, str]:
+    """DELRec against one baseline from `compare`'s paired tests on HR@1 and NDCG@5: the verdict
+    written in the report and its group (`above`: significantly above on both metrics; `below`:
+    significantly below on at least one, named when only one; `partly`: above on one metric, the
+    other not significant; `unclear`: neither significant)."""
+    metrics = ("HR@1", "NDCG@5")
+    better = [m for m in metrics if comparison[m]["diff"] > 0 and comparison[m]["p_value"] < SIGNIFICANT]
+    worse = [m for m in metrics if comparison[m]["diff"] < 0 and comparison[m]["p_value"] < SIGNIFICANT]
+    if worse:
+        return ("DELRec **below**" if len(worse) == 2 else f"DELRec **below** on {worse[0]} only"), "below"
+    if len(better) == 2:
+        return "DELRec above", "above"
+    if better:
+        return f"DELRec above on {better[0]} only", "partly"
+    return "no significant difference", "unclear"
+
 def _claim_section(run: Path, evals: dict, teachers, paper: dict) -> list[str]:
     """DELRec against each Table II baseline on the same samples (paired tests), whether the paper's
     claim holds here, and what each model cost to train."""
@@ -398,22 +414,16 @@ def _claim_section(run: Path, evals: dict, teachers, paper: dict) -> list[str]:
               "Paired tests on the same test samples (HR@1: exact McNemar; NDCG@5: sign-flip permutation); "
               f"significant: p < {SIGNIFICANT}.", "",
               "| baseline | HR@1 DELRec − baseline | p | NDCG@5 DELRec − baseline | p | verdict |", "|---|---|---|---|---|---|"]
-        above, partly, below, unclear = [], [], [], []
+        groups = {"above": [], "partly": [], "below": [], "unclear": []}
         for b in others:
             v = compare(evals[name]["ranks"], evals[b]["ranks"])
             h, n = v["HR@1"], v["NDCG@5"]
-            better = [m for m, x in (("HR@1", h), ("NDCG@5", n)) if x["diff"] > 0 and x["p_value"] < SIGNIFICANT]
-            if len(better) == 2:
-                verdict, group = "DELRec above", above
-            elif any(x["diff"] < 0 and x["p_value"] < SIGNIFICANT for x in (h, n)):
-                verdict, group = "DELRec **below**", below
-            elif better:
-                verdict, group = f"DELRec above on {better[0]} only", partly
-            else:
-                verdict, group = "no significant difference", unclear
-            group.append(_table2_name(b, teachers))
+            verdict, group = claim_verdict(v)
+            only = verdict.split(" on ")[1] if group == "below" and verdict.endswith(" only") else None
+            groups[group].append(_table2_name(b, teachers) + (f" (on {only})" if only else ""))
             L.append(f"| {_table2_name(b, teachers)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
         L.append("")
+        above, partly, below, unclear = groups["above"], groups["partly"], groups["below"], groups["unclear"]
         if not below and not unclear and not partly:
             L.append(f"**The claim holds here**: DELRec({t}) is significantly above every baseline this run evaluated, on HR@1 and NDCG@5.")
         else:
