@@ -17,6 +17,7 @@ from delrec.llm.templates import LETTERS, Templates, lettered_prompt
 from delrec.llm.verbalizer import LetterVerbalizer
 from delrec.recommender import Recommender
 from delrec.scorers import make_scorer
+from delrec.settings import same_identity
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.examples import TeacherTop
 from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer, stage2_scorer
@@ -201,7 +202,20 @@ def test_stage2_trains_the_adapter_only_and_round_trips(taught_run, variant, mak
     assert loaded.prompt_kind == {"teacher-list": "teacher-list", "llamarec": "lettered"}[variant]
     by_name = make_scorer(run, data, str(result.out_dir), backbone=make_backbone(), progress=False)
     torch.testing.assert_close(torch.as_tensor(by_name.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
-    assert json.loads((result.out_dir / "config.json").read_text())["variant"] == variant
+    recorded = json.loads((result.out_dir / "config.json").read_text())
+    assert recorded["variant"] == variant
+    if variant == "llamarec":  # trained and scored in the teacher's order, and the folder says so
+        assert recorded["candidate_order"] == "teacher" and loaded.candidate_order is not None
+        # a folder from before the teacher's order (no such key) is scored in the stored order it was
+        # trained on, and a run with today's settings does it again
+        del recorded["candidate_order"]
+        (result.out_dir / "config.json").write_text(json.dumps(recorded))
+        old = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
+        assert old.candidate_order is None
+        assert np.array_equal(old.display_order(data, rows), np.broadcast_to(np.arange(data.candidates.shape[1]), data.candidates[rows].shape))
+        assert not same_identity(FinetuneConfig, recorded, finetune_mod._config_dict(FinetuneConfig(variant=variant, **SMALL)))
+    else:
+        assert "candidate_order" not in recorded  # other methods' folders are as before
 
 
 def test_a_trained_teacher_list_model_answers_requests(taught_run, tmp_path):  # noqa: F811
@@ -342,16 +356,16 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     assert "| LLMSEQSIM (sasrec) | nothing (no training) | 0 |" in cost and "| LlamaRec (sasrec) | stage 2: 4 examples |" in cost
 
 
-@pytest.mark.parametrize("hr,ndcg,verdict,group", [
-    ((+0.1, 0.001), (+0.2, 0.001), "DELRec above", "above"),
-    ((+0.03, 0.19), (+0.07, 0.0002), "DELRec above on NDCG@5 only", "partly"),
-    ((-0.05, 0.045), (-0.03, 0.17), "DELRec **below** on HR@1 only", "below"),
-    ((-0.05, 0.001), (-0.03, 0.01), "DELRec **below**", "below"),
-    ((+0.05, 0.001), (-0.03, 0.01), "DELRec **below** on NDCG@5 only", "below"),  # below on one outweighs above on the other
-    ((+0.01, 0.78), (-0.02, 0.30), "no significant difference", "unclear"),
+@pytest.mark.parametrize("hr,ndcg,verdict,group,on", [
+    ((+0.1, 0.001), (+0.2, 0.001), "DELRec above", "above", ("HR@1", "NDCG@5")),
+    ((+0.03, 0.19), (+0.07, 0.0002), "DELRec above on NDCG@5 only", "partly", ("NDCG@5",)),
+    ((-0.05, 0.045), (-0.03, 0.17), "DELRec **below** on HR@1 only", "below", ("HR@1",)),
+    ((-0.05, 0.001), (-0.03, 0.01), "DELRec **below**", "below", ("HR@1", "NDCG@5")),
+    ((+0.05, 0.001), (-0.03, 0.01), "DELRec **below** on NDCG@5 only", "below", ("NDCG@5",)),  # below on one outweighs above
+    ((+0.01, 0.78), (-0.02, 0.30), "no significant difference", "unclear", ()),
 ])
-def test_the_claims_verdict_against_one_baseline(hr, ndcg, verdict, group):
+def test_the_claims_verdict_against_one_baseline(hr, ndcg, verdict, group, on):
     from delrec.report import claim_verdict
 
     comparison = {"HR@1": {"diff": hr[0], "p_value": hr[1]}, "NDCG@5": {"diff": ndcg[0], "p_value": ndcg[1]}}
-    assert claim_verdict(comparison) == (verdict, group)
+    assert claim_verdict(comparison) == (verdict, group, on)

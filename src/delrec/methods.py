@@ -12,8 +12,8 @@ Each method says
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
   (`model-card`), the plain prompt without slot or instruction (`plain`), the plain prompt with the
   teacher's top-h list written in as text (`teacher-list`), the candidates listed in the teacher's
-  order under index letters (A), (B), ... (`lettered`, LlamaRec; retrieval.TeacherOrder), the plain prompt with one item vector after each title, the
-  teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
+  order under index letters (A), (B), ... (`lettered`, LlamaRec; retrieval.TeacherOrder), the plain
+  prompt with one item vector after each title, the teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
   llm/item_projector.py), or no prompt at all (`none`: the similarity ranker);
 * how candidates are ranked (`ranker`): by the LM's likelihood of each title as the answer
   (`titles`, llm/verbalizer.py), by the LM head's score of each candidate's index letter at the

@@ -383,21 +383,23 @@ def _training_cost(run: Path, name: str, teachers, evals: dict) -> tuple[str, st
     return ("; ".join(parts) or "nothing (no training)", f"{seconds:.0f}", evaluation)
 
 
-def claim_verdict(comparison: dict) -> tuple[str, str]:
+def claim_verdict(comparison: dict) -> tuple[str, str, tuple[str, ...]]:
     """DELRec against one baseline from `compare`'s paired tests on HR@1 and NDCG@5: the verdict
-    written in the report and its group (`above`: significantly above on both metrics; `below`:
-    significantly below on at least one, named when only one; `partly`: above on one metric, the
-    other not significant; `unclear`: neither significant)."""
+    written in the report, its group (`above`: significantly above on both metrics; `below`:
+    significantly below on at least one; `partly`: above on one metric, the other not
+    significant; `unclear`: neither significant) and the metrics on which the group's difference
+    is significant."""
     metrics = ("HR@1", "NDCG@5")
-    better = [m for m in metrics if comparison[m]["diff"] > 0 and comparison[m]["p_value"] < SIGNIFICANT]
-    worse = [m for m in metrics if comparison[m]["diff"] < 0 and comparison[m]["p_value"] < SIGNIFICANT]
+    better = tuple(m for m in metrics if comparison[m]["diff"] > 0 and comparison[m]["p_value"] < SIGNIFICANT)
+    worse = tuple(m for m in metrics if comparison[m]["diff"] < 0 and comparison[m]["p_value"] < SIGNIFICANT)
     if worse:
-        return ("DELRec **below**" if len(worse) == 2 else f"DELRec **below** on {worse[0]} only"), "below"
+        return ("DELRec **below**" if len(worse) == 2 else f"DELRec **below** on {worse[0]} only"), "below", worse
     if len(better) == 2:
-        return "DELRec above", "above"
+        return "DELRec above", "above", better
     if better:
-        return f"DELRec above on {better[0]} only", "partly"
-    return "no significant difference", "unclear"
+        return f"DELRec above on {better[0]} only", "partly", better
+    return "no significant difference", "unclear", ()
+
 
 def _claim_section(run: Path, evals: dict, teachers, paper: dict) -> list[str]:
     """DELRec against each Table II baseline on the same samples (paired tests), whether the paper's
@@ -418,9 +420,8 @@ def _claim_section(run: Path, evals: dict, teachers, paper: dict) -> list[str]:
         for b in others:
             v = compare(evals[name]["ranks"], evals[b]["ranks"])
             h, n = v["HR@1"], v["NDCG@5"]
-            verdict, group = claim_verdict(v)
-            only = verdict.split(" on ")[1] if group == "below" and verdict.endswith(" only") else None
-            groups[group].append(_table2_name(b, teachers) + (f" (on {only})" if only else ""))
+            verdict, group, on = claim_verdict(v)
+            groups[group].append(_table2_name(b, teachers) + (f" (on {on[0]} only)" if group == "below" and len(on) == 1 else ""))
             L.append(f"| {_table2_name(b, teachers)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
         L.append("")
         above, partly, below, unclear = groups["above"], groups["partly"], groups["below"], groups["unclear"]
