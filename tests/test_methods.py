@@ -65,6 +65,16 @@ def test_ranker_and_prompt_go_together():
         Method("x", "X", "", prompt="teacher-list")
 
 
+def test_a_candidate_order_is_for_a_prompt_scored_after_stage_2():
+    assert methods.get("llamarec").candidate_order == "teacher" and methods.get("delrec").candidate_order == "stored"
+    with pytest.raises(ValueError, match="candidate_order must be one of"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", candidate_order="popularity")
+    with pytest.raises(ValueError, match="a candidate order is for a prompt scored after stage 2"):
+        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="none", ranker="similarity", stage2=False,
+               candidate_order="teacher")
+    assert Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", candidate_order="teacher").stage2
+
+
 def test_the_pipeline_plans_the_baselines(tmp_path):
     """Stage 2 for the trained baselines (no stage 1), an evaluation of each, LLMSEQSIM with nothing
     upstream; a teacher list longer than the stored top-h lists is refused before any step."""

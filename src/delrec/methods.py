@@ -11,10 +11,12 @@ Each method says
 * its recommendation prompt (`prompt`): the LSR prompt with the soft prompt in its slot (`lsr`), with
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
   (`model-card`), the plain prompt without slot or instruction (`plain`), the plain prompt with the
-  teacher's top-h list written in as text (`teacher-list`), the candidates listed in the teacher's
-  order under index letters (A), (B), ... (`lettered`, LlamaRec; retrieval.TeacherOrder), the plain
-  prompt with one item vector after each title, the teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
+  teacher's top-h list written in as text (`teacher-list`), the candidates listed under index
+  letters (A), (B), ... (`lettered`, LlamaRec), the plain prompt with one item vector after each title, the teacher's item embedding mapped into the LLM by a projector trained in stage 2 (`hybrid`, LLaRA;
   llm/item_projector.py), or no prompt at all (`none`: the similarity ranker);
+* the order its prompt lists the candidates in (`candidate_order`): their stored, shuffled order
+  (`stored`), or the teacher's, best first (`teacher`: LlamaRec's retrieval stage,
+  retrieval.TeacherOrder);
 * how candidates are ranked (`ranker`): by the LM's likelihood of each title as the answer
   (`titles`, llm/verbalizer.py), by the LM head's score of each candidate's index letter at the
   answer position (`letters`, LlamaRec), or by the cosine similarity of title embeddings to the
@@ -37,6 +39,7 @@ STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")
 PROMPTS = ("lsr", "empty-slot", "model-card", "plain", "teacher-list", "lettered", "hybrid", "none")
 RANKERS = ("titles", "letters", "similarity")
+CANDIDATE_ORDERS = ("stored", "teacher")
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,15 @@ class Method:
     stage1_settings: dict = field(default_factory=dict)  # DistillConfig fields of an `own` stage 1
     stage2_from_stage1_llm: bool = False
     ranker: str = "titles"
+    candidate_order: str = "stored"
     ablation: bool = True  # a row of the paper's ablation tables (III-IV); False for the other Table II baselines
     paper_rows: tuple[str, ...] = ()  # the rows of the paper's Table II this method stands for
 
     def __post_init__(self):
         object.__setattr__(self, "paper_rows", tuple(self.paper_rows))  # a list from a caller stays hashable
         for value, allowed, what in ((self.stage1, STAGE1, "stage1"), (self.soft_prompt, SOFT_PROMPTS, "soft_prompt"),
-                                     (self.prompt, PROMPTS, "prompt"), (self.ranker, RANKERS, "ranker")):
+                                     (self.prompt, PROMPTS, "prompt"), (self.ranker, RANKERS, "ranker"),
+                                     (self.candidate_order, CANDIDATE_ORDERS, "candidate_order")):
             if value not in allowed:
                 raise ValueError(f"method {self.name!r}: {what} must be one of {allowed}, got {value!r}")
         if (self.soft_prompt == "distilled") != (self.stage1 != "none"):
@@ -75,6 +80,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: the `similarity` ranker uses no prompt, and only it does")
         if self.ranker == "similarity" and self.stage2:
             raise ValueError(f"method {self.name!r}: the `similarity` ranker has nothing to train in stage 2")
+        if self.candidate_order != "stored" and (not self.stage2 or self.prompt == "none"):
+            raise ValueError(f"method {self.name!r}: a candidate order is for a prompt scored after stage 2")
         if self.prompt == "hybrid" and not self.stage2:
             raise ValueError(f"method {self.name!r}: the `hybrid` prompt's item projector is trained in stage 2, so it needs one")
         if not self.stage2 and self.ranker != "similarity" and self.stage1 == "none":
@@ -149,7 +156,7 @@ register(Method("llamarec", "LlamaRec",
                 "each scored by the LM head's log-probability "
                 "of its letter at the answer position, one forward pass per prompt; fine-tuned as in stage 2 "
                 "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt="none", prompt="lettered", ranker="letters",
-                ablation=False, paper_rows=("LlamaRec",)))
+                candidate_order="teacher", ablation=False, paper_rows=("LlamaRec",)))
 register(Method("llara", "LLaRA",
                 "the teacher's item embeddings, frozen, mapped by a trained two-layer MLP into the LLM's input space, one "
                 "item vector after each title of the history and the candidates (the hybrid prompt), with a curriculum "

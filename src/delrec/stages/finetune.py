@@ -440,26 +440,27 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
     projector = ItemProjector.load(folder / PROJECTOR_NAME, bb) if methods.get(cfg["variant"]).prompt == "hybrid" else None
     templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
-    stored_order = methods.get(cfg["variant"]).prompt == "lettered" and "candidate_order" not in cfg
-    if stored_order:
-        log.warning("%s was trained with its candidates in their stored order (before LlamaRec's teacher order); "
-                    "scored the same way", folder)
+    order = cfg.get("candidate_order", "stored")  # as it was trained (_config_dict records any other)
+    if order != methods.get(cfg["variant"]).candidate_order:
+        log.warning("%s was trained with its candidates in the %s order, not %s's today; scored as it was trained",
+                    folder, order, cfg["variant"])
     return stage2_scorer(run_dir or folder.parent.parent, data, bb, cfg["variant"], cfg["teacher"], templates, soft,
                          cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size), method=method,
                          batch_size=batch_size, name=f"delrec:{folder.name}", progress=progress, item_projector=projector,
-                         stored_order=stored_order)
+                         candidate_order=order)
 
 
 def stage2_scorer(run_dir: str | Path, data: RunData, backbone: Backbone, variant: str, teacher: str, templates: Templates,
-                  soft_prompt: SoftPrompt | None, teacher_list_size: int, stored_order: bool = False, **kwargs) -> LLMScorer:
+                  soft_prompt: SoftPrompt | None, teacher_list_size: int, candidate_order: str | None = None,
+                  **kwargs) -> LLMScorer:
     """The scorer of a stage-2 method (delrec.methods) on `backbone` as it is: the method's prompt
     and verbalizer, its soft prompt, for `teacher-list` the teacher's top lists of the run, and
-    for the `lettered` prompt (LlamaRec) the candidates in the teacher's order (its retrieval
-    stage; `stored_order`: their stored order, as adapters trained before it saw them). `kwargs`: LLMScorer's (method, batch_size, name, progress, and for the `hybrid`
-    prompt its item_projector: `item_projector_for` gives an untrained one)."""
+    its candidate order (`candidate_order`, default the method's: the teacher's for LlamaRec).
+    `kwargs`: LLMScorer's (method, batch_size, name, progress, and for the `hybrid` prompt its
+    item_projector: `item_projector_for` gives an untrained one)."""
     method = methods.get(variant)
     teacher_top = TeacherTop(run_dir, teacher, data, teacher_list_size) if method.prompt == "teacher-list" else None
-    order = TeacherOrder(run_dir, teacher, data) if method.prompt == "lettered" and not stored_order else None
+    order = TeacherOrder(run_dir, teacher, data) if (candidate_order or method.candidate_order) == "teacher" else None
     return LLMScorer.for_run(data, backbone, templates=templates, soft_prompt=soft_prompt, prompt=method.prompt,
                              teacher_top=teacher_top, candidate_order=order, **kwargs)
 
@@ -474,8 +475,9 @@ def _config_dict(config: FinetuneConfig) -> dict:
     d = asdict(config)
     if d["target_modules"] is not None:
         d["target_modules"] = list(d["target_modules"])
-    if config.variant in methods.METHODS and methods.get(config.variant).prompt == "lettered":
-        # LlamaRec's candidates in the teacher's order (its retrieval stage); a folder without this
-        # key listed them in their stored order, so it is not the same result and is redone
-        d["candidate_order"] = "teacher"
+    order = methods.get(config.variant).candidate_order if config.variant in methods.METHODS else "stored"
+    if order != "stored":
+        # recorded only when not the stored order, so the folders of every other method stay as they
+        # were; a LlamaRec folder without it listed its candidates in the stored order and is redone
+        d["candidate_order"] = order
     return d
