@@ -147,7 +147,8 @@ def test_saved_adapter_reproduces_the_best_valid_score(distilled, make_backbone)
     the valid subset exactly as it did in training."""
     run, data = distilled
     bb = make_backbone()
-    cfg = FinetuneConfig(**{**STAGE2, "lr": 0.05}, soft_prompt=_soft(run, bb))
+    # pruning from the first step (tinit 0, deltaT 1), so the adapter saved at the best step is pruned
+    cfg = FinetuneConfig(**{**STAGE2, "lr": 0.05}, tinit=0, tfinal=0, delta_t=1, soft_prompt=_soft(run, bb))
     result = finetune(run, cfg, name=f"reload-{bb.name}", backbone=bb, progress=False)
     adapter = load_file(str(result.out_dir / "adapter" / "adapter_model.safetensors"))
     assert any(v.shape[0] < cfg.init_r for k, v in adapter.items() if "lora_E" in k)  # ranks were pruned

@@ -135,6 +135,41 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     assert "step eval:sasrec: done earlier" in log and "step eval:sasrec-wo-lsr: done earlier" in log
 
 
+def test_report_writes_curves_json(inputs, tmp_path):
+    """RUN/curves.json beside the report: every valid point of both stages as their metrics.json
+    recorded it, the noise of stage 2's valid metrics at its size, and the same bytes when rewritten."""
+    from delrec.report import write_report
+
+    root, config = inputs
+    run = tmp_path / "run"
+    assert main(_args(config, run, "variants=[delrec]", "zero_shot=false")) == 0
+    curves = json.loads((run / "curves.json").read_text())
+    s2 = json.loads((run / "finetune" / "sasrec-delrec" / "metrics.json").read_text())
+    assert list(curves["stage2"]) == ["sasrec-delrec"] and len(s2["valid_history"]) == 3
+    assert curves["stage2"]["sasrec-delrec"] == [
+        {"examples_seen": e["examples_seen"], "valid_samples": s2["valid_samples"], "valid_HR@1": e["valid_HR@1"],
+         "valid_NDCG@5": e["valid_NDCG@5"], "seconds": e["seconds"]} for e in s2["valid_history"]]
+    s1 = json.loads((run / "distill" / "sasrec" / "metrics.json").read_text())
+    points = curves["stage1"]["sasrec"]
+    assert [p["examples_seen"] for p in points] == [e["examples_seen"] for e in s1["valid_history"]]
+    assert all(p["valid_samples"] == {"ta": 4, "rps": 4, "lsr": 4} for p in points)
+    assert all({k: p[k] for k in e["eval"]} == e["eval"] for p, e in zip(points, s1["valid_history"]))
+    # the noise at 4 valid samples: HR@1 a proportion, NDCG@5 bounded by sqrt(m(1-m)/n) <= 0.5/sqrt(n)
+    noise, last = curves["valid_noise"]["stage2"]["sasrec-delrec"], s2["valid_history"][-1]
+    p, g = last["valid_HR@1"], last["valid_NDCG@5"]
+    assert noise == {"valid_samples": 4, "hr1_std_error": pytest.approx(np.sqrt(p * (1 - p) / 4), abs=1e-4),
+                     "ndcg5_std_error": pytest.approx(np.sqrt(g * (1 - g) / 4), abs=1e-4), "std_error_at_most": 0.25}
+    report = (run / "report.md").read_text()
+    assert "Stage-2 valid metrics are on 4 samples: one standard error" in report and "`curves.json`" in report
+    # from the run folder alone: written again, byte for byte
+    before = (run / "curves.json").read_bytes(), report
+    (run / "curves.json").unlink()
+    write_report(run)
+    write_report(run)
+    assert ((run / "curves.json").read_bytes(), (run / "report.md").read_text()) == before
+    assert not list(run.glob(".curves.json.*"))  # written atomically: no temporary left
+
+
 def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch, capsys):
     root, config = inputs
     run = tmp_path / "run"

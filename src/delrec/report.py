@@ -1,4 +1,4 @@
-"""RUN/report.md and its figures: what a `delrec run` measured, from the files its steps left.
+"""RUN/report.md, its figures and curves.json: what a `delrec run` measured, from the files its steps left.
 
 Everything is read from the run folder (evaluation JSONs with per-sample ranks, stage metrics and
 logs, data statistics, the resolved config); only the three case studies score a few samples
@@ -13,13 +13,14 @@ the cold-start slice, case studies, budgets, steps, data, protocol and environme
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
 import numpy as np
 
 from delrec import methods
-from delrec.io import atomic_path, read_json
+from delrec.io import atomic_path, read_json, write_json
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 # The paper's ML-100K numbers (Tables II, III, IV; DELRec with Flan-T5-XL), by our model names.
@@ -137,6 +138,49 @@ def _references(config, data, folders: list[Path]) -> tuple[dict, int]:
         except (FileNotFoundError, OSError, KeyError):  # a teacher not trained (yet)
             continue
     return refs, len(rows)
+
+
+def _curves(run: Path) -> dict:
+    """RUN/curves.json: every valid evaluation of stages 1 and 2 (their metrics.json), in folder and
+    step order, and the standard error of stage 2's valid metrics at its valid size."""
+    out = {"stage1": {}, "stage2": {}, "valid_noise": {"stage2": {}}}
+    for path in sorted((run / "distill").glob("*/metrics.json")):
+        m = read_json(path)
+        hist = m.get("valid_history") or []
+        per_step = _examples_per_step(path.parent, hist)
+        n = {**m.get("valid_samples", {}), **({"lsr": m["valid_lsr_samples"]} if m.get("valid_lsr_samples") else {})}
+        out["stage1"][path.parent.name] = [{"examples_seen": e.get("examples_seen", round(e["step"] * per_step)),
+                                            "seconds": e.get("seconds"), "valid_samples": n, **e["eval"]} for e in hist]
+    for path in sorted((run / "finetune").glob("*/metrics.json")):
+        m = read_json(path)
+        hist, n = m.get("valid_history") or [], m.get("valid_samples", 0)
+        per_step = _examples_per_step(path.parent, hist)
+        out["stage2"][path.parent.name] = [{"examples_seen": e.get("examples_seen", round(e["step"] * per_step)), "valid_samples": n,
+                                            **{k: e[k] for k in ("valid_HR@1", "valid_NDCG@5", "seconds") if k in e}} for e in hist]
+        last = hist[-1] if hist else {}
+        if n and "valid_HR@1" in last and "valid_NDCG@5" in last:
+            # at the last evaluation. HR@1 is a proportion p: sqrt(p(1-p)/n). Per-sample NDCG@5 is not
+            # stored, but values in [0, 1] with mean m vary at most m(1-m) <= 1/4: an upper bound
+            p, g = last["valid_HR@1"], last["valid_NDCG@5"]
+            out["valid_noise"]["stage2"][path.parent.name] = {
+                "valid_samples": n, "hr1_std_error": round(math.sqrt(p * (1 - p) / n), 4),
+                "ndcg5_std_error": round(math.sqrt(g * (1 - g) / n), 4), "std_error_at_most": round(0.5 / math.sqrt(n), 4)}
+    return out
+
+
+def _noise_lines(noise: dict) -> list[str]:
+    """One sentence per stage-2 valid size: how large a curve difference has to be to mean anything."""
+    out = []
+    for n in sorted({v["valid_samples"] for v in noise.values()}):
+        at = [v for v in noise.values() if v["valid_samples"] == n]
+        hr, g = max(v["hr1_std_error"] for v in at), max(v["ndcg5_std_error"] for v in at)
+        bound = 0.5 / math.sqrt(n)
+        out.append(f"Stage-2 valid metrics are on {n} samples: one standard error (at the last evaluation, the largest "
+                   f"of {len(at)} run{'s' if len(at) > 1 else ''}) is about {hr:.3f} for HR@1 (sqrt(p(1-p)/n)) and at most "
+                   f"{g:.3f} for NDCG@5 (sqrt(m(1-m)/n): per-sample values are not stored), and at most 0.5/sqrt(n) = "
+                   f"{bound:.3f} for either whatever its value; curve differences smaller than about twice that "
+                   f"({2 * (max(hr, g) or bound):.3f}) are noise.")  # a metric at 0 or 1: the estimate says 0, the bound holds
+    return out
 
 
 def _figures(run: Path, teachers, evals: dict, paper: dict, config=None, data=None) -> list[str]:
@@ -604,6 +648,10 @@ def write_report(run: str | Path, config=None) -> Path:
 
     # -- figures --
     L += ["## Training curves and results", "", *_figures(run, teachers, evals, paper, c, data)]
+    curves = _curves(run)
+    write_json(run / "curves.json", curves)
+    L += [*_noise_lines(curves["valid_noise"]["stage2"]), "",
+          "Every valid point of both stages (and these standard errors) is in `curves.json`, written beside this report.", ""]
 
     # -- cold start --
     if evals:

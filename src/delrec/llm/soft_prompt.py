@@ -19,6 +19,8 @@ from delrec.io import atomic_path
 
 WEIGHTS_NAME = "soft_prompt.safetensors"
 FORMAT = "delrec.soft_prompt.v1"
+INITS = ("random", "vocab")
+VOCAB_SAMPLE_FROM = 5000  # Lester et al. (2021) sampled from the 5,000 commonest tokens
 
 
 class SoftPrompt(nn.Module):
@@ -32,8 +34,23 @@ class SoftPrompt(nn.Module):
         self.backbone = backbone
 
     @classmethod
-    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None) -> SoftPrompt:
+    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None, init: str = "random") -> SoftPrompt:
+        """`init` (INITS): `random`, Gaussian at the scale of the word embeddings; `vocab`, copies
+        of the embeddings of tokens drawn (seeded, without repetition) from the first
+        VOCAB_SAMPLE_FROM ids, which in byte-pair vocabularies are the earliest merges and so the
+        commonest pieces of text. Lester et al. (2021) found the vocabulary start trains prompts
+        of small models far better than a random one."""
+        if init not in INITS:
+            raise ValueError(f"unknown soft prompt init {init!r}; choose one of {INITS}")
         prompt = cls(num_tokens, backbone.hidden_size, backbone.embedding_std(), backbone.name, seed)
+        if init == "vocab":
+            generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+            pool = min(VOCAB_SAMPLE_FROM, backbone.vocab_size)
+            ids = torch.randperm(pool, generator=generator)[:num_tokens]
+            if num_tokens > pool:  # a tiny vocabulary: draw with repetition for the rest
+                ids = torch.cat([ids, torch.randint(pool, (num_tokens - pool,), generator=generator)])
+            with torch.no_grad():  # as the model's forward embeds them (Gemma scales its embeddings)
+                prompt.embedding.copy_(backbone.input_embeddings(ids).detach().float().cpu())
         return prompt.to(backbone.device)
 
     @property

@@ -2,8 +2,9 @@
 
 The LLM is frozen; only the soft prompt is trained, on Temporal Analysis and Recommendation
 Pattern Simulating examples from the train split, their losses mixed by an adaptive weighting
-(see `weighting.py`). Lion optimizer (lr 5e-3, weight decay 1e-5), linear warm-up, gradient
-clipping, gradient accumulation. Everything is written to RUN/distill/<name>/:
+(see `weighting.py`). Lion optimizer (lr 5e-3, weight decay 1e-5; or AdamW), linear warm-up
+and an optional decay, gradient clipping, gradient accumulation. The soft prompt starts random or
+from sampled vocabulary embeddings (`soft_init`). Everything is written to RUN/distill/<name>/:
 
   soft_prompt.safetensors   the result
   config.json               the settings and the budget actually used
@@ -32,12 +33,13 @@ from delrec.evaluate import evaluate, metrics_from_ranks, pessimistic_ranks
 from delrec.io import atomic_dir
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
+from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.settings import runtime
 from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec.stages.optim import LR_SCHEDULES, lion, lr_schedule
+from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS, lr_schedule, make_optimizer
 from delrec.stages.scaffold import Clock, StageFolder
 from delrec.stages.weighting import LossWeighting
 
@@ -53,9 +55,11 @@ class DistillConfig:
     top_h: int = 10
     ta_examples: int = 4  # in-context examples (4 for MovieLens and Beauty, 6 for Steam, Home & Kitchen)
     tasks: tuple[str, ...] = ("ta", "rps")  # ("rps",) is `w/o TA`, ("ta",) is `w/o RPS`
+    soft_init: str = "random"  # the soft prompt's start (SoftPrompt.INITS): random, or sampled vocabulary embeddings
     steps: int = 100
     batch_size: int = 4  # examples per task per micro-batch
     grad_accum: int = 1
+    optimizer: str = "lion"  # the paper's; or adamw (stages/optim.py)
     lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
@@ -89,6 +93,10 @@ class DistillConfig:
             raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.soft_init not in SOFT_INITS:
+            raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
 
 
 @dataclass
@@ -163,7 +171,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         for p in bb.model.parameters():
             p.requires_grad_(True)
         llm_params = [p for p in bb.model.parameters()]
-    soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
+    soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed, init=config.soft_init)
     weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
     verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
 
@@ -218,7 +226,7 @@ def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None,
         groups.append({"params": llm_params, "lr": config.llm_lr})
     if config.weighting == "uncertainty":
         groups.append({"params": [weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
-    optimizer = lion(groups, config.lr, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
     scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
 
     step, metrics = 0, {}

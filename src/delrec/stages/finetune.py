@@ -1,11 +1,14 @@
 """Stage 2 of DELRec (LSR, paper Section IV-C): fine-tune the LLM with AdaLoRA on the ground truth.
 
-The soft prompt from stage 1 is inserted into the recommendation (LSR) prompt and frozen; AdaLoRA
-adapters (peft) on the attention query and value projections are trained on the next item of
-train samples, with Lion (the paper: lr 1e-4, weight decay 1e-6; the defaults here differ, see
-stages/optim.py and docs/training.md). AdaLoRA's rank budget is updated every
-step, after the optimizer step and before the gradients are cleared, as peft requires; its
-orthogonal regulariser is added to the loss. Early stopping on NDCG@5 over a fixed valid subset,
+The soft prompt from stage 1 is inserted into the recommendation (LSR) prompt and frozen; adapters
+(peft) on the attention query and value projections (or every linear layer of the blocks,
+`target_modules: all-linear`) are trained on the next item of train samples. `adapter`:
+`adalora`, the paper's (with Lion: lr 1e-4, weight decay 1e-6, configs/paper.yaml), or `lora`,
+plain LoRA as LlamaRec and LLaRA use it (with AdamW at 1e-4 to 1e-3: the CPU presets' choice,
+measured in docs/training.md). AdaLoRA's rank budget is updated every step, after the optimizer
+step and before the gradients are cleared, as peft requires, on its author's schedule (`tinit`,
+`tfinal`: fractions of the steps without pruning at the start and at the target rank at the end);
+its orthogonal regulariser is added to the loss. Early stopping on NDCG@5 over a fixed valid subset,
 evaluated before training (a reference only), every `eval_every` steps and at the end; each
 evaluation logs the valid candidate metrics with the examples seen and the training seconds.
 
@@ -14,6 +17,8 @@ RUN/finetune/<name>/
   soft_prompt.safetensors   the soft prompt used (trained further under `w ULSR`)
   item_projector.safetensors   LLaRA's projector of the teacher's item embeddings (`llara`), saved with the best adapter
   config.json, train_log.jsonl, metrics.json, checkpoint.pt (while training)
+  snapshots/examples-NNNNNN/   with `keep_snapshots`: the adapter of every evaluation, a folder
+                      finetuned_scorer loads like this one (the budget-quality curve)
 
 Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `ulsr` (the same,
 trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +48,7 @@ from tqdm.auto import tqdm
 from delrec import distributed, methods
 from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
-from delrec.io import atomic_dir
+from delrec.io import atomic_dir, write_json
 from delrec.llm.backbone import Backbone
 from delrec.llm.item_projector import WEIGHTS_NAME as PROJECTOR_NAME
 from delrec.llm.item_projector import ItemProjector
@@ -58,12 +64,17 @@ from delrec.stages.scaffold import Clock, StageFolder
 
 log = logging.getLogger(__name__)
 
+ADAPTERS = ("adalora", "lora")
+# the attention query and value projections by model type (`target_modules: qv`, the default);
+# `all-linear` is peft's shorthand for every linear layer of the blocks (not the LM head)
 TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
+TARGET_SHORTHANDS = ("qv", "all-linear")
 # LLaRA's curriculum (`llara`): whether a training micro-batch gets the hybrid prompt or its
 # text-only form. `linear`: the hybrid prompt with probability (i + 1) / N at micro-batch i of the
 # N = steps * grad_accum the run plans, as LLaRA's TrainCollater draws (cur_step / max_step);
 # `none`: the hybrid prompt from the start. Evaluation always uses the hybrid prompt.
 CURRICULA = ("linear", "none")
+SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the adapter at each evaluation (keep_snapshots)
 
 
 @dataclass
@@ -93,13 +104,22 @@ class FinetuneConfig:
     adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
     relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
     vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
-    init_r: int = 12
+    adapter: str = "adalora"  # ADAPTERS: AdaLoRA (the paper's) or plain LoRA
+    target_modules: tuple[str, ...] | str | None = None  # None or "qv": query and value projections; "all-linear"; or names
+    lora_r: int = 8  # `lora`: the rank, its scale lora_alpha / lora_r, and dropout on its input
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    init_r: int = 12  # `adalora`: the rank it starts at and the average rank it prunes to
     target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
+    # AdaLoRA's schedule (its author's shape): no pruning over the first `tinit` of the steps, the
+    # rank budget falling to target_r until the last `tfinal` of the steps, which keep it there;
+    # the budget is re-allocated every `delta_t` steps. Fractions of `steps`, so a budget change
+    # keeps the shape. (0, 0, 1) prunes from the first step to the last, which destabilised the
+    # short CPU runs (docs/training.md).
+    tinit: float = 0.1
+    tfinal: float = 0.3
+    delta_t: int = 10
     orth_reg_weight: float = 0.5
-    target_modules: tuple[str, ...] | None = None  # default: query and value projections
     max_train_examples: int | None = None
     max_seconds: float | None = None
     valid_samples: int = 64
@@ -109,6 +129,9 @@ class FinetuneConfig:
     checkpoint_every: int = runtime(10)
     verbalizer_batch: int = runtime(8)
     gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
+    # keep the adapter of every evaluation as snapshots/examples-NNNNNN/ (loadable by
+    # finetuned_scorer): the budget-quality curve scores them (benchmarks/budget_curve.py)
+    keep_snapshots: bool = runtime(False)
     seed: int = 0
     dtype: str = "auto"
     device: str = runtime("auto")
@@ -125,10 +148,20 @@ class FinetuneConfig:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}{closest(self.adapter, ADAPTERS)}; choose one of {ADAPTERS}")
         if not 0 < self.target_r < self.init_r:
             # peft's rank allocator fails inside torch.kthvalue otherwise
             raise ValueError(f"AdaLoRA needs 0 < target_r < init_r, got target_r {self.target_r}, init_r {self.init_r}")
-        if self.target_modules is not None:
+        if not (0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1):
+            raise ValueError(f"tinit and tfinal are fractions of the steps with tinit + tfinal < 1, got {self.tinit}, {self.tfinal}")
+        if self.delta_t < 1 or self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"need delta_t >= 1, lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got {self.delta_t}, "
+                             f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules not in TARGET_SHORTHANDS:
+                raise ValueError(f"target_modules {self.target_modules!r}: a list of module names or one of {TARGET_SHORTHANDS}")
+        elif self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
         if self.teacher_list_size < 1:
             raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
@@ -164,11 +197,12 @@ class Stage2Loss(distributed.StageModule):
     def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, config: FinetuneConfig):
         super().__init__()
         self.llm, self.soft_prompt, self.item_projector = peft_model, soft_prompt, scorer.item_projector
-        self.verbalizer, self.objective, self.orth_reg_weight = scorer.verbalizer, config.objective, config.orth_reg_weight
+        self.verbalizer, self.objective = scorer.verbalizer, config.objective
+        self.orth_reg_weight = config.orth_reg_weight if config.adapter == "adalora" else 0.0  # AdaLoRA's alone
 
     def loss(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         rec = self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
-        total = rec + self.orth_reg_weight * orthogonal_regulariser(self.llm)
+        total = rec + self.orth_reg_weight * orthogonal_regulariser(self.llm) if self.orth_reg_weight else rec
         if self.item_projector is not None and not any(p.item_slots for p in prompts):
             # a text-only batch of LLaRA's curriculum: the projector takes no part, but DDP wants a
             # gradient for every parameter it wraps; zeros, which `finetune` drops when no batch of
@@ -225,7 +259,7 @@ def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPro
 
 def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = None, backbone: Backbone | None = None,
              progress: bool = True, restart: bool = False) -> FinetuneResult:
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import get_peft_model
 
     dist = distributed.current()
     dist.check_batch(config.batch_size, "stage 2")
@@ -244,16 +278,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     if soft is not None:
         soft.embedding.requires_grad_(methods.get(config.variant).train_soft_prompt)
 
-    model_type = getattr(bb.model.config, "model_type", "")
-    targets = list(config.target_modules or TARGET_MODULES.get(model_type, TARGET_MODULES["default"]))
-    total = config.steps
-    peft_config = AdaLoraConfig(
-        init_r=config.init_r, target_r=config.target_r, tinit=config.tinit,
-        tfinal=min(config.tfinal, max(0, total - config.tinit - 1)), deltaT=config.delta_t,
-        orth_reg_weight=config.orth_reg_weight, total_step=total, target_modules=targets,
-        task_type="SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM",
-    )
-    peft_model = get_peft_model(bb.model, peft_config)
+    peft_model = get_peft_model(bb.model, adapter_config(config, bb))
     bb.model = peft_model  # the verbalizer calls bb.model: now with adapters
     init_adapters(peft_model, config.adapter_init, seed=config.seed)
     adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -293,9 +318,10 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             projector.load_state_dict(ckpt["item_projector"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        allocator = peft_model.base_model.rankallocator
-        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = ckpt["allocator"]
-        peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
+        if config.adapter == "adalora":
+            allocator = peft_model.base_model.rankallocator
+            allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = ckpt["allocator"]
+            peft_model.peft_config["default"].rank_pattern = ckpt["rank_pattern"]
         torch.set_rng_state(dist.own(ckpt["torch_rng"]))
         state = ckpt["state"]
         log.info("resuming stage 2 from step %d", state["step"])
@@ -313,6 +339,17 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         folder.log({"step": state["step"], "examples_seen": seen, "seconds": seconds,
                     "wall_seconds": round(state["wall"], 2), "eval": scores})
 
+    def save_adapter(dest: Path) -> None:
+        """The adapter as it is now, with what a scorer needs beside it (finetuned_scorer)."""
+        with atomic_dir(dest / "adapter") as tmp:
+            peft_model.save_pretrained(tmp)
+        if soft is not None:
+            soft.save(dest / "soft_prompt.safetensors")
+        if projector is not None:
+            projector.save(dest / PROJECTOR_NAME)
+
+    if ckpt is None and dist.is_main:
+        shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)  # an earlier run's
     clock = Clock(state["elapsed"], state.get("wall"), config.max_seconds)
     if state["step"] == 0:
         # before any training: the untrained adapter (the backbone unchanged), a reference point of
@@ -322,7 +359,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         state["wall"] = clock.wall
         record(scores)
 
-    bar = tqdm(total=config.steps, initial=state["step"], desc="stage 2 (AdaLoRA)", disable=not (progress and dist.is_main))
+    bar = tqdm(total=config.steps, initial=state["step"], desc=f"stage 2 ({config.adapter})", disable=not (progress and dist.is_main))
     stopped_early = False
     while state["step"] < config.steps:
         # -- one step: the recommendation loss (+ the orthogonal regulariser), AdaLoRA's rank budget
@@ -348,7 +385,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
-        peft_model.base_model.update_and_allocate(state["step"])  # after the step, before zero_grad
+        if config.adapter == "adalora":
+            peft_model.base_model.update_and_allocate(state["step"])  # after the step, before zero_grad
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["elapsed"], state["wall"] = clock.elapsed, clock.wall
@@ -367,16 +405,15 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
                 scores = valid_metrics()
             state["wall"] = clock.wall
             record(scores)
+            if config.keep_snapshots and dist.is_main:
+                snap = out / SNAPSHOTS / f"examples-{state['step'] * config.grad_accum * config.batch_size:06d}"
+                save_adapter(snap)
+                write_json(snap / "config.json", _config_dict(config))
             score = scores["valid_NDCG@5"]
             if score > state["best"]:
                 state.update(best=score, best_step=state["step"], bad_evals=0)
                 if dist.is_main:
-                    with atomic_dir(out / "adapter") as tmp:
-                        peft_model.save_pretrained(tmp)
-                    if soft is not None:
-                        soft.save(out / "soft_prompt.safetensors")
-                    if projector is not None:
-                        projector.save(out / PROJECTOR_NAME)
+                    save_adapter(out)
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
@@ -402,16 +439,37 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     return FinetuneResult(metrics, out)
 
 
+def adapter_config(config: FinetuneConfig, bb: Backbone):
+    """peft's config for `config.adapter` on `bb`: its target modules, and for AdaLoRA the
+    schedule's fractions in steps (peft needs tinit + tfinal < total_step)."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    if config.target_modules in (None, "qv"):
+        model_type = getattr(bb.model.config, "model_type", "")
+        targets = list(TARGET_MODULES.get(model_type, TARGET_MODULES["default"]))
+    else:
+        targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    task_type = "SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM"
+    if config.adapter == "lora":
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, task_type=task_type)
+    total = max(1, config.steps)
+    tinit = int(round(config.tinit * total))
+    tfinal = min(int(round(config.tfinal * total)), max(0, total - tinit - 1))
+    return AdaLoraConfig(init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=config.delta_t,
+                         orth_reg_weight=config.orth_reg_weight, total_step=total, target_modules=targets, task_type=task_type)
+
+
 def _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state, projector=None) -> dict:
-    allocator = peft_model.base_model.rankallocator
+    allocator = getattr(peft_model.base_model, "rankallocator", None)  # AdaLoRA's importance scores
     return {
         "config": _config_dict(config), "adapter": _adapter_tensors(peft_model),
         "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
         # the optimizer's state holds the projector's moments with the adapters'
         "item_projector": {k: v.detach().clone() for k, v in projector.state_dict().items()} if projector is not None else None,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc),
-        "rank_pattern": peft_model.peft_config["default"].rank_pattern,
+        "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc) if allocator is not None else None,
+        "rank_pattern": getattr(peft_model.peft_config["default"], "rank_pattern", None),
         "torch_rng": rng, "state": state,
     }
 
@@ -473,7 +531,7 @@ def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _config_dict(config: FinetuneConfig) -> dict:
     d = asdict(config)
-    if d["target_modules"] is not None:
+    if d["target_modules"] is not None and not isinstance(d["target_modules"], str):
         d["target_modules"] = list(d["target_modules"])
     order = methods.get(config.variant).candidate_order if config.variant in methods.METHODS else "stored"
     if order != "stored":
