@@ -1,0 +1,161 @@
+"""The budget-quality curve: what more stage-2 training buys, measured on the test samples.
+
+    python benchmarks/budget_curve.py --run runs/ml100k-cpu --models sasrec-delrec
+    python benchmarks/budget_curve.py --run runs/ml100k-cpu --models sasrec-delrec sasrec-wo-sp --plot-only
+
+Reads the stage-2 folders of a finished `delrec run` whose finetune section had
+`keep_snapshots: true` (configs/ml100k-cpu.yaml has it): one run trained once, its adapter kept at
+every evaluation (RUN/finetune/<model>/snapshots/examples-NNNNNN/), rather than one run per budget.
+Each snapshot is scored on the run's own test samples (the seeded subset `delrec run` evaluated,
+`--test-samples` and the run's eval_seed, the same candidates on disk), beside popularity and the
+teacher as reference lines, with the paired tests of each budget against popularity
+(delrec.significance: McNemar on HR@1, a permutation test on NDCG@5).
+
+Writes benchmarks/results/budget-curve.json (the environment, the references, one row per model
+and budget: model, examples, test_samples, HR@1, NDCG@5, seconds of training to that budget, and
+the paired test against popularity), rewritten after every row so an interrupted run resumes
+where it stopped (a row already there is not scored again), and docs/figures/budget-curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "results" / "budget-curve.json"
+FIGURE = ROOT / "docs" / "figures" / "budget-curve.png"
+
+
+def snapshots(folder: Path) -> list[tuple[int, Path]]:
+    """(examples seen, snapshot folder) of every kept adapter of a stage-2 folder, in order."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in (folder / "snapshots").glob("examples-*") if (p / "config.json").exists())
+    if not found:
+        raise FileNotFoundError(f"{folder} keeps no snapshots: train it with `finetune.keep_snapshots=true`")
+    return found
+
+
+def training_seconds(folder: Path, examples: int) -> float | None:
+    """Training seconds (evaluations excluded) when the run had seen `examples` examples."""
+    from delrec.io import read_json
+
+    history = read_json(folder / "metrics.json")["valid_history"] if (folder / "metrics.json").exists() else []
+    return next((h["seconds"] for h in history if h["examples_seen"] == examples), None)
+
+
+def measure(a) -> dict:
+    import torch
+
+    from _env import environment
+    from delrec.config import PipelineConfig
+    from delrec.data.protocol import RunData
+    from delrec.evaluate import candidate_ranks, metrics_from_ranks, subset_rows
+    from delrec.io import read_json, write_json
+    from delrec.scorers import make_scorer
+    from delrec.significance import compare
+    from delrec.stages.finetune import finetuned_scorer
+
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    config = PipelineConfig.from_run(run)
+    data = RunData.load(run / "data")
+    n = a.test_samples or config.test_samples
+    rows = subset_rows(data, "test", n, config.eval_seed)
+    result = read_json(a.out) if a.out.exists() else {}
+    if result.get("run") != str(run) or result.get("test_samples") != len(rows):
+        result = {"run": str(run), "test_samples": len(rows), "rows": []}  # another run's or another size's: start again
+    result["environment"] = environment()
+
+    # reference lines: cheap to score again, and then certainly on these rows
+    ref_ranks = {}
+    for name in ("popularity", *config.teachers):
+        ref_ranks[name] = candidate_ranks(make_scorer(run, data, name, progress=False), data, rows)
+    result["references"] = {name: {"test_samples": len(rows), **metrics_from_ranks(r)} for name, r in ref_ranks.items()}
+
+    done = {(r["model"], r["examples"]) for r in result["rows"]}
+    for model in a.models:
+        folder = run / "finetune" / model
+        for examples, snap in snapshots(folder):
+            if (model, examples) in done:
+                continue
+            t0 = time.perf_counter()
+            scorer = finetuned_scorer(snap, data, batch_size=a.batch_size, progress=True, run_dir=run)
+            ranks = candidate_ranks(scorer, data, rows)
+            m = metrics_from_ranks(ranks)
+            test = compare(ranks, ref_ranks["popularity"])
+            result["rows"].append({"model": model, "examples": examples, "test_samples": len(rows),
+                                   "HR@1": m["HR@1"], "NDCG@5": m["NDCG@5"], "seconds": training_seconds(folder, examples),
+                                   "scoring_seconds": round(time.perf_counter() - t0, 1),
+                                   "vs_popularity": {k: {"diff": v["diff"], "p_value": v["p_value"]} for k, v in test.items()}})
+            result["rows"].sort(key=lambda r: (r["model"], r["examples"]))
+            write_json(a.out, result)
+            print(f"{model} at {examples} examples: HR@1 {m['HR@1']:.4f}, NDCG@5 {m['NDCG@5']:.4f} "
+                  f"(vs popularity p {test['HR@1']['p_value']:.3g} / {test['NDCG@5']['p_value']:.3g})", flush=True)
+            del scorer
+    write_json(a.out, result)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| model | examples | test samples | HR@1 | NDCG@5 | vs popularity (HR@1 / NDCG@5) | training s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        p = r["vs_popularity"]
+        lines.append(f"| {r['model']} | {r['examples']} | {r['test_samples']} | {r['HR@1']:.4f} | {r['NDCG@5']:.4f} | "
+                     f"{p['HR@1']['diff']:+.3f} (p {p['HR@1']['p_value']:.2g}) / {p['NDCG@5']['diff']:+.3f} "
+                     f"(p {p['NDCG@5']['p_value']:.2g}) | {r['seconds'] if r['seconds'] is not None else '-'} |")
+    for name, m in result.get("references", {}).items():
+        lines.append(f"| {name} (reference) | - | {m['test_samples']} | {m['HR@1']:.4f} | {m['NDCG@5']:.4f} | | |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from delrec.io import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("HR@1", "NDCG@5")):
+        for model in sorted({r["model"] for r in result["rows"]}):
+            pts = [(r["examples"], r[metric]) for r in result["rows"] if r["model"] == model]
+            ax.plot(*zip(*pts), marker="o", label=model)
+        for (name, m), style in zip(result.get("references", {}).items(), (":", "--", "-.")):
+            ax.axhline(m[metric], color="grey", linestyle=style, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("stage-2 train examples")
+        ax.set_ylabel(f"test {metric} ({result['test_samples']} samples)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/ml100k-cpu")
+    p.add_argument("--models", nargs="+", default=["sasrec-delrec"], help="stage-2 folders of the run (RUN/finetune/<model>)")
+    p.add_argument("--test-samples", type=int, default=None, help="default: the run's test_samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--figure", type=Path, default=FIGURE)
+    p.add_argument("--plot-only", action="store_true", help="draw the figure and print the table from --out")
+    a = p.parse_args()
+    from delrec.io import read_json
+
+    result = read_json(a.out) if a.plot_only else measure(a)
+    print(table(result))
+    plot(result, a.figure)
+
+
+if __name__ == "__main__":
+    main()
