@@ -4,8 +4,8 @@
     python benchmarks/budget_curve.py --run runs/ml100k-cpu --models sasrec-delrec sasrec-wo-sp --plot-only
 
 Reads the stage-2 folders of a finished `delrec run` whose finetune section had
-`keep_snapshots: true` (configs/ml100k-cpu.yaml has it): one run trained once, its adapter kept at
-every evaluation (RUN/finetune/<model>/snapshots/examples-NNNNNN/), rather than one run per budget.
+`snapshot_every` (configs/ml100k-cpu.yaml has it): one run trained once, its adapter kept every so
+many steps (RUN/finetune/<model>/snapshots/examples-NNNNNN/), rather than one run per budget.
 Each snapshot is scored on the run's own test samples (the seeded subset `delrec run` evaluated,
 `--test-samples` and the run's eval_seed, the same candidates on disk), beside popularity and the
 teacher as reference lines, with the paired tests of each budget against popularity
@@ -34,7 +34,7 @@ def snapshots(folder: Path) -> list[tuple[int, Path]]:
     """(examples seen, snapshot folder) of every kept adapter of a stage-2 folder, in order."""
     found = sorted((int(p.name.split("-")[1]), p) for p in (folder / "snapshots").glob("examples-*") if (p / "config.json").exists())
     if not found:
-        raise FileNotFoundError(f"{folder} keeps no snapshots: train it with `finetune.keep_snapshots=true`")
+        raise FileNotFoundError(f"{folder} keeps no snapshots: train it with `finetune.snapshot_every=N`")
     return found
 
 
@@ -44,6 +44,22 @@ def training_seconds(folder: Path, examples: int) -> float | None:
 
     history = read_json(folder / "metrics.json")["valid_history"] if (folder / "metrics.json").exists() else []
     return next((h["seconds"] for h in history if h["examples_seen"] == examples), None)
+
+
+def final_ranks(run: Path, model: str, examples: int, rows):
+    """The test ranks `delrec run` already computed for `model`, when its saved adapter is the
+    snapshot at `examples` (the last step's was the best) and it scored these rows; else None."""
+    import numpy as np
+
+    from delrec.io import read_json
+
+    metrics, evaluation = run / "finetune" / model / "metrics.json", run / "eval" / "pipeline" / f"{model}.json"
+    if not (metrics.exists() and evaluation.exists()):
+        return None
+    m, e = read_json(metrics), read_json(evaluation)
+    if m["best_step"] != m["steps"] or m["train_examples_seen"] != examples or e["settings"]["rows"] != np.asarray(rows).tolist():
+        return None
+    return np.asarray(e["ranks"])
 
 
 def measure(a) -> dict:
@@ -81,9 +97,14 @@ def measure(a) -> dict:
         for examples, snap in snapshots(folder):
             if (model, examples) in done:
                 continue
+            if a.examples and examples not in a.examples:
+                continue
             t0 = time.perf_counter()
-            scorer = finetuned_scorer(snap, data, batch_size=a.batch_size, progress=True, run_dir=run)
-            ranks = candidate_ranks(scorer, data, rows)
+            ranks = final_ranks(run, model, examples, rows)
+            if ranks is None:
+                scorer = finetuned_scorer(snap, data, batch_size=a.batch_size, progress=True, run_dir=run)
+                ranks = candidate_ranks(scorer, data, rows)
+                del scorer
             m = metrics_from_ranks(ranks)
             test = compare(ranks, ref_ranks["popularity"])
             result["rows"].append({"model": model, "examples": examples, "test_samples": len(rows),
@@ -94,7 +115,6 @@ def measure(a) -> dict:
             write_json(a.out, result)
             print(f"{model} at {examples} examples: HR@1 {m['HR@1']:.4f}, NDCG@5 {m['NDCG@5']:.4f} "
                   f"(vs popularity p {test['HR@1']['p_value']:.3g} / {test['NDCG@5']['p_value']:.3g})", flush=True)
-            del scorer
     write_json(a.out, result)
     return result
 
@@ -144,6 +164,7 @@ def main() -> None:
     p.add_argument("--run", default="runs/ml100k-cpu")
     p.add_argument("--models", nargs="+", default=["sasrec-delrec"], help="stage-2 folders of the run (RUN/finetune/<model>)")
     p.add_argument("--test-samples", type=int, default=None, help="default: the run's test_samples")
+    p.add_argument("--examples", type=int, nargs="*", help="only the snapshots at these budgets (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)

@@ -11,7 +11,7 @@ guards were written).
 Collapse guard: a curve that rises and then falls back (a rate too large for the model, a schedule
 that never lets the steps shrink) can memorise within the guard's STAGE2_STEPS and still be lost a
 little later. Stage 2 in the presets' settings (LoRA, AdamW, cosine decay) therefore also runs twice
-as long on the same N examples, keeping the adapter of every evaluation (`keep_snapshots`), and
+as long on the same N examples, keeping the adapter of every evaluation (`snapshot_every`), and
 must end where it peaked: every snapshot is scored on exactly the N training examples, the peak is
 memorisation and the last snapshot still memorises, and the last training loss (`loss_rec` of
 train_log.jsonl, on those N examples before each update) is within a small tolerance of its
@@ -231,7 +231,7 @@ COLLAPSE_LEARN = dict(adapter="lora", lora_r=8, lora_alpha=16.0, optimizer="adam
 COLLAPSE_EVAL_EVERY = STAGE2_STEPS // 4  # 8 snapshots over the doubled run
 # No early stop (on 1 valid sample NDCG@5 soon stops improving); every evaluation keeps its adapter.
 COLLAPSE_BUDGET = dict(STAGE2_BUDGET, steps=2 * STAGE2_STEPS, eval_every=COLLAPSE_EVAL_EVERY, patience=10**6,
-                       keep_snapshots=True)
+                       snapshot_every=COLLAPSE_EVAL_EVERY)
 # The last training loss may exceed the run's minimum by this share. Measured: 0 (the last step is
 # the minimum) in every healthy setting above. Mutations, only the learning settings changed, each
 # run through this test by hand (all with a constant rate unless said):

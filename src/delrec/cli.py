@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or whole templates (delrec.llm.templates)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("finetune", help="DELRec stage 2: AdaLoRA fine-tuning with the stage-1 soft prompt")
+    p = sub.add_parser("finetune", help="DELRec stage 2: adapter (AdaLoRA or LoRA) fine-tuning with the stage-1 soft prompt")
     p.add_argument("--run", required=True)
     p.add_argument("--teacher")
     p.add_argument("--llm")

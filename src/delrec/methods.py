@@ -21,7 +21,7 @@ Each method says
   (`titles`, llm/verbalizer.py), by the LM head's score of each candidate's index letter at the
   answer position (`letters`, LlamaRec), or by the cosine similarity of title embeddings to the
   history's (`similarity`, LLMSEQSIM; llm/similarity.py);
-* what stage 2 trains: AdaLoRA adapters (`stage2`; with them the `hybrid` prompt's item projector),
+* what stage 2 trains: adapters, AdaLoRA or LoRA (`stage2`; with them the `hybrid` prompt's item projector),
   and the soft prompt too (`train_soft_prompt`);
   `stage2=False` evaluates stage 1's soft prompt with the frozen LLM, or ranks by similarity;
 * `stage2_from_stage1_llm`: stage 2 starts from the LLM stage 1 updated (`w UDPSM`);

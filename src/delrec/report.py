@@ -286,7 +286,7 @@ def _figures(run: Path, teachers, evals: dict, paper: dict, config=None, data=No
             key = "loss_rec" if any("loss_rec" in e for e in log) else "loss"  # older logs: total only
             return [("", key)]
 
-        fig, n = curves("stage 2 (AdaLoRA)", runs2, lambda folder, evals: [(folder.name, "valid_HR@1", "valid_NDCG@5")],
+        fig, n = curves("stage 2 (adapters)", runs2, lambda folder, evals: [(folder.name, "valid_HR@1", "valid_NDCG@5")],
                         losses2, {})
         where = f"over the same {n} valid samples" if n else "(valid rows not recorded: random only)"
         save(fig, "fig-stage2.png",

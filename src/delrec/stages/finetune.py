@@ -17,8 +17,8 @@ RUN/finetune/<name>/
   soft_prompt.safetensors   the soft prompt used (trained further under `w ULSR`)
   item_projector.safetensors   LLaRA's projector of the teacher's item embeddings (`llara`), saved with the best adapter
   config.json, train_log.jsonl, metrics.json, checkpoint.pt (while training)
-  snapshots/examples-NNNNNN/   with `keep_snapshots`: the adapter of every evaluation, a folder
-                      finetuned_scorer loads like this one (the budget-quality curve)
+  snapshots/examples-NNNNNN/   with `snapshot_every`: the adapter every so many steps and at the
+                      end, a folder finetuned_scorer loads like this one (the budget-quality curve)
 
 Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `ulsr` (the same,
 trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
@@ -74,7 +74,7 @@ TARGET_SHORTHANDS = ("qv", "all-linear")
 # N = steps * grad_accum the run plans, as LLaRA's TrainCollater draws (cur_step / max_step);
 # `none`: the hybrid prompt from the start. Evaluation always uses the hybrid prompt.
 CURRICULA = ("linear", "none")
-SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the adapter at each evaluation (keep_snapshots)
+SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the adapter every `snapshot_every` steps
 
 
 @dataclass
@@ -129,9 +129,9 @@ class FinetuneConfig:
     checkpoint_every: int = runtime(10)
     verbalizer_batch: int = runtime(8)
     gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
-    # keep the adapter of every evaluation as snapshots/examples-NNNNNN/ (loadable by
-    # finetuned_scorer): the budget-quality curve scores them (benchmarks/budget_curve.py)
-    keep_snapshots: bool = runtime(False)
+    # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
+    # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
+    snapshot_every: int = runtime(0)
     seed: int = 0
     dtype: str = "auto"
     device: str = runtime("auto")
@@ -405,10 +405,6 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
                 scores = valid_metrics()
             state["wall"] = clock.wall
             record(scores)
-            if config.keep_snapshots and dist.is_main:
-                snap = out / SNAPSHOTS / f"examples-{state['step'] * config.grad_accum * config.batch_size:06d}"
-                save_adapter(snap)
-                write_json(snap / "config.json", _config_dict(config))
             score = scores["valid_NDCG@5"]
             if score > state["best"]:
                 state.update(best=score, best_step=state["step"], bad_evals=0)
@@ -417,6 +413,11 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
+        last = state["step"] == config.steps or time_up or stopped_early
+        if config.snapshot_every and (state["step"] % config.snapshot_every == 0 or last) and dist.is_main:
+            snap = out / SNAPSHOTS / f"examples-{state['step'] * config.grad_accum * config.batch_size:06d}"
+            save_adapter(snap)
+            write_json(snap / "config.json", _config_dict(config))
         if state["step"] % config.checkpoint_every == 0 or time_up or stopped_early:
             state["elapsed"], state["wall"] = clock.elapsed, clock.wall
             folder.checkpoint(lambda rng: _checkpoint(config, peft_model, soft, optimizer, scheduler, rng, state, projector))
