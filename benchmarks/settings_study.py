@@ -1,0 +1,328 @@
+"""The controlled settings study of stage 2 and stage 1 (issue 21): which settings learn steadily.
+
+    python benchmarks/settings_study.py --list                                  # the probes
+    python benchmarks/settings_study.py --probe lora-qv-adamw-1e-3              # one probe (resumable)
+    python benchmarks/settings_study.py --probe lora-qv-adamw-3e-4 > a.log 2>&1 &   # two side by side on
+    python benchmarks/settings_study.py --probe lora-qv-lion-2e-4  > b.log 2>&1 &   # 2 cores, one thread each
+    python benchmarks/settings_study.py --summary                               # table + figure of every probe
+
+Supersedes benchmarks/stage2_settings.py (the one-off probes of issue 21, kept with their results):
+each probe here runs the stages' own code (`delrec.stages.finetune.finetune`, `delrec.stages.distill
+.distill`) with a named set of overrides from PROBES, so what it measures is what a run trains.
+
+Held fixed across probes: one prepared run (`--source`, default runs/ml100k-cpu, only read: the
+study's run folder `--run`, default runs/study, links its `data` and `teachers`, and each probe
+writes RUN/finetune/<probe> or RUN/distill/<probe>); the seed, so the same train order and the same
+valid rows (finetune and distill draw both from it); the valid subset (`--valid`, default 256
+samples; per task in stage 1); the budget in train examples (`--examples`, default 800, per task in
+stage 1: steps = examples / (batch_size * grad_accum)); an evaluation every `--eval-examples`
+(default 200); no early stop; one torch thread (`--threads`). Stage-2 probes train the `w/o SP`
+prompt (`wo-sp`: no stage 1 needed); stage-1 probes (`s1-`) train 32 soft tokens on RPS (top 10)
+and TA with the frozen LLM.
+
+Varied: the stage-2 adapter (LoRA on q/v or on every linear layer, AdaLoRA with its author's
+schedule or the old presets' pruning from step 0), the optimiser (AdamW; Lion 3-10x below it with
+10x its weight decay, as Lion's authors advise) and its rate, the effective batch (4, or 16 by
+gradient accumulation), warm-up and cosine decay against a constant rate; in stage 1 the soft
+prompt's optimiser and rate, its size, and a start from sampled vocabulary embeddings against a
+random one.
+
+Recorded, one JSON per probe in benchmarks/results/settings-study/<probe>.json (`--out`): the
+resolved settings, the environment, the online loss of every step (the loss of each batch before
+its update: no example repeats, so it is held out), the valid curve (examples_seen, valid_HR@1,
+valid_NDCG@5, seconds; RPS's in stage 1), its END and BEST points and the seconds. `--summary`
+prints a Markdown table per stage and draws docs/figures/settings-study.png (`--figure`).
+
+Choose defaults by the END value (the valid NDCG@5 at the end of the budget), not by the best point
+on the way: a curve that peaks early and falls back is what the presets must not do, and an
+early-stopped best on a few hundred samples is partly noise (one standard error about 0.03 at 256).
+The summary names the probe with the best end value and marks whether each end is within 0.02
+NDCG@5 of its best point.
+
+A probe whose results JSON exists is skipped unless `--force` (which also restarts its stage); an
+interrupted probe resumes from the stage's own checkpoint. Seconds are at one thread beside another
+job: compare them within the study only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "results" / "settings-study"
+FIGURE = ROOT / "docs" / "figures" / "settings-study.png"
+SEED = 0
+NEAR = 0.02  # an end within this much NDCG@5 of the best point counts as "ends where it peaks"
+
+# stage 2: plain LoRA as LlamaRec and LLaRA train it (r 8, alpha 16 on q/v, AdamW, 5 warm-up steps,
+# cosine decay to a tenth); weight decay FinetuneConfig's 1e-6 (Lion: 10x it)
+LORA = {"adapter": "lora", "target_modules": "qv", "lora_r": 8, "lora_alpha": 16.0, "optimizer": "adamw", "lr": 1e-3,
+        "weight_decay": 1e-6, "warmup_steps": 5, "lr_schedule": "cosine", "lr_min_ratio": 0.1}
+# stage 1: what every `s1-` probe shares (lr_schedule as stage 2's LoRA probes)
+S1 = {"soft_tokens": 32, "top_h": 10, "tasks": ("ta", "rps"), "batch_size": 4, "warmup_steps": 5, "lr_schedule": "cosine",
+      "lr_min_ratio": 0.1}
+PROBES = {
+    # the old presets: AdaLoRA pruning every step from step 0, Lion at 2e-2 of E's RMS singular value
+    "adalora-lion-2e-2-step0": {"adapter": "adalora", "tinit": 0.0, "tfinal": 0.0, "delta_t": 1, "optimizer": "lion", "lr": 2e-2,
+                                "relative_lr": True, "vector_lr_scale": 0.25, "lr_schedule": "constant",
+                                "adapter_init": "orthogonal", "warmup_steps": 5},
+    # AdaLoRA on its author's schedule, one AdamW rate for every adapter tensor
+    "adalora-adamw-1e-3-sched": {"adapter": "adalora", "tinit": 0.1, "tfinal": 0.3, "delta_t": 10, "optimizer": "adamw",
+                                 "lr": 1e-3, "relative_lr": False, "vector_lr_scale": 1.0, "weight_decay": 1e-6,
+                                 "warmup_steps": 5, "lr_schedule": "cosine", "lr_min_ratio": 0.1},
+    "lora-qv-adamw-1e-3": LORA,
+    "lora-qv-adamw-3e-4": {**LORA, "lr": 3e-4},
+    "lora-qv-adamw-2e-3": {**LORA, "lr": 2e-3},
+    "lora-all-adamw-5e-4": {**LORA, "target_modules": "all-linear", "lr": 5e-4},
+    "lora-qv-lion-2e-4": {**LORA, "optimizer": "lion", "lr": 2e-4, "weight_decay": 1e-5},
+    "lora-qv-lion-1e-4": {**LORA, "optimizer": "lion", "lr": 1e-4, "weight_decay": 1e-5},
+    "lora-qv-adamw-1e-3-bs16": {**LORA, "batch_size": 4, "grad_accum": 4},
+    "lora-qv-adamw-1e-3-constant": {**LORA, "lr_schedule": "constant"},
+    # stage 1: the soft prompt's optimiser, rate, start and size
+    "s1-lion-5e-3-random": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "random"},
+    "s1-lion-5e-3-vocab": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab"},
+    "s1-adamw-1e-2-vocab": {**S1, "optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-6, "soft_init": "vocab"},
+    "s1-adamw-3e-2-vocab": {**S1, "optimizer": "adamw", "lr": 3e-2, "weight_decay": 1e-6, "soft_init": "vocab"},
+    "s1-lion-5e-3-vocab-100tok": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab",
+                                  "soft_tokens": 100},
+}
+
+
+def stage(name: str) -> int:
+    return 1 if name.startswith("s1-") else 2
+
+
+def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str = "smollm2-135m", dtype: str = "auto"):
+    """The probe's FinetuneConfig or DistillConfig with the study's fixed settings (constructing it
+    validates it): `examples` train examples (per task in stage 1), an evaluation every about
+    `eval_examples`, `valid` valid samples, the seed, no early stop."""
+    from dataclasses import replace
+
+    from delrec.stages.distill import DistillConfig
+    from delrec.stages.finetune import FinetuneConfig
+
+    fixed = {"llm": llm, "dtype": dtype, "seed": SEED, "valid_samples": valid}
+    if stage(name) == 1:
+        config = DistillConfig(**{**PROBES[name], **fixed})
+    else:
+        config = FinetuneConfig(**{**PROBES[name], **fixed, "variant": "wo-sp", "patience": 10**9})
+    per_step = config.batch_size * config.grad_accum
+    if examples % per_step:
+        raise ValueError(f"{name}: --examples {examples} is not a whole number of steps of {per_step} examples")
+    return replace(config, steps=examples // per_step, eval_every=max(1, round(eval_examples / per_step)))
+
+
+def study_run(run: Path, source: Path) -> Path:
+    """The study's run folder: `data` and `teachers` are links to the prepared `source` run (only
+    read), so the probes' stage folders never land in it."""
+    for part in ("data", "teachers"):
+        link, target = run / part, (source / part).resolve()
+        if not target.exists():
+            if part == "data":
+                raise FileNotFoundError(f"{target}: prepare the source run first (`delrec data prepare`)")
+            continue
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise FileExistsError(f"{link} exists and is not a link to {target}; choose another --run")
+        run.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    return run
+
+
+def end_and_best(curve: list[dict], key: str = "valid_NDCG@5") -> dict:
+    """The curve's last point, its best trained point (the untrained one at 0 examples is a
+    reference only, as in finetune) and whether the end is within NEAR of the best."""
+    trained = [p for p in curve if p["examples_seen"] > 0] or curve
+    end, best = curve[-1], max(trained, key=lambda p: p[key])
+    return {"end": end, "best": best, "end_near_best": bool(end[key] >= best[key] - NEAR)}
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_probe(name: str, a) -> dict:
+    import torch
+
+    from _env import environment
+    from delrec.data.protocol import RunData
+
+    torch.set_num_threads(a.threads)
+    config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype)
+    run = study_run(Path(a.run), Path(a.source))
+    per_step = config.batch_size * config.grad_accum
+    if stage(name) == 1:
+        from delrec.stages.distill import _config_dict, distill
+
+        metrics = distill(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
+        task = "rps" if "rps" in config.tasks else "ta"
+        log = _read_log(run / "distill" / name / "train_log.jsonl")
+        steps = [{"step": e["step"], "examples_seen": e["step"] * per_step, "loss": e[f"loss_{task}"],
+                  **{k: e[k] for k in e if k.startswith("loss_")}} for e in log if "eval" not in e]
+        curve = [{"examples_seen": e["examples_seen"], "valid_HR@1": e["eval"][f"{task}_valid_HR@1"],
+                  "valid_NDCG@5": e["eval"][f"{task}_valid_NDCG@5"], "seconds": e["seconds"],
+                  **{k: v for k, v in e["eval"].items() if not k.endswith("_accuracy")}} for e in metrics["valid_history"]]
+        chance, samples = math.log(config.top_h if task == "rps" else 15), metrics["valid_samples"][task]
+    else:
+        from delrec.stages.finetune import _config_dict, finetune
+
+        metrics = finetune(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
+        task = "candidates"
+        log = _read_log(run / "finetune" / name / "train_log.jsonl")
+        steps = [{"step": e["step"], "examples_seen": e["step"] * per_step, "loss": e["loss_rec"]} for e in log if "eval" not in e]
+        curve = [{k: e[k] for k in ("examples_seen", "valid_HR@1", "valid_NDCG@5", "seconds")} for e in metrics["valid_history"]]
+        chance = math.log(RunData.load(run / "data").candidates.shape[1])
+        samples = metrics["valid_samples"]
+    return {"probe": name, "stage": stage(name), "task": task, "overrides": PROBES[name], "settings": _config_dict(config),
+            "study": {"examples": a.examples, "valid": a.valid, "valid_samples": samples, "eval_examples": a.eval_examples,
+                      "threads": a.threads, "source": str(Path(a.source).resolve()), "run": str(Path(a.run).resolve())},
+            "environment": environment(), "chance_loss": chance, "online_loss": steps, "curve": curve,
+            **end_and_best(curve), "seconds": metrics["seconds"], "wall_seconds": metrics["wall_seconds"]}
+
+
+def describe(r: dict) -> str:
+    """The setting of a probe in a few words."""
+    s = r["settings"]
+    batch = f"batch {s['batch_size']}" + (f"x{s['grad_accum']}" if s["grad_accum"] > 1 else "")
+    sched = f"warm-up {s['warmup_steps']}, {s['lr_schedule']}" + (f" to {s['lr_min_ratio']:g}" if s["lr_schedule"] != "constant" else "")
+    opt = f"{s['optimizer']} {s['lr']:g} (wd {s['weight_decay']:g})"
+    if r["stage"] == 1:
+        return f"{s['soft_tokens']} tokens ({s['soft_init']}), {opt}, {sched}, {batch} per task"
+    if s["adapter"] == "lora":
+        adapter = f"LoRA {s['target_modules'] or 'qv'} r {s['lora_r']} alpha {s['lora_alpha']:g}"
+    else:
+        adapter = (f"AdaLoRA tinit {s['tinit']:g} tfinal {s['tfinal']:g} deltaT {s['delta_t']}"
+                   + (f", relative lr, P/Q x{s['vector_lr_scale']:g}" if s["relative_lr"] else ""))
+    return f"{adapter}, {opt}, {sched}, {batch}"
+
+
+def windows(steps: list[dict], width: int) -> list[float]:
+    """The online loss averaged over each window of `width` examples."""
+    sums: dict[int, list[float]] = {}
+    for e in steps:
+        sums.setdefault((e["examples_seen"] - 1) // width, []).append(e["loss"])
+    return [sum(v) / len(v) for _, v in sorted(sums.items())]
+
+
+def load(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
+
+
+def table(results: list[dict]) -> str:
+    """One Markdown table per stage, and the probe with the best end value."""
+    text = []
+    for st, what in ((2, "valid"), (1, "RPS valid")):
+        rows = [r for r in results if r["stage"] == st]
+        if not rows:
+            continue
+        text += [f"Stage {st} ({what} metrics on {rows[0]['study']['valid_samples']} samples)", "",
+                 f"| probe | setting | examples | online loss per {rows[0]['study']['eval_examples']} examples | "
+                 f"{what} NDCG@5 by evaluation | {what} HR@1 by evaluation | END NDCG@5 (HR@1) | BEST NDCG@5 (at) | "
+                 f"end within {NEAR} of best |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            e = {**end_and_best(r["curve"]), "examples": r["curve"][-1]["examples_seen"]}
+            loss = " / ".join(f"{x:.2f}" for x in windows(r["online_loss"], r["study"]["eval_examples"])) or "-"
+            ndcg = " / ".join(f"{p['valid_NDCG@5']:.3f}" for p in r["curve"])
+            hr = " / ".join(f"{p['valid_HR@1']:.3f}" for p in r["curve"])
+            text.append(f"| {r['probe']} | {describe(r)} | {e['examples']} | {loss} | {ndcg} | {hr} | "
+                        f"{e['end']['valid_NDCG@5']:.3f} ({e['end']['valid_HR@1']:.3f}) | "
+                        f"{e['best']['valid_NDCG@5']:.3f} ({e['best']['examples_seen']}) | {'yes' if e['end_near_best'] else 'no'} |")
+        top = max(rows, key=lambda r: end_and_best(r["curve"])["end"]["valid_NDCG@5"])
+        end = end_and_best(top["curve"])["end"]
+        text += ["", f"Best END value (stage {st}, choose defaults by this): **{top['probe']}**, {what} NDCG@5 "
+                 f"{end['valid_NDCG@5']:.3f} (HR@1 {end['valid_HR@1']:.3f}) at {end['examples_seen']} examples.", ""]
+    return "\n".join(text).rstrip()
+
+
+def figure(results: list[dict], path: Path) -> None:
+    """Valid NDCG@5 against examples (one line per probe) and the online loss's moving average over
+    half an evaluation window, with chance dashed; a row per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from delrec.io import atomic_path
+
+    stages = [st for st in (2, 1) if any(r["stage"] == st for r in results)]
+    fig, axes = plt.subplots(len(stages), 2, figsize=(12, 3.6 * len(stages)), squeeze=False)
+    for (a, b), st in zip(axes, stages):
+        rows = [r for r in results if r["stage"] == st]
+        what = "valid" if st == 2 else "RPS valid"
+        for r in rows:
+            a.plot([p["examples_seen"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+                   label=r["probe"])
+            x, y = [e["examples_seen"] for e in r["online_loss"]], np.array([e["loss"] for e in r["online_loss"]])
+            per_step = x[0] if x else 1
+            k = max(1, min(len(y), r["study"]["eval_examples"] // 2 // per_step))
+            if len(y):
+                b.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), label=r["probe"])
+        chance = rows[0]["chance_loss"]
+        b.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ln {round(math.exp(chance))} = {chance:.3f}")
+        a.set(xlabel="train examples seen" + (" per task" if st == 1 else ""), ylabel=f"{what} NDCG@5",
+              title=f"stage {st} ({rows[0]['study']['valid_samples']} valid samples)")
+        b.set(xlabel="train examples seen" + (" per task" if st == 1 else ""), ylabel="online loss (moving average)")
+        a.legend(fontsize=7), b.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--probe", nargs="+", metavar="NAME", help="probes to run, in order (see --list)")
+    p.add_argument("--list", action="store_true", help="print the registry of probes and exit")
+    p.add_argument("--summary", action="store_true", help="print the table of every probe with results, draw the figure")
+    p.add_argument("--force", action="store_true", help="rerun a probe whose results exist (its stage restarts)")
+    p.add_argument("--source", default="runs/ml100k-cpu", help="the prepared run whose data and teachers are read")
+    p.add_argument("--run", default="runs/study", help="the study's run folder (its stage folders)")
+    p.add_argument("--out", default=str(OUT), help="the results folder")
+    p.add_argument("--figure", default=str(FIGURE), help="where --summary draws the figure")
+    p.add_argument("--examples", type=int, default=800, help="train examples per probe (per task in stage 1)")
+    p.add_argument("--valid", type=int, default=256, help="valid samples (per task in stage 1)")
+    p.add_argument("--eval-examples", type=int, default=200, help="an evaluation every this many train examples")
+    p.add_argument("--llm", default="smollm2-135m")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one per job when two run side by side)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args()
+    if a.list:
+        for name, overrides in PROBES.items():
+            print(f"{name:30s} stage {stage(name)}  {json.dumps(overrides)}")
+        return
+    if not (a.probe or a.summary):
+        p.error("give --probe NAME [NAME ...], --list or --summary")
+    unknown = [n for n in a.probe or () if n not in PROBES]
+    if unknown:
+        p.error(f"unknown probe(s) {unknown}; --list shows the registry")
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # before torch is imported
+    from delrec.io import write_json
+
+    for name in a.probe or ():
+        path = Path(a.out) / f"{name}.json"
+        if path.exists() and not a.force:
+            print(f"{name}: {path} exists, skipped (--force reruns it)")
+            continue
+        write_json(path, run_probe(name, a))
+        print(f"{name}: wrote {path}")
+    if a.summary:
+        results = load(Path(a.out))
+        if not results:
+            print(f"no results in {a.out}")
+            return
+        print(table(results))
+        figure(results, Path(a.figure))
+        print(f"\nfigure: {a.figure}")
+
+
+if __name__ == "__main__":
+    main()
