@@ -39,11 +39,27 @@ def snapshots(folder: Path) -> list[tuple[int, Path]]:
 
 
 def training_seconds(folder: Path, examples: int) -> float | None:
-    """Training seconds (evaluations excluded) when the run had seen `examples` examples."""
+    """Training seconds (evaluations excluded) when the run had seen `examples` examples: the
+    `seconds` of that step's line in train_log.jsonl (each step line carries the training time so
+    far), so budgets between two evaluations have their time too."""
+    import json
+
     from delrec.io import read_json
 
-    history = read_json(folder / "metrics.json")["valid_history"] if (folder / "metrics.json").exists() else []
-    return next((h["seconds"] for h in history if h["examples_seen"] == examples), None)
+    if not (folder / "metrics.json").exists() or not (folder / "train_log.jsonl").exists():
+        return None
+    m = read_json(folder / "metrics.json")
+    per_step = m["train_examples_seen"] // max(m["steps"], 1)
+    step = examples // per_step if per_step else None
+    with open(folder / "train_log.jsonl", encoding="utf-8") as log:
+        for line in log:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step") == step and "seconds" in record:
+                return record["seconds"]
+    return None
 
 
 def final_ranks(run: Path, model: str, examples: int, rows):
@@ -91,6 +107,9 @@ def measure(a) -> dict:
         ref_ranks[name] = candidate_ranks(make_scorer(run, data, name, progress=False), data, rows)
     result["references"] = {name: {"test_samples": len(rows), **metrics_from_ranks(r)} for name, r in ref_ranks.items()}
 
+    for r in result["rows"]:  # rows written before their training time could be read from the log
+        if r.get("seconds") is None:
+            r["seconds"] = training_seconds(run / "finetune" / r["model"], r["examples"])
     done = {(r["model"], r["examples"]) for r in result["rows"]}
     for model in a.models:
         folder = run / "finetune" / model
