@@ -229,7 +229,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         finetune(run, cfg, name="llara-crash", backbone=tiny_llama_backbone(), progress=False)
     monkeypatch.setattr(finetune_mod.torch, "save", real_save)
-    ckpt = torch.load(run / "finetune" / "llara-crash" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run / "finetune" / "llara-crash" / "checkpoint.pt", weights_only=True)
     assert ckpt["state"]["step"] == 4
     start = item_projector_for(run, cfg, tiny_llama_backbone(), data).state_dict()
     assert ckpt["item_projector"].keys() == start.keys()

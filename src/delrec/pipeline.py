@@ -289,6 +289,14 @@ class Pipeline:
     # -- driver ------------------------------------------------------------------------------
 
     def execute(self) -> list[dict]:
+        """Every step in order, holding the run folder's lock (delrec.locks): one writer per run."""
+        from delrec.locks import run_lock
+
+        self.run.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run):
+            return self._execute()
+
+    def _execute(self) -> list[dict]:
         import torch
 
         c = self.config

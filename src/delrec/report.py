@@ -21,6 +21,7 @@ import numpy as np
 
 from delrec import methods
 from delrec.io import atomic_path, read_json, write_json
+from delrec.locks import holds_run_lock
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 # The paper's ML-100K numbers (Tables II, III, IV; DELRec with Flan-T5-XL), by our model names.
@@ -529,6 +530,7 @@ def format_steps(steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@holds_run_lock
 def write_report(run: str | Path, config=None) -> Path:
     """RUN/report.md and its figures, from the files in the run folder alone (its config.yaml,
     pipeline.json, data, stage folders and evaluations): `delrec report RUN` writes it again.

