@@ -447,7 +447,17 @@ def main(argv: list[str] | None = None) -> int:
         level, sys.stdout = logging.WARNING, open(os.devnull, "w")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        # commands that write into a run folder hold its lock (delrec.locks); `run`, `teacher
+        # train`, `distill`, `finetune` and `report` take it inside the library functions
+        writes_into = {cmd_data_prepare: "out", cmd_evaluate: "run"}.get(args.func)
+        if writes_into and (writes_into == "out" or Path(args.run).is_dir()):  # a missing run: the command says so
+            from delrec.locks import run_lock
+
+            Path(getattr(args, writes_into)).mkdir(parents=True, exist_ok=True)
+            with run_lock(getattr(args, writes_into)):
+                args.func(args)
+        else:
+            args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # expected failures (bad input, missing files) end with one clear line, not a traceback
         if args.verbose:
