@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -463,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"delrec: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.verbose:
+            raise
+        # every file is written aside and renamed (delrec.io): what was there before is intact
+        print(f"delrec: error: no space left on the device ({err.filename or err.strerror}); the files written "
+              "before are intact (the last checkpoint included): free some space and run the same command again "
+              "to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.verbose:
