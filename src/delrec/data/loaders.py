@@ -233,14 +233,37 @@ def _first_true(mask: pa.ChunkedArray | pa.Array | np.ndarray) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def _as_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Ids and titles as strings; integer-valued numbers (Parquet ids) without a trailing '.0'."""
+_INT64_BOUND = 2.0**63  # floats in [-2**63, 2**63) convert to int64 exactly
+
+
+def _check_floats(col: pa.ChunkedArray, what: str, loc: _Locator, shown: pa.ChunkedArray | None = None) -> np.ndarray:
+    """The values of a floating-point column (nulls as NaN), refusing NaN, infinities and values
+    outside the int64 range: the first such row is named. `shown`: the column as written in the
+    file (strings cast to floats), for the message."""
+    shown = col if shown is None else shown
+    vals = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    checks = (
+        (pc.fill_null(pc.is_nan(col), False), "is NaN (not a number)"),  # a null is NaN in `vals`, not here
+        (np.isinf(vals), "is infinite"),
+        ((vals >= _INT64_BOUND) | (vals < -_INT64_BOUND), "is outside the 64-bit integer range (+-9.2e18)"),
+    )
+    for mask, problem in checks:
+        bad = _first_true(mask)
+        if bad is not None:
+            raise loc.error(bad, f"{what} {shown[bad].as_py()!r} {problem}")
+    return vals
+
+
+def _as_strings(col: pa.ChunkedArray, what: str, loc: _Locator) -> pa.ChunkedArray:
+    """Ids and titles as strings; integer-valued numbers (Parquet ids) without a trailing '.0'.
+    A floating-point column may hold no NaN, infinity or value beyond the int64 range (the row is
+    named): none of them is an id, and pyarrow's cast would fail naming no row."""
     t = col.type
     if pa.types.is_dictionary(t):
         col, t = col.cast(t.value_type), t.value_type
     if pa.types.is_floating(t):
-        vals = col.to_numpy(zero_copy_only=False)
-        finite = vals[~np.isnan(vals)]
+        vals = _check_floats(col, what, loc)
+        finite = vals[~np.isnan(vals)]  # NaN here: the nulls (an empty id, refused by the caller)
         if np.all(finite == np.round(finite)):
             col = col.cast(pa.int64())  # nulls stay null
     if not pa.types.is_string(col.type):
@@ -261,27 +284,33 @@ def _to_unix_seconds(col: pa.ChunkedArray, loc: _Locator, allow_datetime: bool) 
     if col.null_count:
         raise loc.error(_first_true(col.is_null()), "missing timestamp")
     if pa.types.is_integer(t):
+        if pa.types.is_uint64(t):  # the one integer type int64 cannot hold
+            bad = _first_true(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())))
+            if bad is not None:
+                raise loc.error(bad, f"timestamp {col[bad].as_py()!r} is outside the 64-bit integer range (+-9.2e18)")
         return col.to_numpy().astype(np.int64, copy=False)
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        return _datetimes_to_seconds(pd.to_datetime(col.to_pandas(), utc=True))
+        return _arrow_datetimes_to_seconds(col)
     if pa.types.is_floating(t):
-        return _integral_floats(col.to_numpy(), col, loc)
-    col = _as_strings(col)
+        return _integral_floats(col, loc)
+    col = _as_strings(col, "timestamp", loc)
     try:
         return pc.cast(col, pa.int64()).to_numpy()
     except pa.ArrowInvalid:
         pass
     try:
-        return _integral_floats(pc.cast(col, pa.float64()).to_numpy(), col, loc)
+        as_floats = pc.cast(col, pa.float64())  # "1e9", or integers too long for int64 ("1e30", 20 digits)
     except pa.ArrowInvalid:
         pass
+    else:
+        return _integral_floats(as_floats, loc, col)
     numeric = pc.match_substring_regex(col, r"^\s*[+-]?\d+(\.0*)?\s*$").to_numpy(zero_copy_only=False)
     if not allow_datetime:
         bad = _first_true(~numeric)
         if bad is None:  # every value looks integral: one must be out of the int64 range
             bad = 0
         raise loc.error(bad, f"timestamp {col[bad].as_py()!r} is not an integer")
-    parsed = pd.to_datetime(pd.Series(col.to_numpy(zero_copy_only=False)), format="ISO8601", utc=True, errors="coerce")
+    parsed = _parse_iso(col, loc)
     is_datetime = parsed.notna().to_numpy() & ~numeric
     bad = _first_true(~numeric & ~is_datetime)
     if bad is not None:
@@ -292,16 +321,54 @@ def _to_unix_seconds(col: pa.ChunkedArray, loc: _Locator, allow_datetime: bool) 
     return _datetimes_to_seconds(parsed)
 
 
-def _integral_floats(vals: np.ndarray, col: pa.ChunkedArray, loc: _Locator) -> np.ndarray:
-    bad = _first_true(~np.isfinite(vals) | (vals != np.round(vals)))
+def _integral_floats(floats: pa.ChunkedArray, loc: _Locator, shown: pa.ChunkedArray | None = None) -> np.ndarray:
+    """Floating-point timestamps as int64: each must be finite, whole and within the int64 range
+    (a cast of 1e30 would silently give -2**63 and put the interaction first)."""
+    shown = floats if shown is None else shown
+    vals = _check_floats(floats, "timestamp", loc, shown)
+    bad = _first_true(vals != np.round(vals))
     if bad is not None:
-        raise loc.error(bad, f"timestamp {col[bad].as_py()!r} is not an integer")
+        raise loc.error(bad, f"timestamp {shown[bad].as_py()!r} is not an integer")
     return vals.astype(np.int64)
 
 
+def _arrow_datetimes_to_seconds(col: pa.ChunkedArray) -> np.ndarray:
+    """Parquet date-times as unix seconds (floored), from their stored ticks: Arrow keeps aware
+    time stamps in UTC, and a naive one is read as UTC. No trip through pandas' nanoseconds, whose
+    range (1677-2262) would refuse a valid date such as 9999-01-01."""
+    t = col.type
+    if pa.types.is_date32(t):
+        return col.cast(pa.int32()).to_numpy().astype(np.int64) * 86400
+    if pa.types.is_date64(t):
+        return np.floor_divide(col.cast(pa.int64()).to_numpy(), 1000)
+    per_second = {"s": 1, "ms": 1000, "us": 1_000_000, "ns": 1_000_000_000}[t.unit]
+    return np.floor_divide(col.cast(pa.int64()).to_numpy(), per_second)
+
+
+def _parse_iso(col: pa.ChunkedArray, loc: _Locator) -> pd.Series:
+    """ISO 8601 strings as UTC date-times (NaT where a value is not one); a date-time outside
+    pandas' range (the years 1677-2262) names its line."""
+    values = pd.Series(col.to_numpy(zero_copy_only=False))
+    try:
+        return pd.to_datetime(values, format="ISO8601", utc=True, errors="coerce")
+    except (pd.errors.OutOfBoundsDatetime, OverflowError):
+        for row, value in enumerate(values):
+            try:
+                pd.to_datetime(value, format="ISO8601", utc=True, errors="coerce")
+            except (pd.errors.OutOfBoundsDatetime, OverflowError):
+                raise loc.error(row, f"timestamp {value!r} is outside the date-times this reader supports "
+                                     "(the years 1677 to 2262); give unix seconds instead") from None
+        raise
+
+
 def _datetimes_to_seconds(values: pd.Series) -> np.ndarray:
-    seconds = (values - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return seconds.to_numpy(dtype=np.int64)
+    """UTC date-times as unix seconds (floored), from their ticks in whatever unit pandas chose
+    (pandas 3 parses to microseconds, whose years reach past 2262: subtracting a nanosecond
+    epoch would overflow)."""
+    ticks = values.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
+    unit, count = np.datetime_data(ticks.dtype)
+    per_second = {"s": 1, "ms": 1000, "us": 1_000_000, "ns": 1_000_000_000}[unit] // count
+    return np.floor_divide(ticks.view(np.int64), per_second)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +387,9 @@ def _assemble(
     item_loc: _Locator,
     source: dict,
 ) -> RawDataset:
-    users, items, item_ids = _as_strings(users), _as_strings(items), _as_strings(item_ids)
+    users = _as_strings(users, "user id", inter_loc)
+    items = _as_strings(items, "item id", inter_loc)
+    item_ids = _as_strings(item_ids, "item id", item_loc)
     _require_nonempty(users, "user id", inter_loc)
     _require_nonempty(items, "item id", inter_loc)
     _require_nonempty(item_ids, "item id", item_loc)
@@ -474,7 +543,7 @@ def load_generic(
     interactions_path, items_path = Path(interactions_path), Path(items_path)
     inter, inter_loc = _read_columnar(interactions_path, {"user": user_col, "item": item_col, "timestamp": time_col})
     cat, item_loc = _read_columnar(items_path, {"item": item_col, "title": title_col})
-    titles = [normalize_title(t) for t in _as_strings(cat["title"]).to_pylist()]
+    titles = [normalize_title(t) for t in _as_strings(cat["title"], "title", item_loc).to_pylist()]
     return _assemble(
         name or interactions_path.parent.name,
         users=inter["user"],
