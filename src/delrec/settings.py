@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -62,7 +63,8 @@ def closest(name: str, known) -> str:
 
 def check(cls, values: dict, where: str) -> dict:
     """`values` with each key a field of `cls` and each value of the field's type; ints are
-    accepted for floats, whole floats (`1e3`) for ints, lists for tuples. Raises ValueError
+    accepted for floats, whole floats (`1e3`) for ints, lists for tuples; NaN and infinities
+    (YAML's `.nan`, `.inf`, or `1e999`) for no float. Raises ValueError
     naming `where` (a file and section), the key, and the closest valid key."""
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping of settings, got {type(values).__name__} {values!r}")
@@ -76,6 +78,10 @@ def check(cls, values: dict, where: str) -> dict:
     return out
 
 
+class NotFinite(ValueError):
+    """A float setting that is NaN or infinite (said as such, not as "expected a number or null")."""
+
+
 def _coerce(hint, value, where: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -87,6 +93,8 @@ def _coerce(hint, value, where: str):
                 continue
             try:
                 return _coerce(option, value, where)
+            except NotFinite:
+                raise
             except ValueError:
                 pass
         raise ValueError(f"{where}: expected {_name(hint)}, got {value!r}")
@@ -102,6 +110,8 @@ def _coerce(hint, value, where: str):
             return int(value)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf, or 1e999: no setting means either
+                raise NotFinite(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
