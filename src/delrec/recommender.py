@@ -16,7 +16,10 @@ before it joins a batch.
 `model` is any model of the run folder the evaluator knows (delrec.scorers): `random`,
 `popularity`, a teacher, `zero-shot`, or `<teacher>-<method>`. History and candidates are given as
 item ids (the ids of the data's items file) or titles, as written in the data ("Usual Suspects,
-The (1995)") or normalised ("The Usual Suspects (1995)"), case-insensitive. Without candidates,
+The (1995)") or normalised ("The Usual Suspects (1995)"), compared by `delrec.data.titles.title_key`
+(NFKC, case-folded, control and bidi characters ignored). Items that share a title are shown, and
+matched, with their id appended ("Chasing Amy (1997) (#246)"); the shared title alone is refused
+with the items it could mean (docs/protocol.md, "Titles"). Without candidates,
 the teacher's top list over the items the user has not seen is ranked (as `delrec recommend`
 does). Every problem with a request is a `RequestError` that names the field.
 """
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from delrec.data.titles import base_title, clean_title, disambiguate_titles, title_key
 
 
 class RequestError(ValueError):
@@ -75,12 +80,21 @@ class Recommender:
         self.max_candidates = max(max_candidates, self.num_candidates)  # the most a request may give
         self.max_history = data.config.max_history
         items = data.items
-        self.titles = [""] + items["title"].tolist()
         self.ids = [""] + items["item"].astype(str).tolist()
+        # the titles shown (rankings, search); unique: a folder prepared before `prepare` gave items
+        # that share a title their ids keeps its titles on disk (the model reads those), and they
+        # are told apart here the same way
+        self.titles = [""] + disambiguate_titles(items["title"].astype(str).tolist(), self.ids[1:])
         self._by_id = {item: i for i, item in enumerate(self.ids) if i > 0}
-        self._by_title: dict[str, int] = {}
-        for i, title in enumerate(self.titles[1:], 1):
-            self._by_title.setdefault(" ".join(title.split()).lower(), i)
+        self._keys = [""] + [title_key(t) for t in self.titles[1:]]  # matching keys (delrec.data.titles)
+        self._by_title = {key: i for i, key in enumerate(self._keys) if i > 0}
+        # the titles as the data gave them, without the (#id) that told them apart: which items a
+        # title several items share may mean
+        self._base_keys = [""] + [title_key(base_title(t, i)) for t, i in zip(self.titles[1:], self.ids[1:])]
+        self._shared: dict[str, list[int]] = {}
+        for i, key in enumerate(self._base_keys):
+            if i > 0 and key != self._keys[i]:
+                self._shared.setdefault(key, []).append(i)
         self._teacher = None
         self._trigrams: dict[str, list[int]] | None = None  # for closest_titles, built on first use
 
@@ -111,27 +125,41 @@ class Recommender:
     # -- requests ----------------------------------------------------------------------------
 
     def resolve(self, refs: Sequence[str | int], what: str) -> list[int]:
-        """Item indices of ids or titles; an unknown one names the closest titles."""
-        from delrec.data.loaders import normalize_title
-
+        """Item indices of ids or titles; an unknown one names the closest titles, a title several
+        items share names those items. Titles are compared by `title_key` (NFKC, case-folded,
+        control and bidi characters ignored), as given or as `normalize_title` writes them."""
         by_id, out = self._by_id, []
         for n, ref in enumerate(refs):
             found = by_id.get(ref) if isinstance(ref, str) else None  # the common case first: an id as it is
-            if found is not None:
-                out.append(found)
-                continue
-            key = str(ref).strip()
-            found = by_id.get(key)
             if found is None:
-                found = self._by_title.get(" ".join(key.split()).lower())
-            if found is None:
-                found = self._by_title.get(normalize_title(key).lower())
-            if found is None:
-                close = self.closest_titles(normalize_title(key), 3)
-                hint = f"; closest titles: {', '.join(repr(c) for c in close)}" if close else ""
-                raise RequestError(f"{what}[{n}]", f"unknown item {ref!r} (neither an item id nor a title){hint}")
+                found = self._lookup(ref, what, n)
             out.append(found)
         return out
+
+    def _lookup(self, ref, what: str, n: int) -> int:
+        from delrec.data.loaders import normalize_title
+
+        text = str(ref).strip()
+        found = self._by_id.get(text)
+        if found is not None:
+            return found
+        cleaned = clean_title(text)
+        keys = dict.fromkeys((cleaned.casefold(), normalize_title(cleaned).casefold()))
+        for key in keys:
+            found = self._by_title.get(key)
+            if found is not None:
+                return found
+        for key in keys:
+            shared = self._shared.get(key)
+            if shared and len(shared) == 1:
+                return shared[0]
+            if shared:
+                named = ", ".join(f"{self.titles[i]!r} (id {self.ids[i]!r})" for i in shared[:5])
+                raise RequestError(f"{what}[{n}]", f"{_short(ref)} is the title of {len(shared)} items: {named}; "
+                                                   "give the id or the title with its (#id)")
+        close = self.closest_titles(normalize_title(cleaned), 3)
+        hint = f"; closest titles: {', '.join(repr(c) for c in close)}" if close else ""
+        raise RequestError(f"{what}[{n}]", f"unknown item {_short(ref)} (neither an item id nor a title){hint}")
 
     def closest_titles(self, title: str, n: int = 3, cutoff: float = 0.5) -> list[str]:
         """The titles most like `title` (difflib's ratio of at least `cutoff`), best first. Only
@@ -151,27 +179,31 @@ class Recommender:
         return difflib.get_close_matches(title, [self.titles[i] for i in pool], n=n, cutoff=cutoff)
 
     def search(self, query: str, limit: int = 10) -> list[tuple[str, str]]:
-        """(id, title) of the items whose title contains `query` (case-insensitive; in the
+        """(id, title) of the items whose title contains `query` (compared by `title_key`; in the
         original or the normalised form), the exact title first, then the titles that start with
-        it, then the shortest; else the closest titles."""
+        it, then the shortest; else the closest titles. Items sharing a title are each listed,
+        under their title with its (#id)."""
         from delrec.data.loaders import normalize_title
 
-        words = " ".join(str(query).split()).lower()
+        cleaned = clean_title(query)
+        words = cleaned.casefold()
         if not words:
             return []
-        alt = normalize_title(" ".join(str(query).split())).lower()
+        alt = normalize_title(cleaned).casefold()
+        exact = {words, alt}
         def closeness(i: int) -> tuple | None:  # exact title, then titles starting with it, then containing it
-            title = self.titles[i].lower()
+            title = self._keys[i]
             where = min((title.find(w) for w in (words, alt) if w in title), default=-1)
             if where < 0:
                 return None
-            return (title not in (words, alt), where > 0, len(title), title)
+            is_exact = title in exact or self._base_keys[i] in exact
+            return (not is_exact, where > 0, len(title), title)
 
         found = {i: key for i in range(1, len(self.titles)) if (key := closeness(i)) is not None}
         hits = sorted(found, key=found.get)
         if not hits:
-            close = self.closest_titles(normalize_title(str(query)), limit)
-            hits = [self._by_title[" ".join(c.split()).lower()] for c in close]
+            close = self.closest_titles(normalize_title(cleaned), limit)
+            hits = [self._by_title[title_key(c)] for c in close]
         return [(self.ids[i], self.titles[i]) for i in hits[:limit]]
 
     def rank(self, history: Sequence[str | int], candidates: Sequence[str | int] | None = None, k: int = 10) -> Ranking:
@@ -270,6 +302,12 @@ class Recommender:
         scores = self.scorer.score_candidates(view, np.arange(len(histories)))
         scores = scores.numpy() if hasattr(scores, "numpy") else np.asarray(scores)
         return [np.asarray(s, dtype=np.float32) for s in scores]
+
+
+def _short(ref, limit: int = 80) -> str:
+    """`ref` for a message: repr'd, and cut to a prefix when long."""
+    text = repr(ref)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(ref))} characters)"
 
 
 def _trigrams(title: str) -> set[str]:

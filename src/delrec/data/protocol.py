@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from delrec.data.titles import disambiguate_titles
 from delrec.io import read_json, read_parquet, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,18 @@ class Prepared:
     stats: dict = field(default_factory=dict)
 
 
-def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
+def _list_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Offsets of a list column: int64, so a column past 2**31 values (ML-1M's loo histories of
+    50 reach a billion at about 20M samples) does not wrap as int32 offsets silently would."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    return offsets
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.LargeListArray:
+    """A `large_list<int32>` column (int64 offsets). Folders prepared before this have
+    `list<int32>` (int32 offsets); `RunData.load` reads both."""
+    return pa.LargeListArray.from_arrays(pa.array(_list_offsets(lengths)), pa.array(values.astype(np.int32)))
 
 
 def _split_paper(times: np.ndarray, ratio: tuple[float, float, float]) -> np.ndarray:
@@ -261,11 +270,21 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
     missing = pd.Index(item_names).difference(titles.index)
     if len(missing):
         raise ValueError(f"{len(missing)} interacted items have no title, e.g. {list(missing[:5])}")
+    # Items sharing a title (ML-100K: 9 titles of 18 items) would be one and the same to the LLM,
+    # which reads and scores titles: two such candidates could not be told apart. Each gets its id
+    # appended; a folder prepared before this keeps the titles it has (and its prompts).
+    kept_titles = [str(t) for t in titles.reindex(item_names)]
+    item_ids = [str(i) for i in item_names]
+    unique_titles = disambiguate_titles(kept_titles, item_ids)
+    renamed = sum(a != b for a, b in zip(kept_titles, unique_titles))
+    if renamed:
+        log.info("%d items share a title with another item: their ids are appended to their titles "
+                 "(e.g. %r)", renamed, next(b for a, b in zip(kept_titles, unique_titles) if a != b))
     items_out = pd.DataFrame(
         {
             "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
             "item": np.asarray(item_names, dtype=object),
-            "title": titles.reindex(item_names).to_numpy(dtype=object),
+            "title": np.asarray(unique_titles, dtype=object),
         }
     )
     inter_out = pd.DataFrame(
@@ -294,8 +313,11 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
         },
         "samples": {"total": n, **per_split},
         "target_time_range": time_range,
-        "duplicate_titles": int(items_out["title"].duplicated(keep=False).sum()),
+        # items whose title (compared by delrec.data.titles.title_key) another item shares
+        "duplicate_titles": renamed,
     }
+    if renamed:  # only then: a folder of data without such titles keeps the stats it had
+        stats["titles_disambiguated"] = renamed
     return Prepared(config, items_out, inter_out, samples, candidates, stats)
 
 
