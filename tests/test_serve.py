@@ -31,7 +31,8 @@ def run(csv_llm_run):
 def serving(recommender, **options):
     """The service on a free port of 127.0.0.1, in a thread of this process."""
     sock = bind("127.0.0.1", 0)
-    server = make_server(create_app(recommender, **options), sock)
+    server_options = {k: options.pop(k) for k in ("header_timeout_s", "max_connections") if k in options}
+    server = make_server(create_app(recommender, **options), sock, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

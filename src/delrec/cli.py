@@ -262,11 +262,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.num_candidates is not None and args.num_candidates < 2:
         raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
-    for name in ("max_batch", "max_body_bytes", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_body_bytes", "batch_size", "max_queue", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    for name in ("timeout_s", "header_timeout_s", "body_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be a positive number of seconds, got {getattr(args, name)}")
     if args.batch_wait_ms < 0:
         raise ValueError(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
+    token = os.environ.get("DELREC_SERVE_TOKEN") or None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file}: the file is empty")
+    hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
+    allowed = None if hosts == ["*"] else (set(hosts) if hosts else "default")
     from delrec.serve import serve
 
     if args.threads is not None:
@@ -278,7 +288,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     rec = Recommender.from_run(args.run, model=args.model, teacher=args.teacher, device=args.device, dtype=args.dtype, llm=args.llm,
                                batch_size=args.batch_size, num_candidates=args.num_candidates, max_candidates=args.max_candidates)
     serve(rec, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
-          log_level="info" if args.verbose else "warning")
+          log_level="info" if args.verbose else "warning", max_queue=args.max_queue, timeout_s=args.timeout_s,
+          header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s, max_connections=args.max_connections,
+          allowed_hosts=allowed, token=token)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -417,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="the most requests scored together")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    p.add_argument("--max-queue", type=int, help="the most requests waiting for the model; more get a 503 with "
+                                                 "Retry-After (default: 4 x --max-batch)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="a request not answered this long after it came gets a 504")
+    p.add_argument("--header-timeout-s", type=float, default=10.0, help="a connection whose request headers take longer is closed")
+    p.add_argument("--body-timeout-s", type=float, default=10.0, help="a body part that takes longer to come gets a 408")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections at most; more get a 503")
+    p.add_argument("--allowed-hosts", help="comma-separated Host names answered, '*' for any (default: localhost, "
+                                           "127.0.0.1, ::1 and --host; for 0.0.0.0 also this machine's names)")
+    p.add_argument("--token-file", help="a file holding the bearer token every endpoint but /healthz then needs "
+                                        "(default: $DELREC_SERVE_TOKEN if set, else none)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per LLM forward pass")
     p.add_argument("--threads", type=int, help="torch threads of the model (default: torch's, one per core); "
                                                 "a fast model (a teacher) on few cores serves more with 1, leaving a core to HTTP")

@@ -27,6 +27,7 @@ does). Every problem with a request is a `RequestError` that names the field.
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class Ranking:
     candidates_from: str  # "given", or which teacher's top list
     history_used: list[str] = field(default_factory=list)  # titles, most recent last
     history_truncated: int = 0  # earliest items left out: the model reads at most max_history
+    all_finite: bool = True  # every candidate's score is finite (a NaN would make the order meaningless)
 
 
 class Recommender:
@@ -96,7 +98,8 @@ class Recommender:
             if i > 0 and key != self._keys[i]:
                 self._shared.setdefault(key, []).append(i)
         self._teacher = None
-        self._trigrams: dict[str, list[int]] | None = None  # for closest_titles, built on first use
+        self._trigrams: dict[str, list[int]] | None = None  # for closest_titles, built on first use (or by warm())
+        self._index_lock = threading.Lock()
 
     @classmethod
     def from_run(cls, run: str | Path, model: str = "sasrec-delrec", *, teacher: str | None = None, device: str = "auto",
@@ -166,17 +169,27 @@ class Recommender:
         the titles that share the most character trigrams with it are compared: difflib over a
         whole catalogue takes tens of milliseconds (a service's event loop would stall on every
         misspelt title), this about one."""
-        if self._trigrams is None:
-            self._trigrams = {}
-            for i, t in enumerate(self.titles[1:], 1):
-                for gram in _trigrams(t):
-                    self._trigrams.setdefault(gram, []).append(i)
+        index = self._trigrams if self._trigrams is not None else self._trigram_index()
         shared: dict[int, int] = {}
         for gram in _trigrams(title):
-            for i in self._trigrams.get(gram, ()):
+            for i in index.get(gram, ()):
                 shared[i] = shared.get(i, 0) + 1
         pool = sorted(shared, key=lambda i: -shared[i])[: max(50, 5 * n)]
         return difflib.get_close_matches(title, [self.titles[i] for i in pool], n=n, cutoff=cutoff)
+
+    def _trigram_index(self) -> dict[str, list[int]]:
+        with self._index_lock:  # built once, even when two threads ask first at the same time
+            if self._trigrams is None:
+                index: dict[str, list[int]] = {}
+                for i, t in enumerate(self.titles[1:], 1):
+                    for gram in _trigrams(t):
+                        index.setdefault(gram, []).append(i)
+                self._trigrams = index
+            return self._trigrams
+
+    def warm(self) -> None:
+        """Build what the first request would otherwise wait for (the index of closest titles)."""
+        self._trigram_index()
 
     def search(self, query: str, limit: int = 10) -> list[tuple[str, str]]:
         """(id, title) of the items whose title contains `query` (compared by `title_key`; in the
@@ -241,7 +254,7 @@ class Recommender:
             order = np.argsort(-np.asarray(row, dtype=np.float64), kind="stable")[: p.k]
             out.append(Ranking([RankedItem(self.ids[cands[j]], self.titles[cands[j]], float(row[j])) for j in order],
                                "given" if p.candidates is not None else teacher_list,
-                               [self.titles[i] for i in p.history], p.history_truncated))
+                               [self.titles[i] for i in p.history], p.history_truncated, bool(np.isfinite(row).all())))
         return out
 
     def prepare(self, history, candidates=None, k=10) -> PreparedRequest:
@@ -255,7 +268,7 @@ class Recommender:
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_candidates:
                 raise RequestError("k", f"must be an integer from 1 to {self.num_candidates}, got {k!r}")
             if self.teacher_name is None:
-                raise RequestError("candidates", f"none given, and {self.run} has no trained teacher to propose them: "
+                raise RequestError("candidates", f"none given, and the run {self.run.name!r} has no trained teacher to propose them: "
                                                  "give candidates, or train one (`delrec teacher train`)")
             return PreparedRequest(tuple(items), None, k, truncated)
         else:
