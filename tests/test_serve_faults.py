@@ -95,6 +95,24 @@ def test_a_full_queue_sheds_with_503_and_retry_after_at_once(rec):
     assert metrics["faults"]["shed"] == len(shed) and metrics["max_queue"] == 2
 
 
+def test_a_full_service_refuses_before_reading_the_body(rec):
+    """With the queue full, a request is answered 503 from its headers alone: its body (here
+    never sent) is neither awaited nor parsed, so a flood of retries costs the service little."""
+    SlowModel(rec, 1.0)
+    with serving(rec, max_batch=1, max_queue=1, max_wait_ms=0) as port, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call, port, "POST", "/recommend", good_request(0))  # being scored
+        time.sleep(0.2)
+        second = pool.submit(call, port, "POST", "/recommend", good_request(1))  # waits: the queue is full
+        time.sleep(0.2)
+        sock = raw_send(port, post_bytes(b"", content_length=500))  # headers only
+        start = time.perf_counter()
+        head = sock.recv(4096)
+        took = time.perf_counter() - start
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after" in head.lower() and took < 0.5, (head[:200], took)
+        assert first.result()[0] == 200 and second.result()[0] == 200
+
+
 def test_a_batch_larger_than_the_queue_is_refused_naming_the_limit(rec):
     with serving(rec, max_batch=2, max_queue=3) as port:
         status, answer = call(port, "POST", "/recommend/batch", {"requests": [good_request(n) for n in range(4)]})

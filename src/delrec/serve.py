@@ -190,12 +190,19 @@ class MicroBatcher:
         """Seconds until the queue has likely drained: its batches times a batch's recent time."""
         return max(1, math.ceil((self.waiting / self.max_batch + 1) * self.batch_seconds))
 
+    def full(self) -> bool:
+        return self.waiting >= self.max_queue
+
+    def overloaded(self, n: int = 1) -> Overloaded:
+        """The refusal of `n` requests that do not fit (counted as shed)."""
+        self.metrics.count("shed", n)
+        return Overloaded(f"the service is at capacity ({self.waiting} requests waiting for the model, at most "
+                          f"{self.max_queue}); retry later", self.retry_after_s())
+
     def check_room(self, n: int) -> None:
         """Raise `Overloaded` unless `n` more requests fit in the queue."""
         if self.waiting + n > self.max_queue:
-            self.metrics.count("shed", n)
-            raise Overloaded(f"the service is at capacity ({self.waiting} requests waiting for the model, at most "
-                             f"{self.max_queue}); retry later", self.retry_after_s())
+            raise self.overloaded(n)
 
     async def rank(self, requests: list[PreparedRequest]) -> list[Ranking]:
         """Rankings of `requests`, scored in the next batches. Cancelling the caller (a deadline,
@@ -336,6 +343,8 @@ class _Gate:
     noticeable share of a fast model's request):
     * a 400 for a `Host` header outside `allowed_hosts` (None: any), a 401 without the `token`
       (every path but /healthz), a 415 for a POST body that is not `application/json`;
+    * a 503 with Retry-After for a ranking request while the batcher's queue is full, before its
+      body is read;
     * a 413 for a body over `max_bytes`, by its Content-Length before it is read, or as soon as it
       passes the limit when it comes in chunks (read here, then handed on whole); a 408 when a
       part of the body takes over `body_timeout_s` to come;
@@ -410,6 +419,13 @@ class _Gate:
         refused = self._refused(scope, dict(scope.get("headers") or []))
         if refused is not None:
             return await _send_json(send, *refused)
+        handler = self.fast.get((scope["method"], scope["path"]))
+        if handler is not None and self.batcher.full():
+            # refused before its body is read or parsed: under a flood of retries each 503 must cost
+            # the event loop as little as possible (a malformed body gets its 4xx once there is room)
+            shed = self.batcher.overloaded()
+            return await _send_json(send, 503, {"field": None, "error": str(shed)},
+                                    [(b"retry-after", str(shed.retry_after_s).encode())])
         message = await self._receive(receive)
         if message is None:
             return await self._slow_body(send)
@@ -429,7 +445,6 @@ class _Gate:
             message = {"type": "http.request", "body": bytes(body), "more_body": False}
         if len(message.get("body", b"")) > self.max_bytes:  # chunks that came in one piece (no Content-Length)
             return await _send_json(send, 413, self._error())
-        handler = self.fast.get((scope["method"], scope["path"]))
         if handler is not None:
             scope["delrec"]["arriving"] = True  # the body is in: a batch may wait for this request now
             self.batcher.arriving += 1
