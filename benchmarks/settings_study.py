@@ -10,9 +10,10 @@ Supersedes benchmarks/stage2_settings.py (the one-off probes of issue 21, kept w
 each probe here runs the stages' own code (`delrec.stages.finetune.finetune`, `delrec.stages.distill
 .distill`) with a named set of overrides from PROBES, so what it measures is what a run trains.
 
-Held fixed across probes: one prepared run (`--source`, default runs/ml100k-cpu, only read: the
-study's run folder `--run`, default runs/study, links its `data` and `teachers`, and each probe
-writes RUN/finetune/<probe> or RUN/distill/<probe>); the seed, so the same train order and the same
+Held fixed across probes: one prepared run (`--source`, default runs/ml100k-cpu, only read: each
+probe has its own run folder RUN/<probe> under `--run`, default runs/study, which links the
+source's `data` and `teachers` and holds RUN/<probe>/finetune/<probe> or .../distill/<probe>, so
+that two probes side by side never wait for each other's run lock); the seed, so the same train order and the same
 valid rows (finetune and distill draw both from it); the valid subset (`--valid`, default 256
 samples; per task in stage 1); the budget in train examples (`--examples`, default 800, per task in
 stage 1: steps = examples / (batch_size * grad_accum)); an evaluation every `--eval-examples`
@@ -119,7 +120,7 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
 
 
 def study_run(run: Path, source: Path) -> Path:
-    """The study's run folder: `data` and `teachers` are links to the prepared `source` run (only
+    """A probe's run folder: `data` and `teachers` are links to the prepared `source` run (only
     read), so the probes' stage folders never land in it."""
     for part in ("data", "teachers"):
         link, target = run / part, (source / part).resolve()
@@ -156,7 +157,7 @@ def run_probe(name: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype)
-    run = study_run(Path(a.run), Path(a.source))
+    run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.locks)
     per_step = config.batch_size * config.grad_accum
     if stage(name) == 1:
         from delrec.stages.distill import _config_dict, distill
@@ -284,7 +285,7 @@ def main() -> None:
     p.add_argument("--summary", action="store_true", help="print the table of every probe with results, draw the figure")
     p.add_argument("--force", action="store_true", help="rerun a probe whose results exist (its stage restarts)")
     p.add_argument("--source", default="runs/ml100k-cpu", help="the prepared run whose data and teachers are read")
-    p.add_argument("--run", default="runs/study", help="the study's run folder (its stage folders)")
+    p.add_argument("--run", default="runs/study", help="the study's folder (a run folder per probe in it)")
     p.add_argument("--out", default=str(OUT), help="the results folder")
     p.add_argument("--figure", default=str(FIGURE), help="where --summary draws the figure")
     p.add_argument("--examples", type=int, default=800, help="train examples per probe (per task in stage 1)")
