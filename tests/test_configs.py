@@ -21,6 +21,20 @@ ML100K_TRAIN_SAMPLES = 78_678
 def test_every_preset_loads(path):
     config = PipelineConfig.from_file(path)
     assert config.variants and config.teachers
+    if config.seeds or config.sweep:  # every run of a seeds or sweep preset is a valid config too
+        from delrec.experiments import Experiment
+
+        assert Experiment(config).configs
+
+
+def test_the_rq4_presets_sweep_the_papers_settings():
+    from delrec.experiments import Experiment
+
+    quick = Experiment(PipelineConfig.from_file(next(p for p in CONFIGS if p.name == "ml100k-rq4-quick.yaml")))
+    assert len(quick.points) == 10 and {p.seed for p in quick.points} == {0, 1}
+    full = Experiment(PipelineConfig.from_file(next(p for p in CONFIGS if p.name == "ml100k-rq4.yaml")))
+    assert full.config.sweep == {"distill.soft_tokens": [10, 20, 40, 80, 100], "distill.top_h": [3, 5, 10, 15]}
+    assert len(full.points) == 27 and all(c.top_h == 15 for c in full.configs.values())  # lists long enough for h 15
 
 
 def test_the_gpu_preset():

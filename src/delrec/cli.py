@@ -216,11 +216,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     from delrec.pipeline import Pipeline
     from delrec.report import format_steps
 
-    config = PipelineConfig.from_file(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.seeds:
+        overrides.append(f"seeds=[{args.seeds}]")
+    config = PipelineConfig.from_file(args.config, overrides)
     if args.quiet:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    if config.seeds or config.sweep:  # several runs: delrec.experiments
+        from delrec.experiments import Experiment
+
+        experiment = Experiment(config, progress=not args.quiet)
+        result = experiment.execute()
+        print(f"{len(result['runs'])} runs ({result['steps_skipped']} steps reused or done earlier) in {result['seconds']:.0f} s")
+        print(f"-> {experiment.run}" + (f"; report: {experiment.run / 'report.md'}" if config.report else ""))
+        return
     pipeline = Pipeline(config, progress=not args.quiet)
     steps = pipeline.execute()
     print(format_steps(steps))
@@ -230,7 +241,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from delrec.report import write_report
 
-    print(f"-> {write_report(Path(args.run))}")
+    run = Path(args.run)
+    if (run / "experiment.json").exists():  # seeds or a sweep: the aggregate report
+        from delrec.experiments import write_experiment_report
+        from delrec.io import read_json
+
+        print(f"-> {write_experiment_report(run, read_json(run / 'experiment.json'))}")
+        return
+    print(f"-> {write_report(run)}")
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
@@ -388,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a YAML file, e.g. configs/ml100k-cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override any setting, e.g. run_dir=runs/try finetune.steps=20 test_samples=100")
+    p.add_argument("--seeds", help="run the whole experiment once per seed, e.g. 0,1,2 (RUN/seed-N/, one aggregated report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 

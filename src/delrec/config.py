@@ -13,6 +13,8 @@ from pathlib import Path
 from delrec import methods
 from delrec.settings import apply_override, check, load_yaml, runtime
 
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+
 
 @dataclass
 class PipelineConfig:
@@ -44,6 +46,16 @@ class PipelineConfig:
     eval_seed: int = 0
     eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
     report: bool = runtime(True)
+    # live tracking of every stage's logged scalars (delrec.tracking): none, tensorboard (RUN/tb/),
+    # wandb or mlflow; the JSON logs in the run folder stay the report's source
+    tracking: str = runtime("none")
+    # repeats (delrec.experiments): each seed runs the whole experiment into RUN/seed-N/ (teacher,
+    # stage 1 and stage 2 seeds; also the split and candidates with seed_data); a sweep runs one
+    # experiment per point into RUN/sweep/<point>/, `axes` one setting at a time, `grid` every combination
+    seeds: list[int] | None = None
+    seed_data: bool = False
+    sweep: dict = field(default_factory=dict)  # {"distill.soft_tokens": [10, 20, 40], ...}
+    sweep_mode: str = "axes"
     # other runs (folders of earlier `delrec run`s, e.g. with other budgets or soft-prompt sizes)
     # whose results the report lists beside this one's, with the settings that differ
     attempts: list[str] = runtime(default_factory=list)
@@ -63,6 +75,9 @@ class PipelineConfig:
                 raise ValueError(f"variants: {e}") from None
         if not self.teachers:
             raise ValueError("the config names no teacher")
+        self.sweep = _dotted(self.sweep)
+        if self.tracking not in TRACKERS:
+            raise ValueError(f"tracking: {self.tracking!r} is not one of {', '.join(TRACKERS)}")
         if self.variant_teachers is not None:
             unknown = [t for t in self.variant_teachers if t not in self.teachers]
             if unknown:
@@ -138,6 +153,18 @@ class PipelineConfig:
         if not (run / "config.yaml").exists():
             raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
         return cls._from_values({**load_yaml(run / "config.yaml"), "run_dir": str(run)}, str(run / "config.yaml"))
+
+
+def _dotted(sweep: dict, prefix: str = "") -> dict:
+    """A sweep's keys as dotted paths: `{distill: {soft_tokens: [..]}}` (as `sweep.distill.soft_tokens=[..]`
+    on the command line gives it) is `{"distill.soft_tokens": [..]}`."""
+    out = {}
+    for key, value in sweep.items():
+        if isinstance(value, dict):
+            out |= _dotted(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _plain(values: dict) -> dict:
