@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec import distributed, methods
+from delrec import distributed, methods, tracking
 from delrec.config import PipelineConfig  # noqa: F401 (the run config; `delrec.pipeline.PipelineConfig` before)
 from delrec.io import atomic_path, read_json, write_json
 from delrec.settings import same_identity
@@ -318,15 +318,16 @@ class Pipeline:
                     tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
             log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
             t0 = time.perf_counter()
-            self.data()
-            self.teachers()
-            self.distill()
-            self.finetune()
-            self.evaluate()
-            if c.report:
+            with tracking.for_run(c.tracking, self.run, asdict(c)):
+                self.data()
+                self.teachers()
+                self.distill()
+                self.finetune()
+                self.evaluate()
+                if c.report:
+                    self._write_summary(time.perf_counter() - t0)
+                    self.write_report()
                 self._write_summary(time.perf_counter() - t0)
-                self.write_report()
-            self._write_summary(time.perf_counter() - t0)
             return self.steps
         finally:
             root.removeHandler(handler)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from delrec import distributed
+from delrec import distributed, tracking
 from delrec.io import atomic_path, write_json
 from delrec.settings import runtime_names, same_identity
 
@@ -45,6 +45,7 @@ class StageFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path, self.log_path = self.out / "checkpoint.pt", self.out / "train_log.jsonl"
         self.counter = counter
+        self.tag_prefix = f"{self.out.parent.name}/{self.out.name}"  # "distill/sasrec": the stages' tags never collide
         if self.dist.is_main:
             for name in ("metrics.json", *stale):  # a new run invalidates the results of an earlier one
                 path = self.out / name
@@ -75,10 +76,13 @@ class StageFolder:
 
     def log(self, entry: dict) -> None:
         """One line of train_log.jsonl (main process only), written with one write() so that a
-        kill leaves at most a torn last line, which the next resume drops."""
+        kill leaves at most a torn last line, which the next resume drops. Then the live tracker
+        (delrec.tracking, a no-op unless the run tracks) gets its scalars at the entry's counter."""
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.counter in entry:
+                tracking.current().log(self.tag_prefix, {k: v for k, v in entry.items() if k != self.counter}, entry[self.counter])
 
     def truncate_log(self, position: int) -> None:
         """Drop log lines after `position` (a crash may have left some after the checkpoint), and

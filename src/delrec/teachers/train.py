@@ -201,7 +201,8 @@ def train_teacher(
         else:
             state["bad_epochs"] += 1
         state["elapsed"] = clock.elapsed
-        entry = {"epoch": state["epoch"], "loss": total_loss / max(1, seen), "valid_NDCG@10": score, "seconds": state["elapsed"]}
+        entry = {"epoch": state["epoch"], "loss": total_loss / max(1, seen), "valid_NDCG@10": score, "seconds": state["elapsed"],
+                 "lr": optimizer.param_groups[0]["lr"]}
         if partial:
             entry["partial"] = True  # stopped inside the epoch by the time budget (loss: over the batches run)
         bar.update(1)
