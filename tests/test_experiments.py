@@ -159,6 +159,16 @@ def test_experiments_that_cannot_run_are_refused_before_anything_runs(inputs, tm
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_swept_data_setting_shares_neither_data_nor_teachers(inputs, tmp_path):
+    _, config = inputs
+    experiment = Experiment(_config(config, tmp_path / "data-sweep", "sweep={protocol.num_candidates: [10, 15]}"))
+    assert not experiment.share_data and not experiment.share_teachers
+    assert all(experiment._shared(p) == {} for p in experiment.points)
+    teachers = Experiment(_config(config, tmp_path / "h-sweep", "sweep={distill.top_h: [2, 3]}", "seeds=[0, 1]"))
+    assert {p.seed: teachers._shared(p)["teachers"].relative_to(tmp_path / "h-sweep").as_posix() for p in teachers.points} == {
+        0: "shared/seed-0/teachers", 1: "shared/seed-1/teachers"}  # one set of teachers per seed
+
+
 def test_sweep_keys_given_as_a_nested_mapping_are_dotted(inputs, tmp_path):
     _, config = inputs
     c = _config(config, tmp_path / "nested", "sweep.distill.soft_tokens=[2, 4]")

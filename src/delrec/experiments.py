@@ -148,7 +148,8 @@ class Experiment:
         self.run = Path(config.run_dir)
         self.swept = list(config.sweep)
         self.share_data = not config.seed_data and not any(k.split(".")[0] in DATA_KEYS for k in self.swept)
-        self.share_teachers = bool(self.swept) and not any(k.split(".")[0] in TEACHER_KEYS for k in self.swept)
+        # teachers trained on another split must not be shared: a swept data setting stops both
+        self.share_teachers = bool(self.swept) and not any(k.split(".")[0] in (*TEACHER_KEYS, *DATA_KEYS) for k in self.swept)
         self.points = self._points()
         self.configs = {p.folder: self.child_config(p) for p in self.points}  # every point checked before any runs
 
