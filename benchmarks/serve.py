@@ -224,17 +224,22 @@ def threads(model: str, args) -> int:
     return args.threads or (os.cpu_count() if is_llm(model) else 1)
 
 
-def start_service(run: Path, model: str, args) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "delrec.cli", "serve", "--run", str(run), "--model", model, "--port", "0",
-               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--batch-size", str(args.batch_size),
-               "--dtype", args.dtype, "--threads", str(threads(model, args))]
+def _start(command: list[str], what: str) -> tuple[subprocess.Popen, int]:
+    """Start a service that prints its http://127.0.0.1:PORT address first; the process and port."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
     if not found:
         process.kill()
-        raise RuntimeError(f"the service did not start: {line}{process.stderr.read()}")
+        raise RuntimeError(f"{what} did not start: {line}{process.stderr.read()}")
     return process, int(found.group(1))
+
+
+def start_service(run: Path, model: str, args) -> tuple[subprocess.Popen, int]:
+    command = [sys.executable, "-m", "delrec.cli", "serve", "--run", str(run), "--model", model, "--port", "0",
+               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--batch-size", str(args.batch_size),
+               "--dtype", args.dtype, "--threads", str(threads(model, args))]
+    return _start(command, "the service")
 
 
 def batch_sizes(port: int) -> dict:
@@ -324,13 +329,7 @@ def start_stub(args) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, str(Path(__file__).resolve().parent / "_stub_service.py"), "--port", "0",
                "--batch-ms", str(args.stub_batch_ms), "--max-batch", str(args.max_batch),
                "--batch-wait-ms", str(args.fault_batch_wait_ms)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    if not found:
-        process.kill()
-        raise RuntimeError(f"the stub service did not start: {line}{process.stderr.read()}")
-    return process, int(found.group(1))
+    return _start(command, "the stub service")
 
 
 def stub_requests(count: int, seed: int = 0) -> list[tuple[bytes, dict]]:

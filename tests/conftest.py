@@ -44,6 +44,21 @@ def random_dataset(num_users: int = 80, num_items: int = 60, seed: int = 1):
     return interactions, items
 
 
+def write_pipeline_inputs(root, backbone, config_name: str = "quick.yaml", **dataset_kwargs):
+    """The inputs of a tiny `delrec run`: a dataset folder (interactions.csv + items.csv of
+    sequential_rule_dataset(**dataset_kwargs)), `backbone` saved as a model folder, and a config
+    naming both and a SASRec teacher. Returns the config's path."""
+    interactions, items = sequential_rule_dataset(**dataset_kwargs)
+    (root / "data").mkdir()
+    interactions.to_csv(root / "data" / "interactions.csv", index=False)
+    items.to_csv(root / "data" / "items.csv", index=False)
+    backbone.model.save_pretrained(root / "llm")
+    backbone.tokenizer.save_pretrained(root / "llm")
+    config = root / config_name
+    config.write_text(f"dataset: {root / 'data'}\nllm: {root / 'llm'}\nteachers: [sasrec]\n")
+    return config
+
+
 def make_run(tmp_path, dataset=sequential_rule_dataset, protocol: str = "paper", **kwargs):
     interactions, items = dataset(**kwargs)
     prepared = prepare(interactions, items, ProtocolConfig.for_protocol(protocol))

@@ -314,18 +314,11 @@ def test_the_baselines_are_evaluated_like_every_model(taught_run):  # noqa: F811
 def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     """`delrec run` with the baselines as variants: stage 2 for the trained ones (no stage 1), one
     evaluation each on the same samples, and the report's Table II rows under the paper's names."""
-    from conftest import sequential_rule_dataset
+    from conftest import write_pipeline_inputs
     from delrec.cli import main
 
-    interactions, items = sequential_rule_dataset(num_users=40, num_items=30, length=12)
-    (tmp_path / "data").mkdir()
-    interactions.to_csv(tmp_path / "data" / "interactions.csv", index=False)
-    items.to_csv(tmp_path / "data" / "items.csv", index=False)
-    bb = letter_llama()
-    bb.model.save_pretrained(tmp_path / "llm")
-    bb.tokenizer.save_pretrained(tmp_path / "llm")
-    run, config = tmp_path / "run", tmp_path / "baselines.yaml"
-    config.write_text(f"dataset: {tmp_path / 'data'}\nllm: {tmp_path / 'llm'}\nteachers: [sasrec]\n")
+    config = write_pipeline_inputs(tmp_path, letter_llama(), "baselines.yaml", num_users=40, num_items=30, length=12)
+    run = tmp_path / "run"
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "teacher.max_epochs=1", "threads=1", "zero_shot=false",
                  "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, init_r: 4, target_r: 2, "
                  "warmup_steps: 1, teacher_list_size: 3}",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import sequential_rule_dataset
+from conftest import write_pipeline_inputs
 from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.experiments import Experiment, check_experiment, seed_t_test
@@ -27,16 +27,7 @@ QUICK = [
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment-inputs")
-    interactions, items = sequential_rule_dataset(num_users=50, num_items=30, length=16)
-    (root / "data").mkdir()
-    interactions.to_csv(root / "data" / "interactions.csv", index=False)
-    items.to_csv(root / "data" / "items.csv", index=False)
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(root / "llm")
-    bb.tokenizer.save_pretrained(root / "llm")
-    config = root / "quick.yaml"
-    config.write_text(f"dataset: {root / 'data'}\nllm: {root / 'llm'}\nteachers: [sasrec]\n")
-    return root, config
+    return root, write_pipeline_inputs(root, tiny_llama_backbone(), num_users=50, num_items=30, length=16)
 
 
 def _read(path):

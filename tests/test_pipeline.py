@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import sequential_rule_dataset
+from conftest import write_pipeline_inputs
 from delrec.cli import main
 from delrec.pipeline import Pipeline, PipelineConfig
 from delrec.settings import apply_override as _apply_override
@@ -29,16 +29,7 @@ SECTIONS = ["## The goal", "## Results (Table II style)", "## Ablations", "## St
 def inputs(tmp_path_factory):
     """A dataset folder (interactions.csv + items.csv) and a tiny model folder."""
     root = tmp_path_factory.mktemp("pipeline-inputs")
-    interactions, items = sequential_rule_dataset(num_users=60, num_items=40, length=20)
-    (root / "data").mkdir()
-    interactions.to_csv(root / "data" / "interactions.csv", index=False)
-    items.to_csv(root / "data" / "items.csv", index=False)
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(root / "llm")
-    bb.tokenizer.save_pretrained(root / "llm")
-    config = root / "quick.yaml"
-    config.write_text(f"dataset: {root / 'data'}\nllm: {root / 'llm'}\nteachers: [sasrec]\n")
-    return root, config
+    return root, write_pipeline_inputs(root, tiny_llama_backbone(), num_users=60, num_items=40, length=20)
 
 
 def _args(config, run, *extra):

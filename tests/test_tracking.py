@@ -155,19 +155,11 @@ def test_wandb_and_mlflow_get_each_stage_on_its_own_axis(tmp_path, monkeypatch):
 
 def test_pipeline_run_tracks_every_stage(tmp_path):
     """`delrec run ... tracking=tensorboard`: a teacher's and both stages' tags in RUN/tb."""
-    from conftest import sequential_rule_dataset
+    from conftest import write_pipeline_inputs
     from delrec.cli import main
     from llm_helpers import tiny_llama_backbone
 
-    interactions, items = sequential_rule_dataset(num_users=40, num_items=30, length=16)
-    (tmp_path / "data").mkdir()
-    interactions.to_csv(tmp_path / "data" / "interactions.csv", index=False)
-    items.to_csv(tmp_path / "data" / "items.csv", index=False)
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(tmp_path / "llm")
-    bb.tokenizer.save_pretrained(tmp_path / "llm")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"dataset: {tmp_path / 'data'}\nllm: {tmp_path / 'llm'}\nteachers: [sasrec]\n")
+    config = write_pipeline_inputs(tmp_path, tiny_llama_backbone(), "tiny.yaml", num_users=40, num_items=30, length=16)
     run = tmp_path / "run"
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "tracking=tensorboard", "teacher.max_epochs=2",
                  "threads=1", "variants=[delrec]", "zero_shot=false", "test_samples=4", "eval_batch_size=4", "report=false",

@@ -22,6 +22,7 @@ RUN/report.md        mean ± std over seeds, the t-test over seeds, each seed's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -94,14 +95,12 @@ def effective_value(config: PipelineConfig, key: str):
     if name in given:
         return given[name]
     cls = _section_class(section)
-    default = getattr(cls, name, None) if cls else None
-    if default is None and cls is not None:
-        import dataclasses
-
-        for f in dataclasses.fields(cls):
-            if f.name == name and f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    return default
+    for f in dataclasses.fields(cls) if cls else ():
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return None
 
 
 def check_experiment(config: PipelineConfig) -> None:
@@ -232,7 +231,7 @@ class Experiment:
             return 0
         copied = 0
         for name, source in config.models():
-            if source is not None and "/teachers/" not in source:
+            if source is not None and Path(source).parent.parent.name != "teachers":
                 continue  # a stage-1 or stage-2 model: it depends on the swept settings
             src, dst = donor.folder / "eval" / "pipeline" / f"{name}.json", point.folder / "eval" / "pipeline" / f"{name}.json"
             if src.exists() and not dst.exists():

@@ -129,6 +129,10 @@ class Overloaded(RuntimeError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def answer(self) -> tuple[int, dict, list]:
+        """The 503 (status, body, headers) every refusal of a full queue gets."""
+        return 503, {"field": None, "error": str(self)}, [(b"retry-after", str(self.retry_after_s).encode())]
+
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]*)")
 
@@ -423,9 +427,7 @@ class _Gate:
         if handler is not None and self.batcher.full():
             # refused before its body is read or parsed: under a flood of retries each 503 must cost
             # the event loop as little as possible (a malformed body gets its 4xx once there is room)
-            shed = self.batcher.overloaded()
-            return await _send_json(send, 503, {"field": None, "error": str(shed)},
-                                    [(b"retry-after", str(shed.retry_after_s).encode())])
+            return await _send_json(send, *self.batcher.overloaded().answer())
         message = await self._receive(receive)
         if message is None:
             return await self._slow_body(send)
@@ -610,7 +612,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
         except RequestError as e:
             return 400, {"field": e.field, "error": e.message}, []
         except Overloaded as e:
-            return 503, {"field": None, "error": str(e)}, [(b"retry-after", str(e.retry_after_s).encode())]
+            return e.answer()
         scope["delrec"]["queued"] = True
         batcher.arriving -= 1
         try:
@@ -620,7 +622,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
             return 504, {"field": None, "error": f"not answered within the service's deadline of {timeout_s:g} s "
                                                  "(delrec serve --timeout-s)"}, []
         except Overloaded as e:
-            return 503, {"field": None, "error": str(e)}, [(b"retry-after", str(e.retry_after_s).encode())]
+            return e.answer()
         except ScoringFailed as e:
             return 500, {"field": None, "error": str(e)}, []
         except ServiceStopping as e:

@@ -280,27 +280,35 @@ AMAZON_RATING_COLUMNS = ["item", "user", "rating", "timestamp"]  # the 2018 CSVs
 def amazon_titles(metadata: Path, progress: bool = False) -> tuple[dict[str, str], dict]:
     """{asin: title} of the metadata file: the first usable title of each asin (the 2018 files
     repeat some products); records without an asin or a usable title are counted."""
+    return _first_titles(metadata, progress, "asin", repeated_stat="metadata_repeated_asins",
+                         id_of=lambda rec: rec["asin"].strip() if isinstance(rec.get("asin"), str) else "",  # strings only
+                         title_of=lambda rec: clean_source_title(rec.get("title")))
+
+
+def _first_titles(path: Path, progress: bool, id_name: str, id_of: Callable[[dict], str], title_of: Callable[[dict], str],
+                  repeated_stat: str) -> tuple[dict[str, str], dict]:
+    """{id: title} of a metadata file of records (iter_records): the first usable title of each
+    id; records without an id (`id_of` gives "") or a usable title are counted, repeated ids in
+    `repeated_stat`."""
     titles: dict[str, str] = {}
     counts, first = Counter(), {}
     records = 0
-    for lineno, rec in iter_records(metadata, progress, metadata.name):
+    for lineno, rec in iter_records(path, progress, path.name):
         records += 1
-        asin = rec.get("asin")
-        if not isinstance(asin, str) or not asin.strip():
-            _note_skip(counts, first, "no asin", f"line {lineno}")
+        item = id_of(rec)
+        if not item:
+            _note_skip(counts, first, f"no {id_name}", f"line {lineno}")
             continue
-        asin = asin.strip()
-        if asin in titles:
-            counts["repeated asin"] += 1
+        if item in titles:
+            counts["repeated"] += 1
             continue
-        title = clean_source_title(rec.get("title"))
+        title = title_of(rec)
         if not title:
             _note_skip(counts, first, "no usable title", f"line {lineno}")
             continue
-        titles[asin] = title
-    repeated = counts.pop("repeated asin", 0)
-    return titles, {"metadata_records": records, "metadata_skipped": _skips(counts, first),
-                    "metadata_repeated_asins": repeated}
+        titles[item] = title
+    repeated = counts.pop("repeated", 0)
+    return titles, {"metadata_records": records, "metadata_skipped": _skips(counts, first), repeated_stat: repeated}
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,27 +318,9 @@ EPOCH = dt.date(1970, 1, 1)
 
 def steam_titles(games: Path, progress: bool = False) -> tuple[dict[str, str], dict]:
     """{id: title} of steam_games.json.gz: `title`, else `app_name`; records without an id are counted."""
-    titles: dict[str, str] = {}
-    counts, first = Counter(), {}
-    records = 0
-    for lineno, rec in iter_records(games, progress, games.name):
-        records += 1
-        gid = rec.get("id")
-        if gid is None or not str(gid).strip():
-            _note_skip(counts, first, "no id", f"line {lineno}")
-            continue
-        gid = str(gid).strip()
-        if gid in titles:
-            counts["repeated id"] += 1
-            continue
-        title = clean_source_title(rec.get("title")) or clean_source_title(rec.get("app_name"))
-        if not title:
-            _note_skip(counts, first, "no usable title", f"line {lineno}")
-            continue
-        titles[gid] = title
-    repeated = counts.pop("repeated id", 0)
-    return titles, {"metadata_records": records, "metadata_skipped": _skips(counts, first),
-                    "metadata_repeated_ids": repeated}
+    return _first_titles(games, progress, "id", repeated_stat="metadata_repeated_ids",
+                         id_of=lambda rec: str(rec["id"]).strip() if rec.get("id") is not None else "",
+                         title_of=lambda rec: clean_source_title(rec.get("title")) or clean_source_title(rec.get("app_name")))
 
 
 # --------------------------------------------------------------------------------------------
