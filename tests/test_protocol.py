@@ -145,3 +145,23 @@ def test_interrupted_write_leaves_no_complete_marker(tmp_path, monkeypatch):
         write(prepared, tmp_path / "data")
     assert not (tmp_path / "data" / "protocol.json").exists()
     assert not list((tmp_path / "data").glob("*.tmp"))
+
+
+def test_k_core_on_codes_keeps_what_the_fixed_point_over_strings_keeps():
+    from delrec.data.protocol import k_core_rows
+
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"user": [f"u{u}" for u in rng.zipf(1.6, 4000) % 700],
+                       "item": [f"i{i}" for i in rng.zipf(1.4, 4000) % 300], "timestamp": range(4000)})
+    expect = df
+    while True:  # the definition, pass by pass, on the strings
+        keep = (expect["user"].map(expect["user"].value_counts()) >= 5) & (expect["item"].map(expect["item"].value_counts()) >= 5)
+        if keep.all():
+            break
+        expect = expect[keep]
+    assert 0 < len(expect) < len(df)
+    users, _ = pd.factorize(df["user"])
+    items, _ = pd.factorize(df["item"])
+    assert np.array_equal(k_core_rows(users, items, 5), expect.index.to_numpy())
+    assert k_core(df, 5).equals(expect)
+    assert len(k_core_rows(np.zeros(0, np.int64), np.zeros(0, np.int64), 5)) == 0

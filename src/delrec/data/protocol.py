@@ -65,14 +65,23 @@ class ProtocolConfig:
 
 def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
     """Iteratively drop users and items with fewer than k interactions until nothing changes."""
-    df = interactions
+    users, _ = pd.factorize(interactions["user"])
+    items, _ = pd.factorize(interactions["item"])
+    return interactions.iloc[k_core_rows(users, items, k)]
+
+
+def k_core_rows(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the rows the iterative k-core keeps, given integer codes 0..n-1 of each
+    row's user and item. Counts by bincount over the rows still kept, which shrink at every pass
+    (Amazon Home & Kitchen: 21.9M rows of which a quarter survive)."""
+    rows = np.arange(len(users), dtype=np.int64)
+    n_users, n_items = int(users.max(initial=-1)) + 1, int(items.max(initial=-1)) + 1
+    u, i = users, items
     while True:
-        user_ok = df["user"].map(df["user"].value_counts()) >= k
-        item_ok = df["item"].map(df["item"].value_counts()) >= k
-        keep = user_ok & item_ok
-        if keep.all():
-            return df
-        df = df[keep.to_numpy()]
+        ok = (np.bincount(u, minlength=n_users)[u] >= k) & (np.bincount(i, minlength=n_items)[i] >= k)
+        if ok.all():
+            return rows
+        rows, u, i = rows[ok], u[ok], i[ok]
 
 
 @dataclass
@@ -186,32 +195,34 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
             raise ValueError(f"interactions lack the column {col!r} (have {list(interactions.columns)})")
     if len(interactions) == 0:
         raise ValueError("no interactions to prepare")
-    raw_stats = {
-        "users": int(interactions["user"].nunique()),
-        "items": int(interactions["item"].nunique()),
-        "interactions": int(len(interactions)),
-    }
-    df = interactions[["user", "item", "timestamp"]].reset_index(drop=True)
+    # Everything up to the k-core works on integer codes of the ids (factorize: in order of first
+    # appearance), never on the id strings: at Home & Kitchen's 21.9M rows a pass over strings
+    # costs seconds and gigabytes, one over codes a fraction of either.
+    raw_users, raw_user_names = pd.factorize(interactions["user"], sort=False)
+    raw_items, raw_item_names = pd.factorize(interactions["item"], sort=False)
+    raw_time = interactions["timestamp"].to_numpy(np.int64)
+    raw_stats = {"users": len(raw_user_names), "items": len(raw_item_names), "interactions": int(len(interactions))}
     # an exact repeat of a (user, item, timestamp) row is a logging artefact, not a second
     # interaction: kept, it would inflate the k-core counts and make targets already in the history
-    repeated = df.duplicated(keep="first")
+    repeated = pd.DataFrame({"u": raw_users, "i": raw_items, "t": raw_time}).duplicated(keep="first").to_numpy()
     duplicates = int(repeated.sum())
+    source_rows = np.arange(len(interactions), dtype=np.int64)  # ties in time keep the source order
     if duplicates:
         log.warning("dropped %d exact duplicate (user, item, timestamp) interactions", duplicates)
-        df = df[~repeated.to_numpy()].reset_index(drop=True)
-    df["order"] = np.arange(len(df), dtype=np.int64)  # ties in time keep the source order
-    df = k_core(df, config.min_count)
-    if len(df) == 0:
+        source_rows = np.flatnonzero(~repeated)
+    source_rows = source_rows[k_core_rows(raw_users[source_rows], raw_items[source_rows], config.min_count)]
+    if len(source_rows) == 0:
         raise ValueError(f"no interactions survive the {config.min_count}-core filter")
 
     # Dense ids in order of first appearance in the source file: deterministic, and no id order
     # can leak into the ranking because ties are never broken by id.
-    user_codes, user_names = pd.factorize(df["user"], sort=False)
-    item_codes, item_names = pd.factorize(df["item"], sort=False)
+    user_codes, user_kept = pd.factorize(raw_users[source_rows], sort=False)
+    item_codes, item_kept = pd.factorize(raw_items[source_rows], sort=False)
+    user_names, item_names = raw_user_names[user_kept], raw_item_names[item_kept]
     user_idx = user_codes.astype(np.int32)
     item_idx = (item_codes + 1).astype(np.int32)  # 0 is padding
-    timestamp = df["timestamp"].to_numpy(np.int64)
-    order = np.lexsort((df["order"].to_numpy(), timestamp, user_idx))
+    timestamp = raw_time[source_rows]
+    order = np.lexsort((source_rows, timestamp, user_idx))
     user_idx, item_idx, timestamp = user_idx[order], item_idx[order], timestamp[order]
     num_users, num_items = len(user_names), len(item_names)
 
