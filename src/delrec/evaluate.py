@@ -78,9 +78,22 @@ def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size:
     return ranks(np.asarray(rows)) if local else distributed.current().map_sharded(ranks, np.asarray(rows), inner)
 
 
+# Bytes of one block of full-catalogue scores (rows x items, float32). At 1.29M items (Amazon
+# Home & Kitchen) 512 rows would be 2.6 GB, and the masks and copies beside it as much again.
+FULL_SCORES_BLOCK_BYTES = 256 << 20
+
+
+def full_catalogue_rows(num_items: int, batch_size: int, block_bytes: int | None = None) -> int:
+    """Rows per block when every row is scored against `num_items` items: at most `batch_size`,
+    and few enough that a block's float32 scores stay within `block_bytes` (default
+    FULL_SCORES_BLOCK_BYTES; at least one row)."""
+    return max(1, min(batch_size, (block_bytes or FULL_SCORES_BLOCK_BYTES) // (4 * (num_items + 1))))
+
+
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Rank of the target over the whole catalogue, excluding padding and the items the user
     already interacted with before the target (as RecBole's full-sort evaluation does)."""
+    batch_size = full_catalogue_rows(data.num_items, batch_size)
     return distributed.current().map_sharded(lambda r: _full_ranks(scorer, data, r, batch_size), np.asarray(rows), batch_size)
 
 

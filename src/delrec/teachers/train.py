@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from delrec import distributed
 from delrec.data.protocol import RunData
-from delrec.evaluate import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
+from delrec.evaluate import candidate_ranks, evaluate, full_catalogue_rows, full_ranks, metrics_from_ranks
 from delrec.io import atomic_path, read_json, write_json, write_parquet
 from delrec.locks import holds_run_lock
 from delrec.stages.scaffold import Clock, StageFolder
@@ -59,6 +59,11 @@ class TeacherScorer:
         self.model = model.eval()
         self.device = device
         self.name = name or model.config.model
+
+    @property
+    def num_items(self) -> int:
+        """Items the model scores (its catalogue; index 0 is padding)."""
+        return self.model.output_embeddings().shape[0] - 1
 
     def _inputs(self, data: RunData, rows: np.ndarray):
         history = torch.as_tensor(data.history[rows][:, -self.model.max_len :], device=self.device)
@@ -243,21 +248,33 @@ def train_teacher(
     return TrainResult(model, metrics, out)
 
 
-def write_topk(scorer: TeacherScorer, data: RunData, path: Path, top_h: int, batch_size: int = 1024) -> None:
-    """The teacher's top-h over the catalogue for every sample (seen items excluded, as in full
-    ranking), and its scores on the sample's fixed candidates."""
-    n = len(data.sample_id)
-    top_items = np.zeros((n, top_h), dtype=np.int32)
-    top_scores = np.zeros((n, top_h), dtype=np.float32)
-    cand_scores = np.zeros(data.candidates.shape, dtype=np.float32)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        scores = scorer.score_all(data, rows)
-        r, items = data.seen_items(rows)
+def teacher_topk(scorer: TeacherScorer, data: RunData, rows: np.ndarray, top_h: int,
+                 batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-h items over the catalogue and their scores, for `rows` (seen items
+    excluded, as in full ranking); scored in blocks whose scores stay within
+    FULL_SCORES_BLOCK_BYTES, so a catalogue of a million items holds a bounded memory."""
+    top_items = np.zeros((len(rows), top_h), dtype=np.int32)
+    top_scores = np.zeros((len(rows), top_h), dtype=np.float32)
+    block = full_catalogue_rows(scorer.num_items, batch_size)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        scores = scorer.score_all(data, part)
+        r, items = data.seen_items(part)
         scores[torch.as_tensor(r), torch.as_tensor(items)] = float("-inf")
         scores[:, 0] = float("-inf")
         vals, idx = scores.topk(top_h, dim=1)
-        top_items[rows], top_scores[rows] = idx.numpy(), vals.numpy()
+        top_items[start : start + len(part)], top_scores[start : start + len(part)] = idx.numpy(), vals.numpy()
+    return top_items, top_scores
+
+
+def write_topk(scorer: TeacherScorer, data: RunData, path: Path, top_h: int, batch_size: int = 1024) -> None:
+    """The teacher's top-h over the catalogue for every sample (teacher_topk), and its scores on
+    the sample's fixed candidates."""
+    n = len(data.sample_id)
+    top_items, top_scores = teacher_topk(scorer, data, np.arange(n), top_h, batch_size)
+    cand_scores = np.zeros(data.candidates.shape, dtype=np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
         cand_scores[rows] = np.asarray(scorer.score_candidates(data, rows))
     write_parquet(
         path,
