@@ -23,13 +23,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import sequential_rule_dataset
 from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.data import formats, loaders
 from delrec.data.download import ChecksumError, DownloadError
 from delrec.data.fetch import fetch_dataset, is_fetched, verify_dataset
 from delrec.data.loaders import DataFormatError, load_dataset
+from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
 from delrec.data.sources import MIRROR_ENV, REMOTE
+from delrec.llm.scorer import LLMScorer
+from llm_helpers import tiny_llama_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
@@ -441,9 +445,9 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("config, dataset, words, ta_examples", [
     ("steam-cpu.yaml", "steam", {"item": "game", "items": "games", "verb": "played", "verb_base": "play"}, 6),
     ("beauty-cpu.yaml", "beauty",
-     {"item": "beauty product", "items": "beauty products", "verb": "bought", "verb_base": "buy"}, 4),
+     {"item": "beauty product", "items": "beauty products", "verb": "bought", "verb_base": "buy", "max_title_chars": 80}, 4),
     ("home-kitchen-cpu.yaml", "home-kitchen",
-     {"item": "home product", "items": "home products", "verb": "bought", "verb_base": "buy"}, 6),
+     {"item": "home product", "items": "home products", "verb": "bought", "verb_base": "buy", "max_title_chars": 80}, 6),
     ("kuairec-cpu.yaml", "kuairec",
      {"item": "short video", "items": "short videos", "verb": "watched", "verb_base": "watch"}, 4),
 ])
@@ -465,3 +469,46 @@ def test_an_incomplete_entry_downloads_only_what_is_missing(server, tmp_path):
     fetch_dataset("beauty", cache_dir=tmp_path, progress=False)
     assert [p.rsplit("/", 1)[1] for p, _ in server.requests] == ["meta_All_Beauty.json.gz"]
     assert is_fetched("beauty", tmp_path) and verify_dataset("beauty", cache_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Long titles cut for prompts; the full title kept in the run's items
+
+
+def test_long_titles_are_cut_for_prompts_and_told_apart_again():
+    from delrec.llm.templates import ELLIPSIS, Templates, cut_title, prompt_titles
+
+    long = "Stainless Steel Kitchen Towel Set with Bamboo Handles and a Matching Storage Box"
+    assert cut_title(long, None) == long and cut_title("Short", 20) == "Short"
+    cut = cut_title(long, 40)
+    assert len(cut) <= 40 and cut.endswith(ELLIPSIS) and long.startswith(cut[:-1])
+    assert cut == "Stainless Steel Kitchen Towel Set with" + ELLIPSIS  # at a word boundary
+    assert cut_title("x" * 50, 10) == "x" * 9 + ELLIPSIS  # no boundary: mid-word
+    items = pd.DataFrame({"item": ["B1", "B2", "B3"], "title": [long, long.replace("Box", "Bag"), "Mug"]})
+    shown = prompt_titles(items, 40)
+    # the two products agree on their first 40 characters: cut, they would be one candidate
+    assert shown[0] == "" and shown[3] == "Mug" and len(set(shown[1:])) == 3
+    assert shown[1] == cut + " (#B1)" and shown[2] == cut + " (#B2)"
+    assert prompt_titles(items, None) == ["", *items["title"]]
+    with pytest.raises(ValueError, match="max_title_chars must be at least 8"):
+        Templates(max_title_chars=4)
+
+
+def test_the_prompts_of_a_run_show_cut_titles_and_its_items_keep_the_full_ones(tmp_path):
+    from delrec.llm.templates import Templates
+    from delrec.stages.examples import ExampleBuilder
+
+    interactions, items = sequential_rule_dataset()
+    items["title"] = [f"Product {i} " + "with a very long marketing description " * 4 for i in range(len(items))]
+    write(prepare(interactions, items, ProtocolConfig()), tmp_path / "data")
+    data = RunData.load(tmp_path / "data")
+    assert data.items["title"].str.len().min() > 150  # stored whole
+    templates = Templates(max_title_chars=30)
+    builder = ExampleBuilder(data, templates)
+    prompt = builder.ta(int(builder.eligible("train", "ta")[0]))
+    assert all(len(t) <= 30 for t in prompt.candidates) and prompt.label in prompt.candidates
+    assert len(set(builder.titles[1:])) == data.num_items  # "Product 1 with a…" and "Product 10 …" differ
+    # the recommendation prompt of stage 2, evaluation and the service reads the same titles
+    scorer = LLMScorer.for_run(data, tiny_llama_backbone(), templates=templates)
+    assert scorer.titles == builder.titles
+    assert scorer.prompt(data.history[0], data.candidates[0]).candidates == tuple(builder.titles[i] for i in data.candidates[0])

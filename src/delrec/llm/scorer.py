@@ -13,7 +13,7 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt, Templates, hybrid_prompt, lettered_prompt, lsr_prompt, teacher_list_prompt
+from delrec.llm.templates import Prompt, Templates, hybrid_prompt, lettered_prompt, lsr_prompt, prompt_titles, teacher_list_prompt
 from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
 from delrec.methods import PROMPTS
 
@@ -81,7 +81,8 @@ class LLMScorer:
 
     @classmethod
     def for_run(cls, data: RunData, backbone: Backbone, **kwargs) -> LLMScorer:
-        return cls(backbone, [""] + data.items["title"].tolist(), **kwargs)
+        templates = kwargs.get("templates") or Templates()
+        return cls(backbone, prompt_titles(data.items, templates.max_title_chars), **kwargs)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None,
                teacher_top: Sequence[int] | None = None, text_only: bool = False) -> Prompt:

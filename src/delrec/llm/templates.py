@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec.data.titles import disambiguate_titles
+
 SLOT = "{soft_prompt}"
 MASK = "[MASK]"
 
@@ -88,6 +90,10 @@ MODEL_CARD = (
 )
 
 
+MIN_TITLE_CHARS = 8
+ELLIPSIS = "\u2026"
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt's text with the places where vectors go in between its tokens: the soft-prompt
@@ -123,6 +129,14 @@ class Templates:
     model_card: str = MODEL_CARD
     teacher_list: str = TEACHER_LIST_TEMPLATE
     lettered: str = LETTERED_TEMPLATE
+    # Titles longer than this are cut for prompts (Amazon's run to hundreds of characters); None:
+    # shown whole. The full title stays in RUN/data/items.parquet, for search and answers.
+    max_title_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_title_chars is not None and self.max_title_chars < MIN_TITLE_CHARS:
+            raise ValueError(f"max_title_chars must be at least {MIN_TITLE_CHARS} (or null: titles whole), "
+                             f"got {self.max_title_chars}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> Templates:
@@ -163,6 +177,30 @@ def read_overrides(path: str | Path) -> dict:
     else:
         values = json.loads(text)
     return check(Templates, values, str(path))
+
+
+def cut_title(title: str, max_chars: int | None) -> str:
+    """`title` in at most `max_chars` characters: cut at the last word boundary in the second half
+    of the allowance (else mid-word) and ended with an ellipsis; a title that fits is unchanged."""
+    if max_chars is None or len(title) <= max_chars:
+        return title
+    head = title[: max_chars - len(ELLIPSIS)]
+    space = head.rfind(" ")
+    if space >= max_chars // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:-/&") + ELLIPSIS
+
+
+def prompt_titles(items, max_chars: int | None) -> list[str]:
+    """The titles prompts show, indexed by item_idx ([0] is padding), from a run's `items` table
+    (columns item, title). With `max_chars`, long titles are cut (cut_title) and the cut titles are
+    told apart again (delrec.data.titles.disambiguate_titles): two products whose first 80
+    characters agree would otherwise be one candidate to the LLM."""
+    titles = items["title"].astype(str).tolist()
+    if max_chars is None:
+        return [""] + titles
+    cut = [cut_title(t, max_chars) for t in titles]
+    return [""] + disambiguate_titles(cut, items["item"].astype(str).tolist())
 
 
 def quote_titles(titles: Sequence[str]) -> str:

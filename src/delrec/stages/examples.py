@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from delrec.data.protocol import RunData
-from delrec.llm.templates import Prompt, Templates, rps_prompt, ta_prompt
+from delrec.llm.templates import Prompt, Templates, prompt_titles, rps_prompt, ta_prompt
 
 
 def stored_top_h(path: str | Path) -> int:
@@ -110,7 +110,7 @@ class ExampleBuilder:
         self.ta_examples = ta_examples
         self.top_h = top_h
         self.seed = seed
-        self.titles = [""] + data.items["title"].tolist()
+        self.titles = prompt_titles(data.items, templates.max_title_chars)  # as the prompts show them
 
     def eligible(self, split: str, task: str) -> np.ndarray:
         """Rows of `split` that can make a `task` example (TA needs two earlier items)."""
