@@ -92,6 +92,9 @@ PROBES = {
     "s1-adamw-3e-2-vocab": {**S1, "optimizer": "adamw", "lr": 3e-2, "weight_decay": 1e-6, "soft_init": "vocab"},
     "s1-lion-5e-3-vocab-100tok": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab",
                                   "soft_tokens": 100},
+    # RPS alone (the `w/o TA` task set): can the soft prompt learn to pick the teacher's top-1 at all?
+    "s1-lion-5e-3-vocab-rps": {**S1, "tasks": ("rps",), "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5,
+                               "soft_init": "vocab"},
 }
 
 
