@@ -30,9 +30,11 @@ from delrec.data import formats, loaders
 from delrec.data.download import ChecksumError, DownloadError
 from delrec.data.fetch import fetch_dataset, is_fetched, verify_dataset
 from delrec.data.loaders import DataFormatError, load_dataset
+from delrec.data.paper import PAPER_STATISTICS, compare_with_paper
 from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
 from delrec.data.sources import MIRROR_ENV, REMOTE
 from delrec.llm.scorer import LLMScorer
+from delrec.report import format_paper_statistics
 from llm_helpers import tiny_llama_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +206,12 @@ def test_fetch_then_prepare_each_source(name, server, fixture_pins, tmp_path, ca
         assert stats[part] == exp[part], part
     read = json.loads((run / "data" / "protocol.json").read_text())["source"]["read"]
     assert {k: read[k] for k in exp["read"]} == exp["read"]
+    # the paper's numbers beside them, with the files as read and the filtered fraction of the paper's
+    paper, table = stats["paper"], PAPER_STATISTICS[name]
+    assert (paper["users"], paper["items"], paper["interactions"]) == (table.users, table.items, table.interactions)
+    assert paper["as_read"] == {k: exp["read"][f"{k}_read"] for k in ("users", "items", "interactions")}
+    assert paper["filtered_over_paper"]["users"] == float(f"{exp['filtered']['users'] / table.users:.4g}")
+    assert paper["why_different"] == table.why_different
     f = exp["filtered"]
     assert f"{f['users']} users, {f['items']} items, {f['interactions']} interactions" in out
     assert f"{exp['read']['items_without_title']} items without a title dropped" in out
@@ -512,3 +520,17 @@ def test_the_prompts_of_a_run_show_cut_titles_and_its_items_keep_the_full_ones(t
     scorer = LLMScorer.for_run(data, tiny_llama_backbone(), templates=templates)
     assert scorer.titles == builder.titles
     assert scorer.prompt(data.history[0], data.candidates[0]).candidates == tuple(builder.titles[i] for i in data.candidates[0])
+
+
+def test_the_report_sets_the_papers_statistics_beside_the_runs():
+    filtered = {"users": 20, "items": 20, "interactions": 100, "sparsity": 0.75}
+    read = {"users_read": 22, "items_read": 24, "interactions_read": 110}
+    lines = format_paper_statistics({"filtered": filtered, "paper": compare_with_paper("beauty", filtered, read)})
+    text = "\n".join(lines)
+    assert "| paper | 324,038 | 32,586 | 371,345 | 99.99% |" in text
+    assert "| the source's files as read | 22 | 24 | 110 | 79.17% |" in text
+    assert "| after titles and the 5-core | 20 | 20 | 100 | 75.00% |" in text
+    assert f"| filtered / paper | {20 / 324_038:.3g} |" in text
+    assert PAPER_STATISTICS["beauty"].why_different in text
+    # a data set the paper does not use gets no comparison, and the report no table
+    assert compare_with_paper("ml-1m", filtered) is None and format_paper_statistics({"filtered": filtered}) == []

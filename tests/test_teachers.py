@@ -165,4 +165,16 @@ def test_full_catalogue_scoring_is_blocked_to_a_memory_bound_and_gives_the_same_
     blocked = train_mod.teacher_topk(scorer, data, rows, 7)
     assert max(calls) == 5 and sum(calls) == len(rows)
     assert np.array_equal(blocked[0], whole[0]) and np.allclose(blocked[1], whole[1])
+    calls.clear()
     assert np.array_equal(full_ranks(scorer, data, rows), ranks)
+    assert max(calls) == 5 and sum(calls) == len(rows)
+    # a scorer over a wider catalogue than the data keeps (benchmarks/prepare.py's 1.29M items over a
+    # 5-core's fewer) is blocked by its own width, not the data's
+    wide = TeacherScorer(build_model(default_config("sasrec", dim=16), 10 * data.num_items, data.num_users,
+                                     data.config.max_history), torch.device("cpu"))
+    widths = []
+    real_wide = wide.score_all
+    monkeypatch.setattr(wide, "score_all", lambda d, r: widths.append(real_wide(d, r).shape) or real_wide(d, r))
+    monkeypatch.setattr(evaluate_mod, "FULL_SCORES_BLOCK_BYTES", 4 * (10 * data.num_items + 1) * 5)
+    full_ranks(wide, data, rows)
+    assert widths[0][1] == 10 * data.num_items + 1 and max(n for n, _ in widths) == 5  # not 50 at the data's width

@@ -93,7 +93,8 @@ def full_catalogue_rows(num_items: int, batch_size: int, block_bytes: int | None
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Rank of the target over the whole catalogue, excluding padding and the items the user
     already interacted with before the target (as RecBole's full-sort evaluation does)."""
-    batch_size = full_catalogue_rows(data.num_items, batch_size)
+    # blocked by the scorer's catalogue, which may be wider than the data's (a teacher built over every item)
+    batch_size = full_catalogue_rows(getattr(scorer, "num_items", data.num_items), batch_size)
     return distributed.current().map_sharded(lambda r: _full_ranks(scorer, data, r, batch_size), np.asarray(rows), batch_size)
 
 

@@ -530,6 +530,27 @@ def format_steps(steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_paper_statistics(stats: dict) -> list[str]:
+    """Markdown lines setting the paper's statistics of this data set (stats.json `paper`, from
+    delrec.data.paper) beside the files as read and after the 5-core; none for another data set."""
+    paper = stats.get("paper")
+    if not paper:
+        return []
+    f = stats["filtered"]
+    L = [f"The paper's statistics ({paper['table']}) beside this run's:", "",
+         "| | users | items | interactions | sparsity |", "|---|---|---|---|---|",
+         f"| paper | {paper['users']:,} | {paper['items']:,} | {paper['interactions']:,} | {paper['sparsity']:.2%} |"]
+    if "as_read" in paper:
+        r = paper["as_read"]
+        L.append(f"| the source's files as read | {r['users']:,} | {r['items']:,} | {r['interactions']:,} | "
+                 f"{1 - r['interactions'] / (r['users'] * r['items']):.2%} |")
+    ratio = paper["filtered_over_paper"]
+    L += [f"| after titles and the 5-core | {f['users']:,} | {f['items']:,} | {f['interactions']:,} | {f['sparsity']:.2%} |",
+          f"| filtered / paper | {ratio['users']:.3g} | {ratio['items']:.3g} | {ratio['interactions']:.3g} | |", "",
+          f"Why they differ: {paper['why_different']} (docs/datasets.md).", ""]
+    return L
+
+
 @holds_run_lock
 def write_report(run: str | Path, config=None) -> Path:
     """RUN/report.md and its figures, from the files in the run folder alone (its config.yaml,
@@ -701,7 +722,8 @@ def write_report(run: str | Path, config=None) -> Path:
           f"- after filtering: {stats['filtered']['users']} users, {stats['filtered']['items']} items, "
           f"{stats['filtered']['interactions']} interactions (sparsity {stats['filtered']['sparsity']:.2%})",
           f"- samples: train {stats['samples']['train']}, valid {stats['samples']['valid']}, test {stats['samples']['test']}",
-          "- see docs/protocol.md for the split, the candidates and the metrics", ""]
+          "- see docs/protocol.md for the split, the candidates and the metrics", "",
+          *format_paper_statistics(stats)]
     versions = {}
     for mod in ("torch", "transformers", "peft", "numpy"):
         try:

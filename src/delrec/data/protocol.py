@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from delrec.data.paper import compare_with_paper
 from delrec.data.titles import disambiguate_titles
 from delrec.io import read_json, read_parquet, write_json, write_parquet
 
@@ -345,7 +346,11 @@ def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) 
     write_parquet(data_dir / "interactions.parquet", prepared.interactions)
     write_parquet(data_dir / "samples.parquet", prepared.samples)
     write_parquet(data_dir / "candidates.parquet", prepared.candidates)
-    write_json(data_dir / "stats.json", prepared.stats)
+    stats = prepared.stats
+    paper = compare_with_paper(str((source or {}).get("dataset", "")), stats["filtered"], (source or {}).get("read"))
+    if paper is not None:  # a data set of the paper's: its Table I / V numbers beside these
+        stats = {**stats, "paper": paper}
+    write_json(data_dir / "stats.json", stats)
     config = asdict(prepared.config)
     config["split_ratio"] = list(config["split_ratio"])
     write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
