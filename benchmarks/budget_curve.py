@@ -86,9 +86,8 @@ def measure(a) -> dict:
     from delrec.data.protocol import RunData
     from delrec.evaluate import candidate_ranks, metrics_from_ranks, subset_rows
     from delrec.io import read_json, write_json
-    from delrec.scorers import make_scorer
+    from delrec.scorers import finetuned_scorer, make_scorer
     from delrec.significance import compare
-    from delrec.stages.finetune import finetuned_scorer
 
     torch.set_num_threads(a.threads)
     run = Path(a.run)

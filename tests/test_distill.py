@@ -15,11 +15,12 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import MASK, Prompt, Templates
 from delrec.stages import distill as distill_mod
 from delrec.stages.distill import DistillConfig, distill
-from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec.stages.scaffold import StageFolder
+from delrec.stages.examples import ExampleBuilder
 from delrec.stages.weighting import LossWeighting
 from delrec.teachers import default_config
+from delrec.teachers.lists import TeacherLists
 from delrec.teachers.train import train_teacher
+from delrec.training.folder import StageFolder
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 WORDS = ["Toy", "Story", "Heat", "Fargo", "Alien", "Casablanca", "Titanic", "Matrix", "Jaws", "Vertigo", "Psycho", "Rocky"]

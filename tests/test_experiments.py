@@ -13,7 +13,7 @@ from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.experiments import Experiment, check_experiment, seed_t_test
 from delrec.pipeline import Pipeline
-from delrec.stages.examples import stored_top_h
+from delrec.teachers.lists import stored_top_h
 from llm_helpers import tiny_llama_backbone
 
 QUICK = [

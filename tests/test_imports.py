@@ -1,5 +1,6 @@
-"""Every module of `delrec` imports on its own, and no two modules import each other, even
-through imports placed inside functions (which hide a cycle until the function runs)."""
+"""Every module of `delrec` imports on its own, no two modules import each other, even through
+imports placed inside functions (which hide a cycle until the function runs), and no module
+imports one of a higher layer (LAYERS: the pipeline read from the bottom up)."""
 
 import ast
 import subprocess
@@ -35,6 +36,47 @@ def import_graph() -> dict[str, set[str]]:
                 deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
         graph[name] = {d for d in deps if d in modules and d != name}
     return graph
+
+
+# The layers, lowest first: a module may import its own layer and those below, never one above.
+# Each entry is a module or a package (its modules). The package root `delrec` only re-exports the
+# public API lazily (Recommender) and is outside the layers.
+LAYERS = [
+    ("base", ["delrec.io", "delrec.locks", "delrec.settings", "delrec.distributed", "delrec.tracking",
+              "delrec.significance", "delrec.model_names", "delrec.training.folder", "delrec.training.loop",
+              "delrec.training"]),
+    ("data", ["delrec.data", "delrec.evaluate", "delrec.training.rows"]),
+    ("teachers", ["delrec.teachers", "delrec.retrieval"]),
+    ("llm", ["delrec.llm"]),
+    ("methods", ["delrec.methods"]),
+    ("stages", ["delrec.stages"]),
+    ("scoring", ["delrec.scorers", "delrec.config"]),
+    ("results", ["delrec.recommender", "delrec.report", "delrec.report_figures", "delrec.report_inputs",
+                 "delrec.paper_numbers"]),
+    ("pipeline", ["delrec.pipeline", "delrec.experiments"]),
+    ("service", ["delrec.serve"]),
+    ("cli", ["delrec.cli"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the most specific entry naming `module` or a package above it."""
+    best, depth = None, -1
+    for index, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            if (module == entry or module.startswith(entry + ".")) and entry.count(".") > depth:
+                best, depth = index, entry.count(".")
+    return best
+
+
+def test_no_module_imports_a_higher_layer():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m != "delrec" and layer_of(m) is None)
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})"
+                    for m, deps in graph.items() if m != "delrec"
+                    for d in deps if d != "delrec" and layer_of(d) > layer_of(m))
+    assert not upward, upward
 
 
 def test_the_import_graph_is_acyclic():

@@ -39,10 +39,12 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import Verbalizer
+from delrec.scorers import finetuned_scorer
 from delrec.stages import finetune as finetune_mod
 from delrec.stages.distill import DistillConfig, DistillResult, accuracy, distill
-from delrec.stages.examples import ExampleBuilder, TeacherLists
-from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer
+from delrec.stages.examples import ExampleBuilder
+from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.teachers.lists import TeacherLists
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 
@@ -177,9 +179,9 @@ def test_stage1_memorises_its_training_examples(stage1, backbone, tasks):
 def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> LLMScorer:
     """The model stage 2 starts from: the backbone without adapters, with the variant's prompt and
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
-    soft = finetune_mod._soft_prompt(run, cfg, bb)
-    return finetune_mod.stage2_scorer(run, data, bb, cfg.variant, cfg.teacher, Templates.for_teacher(cfg.teacher), soft,
-                                      cfg.teacher_list_size, progress=False)
+    method = methods.get(cfg.variant)
+    return method.scorer(run, data, bb, cfg.teacher, Templates.for_teacher(cfg.teacher), method.stage2_soft_prompt(run, cfg, bb),
+                         teacher_list_size=cfg.teacher_list_size, progress=False)
 
 
 # DELRec's ablations with a stage 2 of their own (`wo-ta`, `wo-rps`, `udpsm` differ from DELRec in

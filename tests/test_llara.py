@@ -14,13 +14,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from delrec import methods
 from delrec.llm.backbone import Backbone
-from delrec.llm.item_projector import ItemProjector
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import Verbalizer
+from delrec.methods import llara as llara_mod
+from delrec.methods.llara import ItemProjector, ProjectorExtra, hybrid_batch, item_projector_for
 from delrec.recommender import Recommender, _Requests
-from delrec.scorers import make_scorer
+from delrec.scorers import finetuned_scorer, make_scorer
 from delrec.stages import finetune as finetune_mod
-from delrec.stages.finetune import FinetuneConfig, finetune, finetuned_scorer, hybrid_batch, item_projector_for, stage2_scorer
+from delrec.stages.finetune import FinetuneConfig, finetune
 from delrec.teachers.train import load_teacher
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + trained GRU4Rec)
@@ -32,8 +33,8 @@ SMALL = dict(variant="llara", teacher=TEACHER, steps=6, batch_size=2, valid_samp
 
 
 def _scorer(run, data, bb, projector, variant="llara"):
-    return stage2_scorer(run, data, bb, variant, TEACHER, Templates.for_teacher(TEACHER), None, 10, progress=False,
-                         item_projector=projector)
+    return methods.get(variant).scorer(run, data, bb, TEACHER, Templates.for_teacher(TEACHER), None,
+                                       extra=ProjectorExtra(projector), progress=False)
 
 
 def _untrained(run, data, bb, **settings):
@@ -56,7 +57,7 @@ def test_item_vectors_follow_each_title_and_are_the_projected_teacher_embeddings
     run, data = taught_run
     bb = make_backbone()
     scorer = _untrained(run, data, bb)
-    projector = scorer.item_projector
+    projector = scorer.style.item_vectors
     teacher_table = load_teacher(run / "teachers" / TEACHER, "cpu", data).item_embedding.weight.detach()
     titles = _titles(data)
     for r in data.indices("test")[:3]:
@@ -89,7 +90,7 @@ def test_item_vectors_follow_each_title_and_are_the_projected_teacher_embeddings
                 at += 1
         # the text-only form (where the curriculum starts) is the plain prompt of `wo-sp`, without vectors
         text_only = scorer.prompts(data, [r], text_only=True)[0]
-        plain = stage2_scorer(run, data, bb, "wo-sp", TEACHER, Templates.for_teacher(TEACHER), None, 10, progress=False)
+        plain = methods.get("wo-sp").scorer(run, data, bb, TEACHER, Templates.for_teacher(TEACHER), None, progress=False)
         assert text_only == plain.prompts(data, [r])[0] and not text_only.item_slots and text_only.text == p.text
         assert torch.equal(scorer.verbalizer._prompt_embeds(text_only, None), plain.verbalizer._prompt_embeds(text_only, None))
 
@@ -103,7 +104,7 @@ def test_the_hybrid_prompt_scores_as_the_brute_force_reference(taught_run, make_
     scorer = _untrained(run, data, bb)
     prompts = scorer.prompts(data, data.indices("test")[:3])
     slow = scorer.verbalizer.score_brute_force(prompts)
-    batched = Verbalizer(bb, passes="batch", item_vectors=scorer.item_projector)
+    batched = Verbalizer(bb, passes="batch", item_vectors=scorer.style.item_vectors)
     for verbalizer in (scorer.verbalizer, batched):
         for fast, reference in zip(verbalizer.score(prompts), slow):
             torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
@@ -117,7 +118,7 @@ def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
         FinetuneConfig(variant="llara", curriculum="linera")
     bb = tiny_llama_backbone()
     with pytest.raises(ValueError, match="needs its item projector"):
-        stage2_scorer(run, data, bb, "llara", TEACHER, Templates(), None, 10, progress=False)
+        methods.get("llara").scorer(run, data, bb, TEACHER, Templates(), None, progress=False)
     with pytest.raises(FileNotFoundError, match="delrec teacher train --run .* --model sasrec"):
         finetune(run, FinetuneConfig(**{**SMALL, "teacher": "sasrec"}), name="no-teacher", backbone=bb, progress=False)
     other = ItemProjector(torch.randn(data.num_items + 3, 4), bb.hidden_size, bb.name)
@@ -163,7 +164,7 @@ def test_stage2_trains_the_projector_and_the_adapters_only_and_round_trips(taugh
     cfg = FinetuneConfig(**SMALL)
     start = item_projector_for(run, cfg, tiny_llama_backbone(), data)  # the seeded start finetune makes
     made, steps = [], []
-    real_for, real_clip = finetune_mod.item_projector_for, torch.nn.utils.clip_grad_norm_
+    real_for, real_clip = llara_mod.item_projector_for, torch.nn.utils.clip_grad_norm_
 
     def keep(*a, **k):
         made.append(real_for(*a, **k))
@@ -174,7 +175,7 @@ def test_stage2_trains_the_projector_and_the_adapters_only_and_round_trips(taugh
         steps.append((llm, [p.grad for p in made[0].parameters()]))
         return real_clip(params, max_norm)
 
-    monkeypatch.setattr(finetune_mod, "item_projector_for", keep)
+    monkeypatch.setattr(llara_mod, "item_projector_for", keep)
     monkeypatch.setattr(finetune_mod.torch.nn.utils, "clip_grad_norm_", record)
     result = finetune(run, cfg, name="rt-llara", backbone=bb, progress=False)
     monkeypatch.undo()
@@ -202,7 +203,7 @@ def test_stage2_trains_the_projector_and_the_adapters_only_and_round_trips(taugh
     rows = data.indices("valid")[:4]
     in_memory = torch.as_tensor(_scorer(run, data, bb, made[0]).score_candidates(data, rows))
     loaded = finetuned_scorer(result.out_dir, data, backbone=tiny_llama_backbone(), progress=False)
-    assert loaded.prompt_kind == "hybrid" and loaded.item_projector is not None
+    assert loaded.style.name == "hybrid" and loaded.style.item_vectors is not None
     torch.testing.assert_close(torch.as_tensor(loaded.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
     by_name = make_scorer(run, data, str(result.out_dir), backbone=tiny_llama_backbone(), progress=False)
     torch.testing.assert_close(torch.as_tensor(by_name.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
@@ -230,7 +231,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
         finetune(run, cfg, name="llara-crash", backbone=tiny_llama_backbone(), progress=False)
     monkeypatch.setattr(finetune_mod.torch, "save", real_save)
     ckpt = torch.load(run / "finetune" / "llara-crash" / "checkpoint.pt", weights_only=True)
-    assert ckpt["state"]["step"] == 4
+    assert ckpt["loop"]["step"] == 4
     start = item_projector_for(run, cfg, tiny_llama_backbone(), data).state_dict()
     assert ckpt["item_projector"].keys() == start.keys()
     assert not torch.equal(ckpt["item_projector"]["mlp.2.weight"], start["mlp.2.weight"])  # trained by then
@@ -284,7 +285,7 @@ def test_a_trained_llara_model_answers_requests(taught_run, tmp_path):  # noqa: 
     finetune(run, FinetuneConfig(**{**SMALL, "llm": str(model_dir), "steps": 1, "eval_every": 1}), backbone=loaded, progress=False)
     titles = _titles(data)
     rec = Recommender.from_run(run, model=f"{TEACHER}-llara", dtype="float32", device="cpu")
-    assert rec.scorer.prompt_kind == "hybrid"
+    assert rec.scorer.style.name == "hybrid"
     result = rec.rank([titles[1], titles[2]], [titles[5], titles[6], titles[7]], k=3)
     assert sorted(i.title for i in result.items) == sorted(titles[5:8])
     view = _Requests(data, [[1, 2]], [[5, 6, 7]])

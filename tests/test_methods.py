@@ -3,8 +3,9 @@
 import pytest
 
 from delrec import methods
+from delrec.config import PipelineConfig
 from delrec.methods import Method
-from delrec.pipeline import Pipeline, PipelineConfig
+from delrec.pipeline import Pipeline
 
 
 def test_entries_are_checked():
@@ -81,7 +82,7 @@ def test_the_pipeline_plans_the_baselines(tmp_path):
     config = PipelineConfig(run_dir=str(tmp_path), variants=["wo-sp", "teacher-list", "llamarec", "llmseqsim"])
     pipeline = Pipeline(config)
     assert pipeline._finetune_jobs() == [("sasrec", "wo-sp", None), ("sasrec", "teacher-list", None), ("sasrec", "llamarec", None)]
-    models = dict(pipeline.models())
+    models = dict(pipeline.config.models())
     assert models["sasrec-llmseqsim"] is None and models["sasrec-llamarec"].endswith("finetune/sasrec-llamarec/metrics.json")
     with pytest.raises(ValueError, match=r"teacher_list_size \(12\) is more than the top_h"):
         PipelineConfig(run_dir=str(tmp_path), variants=["teacher-list"], finetune={"teacher_list_size": 12})
@@ -91,12 +92,12 @@ def test_the_pipeline_plans_the_baselines(tmp_path):
 def test_a_new_method_is_one_entry(tmp_path, monkeypatch):
     """A variant registered here (a stage 1 of its own with a longer soft prompt) is planned by
     the pipeline with no other change: its own stage 1, its stage 2 from that soft prompt."""
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
-    methods.register(Method("long-sp", "long SP", "a 64-token soft prompt", stage1="own",
-                            stage1_settings={"soft_tokens": 64}))
+    # registered for this test only (the registry is one dict, shared by every module that reads it)
+    monkeypatch.setitem(methods.METHODS, "long-sp", Method("long-sp", "long SP", "a 64-token soft prompt", stage1="own",
+                                                           stage1_settings={"soft_tokens": 64}))
     config = PipelineConfig(run_dir=str(tmp_path), variants=["delrec", "long-sp", "wo-lsr"])
     pipeline = Pipeline(config)
     assert pipeline._distill_config("sasrec", "long-sp").soft_tokens == 64
     assert pipeline._finetune_jobs() == [("sasrec", "delrec", "sasrec"), ("sasrec", "long-sp", "sasrec-long-sp")]
-    names = [name for name, _ in pipeline.models()]
+    names = [name for name, _ in config.models()]
     assert names[-3:] == ["sasrec-delrec", "sasrec-long-sp", "sasrec-wo-lsr"]

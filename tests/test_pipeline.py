@@ -10,7 +10,8 @@ import pytest
 
 from conftest import write_pipeline_inputs
 from delrec.cli import main
-from delrec.pipeline import Pipeline, PipelineConfig
+from delrec.config import PipelineConfig
+from delrec.pipeline import Pipeline
 from delrec.settings import apply_override as _apply_override
 from delrec.significance import compare, mcnemar_exact, per_sample, permutation_test
 from llm_helpers import tiny_llama_backbone

@@ -17,7 +17,7 @@ import torch
 from delrec.cli import main
 from delrec.io import atomic_dir, write_json
 from delrec.locks import RunFolderBusy, entry_lock, run_lock
-from delrec.stages.scaffold import StageFolder, UnsafeCheckpoint
+from delrec.training.folder import StageFolder, UnsafeCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -176,7 +176,7 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path, caplog):
         folder.log({"step": step, "loss": 1.0 / step})
     with open(folder.log_path, "a") as f:
         f.write('{"step": 4, "lo')  # killed in the middle of a write
-    with caplog.at_level(logging.WARNING, logger="delrec.stages.scaffold"):
+    with caplog.at_level(logging.WARNING, logger="delrec.training.folder"):
         folder.truncate_log(2)
     assert [json.loads(line)["step"] for line in folder.log_path.read_text().splitlines()] == [1, 2]
     assert "line 4 is torn" in caplog.text
@@ -217,7 +217,7 @@ def test_a_full_disk_leaves_the_previous_files_intact(tmp_path, monkeypatch, cap
 
     # a stage's checkpoint on a full disk: the previous checkpoint stays, the command says what happened
     run = _prepared(tmp_path)
-    import delrec.stages.scaffold as scaffold
+    import delrec.training.folder as scaffold
 
     real_save = torch.save
     saves = []
@@ -233,7 +233,7 @@ def test_a_full_disk_leaves_the_previous_files_intact(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "no space left on the device" in err and "run the same command again" in err and "Traceback" not in err
     folder = run / "teachers" / "gru4rec"
-    assert torch.load(folder / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1  # the first one, whole
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["loop"]["step"] == 1  # the first epoch, whole
     assert not list(folder.glob(".*.tmp"))
     monkeypatch.setattr(scaffold.torch, "save", real_save)
     assert main(["teacher", "train", "--model", "gru4rec", "--run", str(run), "--epochs", "3", "--quiet"]) == 0

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from delrec import tracking
-from delrec.stages.scaffold import StageFolder
+from delrec.training.folder import StageFolder
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import shutil
@@ -49,37 +48,9 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
     print(path)
 
 
-def _same_data(data_dir: Path, prepared, dataset: str) -> bool:
-    """Whether `data_dir` already holds exactly what `prepared` would write (same source name,
-    protocol settings, statistics and samples): preparing again then changes nothing."""
-    from dataclasses import asdict
-
-    from delrec.io import read_json, read_parquet
-
-    if not (data_dir / "protocol.json").exists():
-        return False
-    written = read_json(data_dir / "protocol.json")
-    if written["protocol"] != json.loads(json.dumps(asdict(prepared.config))) or written["source"].get("dataset") != dataset:
-        return False
-    if read_json(data_dir / "stats.json") != json.loads(json.dumps(prepared.stats)):
-        return False
-    import pyarrow as pa
-
-    def same(name: str, table: pa.Table) -> bool:
-        table = table.replace_schema_metadata(None)
-        try:  # folders prepared before the history offsets became 64-bit hold list<int32>: same values
-            return read_parquet(data_dir / f"{name}.parquet").replace_schema_metadata(None).cast(table.schema).equals(table)
-        except (pa.ArrowInvalid, ValueError, KeyError):  # other columns: other data
-            return False
-
-    items = pa.Table.from_pandas(prepared.items, preserve_index=False)  # titles too
-    return all(same(name, table) for name, table in (("samples", prepared.samples), ("candidates", prepared.candidates),
-                                                      ("items", items)))
-
-
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from delrec.data.loaders import load_dataset
-    from delrec.data.protocol import ProtocolConfig, prepare, write
+    from delrec.data.protocol import ProtocolConfig, holds_same_data, prepare, write
 
     t0 = time.perf_counter()
     config = ProtocolConfig.for_protocol(
@@ -89,7 +60,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     prepared = prepare(raw.interactions, raw.items, config)
     run = Path(args.out)
     later = [d for d in ("teachers", "distill", "finetune", "eval") if (run / d).is_dir() and any((run / d).iterdir())]
-    if later and not _same_data(run / "data", prepared, args.dataset):
+    if later and not holds_same_data(run / "data", config, args.dataset, prepared):
         # results made from the data there would be read with the new data's ids and samples
         if not args.force:
             raise ValueError(f"{run} holds results made from its current data ({', '.join(d + '/' for d in later)}); "
@@ -413,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm")
     p.add_argument("--variant", choices=methods.stage2_methods(),
                    help="delrec (default) or an ablation (delrec.methods): " + "; ".join(
-                       f"{name}: {methods.get(name).description}" for name in methods.stage2_methods() if name != "delrec"))
+                       f"{name}: {methods.get(name).description}" for name in methods.stage2_methods() if not methods.get(name).is_delrec))
     p.add_argument("--soft-prompt", help="default: the variant's stage-1 folder, RUN/distill/TEACHER[-VARIANT]/soft_prompt.safetensors")
     p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
     p.add_argument("--steps", type=int)

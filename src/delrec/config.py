@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec import methods
+from delrec.data.protocol import ProtocolConfig
+from delrec.llm.templates import Templates
 from delrec.settings import apply_override, check, load_yaml, runtime
+from delrec.stages.distill import DistillConfig
+from delrec.stages.finetune import FinetuneConfig
+from delrec.teachers import default_config
+from delrec.teachers.base import TeacherConfig
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 
@@ -61,13 +67,6 @@ class PipelineConfig:
     attempts: list[str] = runtime(default_factory=list)
 
     def __post_init__(self):
-        from delrec.data.protocol import ProtocolConfig
-        from delrec.llm.templates import Templates
-        from delrec.stages.distill import DistillConfig
-        from delrec.stages.finetune import FinetuneConfig
-        from delrec.teachers import default_config
-        from delrec.teachers.base import TeacherConfig
-
         for name in self.variants:
             try:
                 methods.get(name)
@@ -101,7 +100,7 @@ class PipelineConfig:
         if distill_top_h > self.top_h:
             raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
         list_size = self.finetune.get("teacher_list_size", FinetuneConfig.teacher_list_size)
-        if list_size > self.top_h and any(methods.get(v).prompt == "teacher-list" for v in self.variants):
+        if list_size > self.top_h and any(methods.get(v).needs_teacher_lists for v in self.variants):
             raise ValueError(f"finetune.teacher_list_size ({list_size}) is more than the top_h lists the teachers store "
                              f"({self.top_h})")
 

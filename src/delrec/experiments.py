@@ -36,7 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from delrec.config import PipelineConfig
+from delrec.data.protocol import ProtocolConfig
 from delrec.io import atomic_path, read_json, write_json
+from delrec.llm.templates import Templates
+from delrec.locks import run_lock
+from delrec.pipeline import Pipeline
+from delrec.significance import compare
+from delrec.stages.distill import DistillConfig
+from delrec.stages.finetune import FinetuneConfig
+from delrec.teachers.base import TeacherConfig
 
 log = logging.getLogger("delrec.experiments")
 
@@ -75,12 +83,6 @@ def _plain_value(v) -> str:
 
 
 def _section_class(section: str):
-    from delrec.data.protocol import ProtocolConfig
-    from delrec.llm.templates import Templates
-    from delrec.stages.distill import DistillConfig
-    from delrec.stages.finetune import FinetuneConfig
-    from delrec.teachers.base import TeacherConfig
-
     return {"protocol": ProtocolConfig, "teacher": TeacherConfig, "distill": DistillConfig, "finetune": FinetuneConfig,
             "templates": Templates}.get(section)
 
@@ -246,7 +248,6 @@ class Experiment:
     def execute(self) -> dict:
         """Every point in order (each resumes where it stopped), then the aggregate and report,
         holding RUN's lock (each point's pipeline holds its own folder's)."""
-        from delrec.locks import run_lock
 
         self.run.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run):
@@ -255,7 +256,6 @@ class Experiment:
     def _execute(self) -> dict:
         import yaml
 
-        from delrec.pipeline import Pipeline
 
         with atomic_path(self.run / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(asdict(self.config), sort_keys=False))
@@ -323,7 +323,6 @@ def _delrec_models(models) -> list[str]:
 def aggregate(experiment: Experiment, runs: list[dict], seconds: float) -> dict:
     """Per point: every model's mean ± std over seeds, and each DELRec model against every
     other model: the t-test over seeds and each seed's per-sample paired tests."""
-    from delrec.significance import compare
 
     metrics = ("HR@1", "NDCG@5")
     points = []

@@ -20,6 +20,7 @@ stopped by it.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -138,7 +139,6 @@ def entry_lock(entry: str | os.PathLike, log=None) -> Iterator[None]:
 
 def holds_run_lock(func):
     """Decorator: `func(run_dir, ...)` runs holding run_lock(run_dir)."""
-    import functools
 
     @functools.wraps(func)
     def wrapper(run_dir, *args, **kwargs):

@@ -27,9 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from delrec import distributed, methods, tracking
-from delrec.config import PipelineConfig  # noqa: F401 (the run config; `delrec.pipeline.PipelineConfig` before)
+from delrec.config import PipelineConfig
+from delrec.data.loaders import load_dataset
+from delrec.data.protocol import ProtocolConfig, RunData, holds_same_data, prepare, write
+from delrec.evaluate import candidate_ranks, metrics_from_ranks, subset_rows
 from delrec.io import atomic_path, read_json, write_json
+from delrec.locks import run_lock
+from delrec.model_names import ModelName
+from delrec.report import write_report
+from delrec.scorers import make_scorer
 from delrec.settings import same_identity
+from delrec.stages.distill import DistillConfig, distill
+from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.teachers import default_config
+from delrec.teachers.base import TeacherConfig
+from delrec.teachers.lists import stored_top_h
+from delrec.teachers.train import train_teacher
 
 log = logging.getLogger("delrec.pipeline")
 
@@ -124,32 +137,21 @@ class Pipeline:
     # -- steps -------------------------------------------------------------------------------
 
     def data(self) -> None:
-        from delrec.data.protocol import ProtocolConfig
-
         c = self.config
         proto = ProtocolConfig.for_protocol(**c.protocol) if c.protocol else ProtocolConfig()
         marker = self.run / "data" / "protocol.json"
-        if marker.exists():
+        if marker.exists() and not holds_same_data(self.run / "data", proto, c.dataset):
             written = read_json(marker)
-            if not _same(written["protocol"], asdict(proto)) or written["source"].get("dataset") != c.dataset:
-                raise ValueError(f"{self.run / 'data'} was prepared from {written['source'].get('dataset')} with "
-                                 f"{written['protocol']}, not as this config asks; use another run_dir")
+            raise ValueError(f"{self.run / 'data'} was prepared from {written['source'].get('dataset')} with "
+                             f"{written['protocol']}, not as this config asks; use another run_dir")
 
-        def prepare():
-            from delrec.data.loaders import load_dataset
-            from delrec.data.protocol import prepare, write
-
+        def prepare_data():
             raw = load_dataset(c.dataset)
             write(prepare(raw.interactions, raw.items, proto), self.run / "data", source={"dataset": c.dataset, **raw.source})
 
-        self._step("data", marker.exists(), prepare, main_only=True)
+        self._step("data", marker.exists(), prepare_data, main_only=True)
 
     def teachers(self) -> None:
-        from delrec.stages.examples import stored_top_h
-        from delrec.teachers import default_config
-        from delrec.teachers.base import TeacherConfig
-        from delrec.teachers.train import train_teacher
-
         for name in self.config.teachers:
             tc = default_config(name, **self.config.teacher)
             out = self.run / "teachers" / name
@@ -160,15 +162,11 @@ class Pipeline:
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
 
     def _distill_config(self, teacher: str, variant: str | None = None):
-        from delrec.stages.distill import DistillConfig
-
         own = methods.get(variant).stage1_settings if variant else {}
         settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.distill, "teacher": teacher, **own}
         return DistillConfig(**settings)
 
     def distill(self) -> None:
-        from delrec.stages.distill import DistillConfig, _config_dict
-
         wanted = []  # (teacher, RUN/distill/ folder, the method with its own stage 1 or None)
         chosen = [methods.get(v) for v in self.config.variants]
         for t in self.config.llm_teachers:
@@ -178,7 +176,7 @@ class Pipeline:
         for teacher, name, variant in wanted:
             cfg = self._distill_config(teacher, variant)
             out = self.run / "distill" / name
-            done = (out / "metrics.json").exists() and same_identity(DistillConfig, read_json(out / "config.json"), _config_dict(cfg)) \
+            done = (out / "metrics.json").exists() and same_identity(DistillConfig, read_json(out / "config.json"), cfg.to_dict()) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
             self._step(f"distill:{name}", done, lambda cfg=cfg, name=name, teacher=teacher: self._run_distill(cfg, name, teacher))
 
@@ -186,8 +184,6 @@ class Pipeline:
         return _fingerprint(self.run / "teachers" / teacher / "metrics.json")
 
     def _run_distill(self, cfg, name, teacher) -> None:
-        from delrec.stages.distill import distill
-
         result = distill(self.run, cfg, name=name, progress=self.progress)
         metrics = {**result.metrics, "teacher_fingerprint": self._teacher_fp(teacher)}
         if distributed.current().is_main:
@@ -199,8 +195,6 @@ class Pipeline:
                 for v in self.config.variants if methods.get(v).stage2]
 
     def finetune(self) -> None:
-        from delrec.stages.finetune import FinetuneConfig, _config_dict
-
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
@@ -214,32 +208,23 @@ class Pipeline:
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
             out = self.run / "finetune" / name
-            done = (out / "metrics.json").exists() and same_identity(FinetuneConfig, read_json(out / "config.json"), _config_dict(cfg)) \
+            done = (out / "metrics.json").exists() and same_identity(FinetuneConfig, read_json(out / "config.json"), cfg.to_dict()) \
                 and read_json(out / "metrics.json").get("upstream_fingerprint") == upstream
             self._step(f"finetune:{name}", done, lambda cfg=cfg, name=name, upstream=upstream: self._run_finetune(cfg, name, upstream))
 
     def _run_finetune(self, cfg, name, upstream) -> None:
-        from delrec.stages.finetune import finetune
-
         result = finetune(self.run, cfg, name=name, progress=self.progress)
         if distributed.current().is_main:
             write_json(result.out_dir / "metrics.json", {**result.metrics, "upstream_fingerprint": upstream})
 
-    def models(self) -> list[tuple[str, str | None]]:
-        """(model name, the file whose change invalidates its evaluation) in report order."""
-        return self.config.models()
-
     def evaluate(self) -> None:
-        from delrec.data.protocol import RunData
-        from delrec.evaluate import subset_rows
-
         data = RunData.load(self.run / "data")
         rows = subset_rows(data, "test", self.config.test_samples, self.config.eval_seed)
-        for name, source in self.models():
+        for name, source in self.config.models():
             path = self.run / "eval" / "pipeline" / f"{name}.json"
             # what identifies the result: not the scoring batch size, which does not change scores
             # the bare LLM's results (zero-shot, LLMSEQSIM) depend on the backbone and on nothing upstream
-            bare_llm = name == "zero-shot" or (source is None and name.partition("-")[2] in methods.METHODS)
+            bare_llm = name == "zero-shot" or (source is None and ModelName.parse(name).method in methods.METHODS)
             settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
                         "llm": self.config.llm if bare_llm else None}
             if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
@@ -249,15 +234,11 @@ class Pipeline:
             self._step(f"eval:{name}", done, lambda name=name, settings=settings, path=path: self._run_eval(data, rows, name, settings, path))
 
     def _scorer(self, data, name: str):
-        from delrec.scorers import make_scorer
-
         c = self.config
         return make_scorer(self.run, data, name, llm=c.llm, dtype=c.dtype, device=c.device, batch_size=c.eval_batch_size,
                            progress=self.progress, template_overrides=c.templates)
 
     def _run_eval(self, data, rows, name, settings, path) -> None:
-        from delrec.evaluate import candidate_ranks, metrics_from_ranks
-
         scorer = self._scorer(data, name)
         t0 = time.perf_counter()
         ranks = candidate_ranks(scorer, data, rows)
@@ -268,8 +249,6 @@ class Pipeline:
             write_json(path, result)
 
     def write_report(self) -> None:
-        from delrec.report import write_report
-
         # the report reads pipeline.json, which therefore holds every step before it
         self._step("report", False, lambda: write_report(self.run, self.config), main_only=True)
 
@@ -290,7 +269,6 @@ class Pipeline:
 
     def execute(self) -> list[dict]:
         """Every step in order, holding the run folder's lock (delrec.locks): one writer per run."""
-        from delrec.locks import run_lock
 
         self.run.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run):

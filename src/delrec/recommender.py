@@ -34,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec.config import PipelineConfig
+from delrec.data.loaders import normalize_title
+from delrec.data.protocol import RunData
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, title_key
+from delrec.model_names import ModelName
+from delrec.scorers import make_scorer
+from delrec.teachers.train import load_teacher
 
 
 class RequestError(ValueError):
@@ -108,8 +114,6 @@ class Recommender:
         """`teacher`: whose top list gives the default candidates (default: the model's own
         teacher, else the first trained one); `llm`: the backbone of `zero-shot` (default: the
         run's); `templates`: the run's prompt wording for models without a stage-2 folder."""
-        from delrec.data.protocol import RunData
-        from delrec.scorers import make_scorer
 
         run = Path(run)
         data = RunData.load(run / "data")
@@ -121,7 +125,7 @@ class Recommender:
         scorer = make_scorer(run, data, model, llm=llm, dtype=dtype, device=device, batch_size=batch_size, progress=False,
                              template_overrides=templates)
         trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
-        own = model.partition("-")[0]
+        own = ModelName.parse(model).teacher
         teacher = teacher or (own if own in trained else trained[0] if trained else None)
         return cls(run, data, scorer, model, teacher, device, num_candidates, max_candidates)
 
@@ -140,8 +144,6 @@ class Recommender:
         return out
 
     def _lookup(self, ref, what: str, n: int) -> int:
-        from delrec.data.loaders import normalize_title
-
         text = str(ref).strip()
         found = self._by_id.get(text)
         if found is not None:
@@ -196,7 +198,6 @@ class Recommender:
         original or the normalised form), the exact title first, then the titles that start with
         it, then the shortest; else the closest titles. Items sharing a title are each listed,
         under their title with its (#id)."""
-        from delrec.data.loaders import normalize_title
 
         cleaned = clean_title(query)
         words = cleaned.casefold()
@@ -295,7 +296,6 @@ class Recommender:
         import torch
 
         if self._teacher is None:
-            from delrec.teachers.train import load_teacher
 
             self._teacher = load_teacher(self.run / "teachers" / self.teacher_name, self.device, self.data)
         model = self._teacher
@@ -345,8 +345,6 @@ class _Requests:
 
 
 def _run_config(run: Path):
-    from delrec.config import PipelineConfig
-
     try:
         return PipelineConfig.from_run(run)
     except FileNotFoundError:  # a folder made step by step, without `delrec run`

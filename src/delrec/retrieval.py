@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+
 LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
 
 
@@ -35,7 +37,6 @@ class TeacherOrder:
     def order(self, data, rows: np.ndarray) -> np.ndarray:
         """[len(rows), num_candidates]: stored candidate positions, the teacher's best first."""
         if self._scorer is None:
-            from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
 
             model = load_teacher(self.run_dir / "teachers" / self.teacher, self.device, self.data)
             self._scorer = TeacherScorer(model, pick_device(self.device), self.teacher)

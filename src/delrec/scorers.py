@@ -1,18 +1,33 @@
 """One factory from a model's name in a run folder to a scorer of its fixed candidates, used by
-`delrec evaluate`, `delrec recommend`, the pipeline's evaluation and the report's case studies.
+`delrec evaluate`, `delrec recommend`, the pipeline's evaluation and the report's case studies;
+and `finetuned_scorer`, which loads a stage-2 folder as the scorer it was trained as.
 
 Names: `random`, `popularity`, a teacher (RUN/teachers/<name>), `zero-shot` (the LLM alone,
 optionally with a soft prompt), `<teacher>-<method>` for a method of delrec.methods (its stage-2
-folder RUN/finetune/<teacher>-<method>; for a method without stage 2, the frozen LLM with its
-stage-1 soft prompt, such as `wo-lsr`, or the LLM's title embeddings, `llmseqsim`), or the path of
-any stage-2 folder.
+folder RUN/finetune/<teacher>-<method>; for a method without stage 2, its `frozen_scorer`: the
+frozen LLM with its stage-1 soft prompt, such as `wo-lsr`, or the LLM's title embeddings,
+`llmseqsim`), or the path of any stage-2 folder.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 from delrec import methods
+from delrec.evaluate import PopularityScorer, RandomScorer
+from delrec.io import read_json
+from delrec.llm.backbone import Backbone
+from delrec.llm.scorer import LLMScorer
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.templates import Templates
+from delrec.model_names import ModelName
+from delrec.stages.finetune import FinetuneConfig
+from delrec.teachers import MODELS as TEACHERS
+from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+
+log = logging.getLogger(__name__)
 
 
 def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dtype: str = "auto", device: str = "auto",
@@ -24,60 +39,78 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
     `backbone`: an already loaded one (fresh, without adapters); `label`: the scorer's name;
     `template_overrides`: a run's `templates:` section, for the models that have no stage-2
     folder recording their own (a stage-2 folder's config.json holds the wording it trained on)."""
-    from delrec.evaluate import PopularityScorer, RandomScorer
-    from delrec.llm.templates import Templates
-
     run = Path(run)
     kw = {"batch_size": batch_size, "progress": progress, "method": method}
     if name == "random":
         return RandomScorer(seed=data.config.seed)
     if name == "popularity":
         return PopularityScorer(data)
-    from delrec.teachers import MODELS as TEACHERS
-
     as_path = "/" in name or "\\" in name  # the path of a stage-2 folder, not a name in the run
     if not as_path and (name in TEACHERS or (run / "teachers" / name).is_dir()):  # load_teacher says how to train a missing one
-        from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
-
         return TeacherScorer(load_teacher(run / "teachers" / name, device, data), pick_device(device), name)
     if name == "zero-shot":
         templates = templates or Templates(**(template_overrides or {}))
         return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates, soft_prompt,
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
     folder = Path(name) if as_path else run / "finetune" / name
-    teacher, _, variant = Path(name).name.partition("-")
-    if variant in methods.METHODS and methods.get(variant).ranker == "similarity":
-        from delrec.llm.similarity import TitleSimilarityScorer
-
-        return TitleSimilarityScorer.for_run(data, _backbone(backbone, llm, dtype, device), batch_size=batch_size,
-                                             progress=progress, name=label or f"llmseqsim:{name}")
-    if variant in methods.METHODS and not methods.get(variant).stage2:
-        stage1 = run / "distill" / methods.get(variant).stage1_folder(teacher) / "soft_prompt.safetensors"
-        templates = templates or Templates.for_teacher(teacher, **(template_overrides or {}))
-        return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates,
-                           soft_prompt or stage1, label or f"delrec:{name}", **kw)
+    parsed = ModelName.parse(Path(name).name)
+    if parsed.method in methods.METHODS and not methods.get(parsed.method).stage2:
+        templates = templates or Templates.for_teacher(parsed.teacher, **(template_overrides or {}))
+        return methods.get(parsed.method).frozen_scorer(run, data, name, parsed.teacher,
+                                                        lambda: _backbone(backbone, llm, dtype, device), templates,
+                                                        soft_prompt, label, **kw)
     if (folder / "config.json").exists():
-        from delrec.io import read_json
-        from delrec.stages.finetune import finetuned_scorer
-
         cfg = read_json(folder / "config.json")
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
                                   templates=templates, run_dir=run, **kw)
         scorer.name = label or scorer.name
-        if methods.get(cfg.get("variant", "delrec")).ranker == "letters":  # LlamaRec: its teacher retrieves for full ranking
-            from delrec.retrieval import RetrieveThenRank
-
-            return RetrieveThenRank(scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
-        return scorer
+        return methods.get(cfg.get("variant", "delrec")).for_full_ranking(
+            scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
     teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []
     stage2 = sorted(p.name for p in (run / "finetune").iterdir()) if (run / "finetune").is_dir() else []
     raise FileNotFoundError(f"no model {name!r} in {run}: known are random, popularity, zero-shot, the teachers "
                             f"{teachers} and the stage-2 results {stage2}")
 
 
-def _backbone(backbone, llm: str | None, dtype: str, device: str):
-    from delrec.llm.backbone import Backbone
+def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None, templates: Templates | None = None,
+                     method: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
+                     progress: bool = True, run_dir: str | Path | None = None) -> LLMScorer:
+    """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt (and what
+    its method trained beside, such as LLaRA's item projector) and its prompt, exactly as trained.
+    `backbone` (fresh, without adapters) saves a reload; `run_dir`: the run whose teacher lists a
+    `teacher-list` model reads (default: the folder's own run, RUN/finetune/<name>)."""
+    from peft import PeftModel  # peft takes seconds to import: only where an adapter is loaded
 
+    folder = Path(folder)
+    if not (folder / "adapter" / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has an adapter but no config.json: the stage is being written or was "
+                                "interrupted; run it again (or wait for it to finish)")
+    cfg = read_json(folder / "config.json")
+    bb = backbone or Backbone.load(cfg["llm"], device=device, dtype=dtype)
+    bb.freeze()
+    with warnings.catch_warnings():
+        # peft checks AdaLoRA's rank_pattern keys (".lora_E" names) against module names and warns
+        # that they match nothing, yet applies them: the pruned ranks load (tests/test_finetune.py)
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+        bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
+    soft_path = folder / "soft_prompt.safetensors"
+    soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
+    trained_as = methods.get(cfg["variant"])
+    templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
+    order = cfg.get("candidate_order", "stored")  # as it was trained (FinetuneConfig.to_dict records any other)
+    if order != trained_as.candidate_order:
+        log.warning("%s was trained with its candidates in the %s order, not %s's today; scored as it was trained",
+                    folder, order, cfg["variant"])
+    return trained_as.scorer(run_dir or folder.parent.parent, data, bb, cfg["teacher"], templates, soft,
+                             extra=trained_as.load_stage2_extra(folder, bb),
+                             teacher_list_size=cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size),
+                             candidate_order=order, method=method, batch_size=batch_size, name=f"delrec:{folder.name}",
+                             progress=progress)
+
+
+def _backbone(backbone, llm: str | None, dtype: str, device: str):
     if backbone is not None:
         return backbone
     if llm is None:
@@ -86,9 +119,6 @@ def _backbone(backbone, llm: str | None, dtype: str, device: str):
 
 
 def _frozen_llm(data, bb, templates, soft_prompt, name, **kw):
-    from delrec.llm.scorer import LLMScorer
-    from delrec.llm.soft_prompt import SoftPrompt
-
     soft = None
     if soft_prompt:
         if not Path(soft_prompt).exists():

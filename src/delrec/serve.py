@@ -560,14 +560,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
     # checking requests (title lookups, closest titles) and title search: off the event loop, on one
     # thread (the recommender's lookups are read-only once warm; one thread keeps them in order)
     checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delrec-check")
-    run_name = recommender.run.name  # never the absolute path: no response tells how the machine is laid out
-
-    def answer(ranking: Ranking) -> dict:
-        """A RecommendResponse as plain JSON data, sent as it is (validating our own output again
-        would cost more than a teacher's forward pass)."""
-        return {"model": recommender.model, "items": [{"item": i.item, "title": i.title, "score": i.score} for i in ranking.items],
-                "candidates_from": ranking.candidates_from, "history_used": ranking.history_used,
-                "history_truncated": ranking.history_truncated}
+    ranking = _RankEndpoint(recommender, batcher, checker, metrics, timeout_s)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -578,27 +571,49 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
         await batcher.stop()
         checker.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="delrec", summary=f"{recommender.model} of {run_name}", lifespan=lifespan,
+    app = FastAPI(title="delrec", summary=f"{recommender.model} of {recommender.run.name}", lifespan=lifespan,
                   description=__doc__.split("\n\n", 2)[2] if __doc__ else None)
     app.state.metrics, app.state.batcher, app.state.recommender = metrics, batcher, recommender
+    _add_routes(app, ranking, limits={"max_batch": max_batch, "max_wait_ms": max_wait_ms, "timeout_s": timeout_s})
+    fast = {("POST", "/recommend"): lambda raw, scope: ranking(raw, scope, many=False),
+            ("POST", "/recommend/batch"): lambda raw, scope: ranking(raw, scope, many=True)}
+    return _Gate(app, max_body_bytes, metrics, batcher, fast, body_timeout_s=body_timeout_s,
+                 allowed_hosts=None if allowed_hosts is None else frozenset(_host_name(h) for h in allowed_hosts), token=token)
 
-    def prepare(body, many: bool) -> list[PreparedRequest]:
+
+class _RankEndpoint:
+    """POST /recommend (`many=False`) and POST /recommend/batch: (status, answer, headers) for a
+    body. The gate calls it straight for every such request (FastAPI's routing, body and exception
+    layers would cost the event loop more than a teacher's whole forward pass); the routes
+    (`_add_routes`) describe the endpoints in the OpenAPI docs and call it too."""
+
+    def __init__(self, recommender: Recommender, batcher: MicroBatcher, checker: ThreadPoolExecutor, metrics: Metrics,
+                 timeout_s: float):
+        self.recommender, self.batcher, self.checker, self.metrics = recommender, batcher, checker, metrics
+        self.timeout_s = timeout_s
+
+    def answer(self, ranking: Ranking) -> dict:
+        """A RecommendResponse as plain JSON data, sent as it is (validating our own output again
+        would cost more than a teacher's forward pass)."""
+        return {"model": self.recommender.model,
+                "items": [{"item": i.item, "title": i.title, "score": i.score} for i in ranking.items],
+                "candidates_from": ranking.candidates_from, "history_used": ranking.history_used,
+                "history_truncated": ranking.history_truncated}
+
+    def prepare(self, body, many: bool) -> list[PreparedRequest]:
         if not many:
-            return [recommender.prepare(body.history, body.candidates, body.k)]
+            return [self.recommender.prepare(body.history, body.candidates, body.k)]
         prepared = []
         for n, r in enumerate(body.requests):
             try:
-                prepared.append(recommender.prepare(r.history, r.candidates, r.k))
+                prepared.append(self.recommender.prepare(r.history, r.candidates, r.k))
             except RequestError as e:
                 raise RequestError(f"requests[{n}].{e.field}", e.message) from None
         return prepared
 
-    async def rank_requests(raw: bytes, scope: dict, many: bool) -> tuple[int, dict, list]:
-        """POST /recommend (`many=False`) and POST /recommend/batch: (status, answer, headers) for a
-        body. The gate calls it straight for every such request (FastAPI's routing, body and
-        exception layers would cost the event loop more than a teacher's whole forward pass);
-        the routes below describe the endpoints in the OpenAPI docs and call it too."""
-        deadline = scope["delrec"]["start"] + timeout_s
+    async def __call__(self, raw: bytes, scope: dict, many: bool) -> tuple[int, dict, list]:
+        batcher = self.batcher
+        deadline = scope["delrec"]["start"] + self.timeout_s
         try:
             body = (BatchRequest if many else RecommendRequest).model_validate_json(raw)
             n = len(body.requests) if many else 1
@@ -606,7 +621,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
                 return 422, {"field": "requests", "error": f"at most {batcher.max_queue} requests in one batch "
                                                            "(the service's --max-queue)"}, []
             batcher.check_room(n)  # before the work of checking: a full service refuses at once
-            prepared = await asyncio.get_running_loop().run_in_executor(checker, prepare, body, many)
+            prepared = await asyncio.get_running_loop().run_in_executor(self.checker, self.prepare, body, many)
         except ValidationError as e:
             return 422, _validation_error(e.errors()), []
         except RequestError as e:
@@ -618,8 +633,8 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
         try:
             rankings = await asyncio.wait_for(batcher.rank(prepared), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            metrics.count("timed_out")
-            return 504, {"field": None, "error": f"not answered within the service's deadline of {timeout_s:g} s "
+            self.metrics.count("timed_out")
+            return 504, {"field": None, "error": f"not answered within the service's deadline of {self.timeout_s:g} s "
                                                  "(delrec serve --timeout-s)"}, []
         except Overloaded as e:
             return e.answer()
@@ -627,7 +642,13 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
             return 500, {"field": None, "error": str(e)}, []
         except ServiceStopping as e:
             return 503, {"field": None, "error": str(e)}, []
-        return 200, {"results": [answer(r) for r in rankings]} if many else answer(rankings[0]), []
+        return 200, {"results": [self.answer(r) for r in rankings]} if many else self.answer(rankings[0]), []
+
+
+def _add_routes(app: FastAPI, ranking: _RankEndpoint, limits: dict) -> None:
+    """The endpoints as FastAPI describes them (OpenAPI docs), and its error handlers."""
+    recommender, batcher, metrics, checker = ranking.recommender, ranking.batcher, ranking.metrics, ranking.checker
+    run_name = recommender.run.name  # never the absolute path: no response tells how the machine is laid out
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, e: RequestValidationError):
@@ -641,7 +662,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
     async def routed(request: Request, many: bool) -> JSONResponse:
-        status, answer, headers = await rank_requests(await request.body(), request.scope, many)
+        status, answer, headers = await ranking(await request.body(), request.scope, many)
         return JSONResponse(answer, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
     @app.post("/recommend", response_model=RecommendResponse, summary="rank items for one user's history",
@@ -667,13 +688,7 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
 
     @app.get("/metrics", summary="requests, errors, latency quantiles, batch sizes and refused requests since start")
     async def get_metrics() -> dict:
-        return metrics.snapshot() | {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": batcher.max_queue,
-                                     "timeout_s": timeout_s, "waiting": batcher.waiting}
-
-    fast = {("POST", "/recommend"): lambda raw, scope: rank_requests(raw, scope, many=False),
-            ("POST", "/recommend/batch"): lambda raw, scope: rank_requests(raw, scope, many=True)}
-    return _Gate(app, max_body_bytes, metrics, batcher, fast, body_timeout_s=body_timeout_s,
-                 allowed_hosts=None if allowed_hosts is None else frozenset(_host_name(h) for h in allowed_hosts), token=token)
+        return metrics.snapshot() | {**limits, "max_queue": batcher.max_queue, "waiting": batcher.waiting}
 
 
 def bind(host: str, port: int):

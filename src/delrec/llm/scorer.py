@@ -13,22 +13,57 @@ from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt, Templates, hybrid_prompt, lettered_prompt, lsr_prompt, prompt_titles, teacher_list_prompt
-from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
-from delrec.methods import PROMPTS
+from delrec.llm.templates import Prompt, Templates, lsr_prompt, prompt_titles
+from delrec.llm.verbalizer import Verbalizer
+
+
+class PromptStyle:
+    """How a method writes a sample's recommendation prompt, and which verbalizer reads it. This
+    one writes the LSR prompt (llm/templates.lsr_prompt), whose slot holds the soft prompt
+    (`slot="soft-prompt"`), a hand-written description of the teacher (`"model-card"`, `w MCP`) or
+    nothing (`"empty"`, `w/o DPSM`); without a slot (None) it is the plain prompt (`w/o SP`, the
+    zero-shot LLM). A method with a prompt of its own subclasses it (delrec.methods: the teacher's
+    list, LlamaRec's letters, LLaRA's item vectors). `order` (delrec.retrieval.TeacherOrder):
+    the candidates listed in another order than the stored one; scores come back in the stored
+    order all the same."""
+
+    SLOTS = (None, "soft-prompt", "model-card", "empty")
+    name = "lsr"
+    has_text_only_form = False  # a form without item vectors (LLaRA's curriculum starts from it)
+    item_vectors = None  # a module giving each item's input vector (LLaRA's projector), or None
+
+    def __init__(self, slot: str | None = None, order=None):
+        if slot not in self.SLOTS:
+            raise ValueError(f"unknown prompt slot {slot!r}; choose one of {self.SLOTS}")
+        self.slot, self.order = slot, order
+        if slot is None:
+            self.name = "plain"
+
+    @property
+    def uses_soft_prompt(self) -> bool:
+        return self.slot == "soft-prompt"
+
+    def row_lists(self, data: RunData, rows: np.ndarray) -> Sequence | None:
+        """What each row's prompt shows besides its history and candidates (the teacher's list), or None."""
+        return None
+
+    def write(self, t: Templates, titles: Sequence[str], history: Sequence[int], candidates: Sequence[int],
+              label: int | None, row_list: Sequence[int] | None, text_only: bool) -> Prompt:
+        """One sample's prompt: `history` and `candidates` are item indices into `titles`."""
+        answer = titles[label] if label is not None else None
+        return lsr_prompt(t, [titles[i] for i in history], [titles[i] for i in candidates], label=answer,
+                          soft_prompt=self.slot == "soft-prompt", model_card=self.slot == "model-card",
+                          empty_slot=self.slot == "empty")
+
+    def verbalizer(self, backbone: Backbone, title_method: str, batch_size: int) -> Verbalizer:
+        """The verbalizer that scores this prompt's candidates (`title_method`: the title verbalizer's)."""
+        return Verbalizer(backbone, title_method, batch_size, item_vectors=self.item_vectors)
 
 
 class LLMScorer:
     """Scores each sample's fixed candidates (in their on-disk, shuffled order) with a method's
-    recommendation prompt (`prompt`, one of delrec.methods.PROMPTS; default: the LSR prompt with a
-    soft prompt, the plain prompt without one, which is the zero-shot LLM). `model-card` and
-    `empty-slot` are the `w MCP` and `w/o DPSM` prompts; `teacher-list` writes the teacher's top
-    list in (`teacher_top` gives it per sample: stages.examples.TeacherTop); `lettered` lists the
-    candidates under index letters and scores them with LlamaRec's letter verbalizer; `hybrid`
-    (LLaRA) puts an item vector after each title, made by `item_projector` from the item's
-    teacher embedding (llm/item_projector.py). `candidate_order` (LlamaRec's retrieval stage,
-    delrec.retrieval.TeacherOrder) lists each sample's candidates in another order than the
-    stored one; scores are returned in the stored order all the same."""
+    recommendation prompt (`style`, a PromptStyle; default: the LSR prompt with a soft prompt, the
+    plain prompt without one, which is the zero-shot LLM), read by the style's verbalizer."""
 
     def __init__(
         self,
@@ -36,41 +71,24 @@ class LLMScorer:
         titles: Sequence[str],
         templates: Templates | None = None,
         soft_prompt: SoftPrompt | None = None,
-        prompt: str | None = None,
+        style: PromptStyle | None = None,
         method: str = "full-title",
         batch_size: int = 8,
         name: str | None = None,
         progress: bool = True,
-        teacher_top=None,
-        item_projector=None,
-        candidate_order=None,
     ):
         self.backbone = backbone
         self.titles = list(titles)  # indexed by item_idx; [0] is padding
         self.templates = templates or Templates()
         self.soft_prompt = soft_prompt
-        self.prompt_kind = prompt or ("lsr" if soft_prompt is not None else "plain")
-        if self.prompt_kind not in PROMPTS or self.prompt_kind == "none":
-            raise ValueError(f"unknown recommendation prompt {self.prompt_kind!r}; choose one of {PROMPTS[:-1]}")
-        if (self.prompt_kind == "lsr") != (soft_prompt is not None):
-            raise ValueError("a soft prompt goes with the `lsr` prompt (its slot), and only with it")
-        if (self.prompt_kind == "teacher-list") != (teacher_top is not None):
-            raise ValueError("the `teacher-list` prompt needs the teacher's top lists (teacher_top), and only it uses them")
-        self.teacher_top = teacher_top
-        if (self.prompt_kind == "hybrid") != (item_projector is not None):
-            raise ValueError("the `hybrid` prompt (LLaRA) needs its item projector (item_projector), and only it uses one")
-        if item_projector is not None and item_projector.num_items != len(self.titles) - 1:
-            raise ValueError(f"the item projector holds the teacher's embeddings of {item_projector.num_items} items, but "
+        self.style = style or PromptStyle("soft-prompt" if soft_prompt is not None else None)
+        if self.style.uses_soft_prompt != (soft_prompt is not None):
+            raise ValueError("a soft prompt goes with the LSR prompt's slot (`soft-prompt`), and only with it")
+        projector = self.style.item_vectors
+        if projector is not None and projector.num_items != len(self.titles) - 1:
+            raise ValueError(f"the item projector holds the teacher's embeddings of {projector.num_items} items, but "
                              f"this run has {len(self.titles) - 1}: it was trained on other data")
-        self.item_projector = item_projector
-        self.candidate_order = candidate_order
-        if self.prompt_kind == "lettered":
-            if method != "full-title":
-                raise ValueError(f"the lettered prompt (LlamaRec) is scored by its index letters; the title verbalizer "
-                                 f"{method!r} does not apply")
-            self.verbalizer = LetterVerbalizer(backbone, batch_size)
-        else:
-            self.verbalizer = Verbalizer(backbone, method, batch_size, item_vectors=item_projector)
+        self.verbalizer = self.style.verbalizer(backbone, method, batch_size)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
 
@@ -85,35 +103,22 @@ class LLMScorer:
         return cls(backbone, prompt_titles(data.items, templates.max_title_chars), **kwargs)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int], label: int | None = None,
-               teacher_top: Sequence[int] | None = None, text_only: bool = False) -> Prompt:
-        """The prompt of one sample (item indices); `teacher_top`: the teacher's list for it, which
-        the `teacher-list` prompt needs (`prompts` looks it up); `text_only`: the `hybrid` prompt
-        without its item vectors (where LLaRA's curriculum starts)."""
-        titles, t, kind = self.titles, self.templates, self.prompt_kind
-        if text_only and kind != "hybrid":
-            raise ValueError(f"only the `hybrid` prompt has a text-only form, not {kind!r}")
-        items = [i for i in history if i > 0]
-        shown = [titles[i] for i in items]
-        cands = [titles[i] for i in candidates]
-        answer = titles[label] if label is not None else None
-        if kind == "hybrid":
-            return hybrid_prompt(t, shown, cands, items, [int(i) for i in candidates], label=answer, item_vectors=not text_only)
-        if kind == "teacher-list":
-            if teacher_top is None:
-                raise ValueError("the `teacher-list` prompt needs the teacher's top list of the sample")
-            return teacher_list_prompt(t, shown, cands, [titles[i] for i in teacher_top], label=answer)
-        if kind == "lettered":
-            return lettered_prompt(t, shown, cands, label=answer)
-        return lsr_prompt(t, shown, cands, label=answer, soft_prompt=kind == "lsr", model_card=kind == "model-card",
-                          empty_slot=kind == "empty-slot")
+               row_list: Sequence[int] | None = None, text_only: bool = False) -> Prompt:
+        """The prompt of one sample (item indices); `row_list`: what the style shows for it besides
+        (the teacher's list; `prompts` looks it up); `text_only`: the style's form without item
+        vectors (where LLaRA's curriculum starts)."""
+        if text_only and not self.style.has_text_only_form:
+            raise ValueError(f"the {self.style.name!r} prompt has no text-only form")
+        return self.style.write(self.templates, self.titles, [int(i) for i in history if i > 0],
+                                [int(i) for i in candidates], label, row_list, text_only)
 
     def display_order(self, data: RunData, rows: np.ndarray) -> np.ndarray:
         """[len(rows), num_candidates]: for each row, the stored candidate positions in the order
-        the prompt lists them (the identity unless a `candidate_order` reorders them)."""
+        the prompt lists them (the identity unless the style's `order` reorders them)."""
         rows = np.asarray(rows)
-        if self.candidate_order is None:
+        if self.style.order is None:
             return np.broadcast_to(np.arange(data.candidates.shape[1]), (len(rows), data.candidates.shape[1]))
-        return self.candidate_order.order(data, rows)
+        return self.style.order.order(data, rows)
 
     def prompts(self, data: RunData, rows: np.ndarray, labels: bool = False, text_only: bool = False,
                 order: np.ndarray | None = None) -> list[Prompt]:
@@ -121,12 +126,13 @@ class LLMScorer:
         `text_only`: see `prompt`), the candidates in `display_order` (`order`, when the caller
         has it already)."""
         rows = np.asarray(rows)
-        tops = self.teacher_top.lists(data, rows) if self.teacher_top is not None else [None] * len(rows)
+        lists = self.style.row_lists(data, rows)
+        lists = [None] * len(rows) if lists is None else lists
         order = self.display_order(data, rows) if order is None else order
         shown = np.take_along_axis(data.candidates[rows], order, axis=1)
-        return [self.prompt(data.history[r], cands, label=data.target[r] if labels else None, teacher_top=top,
+        return [self.prompt(data.history[r], cands, label=data.target[r] if labels else None, row_list=extra,
                             text_only=text_only)
-                for r, cands, top in zip(rows, shown, tops)]
+                for r, cands, extra in zip(rows, shown, lists)]
 
     def score_candidates(self, data: RunData, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)

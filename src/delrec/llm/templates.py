@@ -20,7 +20,7 @@ Two baselines of the paper's Table II have prompts of their own (docs/baselines.
   and the answer is a letter.
 * hybrid (LLaRA): the plain recommendation prompt with one item vector right after each title of
   the history and of the candidates (`Prompt.item_slots`); the verbalizer puts there the teacher's
-  embedding of that item mapped into the LLM's input space (llm/item_projector.py).
+  embedding of that item mapped into the LLM's input space (delrec/methods/llara.py).
 
 Domain words (movie, game, item) and every template text can be overridden from a JSON or YAML
 file (`Templates.from_file`).
@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from delrec.data.titles import disambiguate_titles
+from delrec.settings import check
+from delrec.teachers import MODELS
 
 SLOT = "{soft_prompt}"
 MASK = "[MASK]"
@@ -147,24 +149,18 @@ class Templates:
         """The templates every step uses for `teacher` (sasrec, gru4rec, caser or another name):
         the teacher class's display name and model card, then `overrides` (domain words such as
         item/items/verb/verb_base, or whole templates; a run config's `templates:` section)."""
-        from delrec.settings import check
-        from delrec.teachers import MODELS
 
         model = MODELS.get(teacher)
         base = {"teacher": model.display_name, "model_card": model.model_card} if model else {"teacher": teacher}
         return cls(**{**base, **check(cls, dict(overrides), "templates")})
 
-    def with_teacher(self, teacher: str) -> Templates:
-        return replace(self, teacher=teacher)
-
-    def _words(self) -> dict:
+    def words(self) -> dict:
         return {"teacher": self.teacher, "item": self.item, "items": self.items, "verb": self.verb,
                 "verb_base": self.verb_base, "mask": MASK}
 
 
 def read_overrides(path: str | Path) -> dict:
     """Template fields from a JSON or YAML file (`--templates FILE`), checked against Templates."""
-    from delrec.settings import check
 
     path = Path(path)
     if not path.exists():
@@ -218,7 +214,7 @@ def _render(template: str, values: dict, candidates: Sequence[str], label: str |
     return Prompt(text, "", tuple(candidates), label, False)
 
 
-def _check(history: Sequence[str], candidates: Sequence[str], label: str | None) -> None:
+def check_titles(history: Sequence[str], candidates: Sequence[str], label: str | None) -> None:
     if len(history) == 0:
         raise ValueError("the history is empty: a prompt needs at least one earlier item")
     if label is not None and label not in candidates:
@@ -231,10 +227,10 @@ def lsr_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], 
     mention of one); `model_card=True` the `w MCP` ablation (the slot gets a text description of
     the teacher); `empty_slot=True` the `w/o DPSM` ablation (the instruction stays, the slot is
     empty because there was no stage 1)."""
-    _check(history, candidates, label)
-    values = {**t._words(), "history": quote_titles(history), "candidates": quote_titles(candidates)}
+    check_titles(history, candidates, label)
+    values = {**t.words(), "history": quote_titles(history), "candidates": quote_titles(candidates)}
     if model_card:
-        return _render(t.lsr, values, candidates, label, soft=t.model_card.format(**t._words()))
+        return _render(t.lsr, values, candidates, label, soft=t.model_card.format(**t.words()))
     if empty_slot:
         return _render(t.lsr, values, candidates, label, soft="")
     return _render(t.lsr if soft_prompt else t.lsr_plain, values, candidates, label, soft=None)
@@ -244,10 +240,10 @@ def teacher_list_prompt(t: Templates, history: Sequence[str], candidates: Sequen
                         label: str | None = None) -> Prompt:
     """The plain recommendation prompt with the teacher's top-h recommendations (best first) written
     in as text: the text paradigm of RecRanker and LLM-TRSR (docs/baselines.md)."""
-    _check(history, candidates, label)
+    check_titles(history, candidates, label)
     if len(teacher_top) == 0:
         raise ValueError("the teacher's top list is empty")
-    values = {**t._words(), "history": quote_titles(history), "teacher_list": quote_titles(teacher_top),
+    values = {**t.words(), "history": quote_titles(history), "teacher_list": quote_titles(teacher_top),
               "candidates": quote_titles(candidates)}
     return _render(t.teacher_list, values, candidates, label, soft="")
 
@@ -255,51 +251,12 @@ def teacher_list_prompt(t: Templates, history: Sequence[str], candidates: Sequen
 def lettered_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], label: str | None = None) -> Prompt:
     """LlamaRec's prompt: the candidates in display order under the index letters (A), (B), ...,
     one a line; the answer is the label's letter (scored by verbalizer.LetterVerbalizer)."""
-    _check(history, candidates, label)
+    check_titles(history, candidates, label)
     if len(candidates) > len(LETTERS):
         raise ValueError(f"the lettered prompt indexes at most {len(LETTERS)} candidates (A-Z), got {len(candidates)}")
     listed = "\n".join(f"({letter}) {title}" for letter, title in zip(LETTERS, candidates))
-    values = {**t._words(), "history": quote_titles(history), "candidates": listed}
+    values = {**t.words(), "history": quote_titles(history), "candidates": listed}
     return _render(t.lettered, values, candidates, label, soft="")
-
-
-# where `hybrid_prompt` marks an item vector while it renders (private-use characters, never in a title)
-HISTORY_MARK, CANDIDATE_MARK = "\ue000", "\ue001"
-
-
-def hybrid_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], history_items: Sequence[int],
-                  candidate_items: Sequence[int], label: str | None = None, item_vectors: bool = True) -> Prompt:
-    """LLaRA's hybrid prompt: the plain recommendation prompt (`lsr_plain`, as `w/o SP` and
-    LLMSEQPROMPT read it) with one item vector right after each title of the history and of the
-    candidates: `item_slots` holds, in text order, the offset just after each closing quote and
-    the item index (`history_items`, `candidate_items`: the items of the titles, in the same
-    order). `item_vectors=False` gives the text-only form that LLaRA's curriculum starts from:
-    the same text without the vectors."""
-    _check(history, candidates, label)
-    if len(history_items) != len(history) or len(candidate_items) != len(candidates):
-        raise ValueError(f"the hybrid prompt needs one item per title: {len(history)} history titles and "
-                         f"{len(history_items)} items, {len(candidates)} candidate titles and {len(candidate_items)} items")
-    if not item_vectors:
-        return lsr_prompt(t, history, candidates, label, soft_prompt=False)
-    if any(HISTORY_MARK in x or CANDIDATE_MARK in x for x in (*history, *candidates)):
-        raise ValueError("a title holds one of the private-use characters U+E000 / U+E001 the hybrid prompt marks items with")
-    values = {**t._words(), "history": ", ".join(f'"{x}"{HISTORY_MARK}' for x in history),
-              "candidates": ", ".join(f'"{x}"{CANDIDATE_MARK}' for x in candidates)}
-    marked = t.lsr_plain.replace(SLOT, "").format(**values)
-    items = {HISTORY_MARK: iter(history_items), CANDIDATE_MARK: iter(candidate_items)}
-    pieces, slots, start, length = [], [], 0, 0
-    for at in (i for i, ch in enumerate(marked) if ch in items):
-        pieces.append(marked[start:at])
-        length += at - start
-        item = next(items[marked[at]], None)
-        if item is None:
-            raise ValueError("the `lsr_plain` template must show {history} and {candidates} once each for the hybrid prompt")
-        slots.append((length, int(item)))
-        start = at + 1
-    if len(slots) != len(history) + len(candidates):
-        raise ValueError("the `lsr_plain` template must show {history} and {candidates} once each for the hybrid prompt")
-    text = "".join(pieces) + marked[start:]
-    return Prompt(text, "", tuple(candidates), label, False, tuple(slots))
 
 
 def ta_prompt(t: Templates, sequence: Sequence[str], candidates: Sequence[str], num_examples: int = 4) -> Prompt:
@@ -312,8 +269,8 @@ def ta_prompt(t: Templates, sequence: Sequence[str], candidates: Sequence[str], 
     if n < 3:
         raise ValueError(f"Temporal Analysis needs a sequence of at least 3 items, got {n}")
     label = sequence[n - 2]
-    _check(sequence, candidates, label)
-    words = t._words()
+    check_titles(sequence, candidates, label)
+    words = t.words()
     positions = range(max(1, n - 2 - num_examples), n - 2)
     examples = "".join(
         t.ta_example.format(**words, history=quote_titles(sequence[:p]), next_item=sequence[p]) for p in positions
@@ -330,6 +287,6 @@ def rps_prompt(t: Templates, history: Sequence[str], teacher_top: Sequence[str],
     if len(teacher_top) == 0:
         raise ValueError("the teacher's top list is empty")
     shown = [teacher_top[i] for i in rng.permutation(len(teacher_top))]
-    _check(history, shown, teacher_top[0])
-    values = {**t._words(), "history": quote_titles(history), "candidates": quote_titles(shown)}
+    check_titles(history, shown, teacher_top[0])
+    values = {**t.words(), "history": quote_titles(history), "candidates": quote_titles(shown)}
     return _render(t.rps, values, shown, teacher_top[0], soft=None)

@@ -21,7 +21,7 @@ prompts of a batch share one padded pass.
 
 A prompt may carry vectors at several places: the soft prompt in its slot, and in LLaRA's hybrid
 prompt one item vector after each title (`Prompt.item_slots`, filled by the verbalizer's
-`item_vectors`, an item_projector.ItemProjector). Prompts without item slots take the path they
+`item_vectors`, LLaRA's ItemProjector in delrec/methods/llara.py). Prompts without item slots take the path they
 always took; the others are cut at every vector and their text pieces embedded in one lookup.
 
 `LetterVerbalizer` is LlamaRec's (Yue et al. 2023): the prompt lists the candidates under index
@@ -66,7 +66,7 @@ PASSES = ("auto", "prompt", "batch")
 class Verbalizer:
     def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8, passes: str = "auto",
                  item_vectors: nn.Module | None = None):
-        """`item_vectors`: maps [n] item indices to [n, hidden] input vectors (item_projector.ItemProjector);
+        """`item_vectors`: maps [n] item indices to [n, hidden] input vectors (delrec.methods.llara.ItemProjector);
         what a prompt's `item_slots` are filled with (LLaRA's hybrid prompt)."""
         if method not in METHODS:
             raise ValueError(f"unknown verbalizer {method!r}; choose one of {METHODS}")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from delrec import distributed
 from delrec.data.protocol import RunData
@@ -39,10 +38,13 @@ from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
 from delrec.locks import holds_run_lock
 from delrec.settings import runtime
-from delrec.stages.examples import ExampleBuilder, TeacherLists
+from delrec.stages.examples import ExampleBuilder
 from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS, lr_schedule, make_optimizer
-from delrec.stages.scaffold import Clock, StageFolder
 from delrec.stages.weighting import LossWeighting
+from delrec.teachers.lists import TeacherLists
+from delrec.training.folder import StageFolder
+from delrec.training.loop import Progress, Stage, train
+from delrec.training.rows import local_batch, valid_subset
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,12 @@ class DistillConfig:
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
 
+    def to_dict(self) -> dict:
+        """The settings as config.json records them (and a checkpoint must match)."""
+        d = asdict(self)
+        d["tasks"] = list(d["tasks"])
+        return d
+
 
 @dataclass
 class DistillResult:
@@ -125,15 +133,6 @@ def accuracy(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPro
     return float(np.mean(prompt_ranks(verbalizer, prompts, soft_prompt) == 0)) if prompts else 0.0
 
 
-def lsr_valid_rows(data: RunData, seed: int, limit: int) -> np.ndarray:
-    """The fixed valid rows stage 2 evaluates with the same seed and `valid_samples` (it draws the
-    train order first, then the valid subset, from one generator): stage 1's LSR evaluation uses
-    the same rows, so the two stages' curves are on the same samples."""
-    rng = np.random.default_rng(seed)
-    rng.permutation(data.indices("train"))
-    return np.sort(rng.permutation(data.indices("valid"))[:limit])
-
-
 class Stage1Loss(distributed.StageModule):
     """What stage 1 trains (the soft prompt; under `w UDPSM` the LLM too) and the loss it flows
     through, as one module: the unit that DDP synchronises or FSDP shards."""
@@ -151,194 +150,167 @@ class Stage1Loss(distributed.StageModule):
 @holds_run_lock
 def distill(run_dir: str | Path, config: DistillConfig, name: str | None = None, backbone: Backbone | None = None,
             progress: bool = True, restart: bool = False) -> DistillResult:
-    dist = distributed.current()
-    dist.check_batch(config.batch_size, "stage 1")
-    run_dir = Path(run_dir)
-    folder = StageFolder(run_dir / "distill" / (name or config.teacher), stale=("soft_prompt.safetensors",))
-    out = folder.out
+    stage = DistillStage(Path(run_dir), config, name, backbone)
+    metrics = train(stage, restart, progress)
+    return DistillResult(stage.soft, metrics, stage.folder.out)
 
-    data = RunData.load(run_dir / "data")
-    teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
-    templates = Templates.for_teacher(config.teacher, **config.templates)
-    builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
-    bb.freeze()
-    if config.gradient_checkpointing:
-        bb.enable_gradient_checkpointing()
-    llm_params = []
-    if config.update_llm:
-        for p in bb.model.parameters():
-            p.requires_grad_(True)
-        llm_params = [p for p in bb.model.parameters()]
-    soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed, init=config.soft_init)
-    weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
-    verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
+class DistillStage(Stage):
+    """Stage 1 as the shared loop runs it (delrec.training.loop): per step, each task's loss and
+    gradient kept apart, then weighted and combined (LossWeighting); evaluated before training
+    (`w USP`, the untrained soft prompt, is the reference), every `eval_every` steps and at the
+    end; the last soft prompt is the result (no best is kept: the accuracies are reported)."""
 
-    # The training examples: a seeded order over the eligible train rows (optionally a subset)
-    rng = np.random.default_rng(config.seed)
-    order = {}
-    for task in config.tasks:
-        rows = builder.eligible("train", task)
-        if len(rows) == 0:
-            raise ValueError(f"no train samples can make a {task.upper()} example")
-        rows = rng.permutation(rows)
-        order[task] = rows[: config.max_train_examples] if config.max_train_examples else rows
-    valid_rows = {t: rng.permutation(builder.eligible("valid", t))[: config.valid_samples] for t in config.tasks}
-    valid = {t: builder.build(t, rows) for t, rows in valid_rows.items()}
-    # `w/o LSR`: the recommendation prompt with the current soft prompt and the frozen LLM
-    lsr_scorer = LLMScorer(bb, builder.titles, templates, soft_prompt=soft, batch_size=config.verbalizer_batch,
-                           name="delrec:wo-lsr", progress=False) if config.valid_lsr_samples > 0 else None
-    if lsr_scorer is not None:
-        valid_rows["lsr"] = lsr_valid_rows(data, config.seed, config.valid_lsr_samples)
+    desc, eval_at_start, config_cls = "stage 1 (distill)", True, DistillConfig
 
-    trainable = [soft.embedding, *llm_params]
-    loss_module = dist.prepare(Stage1Loss(verbalizer, soft, config.objective))
+    def __init__(self, run_dir: Path, config: DistillConfig, name: str | None, backbone: Backbone | None):
+        dist = self.dist = distributed.current()
+        dist.check_batch(config.batch_size, "stage 1")
+        self.config, self.config_dict = config, config.to_dict()
+        self.folder = StageFolder(run_dir / "distill" / (name or config.teacher), stale=("soft_prompt.safetensors",))
+        self.total, self.eval_every, self.checkpoint_every = config.steps, config.eval_every, config.checkpoint_every
+        self.max_seconds = config.max_seconds
 
-    def valid_eval() -> dict:
+        data = self.data = RunData.load(run_dir / "data")
+        teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
+        templates = Templates.for_teacher(config.teacher, **config.templates)
+        builder = self.builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        bb = self.bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+        self.device = bb.device
+        bb.freeze()
+        if config.gradient_checkpointing:
+            bb.enable_gradient_checkpointing()
+        self.llm_params = []
+        if config.update_llm:
+            for p in bb.model.parameters():
+                p.requires_grad_(True)
+            self.llm_params = [p for p in bb.model.parameters()]
+        self.soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed, init=config.soft_init)
+        self.weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
+        self.verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
+
+        # the training examples: a seeded order over the eligible train rows (optionally a subset)
+        rng = np.random.default_rng(config.seed)
+        self.order = {}
+        for task in config.tasks:
+            rows = builder.eligible("train", task)
+            if len(rows) == 0:
+                raise ValueError(f"no train samples can make a {task.upper()} example")
+            rows = rng.permutation(rows)
+            self.order[task] = rows[: config.max_train_examples] if config.max_train_examples else rows
+        self.valid_rows = {t: rng.permutation(builder.eligible("valid", t))[: config.valid_samples] for t in config.tasks}
+        self.valid = {t: builder.build(t, rows) for t, rows in self.valid_rows.items()}
+        # `w/o LSR`: the recommendation prompt with the current soft prompt and the frozen LLM
+        self.lsr_scorer = LLMScorer(bb, builder.titles, templates, soft_prompt=self.soft, batch_size=config.verbalizer_batch,
+                                    name="delrec:wo-lsr", progress=False) if config.valid_lsr_samples > 0 else None
+        if self.lsr_scorer is not None:
+            self.valid_rows["lsr"] = valid_subset(data, config.seed, config.valid_lsr_samples)
+
+        self.trainable = [self.soft.embedding, *self.llm_params]
+        self.loss_module = dist.prepare(Stage1Loss(self.verbalizer, self.soft, config.objective))
+        groups = [{"params": [self.soft.embedding], "lr": config.lr}]
+        if self.llm_params:
+            groups.append({"params": self.llm_params, "lr": config.llm_lr})
+        if config.weighting == "uncertainty":
+            groups.append({"params": [self.weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
+        self.optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
+        self.scheduler = lr_schedule(self.optimizer, config.lr_schedule, config.warmup_steps, config.steps,
+                                     config.lr_min_ratio)
+
+    def step(self, progress: Progress) -> dict:
+        """Per task its loss and gradient, kept apart, then weighted and combined."""
+        config, dist = self.config, self.dist
+        grads = {t: [torch.zeros_like(p) for p in self.trainable] for t in config.tasks}
+        losses = {}
+        for micro in range(config.grad_accum):
+            for task in config.tasks:
+                rows, share = local_batch(self.order[task], progress.step, micro, config.grad_accum, config.batch_size)
+                loss = self.loss_module(self.builder.build(task, rows)) * share
+                loss.backward()  # under DDP the gradients arrive averaged over the processes
+                dist.reduce_gradients(self.trainable)  # under FSDP they are averaged here
+                for acc, p in zip(grads[task], self.trainable):
+                    if p.grad is not None:
+                        acc += p.grad / config.grad_accum
+                        p.grad = None  # each task's gradient is kept apart for the weighting
+                losses[task] = losses.get(task, 0.0) + dist.mean(loss.item()) / config.grad_accum
+        self.weighting.combine(self.trainable, grads, losses)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**{f"loss_{t}": v for t, v in losses.items()}, **{f"weight_{t}": w for t, w in self.weighting.current().items()},
+                "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self) -> dict:
         """Per task: HR@1 (the old `*_valid_accuracy`, kept) and NDCG@5 over the task's candidates;
         with `valid_lsr_samples`, the recommendation metrics of the `w/o LSR` model."""
 
         def run() -> dict:
             out = {}
-            for t in config.tasks:
-                m = metrics_from_ranks(prompt_ranks(verbalizer, valid[t], soft))
+            for t in self.config.tasks:
+                m = metrics_from_ranks(prompt_ranks(self.verbalizer, self.valid[t], self.soft))
                 out.update({f"{t}_valid_accuracy": m["HR@1"], f"{t}_valid_HR@1": m["HR@1"], f"{t}_valid_NDCG@5": m["NDCG@5"]})
-            if lsr_scorer is not None:
-                m = evaluate(lsr_scorer, data, "valid", rows=valid_rows["lsr"])["candidates"]
+            if self.lsr_scorer is not None:
+                m = evaluate(self.lsr_scorer, self.data, "valid", rows=self.valid_rows["lsr"])["candidates"]
                 out.update({f"valid_lsr_{k}": v for k, v in m.items()})
             return out
 
-        return dist.through(loss_module, run)
+        return self.dist.through(self.loss_module, run)
 
-    def record(step: int, elapsed: float, wall: float, scores: dict) -> None:
-        """An evaluation: the compatible accuracies into `metrics`, the full line into the log and history."""
-        entry = {"step": step, "examples_seen": step * config.grad_accum * config.batch_size,
-                 "seconds": round(elapsed, 2), "wall_seconds": round(wall, 2), "eval": scores}
-        metrics.setdefault("valid_history", []).append(entry)
-        folder.log(entry)
+    def record(self, progress: Progress, scores: dict) -> None:
+        entry = {"step": progress.step, "examples_seen": progress.step * self.config.grad_accum * self.config.batch_size,
+                 "seconds": round(progress.elapsed, 2), "wall_seconds": round(progress.wall, 2), "eval": scores}
+        progress.history.append(entry)
+        self.folder.log(entry)
 
-    def accuracies(scores: dict) -> dict:
-        return {k: v for k, v in scores.items() if k.endswith("_valid_accuracy")}
+    def checkpoint(self, rng) -> dict:
+        return {"config": self.config_dict, "soft_prompt": self.soft.embedding.detach().clone(),
+                "llm": self.bb.model.state_dict() if self.llm_params else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "weighting": self.weighting.state_dict(), "torch_rng": rng}
 
-    groups = [{"params": [soft.embedding], "lr": config.lr}]
-    if llm_params:
-        groups.append({"params": llm_params, "lr": config.llm_lr})
-    if config.weighting == "uncertainty":
-        groups.append({"params": [weighting.log_vars], "lr": config.lr, "weight_decay": 0.0})
-    optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
-    scheduler = lr_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps, config.lr_min_ratio)
-
-    step, metrics = 0, {}
-    ckpt = folder.resume(DistillConfig, _config_dict(config), restart, bb.device)
-    if ckpt is not None:
+    def restore(self, ckpt: dict) -> None:
         with torch.no_grad():
-            soft.embedding.copy_(ckpt["soft_prompt"])
-            if llm_params:
-                bb.model.load_state_dict(ckpt["llm"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        weighting.load_state_dict(ckpt["weighting"])
-        torch.set_rng_state(dist.own(ckpt["torch_rng"]))
-        step, metrics = ckpt["step"], ckpt["metrics"]
-        clock = Clock(ckpt["elapsed"], ckpt.get("wall"), config.max_seconds)
-        log.info("resuming stage 1 from step %d", step)
-    else:
-        # the untrained soft prompt (`w USP`) is the baseline for the valid accuracy
-        clock = Clock(max_seconds=config.max_seconds)
-        with clock.paused():
-            scores = valid_eval()
-        metrics["untrained"] = accuracies(scores)
-        record(0, 0.0, clock.wall, scores)
+            self.soft.embedding.copy_(ckpt["soft_prompt"])
+            if self.llm_params:
+                self.bb.model.load_state_dict(ckpt["llm"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.weighting.load_state_dict(ckpt["weighting"])
+        torch.set_rng_state(self.dist.own(ckpt["torch_rng"]))
 
-    bar = tqdm(total=config.steps, initial=step, desc="stage 1 (distill)", disable=not (progress and dist.is_main))
-    while step < config.steps:
-        # -- one step: per task its loss and gradient, kept apart, then weighted and combined
-        grads = {t: [torch.zeros_like(p) for p in trainable] for t in config.tasks}
-        losses = {}
-        for micro in range(config.grad_accum):
-            for task in config.tasks:
-                k = (step * config.grad_accum + micro) * config.batch_size
-                batch = np.take(order[task], range(k, k + config.batch_size), mode="wrap")  # the global batch
-                rows = dist.local_share(batch)
-                loss = loss_module(builder.build(task, rows)) * dist.loss_scale(len(rows), len(batch))
-                loss.backward()  # under DDP the gradients arrive averaged over the processes
-                dist.reduce_gradients(trainable)  # under FSDP they are averaged here
-                for acc, p in zip(grads[task], trainable):
-                    if p.grad is not None:
-                        acc += p.grad / config.grad_accum
-                        p.grad = None  # each task's gradient is kept apart for the weighting
-                losses[task] = losses.get(task, 0.0) + dist.mean(loss.item()) / config.grad_accum
-        weighting.combine(trainable, grads, losses)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = clock.elapsed
-        # -- log, evaluate, checkpoint
-        entry = {"step": step, **{f"loss_{t}": v for t, v in losses.items()},
-                 **{f"weight_{t}": w for t, w in weighting.current().items()},
-                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
-        folder.log(entry)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k.startswith("loss_")})
-        if step % config.eval_every == 0:
-            with clock.paused():  # evaluation time is not training time
-                scores = valid_eval()
-            metrics["trained"] = accuracies(scores)
-            metrics["trained_at_step"] = step
-            record(step, elapsed, clock.wall, scores)
-        time_up = clock.budget_spent()
-        if step % config.checkpoint_every == 0 or time_up:
-            folder.checkpoint(lambda rng, step=step: {
-                "config": _config_dict(config), "soft_prompt": soft.embedding.detach().clone(),
-                "llm": bb.model.state_dict() if llm_params else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "weighting": weighting.state_dict(), "torch_rng": rng,
-                "step": step, "elapsed": clock.elapsed, "wall": clock.wall, "metrics": metrics})
-        if time_up:
-            log.info("stage 1 time budget of %.0f s reached at step %d", config.max_seconds, step)
-            break
-    bar.close()
-    elapsed = clock.elapsed
-    if metrics.get("trained_at_step") != step:
-        scores = valid_eval()
-        metrics["trained"] = accuracies(scores)
-        metrics["trained_at_step"] = step
-        record(step, elapsed, clock.wall, scores)
+    def summary(self, progress: Progress) -> dict:
+        config, seen = self.config, progress.step * self.config.grad_accum * self.config.batch_size
+        first, last = progress.history[0], progress.history[-1]
+        if config.update_llm:
+            # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
+            # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
+            self.soft.backbone = str(self.folder.out / "llm")
+        return {
+            "teacher": config.teacher, "llm": self.bb.name, "steps": progress.step, "seconds": round(progress.elapsed, 2),
+            "wall_seconds": round(progress.wall, 2),
+            "examples_seen_per_task": seen,
+            "distinct_train_examples_per_task": {t: min(seen, len(self.order[t])) for t in config.tasks},
+            "valid_samples": {t: len(v) for t, v in self.valid.items()},
+            "valid_lsr_samples": len(self.valid_rows.get("lsr", ())),
+            "valid_rows": {t: np.asarray(r).astype(int).tolist() for t, r in self.valid_rows.items()},  # into the run's samples
+            "launch": self.dist.describe(),
+            # the untrained soft prompt (`w USP`) is the reference for the trained one
+            "untrained": _accuracies(first["eval"]), "valid_history": progress.history,
+            "trained": _accuracies(last["eval"]), "trained_at_step": last["step"],
+        }
 
-    seen = step * config.grad_accum * config.batch_size
-    summary = {
-        "teacher": config.teacher, "llm": bb.name, "steps": step, "seconds": round(elapsed, 2),
-        "wall_seconds": round(clock.wall, 2),
-        "examples_seen_per_task": seen,
-        "distinct_train_examples_per_task": {t: min(seen, len(order[t])) for t in config.tasks},
-        "valid_samples": {t: len(v) for t, v in valid.items()},
-        "valid_lsr_samples": len(valid_rows.get("lsr", ())),
-        "valid_rows": {t: np.asarray(r).astype(int).tolist() for t, r in valid_rows.items()},  # indices into the run's samples
-        "launch": dist.describe(),
-        **metrics,
-    }
-    if llm_params:
-        # `w UDPSM`: the updated LLM is a backbone of its own (weights + tokenizer), and the soft
-        # prompt belongs to it: stage 2 loads both with --llm RUN/distill/NAME/llm
-        soft.backbone = str(out / "llm")
-
-    def write_outputs():
-        if llm_params:
+    def write_outputs(self) -> None:
+        out = self.folder.out
+        if self.llm_params:
             with atomic_dir(out / "llm") as tmp:
-                bb.model.save_pretrained(tmp)
-                bb.tokenizer.save_pretrained(tmp)
-        soft.save(out / "soft_prompt.safetensors")
-
-    folder.finish(write_outputs, _config_dict(config), summary)
-    return DistillResult(soft, summary, out)
+                self.bb.model.save_pretrained(tmp)
+                self.bb.tokenizer.save_pretrained(tmp)
+        self.soft.save(out / "soft_prompt.safetensors")
 
 
-def _config_dict(config: DistillConfig) -> dict:
-    d = asdict(config)
-    d["tasks"] = list(d["tasks"])
-    return d
+def _accuracies(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if k.endswith("_valid_accuracy")}

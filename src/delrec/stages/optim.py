@@ -16,6 +16,8 @@ value of the update in the plain sense.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,7 +47,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, 
     reaches `min_ratio` times the rate at `total_steps`. A decay lets a short run take large
     steps early and small ones late, where a constant rate kept growing AdaLoRA's orthogonality
     regulariser and undid the valid gains (docs/training.md)."""
-    import math
 
     if name not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")

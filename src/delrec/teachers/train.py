@@ -23,15 +23,15 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from delrec import distributed
 from delrec.data.protocol import RunData
 from delrec.evaluate import candidate_ranks, evaluate, full_catalogue_rows, full_ranks, metrics_from_ranks
 from delrec.io import atomic_path, read_json, write_json, write_parquet
 from delrec.locks import holds_run_lock
-from delrec.stages.scaffold import Clock, StageFolder
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
+from delrec.training.folder import StageFolder
+from delrec.training.loop import Progress, Stage, train
 
 log = logging.getLogger(__name__)
 
@@ -131,121 +131,125 @@ def train_teacher(
     progress: bool = True,
     restart: bool = False,
 ) -> TrainResult:
-    dist = distributed.current()
-    run_dir = Path(run_dir)
-    data = RunData.load(run_dir / "data")
-    dev = pick_device(device)
-    folder = StageFolder(run_dir / "teachers" / config.model, stale=("model.safetensors", "topk.parquet"), counter="epoch")
-    out = folder.out
+    stage = TeacherStage(Path(run_dir), config, pick_device(device), top_h)
+    metrics = train(stage, restart, progress)
+    return TrainResult(stage.model, metrics, stage.folder.out)
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
-    max_len = data.config.max_history
-    model = build_model(config, data.num_items, data.num_users, max_len).to(dev)
-    loss_module = dist.prepare(TeacherLoss(model), shard=False)  # small: replicated even under FSDP
-    if dist.enabled:
-        # the same initial weights everywhere (DDP broadcasts them), different dropout masks
-        torch.manual_seed(config.seed * 1_000_003 + dist.rank + 1)
-    optimizer = _make_optimizer(model, config)
-    scorer = TeacherScorer(model, dev)
 
-    train_rows = data.indices("train")
-    if len(train_rows) == 0:
-        raise ValueError(f"{run_dir}: the train split is empty")
-    history = torch.as_tensor(data.history[train_rows], device=dev)
-    users = torch.as_tensor(data.user_idx[train_rows], device=dev)
-    target = torch.as_tensor(data.target[train_rows], device=dev)
+class TeacherStage(Stage):
+    """A teacher's training as the shared loop runs it (delrec.training.loop): one epoch over the
+    train split in a seeded order per step, the valid NDCG@10 after each (counted in the time
+    budget), the best weights kept in memory, early stopping after `patience` epochs."""
 
-    generator = torch.Generator().manual_seed(config.seed)  # the order of training samples
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0}
-    best_weights = copy.deepcopy(model.state_dict())
-    ckpt = folder.resume(TeacherConfig, config.to_dict(), restart, dev, position=lambda c: c["state"]["epoch"])
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        best_weights = ckpt["best_weights"]
-        state = ckpt["state"]
-        _set_rng_state(dist.own(ckpt["rng"]))
-        generator.set_state(ckpt["generator"])
-        log.info("resuming %s from epoch %d", config.model, state["epoch"])
+    counter, eval_in_budget, config_cls = "epoch", True, TeacherConfig
 
-    bar = tqdm(total=config.max_epochs, initial=state["epoch"], desc=f"train {config.model}",
-               disable=not (progress and dist.is_main))
-    clock = Clock(state["elapsed"], max_seconds=config.max_seconds)  # the valid evaluations count here
-    while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
-        if clock.budget_spent():  # checked before an epoch too (the same answer on every process): a resume after the budget trains no more
-            log.info("time budget of %.0f s spent before epoch %d", config.max_seconds, state["epoch"] + 1)
-            break
-        # -- one epoch over the train split in a seeded order
+    def __init__(self, run_dir: Path, config: TeacherConfig, device: torch.device, top_h: int):
+        self.dist = distributed.current()
+        self.config, self.top_h, self.device = config, top_h, device
+        self.data = RunData.load(run_dir / "data")
+        self.folder = StageFolder(run_dir / "teachers" / config.model, stale=("model.safetensors", "topk.parquet"),
+                                  counter="epoch")
+        self.config_dict, self.total, self.patience = config.to_dict(), config.max_epochs, config.patience
+        self.max_seconds, self.desc = config.max_seconds, f"train {config.model}"
+
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        self.model = build_model(config, self.data.num_items, self.data.num_users, self.data.config.max_history).to(device)
+        self.loss_module = self.dist.prepare(TeacherLoss(self.model), shard=False)  # small: replicated even under FSDP
+        if self.dist.enabled:
+            # the same initial weights everywhere (DDP broadcasts them), different dropout masks
+            torch.manual_seed(config.seed * 1_000_003 + self.dist.rank + 1)
+        self.optimizer = _make_optimizer(self.model, config)
+        self.scorer = TeacherScorer(self.model, device)
+        self.train_rows = self.data.indices("train")
+        if len(self.train_rows) == 0:
+            raise ValueError(f"{run_dir}: the train split is empty")
+        self.history, self.users, self.target = (torch.as_tensor(a[self.train_rows], device=device)
+                                                 for a in (self.data.history, self.data.user_idx, self.data.target))
+        self.generator = torch.Generator().manual_seed(config.seed)  # the order of training samples
+        self.best_weights = copy.deepcopy(self.model.state_dict())
+
+    def step(self, progress: Progress) -> dict:
+        """One epoch over the train split in a seeded order (cut short when the time budget runs out)."""
+        dist, model = self.dist, self.model
         model.train()
-        perm = torch.randperm(len(train_rows), generator=generator).to(dev)
+        perm = torch.randperm(len(self.train_rows), generator=self.generator).to(self.device)
         total_loss, seen, partial = 0.0, 0, False
-        for n, i in enumerate(range(0, len(perm), config.batch_size)):
-            if n % 16 == 15 and clock.budget_spent():  # and inside it: an epoch can take minutes
+        for n, i in enumerate(range(0, len(perm), self.config.batch_size)):
+            if n % 16 == 15 and self.clock.budget_spent():  # an epoch can take minutes
                 partial = True
                 break
-            batch = perm[i : i + config.batch_size]  # the global batch; this process takes its share
+            batch = perm[i : i + self.config.batch_size]  # the global batch; this process takes its share
             if len(batch) < dist.world:
                 continue  # a last batch too small to give every process an example
             idx = dist.local_share(batch)
-            loss = loss_module(history[idx], users[idx], target[idx])
-            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_module(self.history[idx], self.users[idx], self.target[idx])
+            self.optimizer.zero_grad(set_to_none=True)
             (loss * dist.loss_scale(len(idx), len(batch))).backward()  # DDP averages over processes
-            optimizer.step()
+            self.optimizer.step()
             total_loss += loss.item() * len(idx)
             seen += len(batch)
         total_loss = dist.mean(total_loss) * dist.world  # summed over the processes' shares
-        # -- validate (keeping the best weights), log, checkpoint
-        model.eval()
-        score = _valid_score(scorer, data)
-        state["epoch"] += 1
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=state["epoch"], bad_epochs=0)
-            best_weights = copy.deepcopy(model.state_dict())
-        else:
-            state["bad_epochs"] += 1
-        state["elapsed"] = clock.elapsed
-        entry = {"epoch": state["epoch"], "loss": total_loss / max(1, seen), "valid_NDCG@10": score, "seconds": state["elapsed"],
-                 "lr": optimizer.param_groups[0]["lr"]}
+        line = {"loss": total_loss / max(1, seen)}
         if partial:
-            entry["partial"] = True  # stopped inside the epoch by the time budget (loss: over the batches run)
-        bar.update(1)
-        bar.set_postfix(loss=f"{entry['loss']:.3f}", valid_ndcg10=f"{score:.4f}", best=state["best_epoch"])
-        folder.log(entry)
-        folder.checkpoint(lambda rng, best_weights=best_weights: {
-            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_weights": best_weights, "state": state,
-            "rng": rng,  # one state per process
-            "generator": generator.get_state(),
-        }, rng_state=_rng_state)
-        if partial or clock.budget_spent():
-            log.info("time budget of %.0f s reached in epoch %d", config.max_seconds, state["epoch"])
-            break
-    bar.close()
+            line["partial"] = True  # stopped inside the epoch by the time budget (loss: over the batches run)
+        return line
 
-    model.load_state_dict(best_weights)
-    model.eval()
-    train_seconds = state["elapsed"]
-    metrics = {
-        "model": config.model,
-        "protocol": data.config.name,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "train_seconds": round(train_seconds, 2),
-        "device": str(dev),
-        "top_h": top_h,  # width of topk.parquet: part of the fingerprint later stages check
-        # teachers also get full-ranking metrics
-        "valid": evaluate(scorer, data, "valid", full_ranking=True),
-        "test": evaluate(scorer, data, "test", full_ranking=True),
-    }
+    def evaluate(self) -> dict:
+        self.model.eval()
+        return {"valid_NDCG@10": _valid_score(self.scorer, self.data)}
 
-    def write_outputs():
-        write_topk(scorer, data, out / "topk.parquet", top_h)
-        save_teacher(model, out, data)  # with config.json
+    def score(self, scores: dict) -> float:
+        return scores["valid_NDCG@10"]
 
-    folder.finish(write_outputs, None, metrics)
-    return TrainResult(model, metrics, out)
+    def keep_best(self, progress: Progress) -> None:
+        self.best_weights = copy.deepcopy(self.model.state_dict())
+
+    def log_step(self, progress: Progress, line: dict, scores: dict | None) -> None:
+        # one line per epoch, with its valid score
+        self.folder.log({"epoch": progress.step, "loss": line["loss"], **scores, "seconds": progress.elapsed,
+                         "lr": self.optimizer.param_groups[0]["lr"], **({"partial": True} if "partial" in line else {})})
+
+    def postfix(self, line: dict, progress: Progress) -> dict:
+        return {"loss": f"{line['loss']:.3f}", "best": progress.best_step}
+
+    def checkpoint(self, rng) -> dict:
+        return {"config": self.config_dict, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "best_weights": self.best_weights, "rng": rng, "generator": self.generator.get_state()}
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.best_weights = ckpt["best_weights"]
+        _set_rng_state(self.dist.own(ckpt["rng"]))
+        self.generator.set_state(ckpt["generator"])
+
+    def rng_state(self):
+        return _rng_state()  # every RNG: numpy and Python draw in the teachers' data order too
+
+    def summary(self, progress: Progress) -> dict:
+        self.model.load_state_dict(self.best_weights)
+        self.model.eval()
+        return {
+            "model": self.config.model,
+            "protocol": self.data.config.name,
+            "best_epoch": progress.best_step if progress.best >= 0 else -1,
+            "epochs_run": progress.step,
+            "train_seconds": round(progress.elapsed, 2),
+            "device": str(self.device),
+            "top_h": self.top_h,  # width of topk.parquet: part of the fingerprint later stages check
+            # teachers also get full-ranking metrics
+            "valid": evaluate(self.scorer, self.data, "valid", full_ranking=True),
+            "test": evaluate(self.scorer, self.data, "test", full_ranking=True),
+        }
+
+    def write_outputs(self) -> None:
+        write_topk(self.scorer, self.data, self.folder.out / "topk.parquet", self.top_h)
+        save_teacher(self.model, self.folder.out, self.data)
+
+    def config_json(self) -> None:
+        return None  # save_teacher writes config.json: the settings with the data's shape
 
 
 def teacher_topk(scorer: TeacherScorer, data: RunData, rows: np.ndarray, top_h: int,

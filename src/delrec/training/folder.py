@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -132,7 +133,6 @@ def load_checkpoint(path: Path, map_location=None) -> dict:
     """A stage's checkpoint.pt, loaded with `weights_only=True`: tensors, numbers, strings and
     plain containers only, so a planted object (a `__reduce__` that runs code) is refused rather
     than executed. Every stage stores its RNG states in that form (teachers/train.py)."""
-    import pickle
 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
