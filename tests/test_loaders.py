@@ -6,6 +6,7 @@ only read when it is already in the cache."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_load_dataset_by_name_reads_the_cache_offline(tmp_path, monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError("no download expected")
 
-    monkeypatch.setattr(fetch.subprocess, "run", no_pip)
+    monkeypatch.setattr(subprocess, "run", no_pip)
     ds = load_dataset("ml-100k", cache_dir=tmp_path)
     assert ds.name == "ml-100k" and ds.items["title"].tolist() == ["The Usual Suspects (1995)"]
     assert ds.source["fetched"]["sha256"] == fetch.DATASETS["ml-100k"].sha256
