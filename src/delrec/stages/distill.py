@@ -35,11 +35,11 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
-from delrec.llm.verbalizer import OBJECTIVES, Verbalizer
+from delrec.llm.verbalizer import Verbalizer
 from delrec.locks import holds_run_lock
-from delrec.settings import runtime
+from delrec.stages.config import StageConfig
 from delrec.stages.examples import ExampleBuilder
-from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS, lr_schedule, make_optimizer
+from delrec.stages.optim import lr_schedule, make_optimizer
 from delrec.stages.weighting import LossWeighting
 from delrec.teachers.lists import TeacherLists
 from delrec.training.folder import StageFolder
@@ -51,53 +51,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DistillConfig:
-    teacher: str = "sasrec"
-    llm: str = "smollm2-135m"
-    soft_tokens: int = 100
+class DistillConfig(StageConfig):
+    # the shared fields (StageConfig) with stage 1's defaults: Lion at the paper's rate for the soft prompt
+    lr: float = 5e-3
+    weight_decay: float = 1e-5
+    eval_every: int = 50
+    # stage 1's own
     top_h: int = 10
     ta_examples: int = 4  # in-context examples (4 for MovieLens and Beauty, 6 for Steam, Home & Kitchen)
     tasks: tuple[str, ...] = ("ta", "rps")  # ("rps",) is `w/o TA`, ("ta",) is `w/o RPS`
     soft_init: str = "random"  # the soft prompt's start (SoftPrompt.INITS): random, or sampled vocabulary embeddings
-    steps: int = 100
-    batch_size: int = 4  # examples per task per micro-batch
-    grad_accum: int = 1
-    optimizer: str = "lion"  # the paper's; or adamw (stages/optim.py)
-    lr: float = 5e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 10
-    templates: dict = field(default_factory=dict)  # Templates fields: domain words (item, verb, ...) or whole templates
-    lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     weighting: str = "inverse-grad-norm"
     fixed_weights: dict = field(default_factory=lambda: {"ta": 1.0, "rps": 1.0})
     update_llm: bool = False  # `w UDPSM`: the LLM is trained in stage 1 too
     llm_lr: float = 1e-5
-    max_train_examples: int | None = None  # per task, sampled from the train split with the seed
-    max_seconds: float | None = None
-    valid_samples: int = 64
     valid_lsr_samples: int = 0  # > 0: each evaluation also scores this many valid samples with the LSR prompt (`w/o LSR`)
-    eval_every: int = 50
-    # how the stage runs, not what it computes (delrec.settings): changing them reruns nothing
-    checkpoint_every: int = runtime(10)
-    verbalizer_batch: int = runtime(8)
-    gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = runtime("auto")
 
     def __post_init__(self):
+        super().__post_init__()
         self.tasks = tuple(self.tasks)
         if not self.tasks or set(self.tasks) - {"ta", "rps"}:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
 

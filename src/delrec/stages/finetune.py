@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -52,12 +52,12 @@ from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
-from delrec.llm.verbalizer import OBJECTIVES
 from delrec.locks import holds_run_lock
 from delrec.methods.llara import CURRICULA
 from delrec.methods.registry import Stage2Extra
 from delrec.settings import closest, runtime
-from delrec.stages.optim import ADAPTER_INITS, LR_SCHEDULES, OPTIMIZERS, adapter_groups, init_adapters, lr_schedule, make_optimizer
+from delrec.stages.config import StageConfig
+from delrec.stages.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
 from delrec.training.rows import local_batch, train_and_valid_rows
@@ -74,29 +74,19 @@ SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the a
 
 
 @dataclass
-class FinetuneConfig:
-    teacher: str = "sasrec"
-    llm: str = "smollm2-135m"
+class FinetuneConfig(StageConfig):
+    # the shared fields (StageConfig) with stage 2's defaults
+    lr: float = 2e-2  # the paper's 1e-4 (configs/paper.yaml) moves nothing in a CPU budget (docs/training.md)
+    weight_decay: float = 1e-6
+    eval_every: int = 25
+    # stage 2's own
     variant: str = "delrec"
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
-    soft_tokens: int = 100  # for `usp`
     teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
     curriculum: str = "linear"  # for `llara`: from text-only to hybrid prompts (delrec/methods/llara.py)
     # for `llara`: its projector's lr relative to lr. Its weights have entries of about 1/sqrt(d), as
     # AdaLoRA's P and Q (vector_lr_scale), and Lion moves every entry by about its lr per step
     projector_lr_scale: float = 0.25
-    objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    optimizer: str = "lion"  # see stages/optim.py
-    lr: float = 2e-2  # the paper's 1e-4 (configs/paper.yaml) moves nothing in a CPU budget (docs/training.md)
-    weight_decay: float = 1e-6
-    warmup_steps: int = 10
-    templates: dict = field(default_factory=dict)  # Templates fields: domain words (item, verb, ...) or whole templates
-    lr_schedule: str = "constant"  # after warmup: constant, or a linear / cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.1
-    max_grad_norm: float = 1.0
     adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
     relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
     vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
@@ -116,32 +106,16 @@ class FinetuneConfig:
     tfinal: float = 0.3
     delta_t: int = 10
     orth_reg_weight: float = 0.5
-    max_train_examples: int | None = None
-    max_seconds: float | None = None
-    valid_samples: int = 64
-    eval_every: int = 25
     patience: int = 3  # evaluations without a better valid NDCG@5
-    # how the stage runs, not what it computes (delrec.settings): changing them reruns nothing
-    checkpoint_every: int = runtime(10)
-    verbalizer_batch: int = runtime(8)
-    gradient_checkpointing: bool = runtime(False)  # recompute activations in backward: less memory, more time
     # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
     # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
     snapshot_every: int = runtime(0)
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = runtime("auto")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.variant not in methods.stage2_methods():
             raise ValueError(f"unknown stage-2 variant {self.variant!r}{closest(self.variant, methods.stage2_methods())}; "
                              f"choose one of {methods.stage2_methods()} (delrec.methods)")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown training objective {self.objective!r}; choose one of {OBJECTIVES}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
         if self.adapter not in ADAPTERS:
