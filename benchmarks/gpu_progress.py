@@ -61,7 +61,7 @@ def planned_stages(config) -> list[dict]:
 
     d, f = config.distill, config.finetune
     out = []
-    chosen = [methods.get(v) for v in config.variants]
+    chosen = [methods.get(v) for v in config.methods]
     for t in config.llm_teachers:
         stage1 = [(t, None)] if any(m.stage1 == "shared" for m in chosen) else []
         stage1 += [(m.stage1_folder(t), m) for m in chosen if m.stage1 == "own"]

@@ -115,7 +115,7 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
     if stage(name) == 1:
         config = DistillConfig(**{**PROBES[name], **fixed})
     else:
-        config = FinetuneConfig(**{**PROBES[name], **fixed, "variant": "wo-sp", "patience": 10**9})
+        config = FinetuneConfig(**{**PROBES[name], **fixed, "method": "wo-sp", "patience": 10**9})
     per_step = config.batch_size * config.grad_accum
     if examples % per_step:
         raise ValueError(f"{name}: --examples {examples} is not a whole number of steps of {per_step} examples")

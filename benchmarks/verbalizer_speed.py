@@ -86,7 +86,7 @@ def _setup(args: argparse.Namespace, dtype: str, method: str):
         raise SystemExit(f"the test split has {len(rows)} samples; {need} are needed (requests + one warm-up batch)")
     bb = Backbone.load(args.model, device="cpu", dtype=dtype)
     soft = SoftPrompt.for_backbone(bb, args.soft_tokens, seed=args.seed)
-    scorer = LLMScorer.for_run(data, bb, soft_prompt=soft, method=method, batch_size=args.batch_size, progress=False)
+    scorer = LLMScorer.for_run(data, bb, soft_prompt=soft, title_scoring=method, batch_size=args.batch_size, progress=False)
     prompts = [scorer.prompt(data.history[r], data.candidates[r]) for r in rows[:need]]
     return bb, scorer.verbalizer, soft, prompts[: args.requests], prompts[args.requests :]
 

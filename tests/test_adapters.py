@@ -12,7 +12,7 @@ from delrec.stages.finetune import FinetuneConfig, adapter_config, finetune
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture)
 
-LORA = dict(teacher="gru4rec", variant="wo-sp", adapter="lora", optimizer="adamw", lr=1e-2, steps=6, batch_size=2,
+LORA = dict(teacher="gru4rec", method="wo-sp", adapter="lora", optimizer="adamw", lr=1e-2, steps=6, batch_size=2,
             valid_samples=4, eval_every=2, checkpoint_every=2, warmup_steps=1, lr_schedule="cosine",
             dtype="float32", device="cpu")
 

@@ -187,7 +187,7 @@ def test_stage2_trains_the_adapter_only_and_round_trips(taught_run, variant, mak
         return real_clip(params, max_norm)
 
     monkeypatch.setattr(finetune_mod.torch.nn.utils, "clip_grad_norm_", record_first_step)
-    result = finetune(run, FinetuneConfig(variant=variant, **SMALL), name=f"rt-{variant}-{bb.name}", backbone=bb, progress=False)
+    result = finetune(run, FinetuneConfig(method=variant, **SMALL), name=f"rt-{variant}-{bb.name}", backbone=bb, progress=False)
     monkeypatch.undo()
     assert result.metrics["best_step"] == SMALL["steps"]  # the saved adapter is the one in memory
     assert any(g for n, g in grads.items() if "lora_E" in n)
@@ -204,7 +204,7 @@ def test_stage2_trains_the_adapter_only_and_round_trips(taught_run, variant, mak
     by_name = make_scorer(run, data, str(result.out_dir), backbone=make_backbone(), progress=False)
     torch.testing.assert_close(torch.as_tensor(by_name.score_candidates(data, rows)), in_memory, atol=1e-5, rtol=1e-5)
     recorded = json.loads((result.out_dir / "config.json").read_text())
-    assert recorded["variant"] == variant
+    assert recorded["method"] == variant
     if variant == "llamarec":  # trained and scored in the teacher's order, and the folder says so
         assert recorded["candidate_order"] == "teacher" and loaded.style.order is not None
         # a folder from before the teacher's order (no such key) is scored in the stored order it was
@@ -214,7 +214,7 @@ def test_stage2_trains_the_adapter_only_and_round_trips(taught_run, variant, mak
         old = finetuned_scorer(result.out_dir, data, backbone=make_backbone(), progress=False)
         assert old.style.order is None
         assert np.array_equal(old.display_order(data, rows), np.broadcast_to(np.arange(data.candidates.shape[1]), data.candidates[rows].shape))
-        assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(variant=variant, **SMALL).to_dict())
+        assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(method=variant, **SMALL).to_dict())
     else:
         assert "candidate_order" not in recorded  # other methods' folders are as before
 
@@ -227,7 +227,7 @@ def test_a_trained_teacher_list_model_answers_requests(taught_run, tmp_path):  #
     model_dir = tmp_path / "tiny-llama"
     bb.model.save_pretrained(model_dir)
     bb.tokenizer.save_pretrained(model_dir)
-    finetune(run, FinetuneConfig(variant="teacher-list", llm=str(model_dir), **{**SMALL, "steps": 1, "eval_every": 1}),
+    finetune(run, FinetuneConfig(method="teacher-list", llm=str(model_dir), **{**SMALL, "steps": 1, "eval_every": 1}),
              backbone=bb, progress=False)
     titles = _titles(data)
     rec = Recommender.from_run(run, model=f"{TEACHER}-teacher-list", dtype="float32", device="cpu")
@@ -288,7 +288,7 @@ def test_stage2_of_a_baseline_memorises_its_training_examples(taught_run, varian
     exactly those samples, scored by the adapter saved to disk), and the recommendation loss falls."""
     run, data = taught_run
     backbone = lambda: make_backbone(LETTER_WORDS)  # noqa: E731
-    cfg = FinetuneConfig(variant=variant, teacher=TEACHER, steps=GUARD_STEPS, max_train_examples=N, batch_size=N,
+    cfg = FinetuneConfig(method=variant, teacher=TEACHER, steps=GUARD_STEPS, max_train_examples=N, batch_size=N,
                          valid_samples=1, eval_every=GUARD_STEPS, checkpoint_every=10**6, dtype="float32", device="cpu",
                          **STAGE2_LEARN)
     rows = np.random.default_rng(cfg.seed).permutation(data.indices("train"))[:N]  # as finetune draws them

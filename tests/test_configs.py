@@ -20,7 +20,7 @@ ML100K_TRAIN_SAMPLES = 78_678
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_preset_loads(path):
     config = PipelineConfig.from_file(path)
-    assert config.variants and config.teachers
+    assert config.methods and config.teachers
     if config.seeds or config.sweep:  # every run of a seeds or sweep preset is a valid config too
         from delrec.experiments import Experiment
 
@@ -45,7 +45,7 @@ def test_the_gpu_preset():
     assert c.teachers == ["sasrec", "gru4rec", "caser"] and c.llm_teachers == ["sasrec"]
     assert c.zero_shot
     # DELRec, every ablation and every Table II baseline registered: a new method belongs here too
-    missing = set(methods.METHODS) - set(c.variants)
+    missing = set(methods.METHODS) - set(c.methods)
     assert not missing, f"configs/ml100k-gpu.yaml runs every method of delrec.methods; add {sorted(missing)}"
     # one pass over the train split per stage (stage 1: per task)
     d, f = c.distill, c.finetune

@@ -79,27 +79,27 @@ def test_loss_falls_on_a_toy_task(distilled, make_backbone, objective):
     includes), with either objective; tests/test_learning.py checks what it learns."""
     run, _ = distilled
     bb = make_backbone()
-    cfg = FinetuneConfig(**{**STAGE2, "variant": "wo-sp", "steps": 20, "eval_every": 100, "lr": 1e-1}, max_train_examples=4,
+    cfg = FinetuneConfig(**{**STAGE2, "method": "wo-sp", "steps": 20, "eval_every": 100, "lr": 1e-1}, max_train_examples=4,
                          objective=objective)
     result = finetune(run, cfg, name=f"toy-{bb.name}-{objective}", backbone=bb, progress=False)
     losses = [json.loads(line)["loss_rec"] for line in (result.out_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 20 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
 
 
-def test_variants(distilled):
+def test_methods_of_stage_2(distilled):
     run, _ = distilled
     bb = tiny_llama_backbone()
-    ulsr = finetune(run, FinetuneConfig(**STAGE2, variant="ulsr", soft_prompt=_soft(run, bb)), name="ulsr", backbone=bb, progress=False)
+    ulsr = finetune(run, FinetuneConfig(**STAGE2, method="ulsr", soft_prompt=_soft(run, bb)), name="ulsr", backbone=bb, progress=False)
     assert not torch.equal(SoftPrompt.load(ulsr.out_dir).embedding, SoftPrompt.load(_soft(run, bb)).embedding)
     for variant in ("wo-sp", "mcp", "wo-dpsm"):
-        res = finetune(run, FinetuneConfig(**STAGE2, variant=variant), name=variant, backbone=tiny_llama_backbone(), progress=False)
+        res = finetune(run, FinetuneConfig(**STAGE2, method=variant), name=variant, backbone=tiny_llama_backbone(), progress=False)
         assert not (res.out_dir / "soft_prompt.safetensors").exists()
-    usp = finetune(run, FinetuneConfig(**STAGE2, variant="usp", soft_tokens=3), name="usp", backbone=tiny_llama_backbone(), progress=False)
+    usp = finetune(run, FinetuneConfig(**STAGE2, method="usp", soft_tokens=3), name="usp", backbone=tiny_llama_backbone(), progress=False)
     assert SoftPrompt.load(usp.out_dir).num_tokens == 3
     with pytest.raises(FileNotFoundError, match="delrec distill"):
         finetune(run, FinetuneConfig(**{**STAGE2, "teacher": "caser"}), name="x", backbone=tiny_llama_backbone(), progress=False)
-    with pytest.raises(ValueError, match="variant"):
-        FinetuneConfig(variant="magic")
+    with pytest.raises(ValueError, match="unknown stage-2 method .magic."):
+        FinetuneConfig(method="magic")
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(distilled, monkeypatch):

@@ -179,7 +179,7 @@ def test_stage1_memorises_its_training_examples(stage1, backbone, tasks):
 def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> LLMScorer:
     """The model stage 2 starts from: the backbone without adapters, with the variant's prompt and
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
-    method = methods.get(cfg.variant)
+    method = methods.get(cfg.method)
     return method.scorer(run, data, bb, cfg.teacher, Templates.for_teacher(cfg.teacher), method.stage2_soft_prompt(run, cfg, bb),
                          teacher_list_size=cfg.teacher_list_size, progress=False)
 
@@ -197,7 +197,7 @@ def test_stage2_memorises_its_training_examples(taught_run, stage1, backbone, va
     extra = {}
     if methods.get(variant).soft_prompt == "distilled":
         extra["soft_prompt"] = str(stage1(backbone, ("ta", "rps")).result.out_dir / "soft_prompt.safetensors")
-    cfg = FinetuneConfig(variant=variant, **STAGE2_BUDGET, **STAGE2_LEARN, **extra)
+    cfg = FinetuneConfig(method=variant, **STAGE2_BUDGET, **STAGE2_LEARN, **extra)
     # the training samples exactly as finetune draws them: the first N of a seeded permutation of the train rows
     rows = np.random.default_rng(cfg.seed).permutation(data.indices("train"))[:N]
     before = hr_at_1(_untrained_scorer(run, data, cfg, BACKBONES[backbone]()), data, rows)
@@ -254,7 +254,7 @@ def test_stage2_does_not_collapse_when_run_twice_as_long(taught_run, stage1):  #
     within LOSS_TOLERANCE of the run's minimum."""
     run, data = taught_run
     soft_prompt = str(stage1("llama", ("ta", "rps")).result.out_dir / "soft_prompt.safetensors")
-    cfg = FinetuneConfig(variant="delrec", soft_prompt=soft_prompt, **COLLAPSE_BUDGET, **COLLAPSE_LEARN)
+    cfg = FinetuneConfig(method="delrec", soft_prompt=soft_prompt, **COLLAPSE_BUDGET, **COLLAPSE_LEARN)
     rows = np.random.default_rng(cfg.seed).permutation(data.indices("train"))[:N]  # as finetune draws them
 
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from test_distill import taught_run  # noqa: F401  (module-scoped fixture: title
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama
 
 TEACHER = "gru4rec"
-SMALL = dict(variant="llara", teacher=TEACHER, steps=6, batch_size=2, valid_samples=4, eval_every=6, checkpoint_every=10**6,
+SMALL = dict(method="llara", teacher=TEACHER, steps=6, batch_size=2, valid_samples=4, eval_every=6, checkpoint_every=10**6,
              init_r=4, target_r=2, warmup_steps=1, lr=0.05, dtype="float32", device="cpu")
 
 
@@ -115,7 +115,7 @@ def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="item projector is trained in stage 2"):
         methods.Method("x", "x", "x", stage1="none", soft_prompt="none", prompt="hybrid", stage2=False)
     with pytest.raises(ValueError, match="unknown curriculum 'linera' \\(did you mean 'linear'\\?\\)"):
-        FinetuneConfig(variant="llara", curriculum="linera")
+        FinetuneConfig(method="llara", curriculum="linera")
     bb = tiny_llama_backbone()
     with pytest.raises(ValueError, match="needs its item projector"):
         methods.get("llara").scorer(run, data, bb, TEACHER, Templates(), None, progress=False)
@@ -138,7 +138,7 @@ def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
 def test_the_curriculum_moves_from_text_only_to_hybrid_prompts():
     """LLaRA's schedule: micro-batch i of N gets the hybrid prompt with probability (i + 1) / N;
     the draws are seeded by (seed, i) alone (a resume and every process draw the same)."""
-    cfg = FinetuneConfig(variant="llara", steps=200, grad_accum=2, seed=3)
+    cfg = FinetuneConfig(method="llara", steps=200, grad_accum=2, seed=3)
     n = cfg.steps * cfg.grad_accum
     draws = np.array([hybrid_batch(cfg, i) for i in range(n)])
     for w, window in enumerate(np.split(draws, 4)):
@@ -146,9 +146,9 @@ def test_the_curriculum_moves_from_text_only_to_hybrid_prompts():
         assert abs(window.mean() - expected) < 0.1, (w, window.mean(), expected)
     assert draws[-1] and not draws[:20].all()
     assert np.array_equal(draws, [hybrid_batch(cfg, i) for i in range(n)])  # deterministic
-    other_seed = FinetuneConfig(variant="llara", steps=200, grad_accum=2, seed=4)
+    other_seed = FinetuneConfig(method="llara", steps=200, grad_accum=2, seed=4)
     assert not np.array_equal(draws, [hybrid_batch(other_seed, i) for i in range(n)])
-    assert all(hybrid_batch(FinetuneConfig(variant="llara", curriculum="none"), i) for i in range(50))
+    assert all(hybrid_batch(FinetuneConfig(method="llara", curriculum="none"), i) for i in range(50))
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_llara_memorises_its_training_examples(taught_run):  # noqa: F811
     item first with the hybrid prompt (HR@1 0 -> 1 on exactly those samples, scored by the adapter
     and projector saved to disk), and the recommendation loss falls."""
     run, data = taught_run
-    cfg = FinetuneConfig(variant="llara", teacher=TEACHER, steps=GUARD_STEPS, max_train_examples=N, batch_size=N,
+    cfg = FinetuneConfig(method="llara", teacher=TEACHER, steps=GUARD_STEPS, max_train_examples=N, batch_size=N,
                          valid_samples=1, eval_every=GUARD_STEPS, checkpoint_every=10**6, dtype="float32", device="cpu",
                          **STAGE2_LEARN)
     rows = np.random.default_rng(cfg.seed).permutation(data.indices("train"))[:N]  # as finetune draws them

@@ -79,14 +79,14 @@ def test_a_candidate_order_is_for_a_prompt_scored_after_stage_2():
 def test_the_pipeline_plans_the_baselines(tmp_path):
     """Stage 2 for the trained baselines (no stage 1), an evaluation of each, LLMSEQSIM with nothing
     upstream; a teacher list longer than the stored top-h lists is refused before any step."""
-    config = PipelineConfig(run_dir=str(tmp_path), variants=["wo-sp", "teacher-list", "llamarec", "llmseqsim"])
+    config = PipelineConfig(run_dir=str(tmp_path), methods=["wo-sp", "teacher-list", "llamarec", "llmseqsim"])
     pipeline = Pipeline(config)
     assert pipeline._finetune_jobs() == [("sasrec", "wo-sp", None), ("sasrec", "teacher-list", None), ("sasrec", "llamarec", None)]
     models = dict(pipeline.config.models())
     assert models["sasrec-llmseqsim"] is None and models["sasrec-llamarec"].endswith("finetune/sasrec-llamarec/metrics.json")
     with pytest.raises(ValueError, match=r"teacher_list_size \(12\) is more than the top_h"):
-        PipelineConfig(run_dir=str(tmp_path), variants=["teacher-list"], finetune={"teacher_list_size": 12})
-    PipelineConfig(run_dir=str(tmp_path), variants=["llamarec"], finetune={"teacher_list_size": 12})  # not used: no check
+        PipelineConfig(run_dir=str(tmp_path), methods=["teacher-list"], finetune={"teacher_list_size": 12})
+    PipelineConfig(run_dir=str(tmp_path), methods=["llamarec"], finetune={"teacher_list_size": 12})  # not used: no check
 
 
 def test_a_new_method_is_one_entry(tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_a_new_method_is_one_entry(tmp_path, monkeypatch):
     # registered for this test only (the registry is one dict, shared by every module that reads it)
     monkeypatch.setitem(methods.METHODS, "long-sp", Method("long-sp", "long SP", "a 64-token soft prompt", stage1="own",
                                                            stage1_settings={"soft_tokens": 64}))
-    config = PipelineConfig(run_dir=str(tmp_path), variants=["delrec", "long-sp", "wo-lsr"])
+    config = PipelineConfig(run_dir=str(tmp_path), methods=["delrec", "long-sp", "wo-lsr"])
     pipeline = Pipeline(config)
     assert pipeline._distill_config("sasrec", "long-sp").soft_tokens == 64
     assert pipeline._finetune_jobs() == [("sasrec", "delrec", "sasrec"), ("sasrec", "long-sp", "sasrec-long-sp")]

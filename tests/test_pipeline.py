@@ -192,7 +192,7 @@ def test_config_errors_and_overrides(inputs, tmp_path):
         _apply_override(values, "finetune.steps")
     with pytest.raises(ValueError, match="unknown setting 'nonsense'"):
         PipelineConfig.from_file(config, ["nonsense=1"])
-    with pytest.raises(ValueError, match="variants: unknown method .best."):
+    with pytest.raises(ValueError, match="methods: unknown method .best."):
         PipelineConfig.from_file(config, ["variants=[delrec, best]"])
     with pytest.raises(FileNotFoundError):
         PipelineConfig.from_file(tmp_path / "missing.yaml")

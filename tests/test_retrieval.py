@@ -26,7 +26,7 @@ def loo_llamarec(tmp_path_factory):
     bb = letter_llama()
     bb.model.save_pretrained(run / "llm")
     bb.tokenizer.save_pretrained(run / "llm")
-    finetune(run, FinetuneConfig(variant="llamarec", llm=str(run / "llm"), **SMALL), backbone=bb, progress=False)
+    finetune(run, FinetuneConfig(method="llamarec", llm=str(run / "llm"), **SMALL), backbone=bb, progress=False)
     return run, data
 
 

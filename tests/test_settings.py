@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from delrec.cli import main
-from delrec.pipeline import Pipeline, PipelineConfig
+from delrec.config import PipelineConfig
+from delrec.pipeline import Pipeline
 from delrec.settings import check, identity, parse_overrides, runtime, same_identity
 from delrec.stages.distill import DistillConfig
 from delrec.stages.finetune import FinetuneConfig
@@ -104,13 +105,30 @@ def test_cli_set_is_checked(tmp_path, capsys):
     assert "--set: lr: expected a number, got 'fast'" in capsys.readouterr().err
 
 
-def test_variant_teachers_limit_the_llm_methods_to_those_teachers():
+def test_method_teachers_limit_the_llm_methods_to_those_teachers():
     """Table II: GRU4Rec and Caser are rows of their own beside DELRec(SASRec) and the baselines,
     without stage 1 or stage 2 runs of their own."""
-    config = PipelineConfig(teachers=["sasrec", "gru4rec", "caser"], variant_teachers=["sasrec"], variants=["delrec", "wo-sp", "llmseqsim"])
+    config = PipelineConfig(teachers=["sasrec", "gru4rec", "caser"], method_teachers=["sasrec"], methods=["delrec", "wo-sp", "llmseqsim"])
     names = [name for name, _ in config.models()]
     assert names == ["random", "popularity", "sasrec", "gru4rec", "caser", "zero-shot", "sasrec-delrec", "sasrec-wo-sp", "sasrec-llmseqsim"]
     assert [(t, v) for t, v, _ in Pipeline(config, progress=False)._finetune_jobs()] == [("sasrec", "delrec"), ("sasrec", "wo-sp")]
-    assert PipelineConfig(teachers=["sasrec", "gru4rec"], variants=["delrec"]).llm_teachers == ["sasrec", "gru4rec"]  # default: all
-    with pytest.raises(ValueError, match=r"variant_teachers: \['caser'\] are not among the teachers \['sasrec'\]"):
-        PipelineConfig(teachers=["sasrec"], variant_teachers=["caser"])
+    assert PipelineConfig(teachers=["sasrec", "gru4rec"], methods=["delrec"]).llm_teachers == ["sasrec", "gru4rec"]  # default: all
+    with pytest.raises(ValueError, match=r"method_teachers: \['caser'\] are not among the teachers \['sasrec'\]"):
+        PipelineConfig(teachers=["sasrec"], method_teachers=["caser"])
+
+
+def test_the_words_of_earlier_configs_are_still_read(tmp_path):
+    """A method was called a variant: `variants:` / `variant_teachers:` in a run config and
+    `variant` in a stage-2 folder's config.json still mean `methods:`, `method_teachers:` and
+    `method`, so earlier configs run and earlier stage-2 results are not redone."""
+    old = tmp_path / "old.yaml"
+    old.write_text("teachers: [sasrec, gru4rec]\nvariants: [delrec, wo-sp]\nvariant_teachers: [sasrec]\n")
+    config = PipelineConfig.from_file(old)
+    assert config.methods == ["delrec", "wo-sp"] and config.method_teachers == ["sasrec"]
+    assert PipelineConfig.from_file(old, ["variants=[usp]"]).methods == ["usp"]  # an override in the old words wins
+    assert PipelineConfig.from_file(old, ["methods=[mcp]"]).methods == ["mcp"]
+    recorded = {**FinetuneConfig(method="wo-sp").to_dict()}
+    recorded["variant"] = recorded.pop("method")
+    assert same_identity(FinetuneConfig, recorded, FinetuneConfig(method="wo-sp").to_dict())
+    assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(method="usp").to_dict())
+    assert FinetuneConfig.method_of(recorded) == "wo-sp"

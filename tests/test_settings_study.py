@@ -27,7 +27,7 @@ def test_every_probe_is_a_valid_config_on_the_budget(name, examples):
     assert config.valid_samples == 256 and config.seed == study.SEED
     assert abs(config.eval_every * config.batch_size * config.grad_accum - 200) <= config.batch_size * config.grad_accum
     if isinstance(config, FinetuneConfig):
-        assert config.variant == "wo-sp" and config.patience * config.eval_every > config.steps  # no early stop
+        assert config.method == "wo-sp" and config.patience * config.eval_every > config.steps  # no early stop
         for key, value in study.PROBES[name].items():
             assert getattr(config, key) == value
 

@@ -158,12 +158,12 @@ def _templates(args, teacher: str | None = None):
 
 def _llm_scorer(args, data):
     """`--finetuned FOLDER` (a stage-2 result: its backbone, adapter, soft prompt and prompt
-    variant, as trained) or `--llm NAME [--soft-prompt FILE]` (the frozen LLM), through the one
+    method, as trained) or `--llm NAME [--soft-prompt FILE]` (the frozen LLM), through the one
     scorer factory (delrec.scorers)."""
     from delrec.io import read_json
     from delrec.scorers import make_scorer
 
-    kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "method": args.verbalizer}
+    kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "title_scoring": args.verbalizer}
     if getattr(args, "finetuned", None):
         folder = Path(args.finetuned)
         if not (folder / "config.json").exists():
@@ -178,7 +178,7 @@ def _llm_scorer(args, data):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from delrec.stages.finetune import FinetuneConfig, finetune
 
-    overrides = _settings(args, ("teacher", "llm", "variant", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
+    overrides = _settings(args, ("teacher", "llm", "method", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           FinetuneConfig)
     if args.templates:
         from delrec.llm.templates import read_overrides
@@ -186,7 +186,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         overrides["templates"] = read_overrides(args.templates)
     result = finetune(args.run, FinetuneConfig(**overrides), name=args.name, progress=not args.quiet, restart=args.restart)
     m = result.metrics
-    print(f"stage 2 ({m['variant']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
+    print(f"stage 2 ({m['method']}): {m['steps']} steps in {m['seconds']:.0f} s, best valid NDCG@5 "
           f"{m['best_valid_NDCG@5']:.4f} at step {m['best_step']} ({m['valid_samples']} valid samples)")
     print(f"-> {result.out_dir}; evaluate with: delrec evaluate --run {args.run} --finetuned {result.out_dir}")
 
@@ -382,10 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--teacher")
     p.add_argument("--llm")
-    p.add_argument("--variant", choices=methods.stage2_methods(),
+    p.add_argument("--method", "--variant", dest="method", choices=methods.stage2_methods(),
                    help="delrec (default) or an ablation (delrec.methods): " + "; ".join(
                        f"{name}: {methods.get(name).description}" for name in methods.stage2_methods() if not methods.get(name).is_delrec))
-    p.add_argument("--soft-prompt", help="default: the variant's stage-1 folder, RUN/distill/TEACHER[-VARIANT]/soft_prompt.safetensors")
+    p.add_argument("--soft-prompt", help="default: the method's stage-1 folder, RUN/distill/TEACHER[-METHOD]/soft_prompt.safetensors")
     p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate a fixed seeded subset of N samples (quick CPU runs)")
     p.add_argument("--limit-seed", type=int, default=0)
     _add_llm_args(p)
-    p.add_argument("--finetuned", help="a stage-2 folder (RUN/finetune/NAME): its adapter, soft prompt and prompt variant")
+    p.add_argument("--finetuned", help="a stage-2 folder (RUN/finetune/NAME): its adapter, soft prompt and prompt, as trained")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="rank candidates for a history of titles with the LLM")

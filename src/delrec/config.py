@@ -43,10 +43,10 @@ class PipelineConfig:
     threads: int | None = runtime(None)  # torch CPU threads (default: torch's choice)
     distill: dict = field(default_factory=dict)  # DistillConfig fields
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
-    variants: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
-    # the teachers whose variants are trained and evaluated (default: every teacher); the others are
+    methods: list[str] = field(default_factory=lambda: ["delrec", "wo-sp", "usp"])  # names in delrec.methods
+    # the teachers whose methods are trained and evaluated (default: every teacher); the others are
     # rows of their own only (e.g. GRU4Rec and Caser beside DELRec(SASRec) in Table II)
-    variant_teachers: list[str] | None = None
+    method_teachers: list[str] | None = None
     zero_shot: bool = True
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
@@ -67,20 +67,20 @@ class PipelineConfig:
     attempts: list[str] = runtime(default_factory=list)
 
     def __post_init__(self):
-        for name in self.variants:
+        for name in self.methods:
             try:
                 methods.get(name)
             except ValueError as e:
-                raise ValueError(f"variants: {e}") from None
+                raise ValueError(f"methods: {e}") from None
         if not self.teachers:
             raise ValueError("the config names no teacher")
         self.sweep = _dotted(self.sweep)
         if self.tracking not in TRACKERS:
             raise ValueError(f"tracking: {self.tracking!r} is not one of {', '.join(TRACKERS)}")
-        if self.variant_teachers is not None:
-            unknown = [t for t in self.variant_teachers if t not in self.teachers]
+        if self.method_teachers is not None:
+            unknown = [t for t in self.method_teachers if t not in self.teachers]
             if unknown:
-                raise ValueError(f"variant_teachers: {unknown} are not among the teachers {self.teachers}")
+                raise ValueError(f"method_teachers: {unknown} are not among the teachers {self.teachers}")
         # every section's keys and types, then each class's own checks, before any step runs
         # (kept as plain JSON values: they are written back to RUN/config.yaml)
         self.protocol = _plain(check(ProtocolConfig, self.protocol, "protocol"))
@@ -100,7 +100,7 @@ class PipelineConfig:
         if distill_top_h > self.top_h:
             raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
         list_size = self.finetune.get("teacher_list_size", FinetuneConfig.teacher_list_size)
-        if list_size > self.top_h and any(methods.get(v).needs_teacher_lists for v in self.variants):
+        if list_size > self.top_h and any(methods.get(v).needs_teacher_lists for v in self.methods):
             raise ValueError(f"finetune.teacher_list_size ({list_size}) is more than the top_h lists the teachers store "
                              f"({self.top_h})")
 
@@ -109,14 +109,15 @@ class PipelineConfig:
         """Settings from a YAML file, then `key=value` / `section.key=value` overrides, checked
         (keys, types, allowed values) before anything runs; errors name the file and the key."""
         path = Path(path)
-        values = load_yaml(path)
+        values = upgrade_keys(load_yaml(path))
         for item in overrides or []:
             apply_override(values, item)
+            upgrade_keys(values)  # an override in the old words replaces the file's value
         return cls._from_values(values, str(path))
 
     @classmethod
     def _from_values(cls, values: dict, where: str) -> PipelineConfig:
-        values = check(cls, values, where)
+        values = check(cls, upgrade_keys(dict(values)), where)
         try:
             return cls(**values)
         except ValueError as e:
@@ -124,8 +125,8 @@ class PipelineConfig:
 
     @property
     def llm_teachers(self) -> list[str]:
-        """The teachers whose variants are trained and evaluated."""
-        return list(self.teachers if self.variant_teachers is None else self.variant_teachers)
+        """The teachers whose methods are trained and evaluated."""
+        return list(self.teachers if self.method_teachers is None else self.method_teachers)
 
     def models(self) -> list[tuple[str, str | None]]:
         """(model name, the file whose change invalidates its evaluation) in report order."""
@@ -135,7 +136,7 @@ class PipelineConfig:
         if self.zero_shot:
             out.append(("zero-shot", None))
         for t in self.llm_teachers:
-            for v in self.variants:
+            for v in self.methods:
                 method = methods.get(v)
                 if not method.stage2 and method.stage1 == "none":  # the bare LLM (LLMSEQSIM): nothing upstream
                     out.append((f"{t}-{v}", None))
@@ -152,6 +153,18 @@ class PipelineConfig:
         if not (run / "config.yaml").exists():
             raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
         return cls._from_values({**load_yaml(run / "config.yaml"), "run_dir": str(run)}, str(run / "config.yaml"))
+
+
+# keys of earlier configs, still read: a method of delrec.methods was called a variant
+RENAMED = {"variants": "methods", "variant_teachers": "method_teachers"}
+
+
+def upgrade_keys(values: dict) -> dict:
+    """`values` with the keys of RENAMED in today's words (in place)."""
+    for old, new in RENAMED.items():
+        if old in values:
+            values[new] = values.pop(old)
+    return values
 
 
 def _dotted(sweep: dict, prefix: str = "") -> dict:

@@ -168,7 +168,7 @@ class Pipeline:
 
     def distill(self) -> None:
         wanted = []  # (teacher, RUN/distill/ folder, the method with its own stage 1 or None)
-        chosen = [methods.get(v) for v in self.config.variants]
+        chosen = [methods.get(v) for v in self.config.methods]
         for t in self.config.llm_teachers:
             if any(m.stage1 == "shared" for m in chosen):
                 wanted.append((t, t, None))
@@ -192,13 +192,13 @@ class Pipeline:
     def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
         """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
         return [(t, v, methods.get(v).stage1_folder(t)) for t in self.config.llm_teachers
-                for v in self.config.variants if methods.get(v).stage2]
+                for v in self.config.methods if methods.get(v).stage2]
 
     def finetune(self) -> None:
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
-                        "variant": variant}
+                        "method": variant}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:

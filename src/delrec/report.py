@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from delrec import methods
+from delrec.config import PipelineConfig, upgrade_keys
 from delrec.io import atomic_path, read_json, write_json
 from delrec.locks import holds_run_lock
 from delrec.model_names import ModelName
@@ -35,7 +36,6 @@ from delrec.report_inputs import examples_per_step, run_scorer, stage_file
 from delrec.significance import compare, per_sample
 
 if TYPE_CHECKING:
-    from delrec.config import PipelineConfig
     from delrec.data.protocol import RunData
 
 __all__ = ["METRICS", "PAPER_ML100K", "PAPER_TABLE2_ML100K", "PAPER_TABLE2_NOT_RUN", "ReportContext", "claim_verdict",
@@ -79,7 +79,6 @@ class ReportContext:
 
     @classmethod
     def load(cls, run: Path, config=None) -> ReportContext:
-        from delrec.config import PipelineConfig
         from delrec.data.protocol import RunData
 
         c = config or PipelineConfig.from_run(run)
@@ -326,15 +325,15 @@ def _attempts(ctx: ReportContext) -> list[str]:
     """Other runs' results beside this one's, with the settings that differ from this run's."""
     import yaml
 
-    mine = _flatten(yaml.safe_load((ctx.run / "config.yaml").read_text()))
-    ignore = {"run_dir", "attempts", "report", "variants", "zero_shot"}
+    mine = _flatten(upgrade_keys(yaml.safe_load((ctx.run / "config.yaml").read_text())))
+    ignore = {"run_dir", "attempts", "report", "methods", "zero_shot"}
     lines = ["| run | settings that differ from this run | model | test samples | HR@1 | NDCG@5 | "
              "stage-1 RPS valid accuracy (untrained -> trained) |", "|---|---|---|---|---|---|---|"]
     for folder in map(Path, ctx.config.attempts):
         if not (folder / "config.yaml").exists():
             lines.append(f"| {folder} | (no `delrec run` there) | | | | |")
             continue
-        theirs = _flatten(yaml.safe_load((folder / "config.yaml").read_text()))
+        theirs = _flatten(upgrade_keys(yaml.safe_load((folder / "config.yaml").read_text())))
         diff = ", ".join(f"{k}={theirs.get(k)}" for k in sorted(set(mine) | set(theirs))
                          if k.split(".")[0] not in ignore and mine.get(k) != theirs.get(k)) or "none"
         for path in sorted((folder / "eval" / "pipeline").glob("*.json")):

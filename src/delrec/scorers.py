@@ -32,15 +32,16 @@ log = logging.getLogger(__name__)
 
 def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dtype: str = "auto", device: str = "auto",
                 batch_size: int = 8, progress: bool = True, templates=None, soft_prompt: str | None = None,
-                method: str = "full-title", backbone=None, label: str | None = None, template_overrides: dict | None = None):
+                title_scoring: str = "full-title", backbone=None, label: str | None = None, template_overrides: dict | None = None):
     """A scorer for `name` (see the module docstring). `llm`: the backbone of `zero-shot` and
     of stage-1-only methods (stage-2 folders name their own); `templates`: the prompt wording
-    (default: the English movie templates naming the teacher); `method`: the verbalizer's;
+    (default: the English movie templates naming the teacher); `title_scoring`: the verbalizer's
+    (verbalizer.TITLE_SCORINGS);
     `backbone`: an already loaded one (fresh, without adapters); `label`: the scorer's name;
     `template_overrides`: a run's `templates:` section, for the models that have no stage-2
     folder recording their own (a stage-2 folder's config.json holds the wording it trained on)."""
     run = Path(run)
-    kw = {"batch_size": batch_size, "progress": progress, "method": method}
+    kw = {"batch_size": batch_size, "progress": progress, "title_scoring": title_scoring}
     if name == "random":
         return RandomScorer(seed=data.config.seed)
     if name == "popularity":
@@ -64,7 +65,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
                                   templates=templates, run_dir=run, **kw)
         scorer.name = label or scorer.name
-        return methods.get(cfg.get("variant", "delrec")).for_full_ranking(
+        return methods.get(FinetuneConfig.method_of(cfg)).for_full_ranking(
             scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
     teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []
     stage2 = sorted(p.name for p in (run / "finetune").iterdir()) if (run / "finetune").is_dir() else []
@@ -73,7 +74,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
 
 
 def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None, templates: Templates | None = None,
-                     method: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
+                     title_scoring: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
                      progress: bool = True, run_dir: str | Path | None = None) -> LLMScorer:
     """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt (and what
     its method trained beside, such as LLaRA's item projector) and its prompt, exactly as trained.
@@ -97,16 +98,16 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
         bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
-    trained_as = methods.get(cfg["variant"])
+    trained_as = methods.get(FinetuneConfig.method_of(cfg))
     templates = templates or Templates.for_teacher(cfg["teacher"], **cfg.get("templates", {}))
     order = cfg.get("candidate_order", "stored")  # as it was trained (FinetuneConfig.to_dict records any other)
     if order != trained_as.candidate_order:
         log.warning("%s was trained with its candidates in the %s order, not %s's today; scored as it was trained",
-                    folder, order, cfg["variant"])
+                    folder, order, trained_as.name)
     return trained_as.scorer(run_dir or folder.parent.parent, data, bb, cfg["teacher"], templates, soft,
                              extra=trained_as.load_stage2_extra(folder, bb),
                              teacher_list_size=cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size),
-                             candidate_order=order, method=method, batch_size=batch_size, name=f"delrec:{folder.name}",
+                             candidate_order=order, title_scoring=title_scoring, batch_size=batch_size, name=f"delrec:{folder.name}",
                              progress=progress)
 
 

@@ -50,6 +50,9 @@ def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     skip = runtime_names(cls)
     defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
     recorded, wanted = json.loads(json.dumps(recorded)), json.loads(json.dumps(wanted))
+    for old, new in getattr(cls, "RENAMED_FIELDS", {}).items():  # a field recorded under its earlier name
+        if old in recorded and new not in recorded:
+            recorded[new] = recorded.pop(old)
     recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}
     drop = lambda d: {k: v for k, v in d.items() if k not in skip}  # noqa: E731
     return drop(recorded) == drop(wanted)

@@ -55,9 +55,9 @@ class PromptStyle:
                           soft_prompt=self.slot == "soft-prompt", model_card=self.slot == "model-card",
                           empty_slot=self.slot == "empty")
 
-    def verbalizer(self, backbone: Backbone, title_method: str, batch_size: int) -> Verbalizer:
-        """The verbalizer that scores this prompt's candidates (`title_method`: the title verbalizer's)."""
-        return Verbalizer(backbone, title_method, batch_size, item_vectors=self.item_vectors)
+    def verbalizer(self, backbone: Backbone, title_scoring: str, batch_size: int) -> Verbalizer:
+        """The verbalizer that scores this prompt's candidates (`title_scoring`: verbalizer.TITLE_SCORINGS)."""
+        return Verbalizer(backbone, title_scoring, batch_size, item_vectors=self.item_vectors)
 
 
 class LLMScorer:
@@ -72,7 +72,7 @@ class LLMScorer:
         templates: Templates | None = None,
         soft_prompt: SoftPrompt | None = None,
         style: PromptStyle | None = None,
-        method: str = "full-title",
+        title_scoring: str = "full-title",
         batch_size: int = 8,
         name: str | None = None,
         progress: bool = True,
@@ -88,7 +88,7 @@ class LLMScorer:
         if projector is not None and projector.num_items != len(self.titles) - 1:
             raise ValueError(f"the item projector holds the teacher's embeddings of {projector.num_items} items, but "
                              f"this run has {len(self.titles) - 1}: it was trained on other data")
-        self.verbalizer = self.style.verbalizer(backbone, method, batch_size)
+        self.verbalizer = self.style.verbalizer(backbone, title_scoring, batch_size)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress
 

@@ -43,7 +43,7 @@ from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import LETTERS, Prompt
 
-METHODS = ("full-title", "first-token")
+TITLE_SCORINGS = ("full-title", "first-token")  # how a candidate's title is scored: its whole likelihood, or its first token's
 # training objectives: `candidates` is cross-entropy over the verbalizer's scores of the prompt's
 # candidates (what the ranking uses, as in OpenPrompt's verbalizer); `label` is the plain
 # language-model loss of the label's title (cheaper: no other candidate is scored)
@@ -64,16 +64,16 @@ PASSES = ("auto", "prompt", "batch")
 
 
 class Verbalizer:
-    def __init__(self, backbone: Backbone, method: str = "full-title", batch_size: int = 8, passes: str = "auto",
+    def __init__(self, backbone: Backbone, title_scoring: str = "full-title", batch_size: int = 8, passes: str = "auto",
                  item_vectors: nn.Module | None = None):
         """`item_vectors`: maps [n] item indices to [n, hidden] input vectors (delrec.methods.llara.ItemProjector);
         what a prompt's `item_slots` are filled with (LLaRA's hybrid prompt)."""
-        if method not in METHODS:
-            raise ValueError(f"unknown verbalizer {method!r}; choose one of {METHODS}")
+        if title_scoring not in TITLE_SCORINGS:
+            raise ValueError(f"unknown verbalizer {title_scoring!r}; choose one of {TITLE_SCORINGS}")
         if passes not in PASSES:
             raise ValueError(f"unknown pass mode {passes!r}; choose one of {PASSES}")
         self.backbone = backbone
-        self.method = method
+        self.title_scoring = title_scoring
         self.batch_size = batch_size
         self.passes = passes
         self.item_vectors = item_vectors
@@ -218,7 +218,7 @@ class Verbalizer:
         computed only from the prompt's last position onwards."""
         bb = self.backbone
         model, dev = bb.model, bb.device
-        full = self.method == "full-title"
+        full = self.title_scoring == "full-title"
         packs = [[c[:-1] if full else [] for c in cs] for cs in continuations]
         pack_len = [sum(len(x) for x in p) for p in packs]
         L = max(pack_len)
@@ -282,7 +282,7 @@ class Verbalizer:
         encoder_out = model.get_encoder()(inputs_embeds=batch.embeds, attention_mask=batch.mask)
         counts = [len(cs) for cs in continuations]
         start = model.config.decoder_start_token_id
-        if self.method == "first-token":
+        if self.title_scoring == "first-token":
             owner = torch.repeat_interleave(torch.arange(len(prompts), device=dev), torch.tensor(counts, device=dev))
             flat = [c for cs in continuations for c in cs]
             dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
@@ -370,7 +370,7 @@ class Verbalizer:
                 prompt = self._prompt_embeds(p, soft_prompt)
                 scores = []
                 for ids in self.continuations(p):
-                    n = 1 if self.method == "first-token" else len(ids)
+                    n = 1 if self.title_scoring == "first-token" else len(ids)
                     y = torch.tensor(ids, device=bb.device)
                     if bb.is_encoder_decoder:
                         start = bb.model.config.decoder_start_token_id

@@ -28,10 +28,10 @@ class LetteredStyle(PromptStyle):
         return lettered_prompt(t, [titles[i] for i in history], [titles[i] for i in candidates],
                                label=titles[label] if label is not None else None)
 
-    def verbalizer(self, backbone: Backbone, title_method: str, batch_size: int) -> Verbalizer:
-        if title_method != "full-title":
+    def verbalizer(self, backbone: Backbone, title_scoring: str, batch_size: int) -> Verbalizer:
+        if title_scoring != "full-title":
             raise ValueError(f"the lettered prompt (LlamaRec) is scored by its index letters; the title verbalizer "
-                             f"{title_method!r} does not apply")
+                             f"{title_scoring!r} does not apply")
         return LetterVerbalizer(backbone, batch_size)
 
 

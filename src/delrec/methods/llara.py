@@ -185,7 +185,7 @@ def item_projector_for(run_dir: str | Path, config, bb, data) -> ItemProjector:
     """The untrained item projector stage 2 starts with: its teacher's item embeddings into `bb`'s input space."""
     teacher_dir = Path(run_dir) / "teachers" / config.teacher
     if not (teacher_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{config.variant} maps the {config.teacher} teacher's item embeddings into the LLM, but "
+        raise FileNotFoundError(f"{config.method} maps the {config.teacher} teacher's item embeddings into the LLM, but "
                                 f"{teacher_dir} holds no trained teacher; run `delrec teacher train --run {run_dir} "
                                 f"--model {config.teacher}` first")
     with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights: not from the run's stream

@@ -40,6 +40,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ class FinetuneConfig(StageConfig):
     weight_decay: float = 1e-6
     eval_every: int = 25
     # stage 2's own
-    variant: str = "delrec"
+    method: str = "delrec"  # the registry entry trained (delrec.methods); `variant` in folders of earlier delrec
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
     teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
     curriculum: str = "linear"  # for `llara`: from text-only to hybrid prompts (delrec/methods/llara.py)
@@ -113,8 +114,8 @@ class FinetuneConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in methods.stage2_methods():
-            raise ValueError(f"unknown stage-2 variant {self.variant!r}{closest(self.variant, methods.stage2_methods())}; "
+        if self.method not in methods.stage2_methods():
+            raise ValueError(f"unknown stage-2 method {self.method!r}{closest(self.method, methods.stage2_methods())}; "
                              f"choose one of {methods.stage2_methods()} (delrec.methods)")
         if self.adapter_init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
@@ -140,14 +141,22 @@ class FinetuneConfig(StageConfig):
         if self.curriculum not in CURRICULA:
             raise ValueError(f"unknown curriculum {self.curriculum!r}{closest(self.curriculum, CURRICULA)}; choose one of {CURRICULA}")
 
+    # keys a stage-2 folder of an earlier delrec recorded under another name (delrec.settings.same_identity)
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"variant": "method"}
+
+    @staticmethod
+    def method_of(recorded: dict) -> str:
+        """The method a stage-2 folder's config.json names (older folders call it `variant`)."""
+        return recorded.get("method", recorded.get("variant", "delrec"))
+
     def to_dict(self) -> dict:
         """The settings as a stage-2 folder's config.json records them (and a checkpoint must match),
         with what the method records beside them (Method.recorded_settings: LlamaRec's candidate order)."""
         d = asdict(self)
         if d["target_modules"] is not None and not isinstance(d["target_modules"], str):
             d["target_modules"] = list(d["target_modules"])
-        if self.variant in methods.METHODS:
-            d.update(methods.get(self.variant).recorded_settings())
+        if self.method in methods.METHODS:
+            d.update(methods.get(self.method).recorded_settings())
         return d
 
 
@@ -215,8 +224,8 @@ class FinetuneStage(Stage):
         dist = self.dist = distributed.current()
         dist.check_batch(config.batch_size, "stage 2")
         self.config, self.config_dict = config, config.to_dict()
-        method = self.method = methods.get(config.variant)
-        out = run_dir / "finetune" / (name or f"{config.teacher}-{config.variant}")
+        method = self.method = methods.get(config.method)
+        out = run_dir / "finetune" / (name or f"{config.teacher}-{config.method}")
         # what a scorer needs beside the adapter (finetuned_scorer): saved and moved with it
         self.beside = ("soft_prompt.safetensors", *method.stage2_files)
         _keep_an_older_best(out, self.beside)
@@ -247,7 +256,7 @@ class FinetuneStage(Stage):
         templates = Templates.for_teacher(config.teacher, **config.templates)
         self.scorer = method.scorer(run_dir, data, bb, config.teacher, templates, soft, extra=extra,
                                     teacher_list_size=config.teacher_list_size, batch_size=config.verbalizer_batch,
-                                    name=f"delrec:{config.variant}", progress=False)
+                                    name=f"delrec:{config.method}", progress=False)
         self.train_rows, self.valid_rows = train_and_valid_rows(data, config.seed, config.valid_samples,
                                                                 config.max_train_examples)
 
@@ -354,7 +363,7 @@ class FinetuneStage(Stage):
     def summary(self, progress: Progress) -> dict:
         config, seen = self.config, self._seen(progress)
         return {
-            "teacher": config.teacher, "variant": config.variant, "llm": self.bb.name, "steps": progress.step,
+            "teacher": config.teacher, "method": config.method, "llm": self.bb.name, "steps": progress.step,
             "seconds": round(progress.elapsed, 2), "best_step": progress.best_step, "best_valid_NDCG@5": progress.best,
             "stopped_early": progress.stopped_early, "valid_samples": len(self.valid_rows),
             "launch": self.dist.describe(),
