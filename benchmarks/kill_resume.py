@@ -44,7 +44,7 @@ OUT = ROOT / "benchmarks" / "results" / "kill-resume.json"
 
 # every stage checkpoints after each of its steps (epochs for the teacher), so kills make progress
 OVERRIDES = [
-    "teacher.max_epochs=8", "threads=1", "report=false", "zero_shot=true", "variants=[delrec]",
+    "teacher.max_epochs=8", "threads=1", "report=false", "zero_shot=true", "methods=[delrec]",
     "distill={soft_tokens: 4, steps: 10, batch_size: 2, valid_samples: 4, valid_lsr_samples: 0, eval_every: 3, checkpoint_every: 1}",
     "finetune={steps: 10, batch_size: 2, valid_samples: 4, eval_every: 3, warmup_steps: 1, adapter: lora, lora_r: 4, "
     "lora_alpha: 8, checkpoint_every: 1}",

@@ -128,9 +128,9 @@ fi
 if [ $pipeline = 1 ]; then
     extra=()
     if [ $udpsm = 0 ]; then
-        variants=$("$py" -c "from delrec.config import PipelineConfig; c = PipelineConfig.from_file('$config'); print('[' + ', '.join(v for v in c.variants if v != 'udpsm') + ']')" 2>/dev/null) \
-            || variants="(the config's variants without udpsm)"
-        extra=("variants=$variants")
+        chosen=$("$py" -c "from delrec.config import PipelineConfig; c = PipelineConfig.from_file('$config'); print('[' + ', '.join(v for v in c.methods if v != 'udpsm') + ']')" 2>/dev/null) \
+            || chosen="(the config's methods without udpsm)"
+        extra=("methods=$chosen")
     fi
     limit=$(( $(left) - reserve ))
     if [ "$limit" -gt 60 ] || [ $dry = 1 ]; then

@@ -42,7 +42,7 @@ def main() -> int:
         "threads=1",
         "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, valid_lsr_samples: 4, eval_every: 1000}",
         "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, init_r: 4, target_r: 2, warmup_steps: 1}",
-        f"variants=[{every}]", "test_samples=12", "eval_batch_size=4",
+        f"methods=[{every}]", "test_samples=12", "eval_batch_size=4",
     ])
 
 

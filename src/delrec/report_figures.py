@@ -104,8 +104,8 @@ def _stage2_losses(log: list[dict]) -> list[tuple[str, str]]:
 
 
 def stage2_figure(run: Path, config=None, data=None) -> str | None:
-    """Stage 2's learning curves per variant (early stopping on valid NDCG@5) and its
-    recommendation loss: where each variant stopped, and against which references."""
+    """Stage 2's learning curves per method (early stopping on valid NDCG@5) and its
+    recommendation loss: where each method stopped, and against which references."""
     runs = sorted(p.parent for p in (run / "finetune").glob("*/train_log.jsonl"))
     if not runs:
         return None
@@ -113,7 +113,7 @@ def stage2_figure(run: Path, config=None, data=None) -> str | None:
     where = f"over the same {n} valid samples" if n else "(valid rows not recorded: random only)"
     return _save(fig, run, "fig-stage2.png",
                  "Stage 2 learning curves: valid HR@1 and NDCG@5 (early stopping on NDCG@5; step 0 is the untrained adapter) "
-                 "of each variant against the train examples seen. Horizontal lines: the expected random ranker, and "
+                 "of each method against the train examples seen. Horizontal lines: the expected random ranker, and "
                  f"popularity and the teacher {where}. Right: the recommendation loss (moving average of 5).")
 
 
