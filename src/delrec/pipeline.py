@@ -19,12 +19,15 @@ import gc
 import hashlib
 import json
 import logging
+import resource
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
+import yaml
 
 from delrec import distributed, methods, tracking
 from delrec.config import PipelineConfig
@@ -63,7 +66,6 @@ class _PeakMemory:
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
-        import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -254,7 +256,6 @@ class Pipeline:
 
     def _write_summary(self, seconds: float) -> None:
         """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time."""
-        import torch
 
         # a skipped step keeps its last real run's time and memory; `this_invocation` says what happened now
         steps = [{**(self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e),
@@ -275,7 +276,6 @@ class Pipeline:
             return self._execute()
 
     def _execute(self) -> list[dict]:
-        import torch
 
         c = self.config
         if c.threads:
@@ -289,7 +289,6 @@ class Pipeline:
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
         try:
-            import yaml
 
             if main:
                 with atomic_path(self.run / "config.yaml") as tmp:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from delrec.config import PipelineConfig
 from delrec.data.loaders import normalize_title
@@ -293,7 +294,6 @@ class Recommender:
 
     def _teacher_top(self, histories: list[list[int]]) -> list[list[int]]:
         """The teacher's top num_candidates over the items each history has not seen, in one pass."""
-        import torch
 
         if self._teacher is None:
 

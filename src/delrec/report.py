@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import yaml
 
-from delrec import methods
+from delrec import __version__, methods
 from delrec.config import PipelineConfig, upgrade_keys
+from delrec.data.protocol import RunData
 from delrec.io import atomic_path, read_json, write_json
 from delrec.locks import holds_run_lock
 from delrec.model_names import ModelName
@@ -79,7 +82,6 @@ class ReportContext:
 
     @classmethod
     def load(cls, run: Path, config=None) -> ReportContext:
-        from delrec.data.protocol import RunData
 
         c = config or PipelineConfig.from_run(run)
         summary = run / "pipeline.json"
@@ -323,7 +325,6 @@ def _attempts_section(ctx: ReportContext) -> list[str]:
 
 def _attempts(ctx: ReportContext) -> list[str]:
     """Other runs' results beside this one's, with the settings that differ from this run's."""
-    import yaml
 
     mine = _flatten(upgrade_keys(yaml.safe_load((ctx.run / "config.yaml").read_text())))
     ignore = {"run_dir", "attempts", "report", "methods", "zero_shot"}
@@ -605,9 +606,7 @@ def format_paper_statistics(stats: dict) -> list[str]:
 def _environment_section(ctx: ReportContext) -> list[str]:
     """The software and machine that wrote the report (probed now, not read from the run: the
     one section that depends on where `delrec report` runs)."""
-    import torch
 
-    from delrec import __version__
 
     versions = {}
     for mod in ("torch", "transformers", "peft", "numpy"):

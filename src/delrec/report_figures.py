@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec.evaluate import PopularityScorer, candidate_ranks, metrics_from_ranks
 from delrec.io import atomic_path
 from delrec.report_inputs import examples_per_step, read_log, run_scorer, stage_file
 from delrec.training.rows import valid_subset
@@ -77,7 +78,6 @@ def _stage1_losses(log: list[dict]) -> list[tuple[str, str]]:
 def stage1_figure(run: Path, config=None, data=None) -> str | None:
     """Stage 1's learning curves per task over its own candidates, and the LSR prompt's over the
     recommendation candidates: does the soft prompt learn what the teacher knows?"""
-    from delrec.evaluate import metrics_from_ranks
 
     runs = sorted(p.parent for p in (run / "distill").glob("*/train_log.jsonl"))
     if not runs:
@@ -205,7 +205,6 @@ def _stage_valid_rows(folder: Path, data) -> np.ndarray | None:
 def _valid_metrics(scorer, data, rows: np.ndarray) -> dict:
     """The evaluator's candidate metrics (pessimistic ranks) on `rows`, in this process only (the
     report runs on the main process of a launch, so nothing is sharded)."""
-    from delrec.evaluate import candidate_ranks, metrics_from_ranks
 
     return metrics_from_ranks(candidate_ranks(scorer, data, rows, local=True))
 
@@ -215,7 +214,6 @@ def references(config, data, folders: list[Path]) -> tuple[dict, int]:
     fixed candidates) over the valid rows the stage's runs evaluated (their union): the expected
     random ranker (uniform rank), popularity and each teacher the runs learned from. Returns the
     metrics by reference and the number of valid rows (0: not recorded, random only)."""
-    from delrec.evaluate import PopularityScorer, metrics_from_ranks
 
     refs = {f"random ({data.candidates.shape[1]} candidates)": metrics_from_ranks(np.arange(data.candidates.shape[1]))}
     found = [r for r in (_stage_valid_rows(f, data) for f in folders) if r is not None and len(r)]

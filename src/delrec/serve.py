@@ -44,10 +44,13 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -551,7 +554,6 @@ def create_app(recommender: Recommender, *, max_batch: int = 16, max_wait_ms: fl
                allowed_hosts: frozenset[str] | set[str] | None = frozenset(LOOPBACK_HOSTS), token: str | None = None):
     """The ASGI application serving `recommender` (see the module docstring). `allowed_hosts`:
     the Host names answered (None: any); `token`: the bearer token every endpoint but /healthz needs."""
-    from contextlib import asynccontextmanager
 
     if timeout_s <= 0 or body_timeout_s <= 0:
         raise ValueError(f"timeout_s and body_timeout_s must be positive, got {timeout_s} and {body_timeout_s}")
@@ -766,7 +768,6 @@ def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000, *
           allowed_hosts: set[str] | None | str = "default", token: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM; prints the address once it listens. `allowed_hosts`:
     "default" (this machine's names and `host`), None (any), or a set of names."""
-    import sys
 
     if allowed_hosts == "default":
         allowed_hosts = default_allowed_hosts(host)
@@ -780,7 +781,6 @@ def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000, *
               "<token>'), or serve on 127.0.0.1 behind a proxy.", file=sys.stderr, flush=True)
         log.warning("serving on the non-loopback address %s without a token", host)
     print(f"delrec serve: {recommender.model} of {recommender.run} on http://{host}:{where[1]} (docs at /docs)", flush=True)
-    import signal
 
     server = make_server(app, sock, log_level, header_timeout_s=header_timeout_s, max_connections=max_connections)
     main_thread = threading.current_thread() is threading.main_thread()

@@ -25,6 +25,8 @@ import types
 import typing
 from pathlib import Path
 
+import yaml
+
 
 def runtime(default=dataclasses.MISSING, **kwargs):
     """A dataclass field that does not identify the experiment (see the module docstring)."""
@@ -148,7 +150,6 @@ def _name(hint) -> str:
 
 def parse_value(raw: str):
     """A `key=value` value as YAML, with YAML 1.1's `1e-4` (no dot) read as the number it is."""
-    import yaml
 
     try:
         return numbers(yaml.safe_load(raw))
@@ -181,7 +182,6 @@ def apply_override(values: dict, item: str, where: str = "override") -> None:
 
 def load_yaml(path: str | Path) -> dict:
     """A YAML mapping from `path`; a syntax error names the file, line and column."""
-    import yaml
 
     path = Path(path)
     if not path.exists():

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 log = logging.getLogger("delrec.data.download")
 
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte before an attempt fails (urllib's socket timeout)
@@ -188,7 +190,6 @@ def _fetch_into(url: str, part: Path, have: int, timeout: float, progress: bool)
 
 
 def _bar(name: str, total: int | None, initial: int, progress: bool):
-    from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in logs and pipes
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,

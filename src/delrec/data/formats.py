@@ -38,6 +38,7 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
+from tqdm import tqdm
 
 
 class DataFormatError(ValueError):
@@ -101,7 +102,6 @@ def _open_binary(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _progress(iterable, what: str, enabled: bool):
-    from tqdm import tqdm
 
     return tqdm(iterable, desc=what, unit=" lines", unit_scale=True, disable=None if enabled else True, leave=False)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from delrec import distributed
 from delrec.llm.model_fetch import OFFLINE_MODELS, fetch_model
 
 log = logging.getLogger("delrec.llm.backbone")
@@ -83,8 +84,6 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" -> this process's GPU when there is one (cuda:LOCAL_RANK under a multi-process
     launch), else cpu; anything else as torch.device understands it."""
-    from delrec import distributed
-
     return distributed.current().device(device)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from delrec.data.titles import disambiguate_titles
 from delrec.settings import check
@@ -167,7 +168,6 @@ def read_overrides(path: str | Path) -> dict:
         raise FileNotFoundError(f"template file {path} does not exist")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
 
         values = yaml.safe_load(text) or {}
     else:
