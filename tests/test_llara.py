@@ -115,7 +115,7 @@ def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="item projector is trained in stage 2"):
         methods.Method("x", "x", "x", stage1="none", soft_prompt="none", prompt="hybrid", stage2=False)
     with pytest.raises(ValueError, match="unknown curriculum 'linera' \\(did you mean 'linear'\\?\\)"):
-        FinetuneConfig(method="llara", curriculum="linera")
+        FinetuneConfig(method="llara", options={"curriculum": "linera"})
     bb = tiny_llama_backbone()
     with pytest.raises(ValueError, match="needs its item projector"):
         methods.get("llara").scorer(run, data, bb, TEACHER, Templates(), None, progress=False)
@@ -148,7 +148,7 @@ def test_the_curriculum_moves_from_text_only_to_hybrid_prompts():
     assert np.array_equal(draws, [hybrid_batch(cfg, i) for i in range(n)])  # deterministic
     other_seed = FinetuneConfig(method="llara", steps=200, grad_accum=2, seed=4)
     assert not np.array_equal(draws, [hybrid_batch(other_seed, i) for i in range(n)])
-    assert all(hybrid_batch(FinetuneConfig(method="llara", curriculum="none"), i) for i in range(50))
+    assert all(hybrid_batch(FinetuneConfig(method="llara", options={"curriculum": "none"}), i) for i in range(50))
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------

@@ -132,3 +132,22 @@ def test_the_words_of_earlier_configs_are_still_read(tmp_path):
     assert same_identity(FinetuneConfig, recorded, FinetuneConfig(method="wo-sp").to_dict())
     assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(method="usp").to_dict())
     assert FinetuneConfig.method_of(recorded) == "wo-sp"
+
+
+def test_a_methods_own_options_are_checked_against_its_class(tmp_path):
+    """LLaRA's settings are its options (methods/llara.py: LLaRAOptions), given per method in a
+    run config; the flat `finetune:` keys of earlier configs and stage-2 folders still mean them."""
+    config = PipelineConfig(methods=["delrec", "llara"], method_options={"llara": {"curriculum": "none"}})
+    assert config.method_options == {"llara": {"curriculum": "none", "projector_lr_scale": 0.25}}
+    with pytest.raises(ValueError, match="method_options: method 'delrec' has no options of its own"):
+        PipelineConfig(method_options={"delrec": {"curriculum": "none"}})
+    with pytest.raises(ValueError, match=r"unknown setting 'curiculum' \(did you mean 'curriculum'\?\)"):
+        PipelineConfig(method_options={"llara": {"curiculum": "none"}})
+    old = tmp_path / "old.yaml"
+    old.write_text("methods: [llara]\nfinetune: {curriculum: none, steps: 3}\n")
+    upgraded = PipelineConfig.from_file(old)
+    assert upgraded.finetune == {"steps": 3} and upgraded.method_options["llara"]["curriculum"] == "none"
+    recorded = FinetuneConfig(method="llara", options={"curriculum": "none"}).to_dict()
+    recorded.update(recorded.pop("options"))  # as an earlier stage-2 folder recorded them
+    assert same_identity(FinetuneConfig, recorded, FinetuneConfig(method="llara", options={"curriculum": "none"}).to_dict())
+    assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(method="llara").to_dict())

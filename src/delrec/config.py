@@ -6,6 +6,7 @@ and value before any step runs and says which settings are runtime only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class PipelineConfig:
     # the teachers whose methods are trained and evaluated (default: every teacher); the others are
     # rows of their own only (e.g. GRU4Rec and Caser beside DELRec(SASRec) in Table II)
     method_teachers: list[str] | None = None
+    # each method's own settings (delrec.methods: Method.options_cls), e.g. {llara: {curriculum: none}}
+    method_options: dict = field(default_factory=dict)
     zero_shot: bool = True
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
@@ -74,6 +77,11 @@ class PipelineConfig:
                 raise ValueError(f"methods: {e}") from None
         if not self.teachers:
             raise ValueError("the config names no teacher")
+        try:
+            self.method_options = {name: methods.get(name).check_options(dict(options))
+                                   for name, options in self.method_options.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method_options: {e}") from None
         self.sweep = _dotted(self.sweep)
         if self.tracking not in TRACKERS:
             raise ValueError(f"tracking: {self.tracking!r} is not one of {', '.join(TRACKERS)}")
@@ -160,10 +168,18 @@ RENAMED = {"variants": "methods", "variant_teachers": "method_teachers"}
 
 
 def upgrade_keys(values: dict) -> dict:
-    """`values` with the keys of RENAMED in today's words (in place)."""
+    """`values` in today's words (in place): the keys of RENAMED, and a method's options given as
+    `finetune:` settings (as LLaRA's were) moved under `method_options: {<method>: ...}`."""
     for old, new in RENAMED.items():
         if old in values:
             values[new] = values.pop(old)
+    finetune = values.get("finetune")
+    if isinstance(finetune, dict):
+        for method in methods.METHODS.values():
+            own = {f.name for f in dataclasses.fields(method.options_cls)} if method.options_cls else set()
+            moved = {k: finetune.pop(k) for k in own & set(finetune)}
+            if moved:
+                values.setdefault("method_options", {}).setdefault(method.name, {}).update(moved)
     return values
 
 

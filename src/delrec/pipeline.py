@@ -200,7 +200,7 @@ class Pipeline:
         for teacher, variant, stage1 in self._finetune_jobs():
             name = f"{teacher}-{variant}"
             settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
-                        "method": variant}
+                        "method": variant, "options": self.config.method_options.get(variant, {})}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:

@@ -52,9 +52,8 @@ def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     skip = runtime_names(cls)
     defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
     recorded, wanted = json.loads(json.dumps(recorded)), json.loads(json.dumps(wanted))
-    for old, new in getattr(cls, "RENAMED_FIELDS", {}).items():  # a field recorded under its earlier name
-        if old in recorded and new not in recorded:
-            recorded[new] = recorded.pop(old)
+    if hasattr(cls, "upgrade_recorded"):  # settings an earlier version recorded in another form
+        recorded = cls.upgrade_recorded(recorded)
     recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}
     drop = lambda d: {k: v for k, v in d.items() if k not in skip}  # noqa: E731
     return drop(recorded) == drop(wanted)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,9 +36,27 @@ from delrec.io import atomic_path
 from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import SLOT, Prompt, Templates, check_titles, lsr_prompt
 from delrec.methods.registry import Method, Stage2Extra
+from delrec.settings import closest
 from delrec.teachers.train import load_teacher
 
 CURRICULA = ("linear", "none")
+
+
+@dataclass
+class LLaRAOptions:
+    """LLaRA's own settings (a run config's `method_options: {llara: {...}}`)."""
+
+    curriculum: str = "linear"  # CURRICULA: from text-only to hybrid prompts, or hybrid from the start
+    # the projector's lr relative to lr. Its weights have entries of about 1/sqrt(d), as AdaLoRA's
+    # P and Q (vector_lr_scale), and Lion moves every entry by about its lr per step
+    projector_lr_scale: float = 0.25
+
+    def __post_init__(self):
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"unknown curriculum {self.curriculum!r}{closest(self.curriculum, CURRICULA)}; "
+                             f"choose one of {CURRICULA}")
+        if self.projector_lr_scale <= 0:
+            raise ValueError(f"projector_lr_scale must be positive, got {self.projector_lr_scale}")
 WEIGHTS_NAME = "item_projector.safetensors"
 FORMAT = "delrec.item_projector.v1"
 
@@ -172,9 +191,9 @@ class HybridStyle(PromptStyle):
 
 def hybrid_batch(config, micro_batch: int) -> bool:
     """Whether training micro-batch `micro_batch` (counted over the run: step * grad_accum + micro)
-    gets the hybrid prompt under `config.curriculum` (CURRICULA). Drawn from (seed, micro_batch)
-    alone, so a resumed run and every process of a launch draw the same."""
-    if config.curriculum == "none":
+    gets the hybrid prompt under its LLaRAOptions' `curriculum` (CURRICULA). Drawn from (seed,
+    micro_batch) alone, so a resumed run and every process of a launch draw the same."""
+    if LLaRAOptions(**config.options).curriculum == "none":
         return True
     planned = config.steps * config.grad_accum
     draw = np.random.default_rng((config.seed, 0x11A7A, micro_batch)).random()  # 0x11A7A: a stream of its own
@@ -201,7 +220,7 @@ class ProjectorExtra(Stage2Extra):
         self.module, self.config = projector, config
 
     def param_groups(self, config) -> list[dict]:
-        return [{"params": list(self.module.parameters()), "lr": config.lr * config.projector_lr_scale}]
+        return [{"params": list(self.module.parameters()), "lr": config.lr * LLaRAOptions(**config.options).projector_lr_scale}]
 
     def prompt_options(self, config, micro_batch: int) -> dict:
         return {"text_only": not hybrid_batch(config, micro_batch)}
@@ -236,6 +255,7 @@ class ProjectorExtra(Stage2Extra):
 
 class LLaRA(Method):
     stage2_files: ClassVar[tuple[str, ...]] = (WEIGHTS_NAME,)
+    options_cls: ClassVar[type] = LLaRAOptions
 
     def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, teacher_list_size: int,
                      candidate_order: str) -> PromptStyle:

@@ -39,6 +39,8 @@ stage-2 folder records beside the settings (`recorded_settings`), how it scores 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ from torch import nn
 from delrec.llm.scorer import LLMScorer, PromptStyle
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.retrieval import TeacherOrder
-from delrec.settings import closest
+from delrec.settings import check, closest
 
 STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")
@@ -107,6 +109,10 @@ class Method:
     needs_teacher_lists: ClassVar[bool] = False
     # the files its Stage2Extra saves beside the adapter (stage 2 moves them with it)
     stage2_files: ClassVar[tuple[str, ...]] = ()
+    # its own settings, a dataclass (None: it has none), as peft's register_peft_method pairs a
+    # method with its config class: `method_options: {<name>: {...}}` in a run config,
+    # FinetuneConfig.options in stage 2
+    options_cls: ClassVar[type | None] = None
 
     def stage1_folder(self, teacher: str) -> str | None:
         """The RUN/distill/ folder its soft prompt comes from (None: no stage 1)."""
@@ -128,6 +134,20 @@ class Method:
         names = " / ".join(self.paper_rows)
         return f"{names} = {self.label} ({teacher})" if self.ablation else f"{names} ({teacher})"
 
+
+    def check_options(self, options: dict) -> dict:
+        """`options` checked against `options_cls` (keys, types and its own checks), its defaults
+        filled in, as plain JSON values (what config.json records)."""
+        if self.options_cls is None:
+            if options:
+                raise ValueError(f"method {self.name!r} has no options of its own, got {sorted(options)}")
+            return {}
+        values = check(self.options_cls, options, f"options of {self.name}")
+        return json.loads(json.dumps(dataclasses.asdict(self.options_cls(**values))))
+
+    def options(self, config):
+        """Its options in stage 2 (`config`: the FinetuneConfig), as an `options_cls`, or None."""
+        return self.options_cls(**config.options) if self.options_cls is not None else None
 
     # -- hooks -------------------------------------------------------------------------------------
     def stage2_soft_prompt(self, run_dir: Path, config, bb) -> SoftPrompt | None:

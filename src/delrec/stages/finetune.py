@@ -38,9 +38,8 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,7 +53,6 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.locks import holds_run_lock
-from delrec.methods.llara import CURRICULA
 from delrec.methods.registry import Stage2Extra
 from delrec.settings import closest, runtime
 from delrec.stages.config import StageConfig
@@ -84,10 +82,9 @@ class FinetuneConfig(StageConfig):
     method: str = "delrec"  # the registry entry trained (delrec.methods); `variant` in folders of earlier delrec
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
     teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
-    curriculum: str = "linear"  # for `llara`: from text-only to hybrid prompts (delrec/methods/llara.py)
-    # for `llara`: its projector's lr relative to lr. Its weights have entries of about 1/sqrt(d), as
-    # AdaLoRA's P and Q (vector_lr_scale), and Lion moves every entry by about its lr per step
-    projector_lr_scale: float = 0.25
+    # the method's own settings, checked against its options class (Method.options_cls: LLaRA's
+    # curriculum and projector rate), recorded with its defaults filled in
+    options: dict = field(default_factory=dict)
     adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
     relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
     vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
@@ -136,13 +133,23 @@ class FinetuneConfig(StageConfig):
             self.target_modules = tuple(self.target_modules)
         if self.teacher_list_size < 1:
             raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
-        if self.projector_lr_scale <= 0:
-            raise ValueError(f"projector_lr_scale must be positive, got {self.projector_lr_scale}")
-        if self.curriculum not in CURRICULA:
-            raise ValueError(f"unknown curriculum {self.curriculum!r}{closest(self.curriculum, CURRICULA)}; choose one of {CURRICULA}")
+        self.options = methods.get(self.method).check_options(self.options)
 
-    # keys a stage-2 folder of an earlier delrec recorded under another name (delrec.settings.same_identity)
-    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"variant": "method"}
+    @staticmethod
+    def upgrade_recorded(recorded: dict) -> dict:
+        """A stage-2 folder's recorded settings in today's form (delrec.settings.same_identity):
+        earlier delrec called the method `variant`, and kept LLaRA's options as fields of their own."""
+        recorded = dict(recorded)
+        if "variant" in recorded and "method" not in recorded:
+            recorded["method"] = recorded.pop("variant")
+        if "options" not in recorded:
+            former = {f.name for m in methods.METHODS.values() if m.options_cls for f in fields(m.options_cls)}
+            flat = {k: recorded.pop(k) for k in former & set(recorded)}
+            method = methods.METHODS.get(recorded.get("method", "delrec"))
+            if method is not None and method.options_cls is not None:
+                own = {f.name for f in fields(method.options_cls)}
+                recorded["options"] = method.check_options({k: v for k, v in flat.items() if k in own})
+        return recorded
 
     @staticmethod
     def method_of(recorded: dict) -> str:
