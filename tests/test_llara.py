@@ -233,8 +233,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     ckpt = torch.load(run / "finetune" / "llara-crash" / "checkpoint.pt", weights_only=True)
     assert ckpt["loop"]["step"] == 4
     start = item_projector_for(run, cfg, tiny_llama_backbone(), data).state_dict()
-    assert ckpt["item_projector"].keys() == start.keys()
-    assert not torch.equal(ckpt["item_projector"]["mlp.2.weight"], start["mlp.2.weight"])  # trained by then
+    assert ckpt["extra"].keys() == start.keys()
+    assert not torch.equal(ckpt["extra"]["mlp.2.weight"], start["mlp.2.weight"])  # trained by then
     projector_group = [g for g in ckpt["optimizer"]["param_groups"] if len(g["params"]) == 4]
     assert len(projector_group) == 1 and all(i in ckpt["optimizer"]["state"] for i in projector_group[0]["params"])
     resumed = finetune(run, cfg, name="llara-crash", backbone=tiny_llama_backbone(), progress=False)

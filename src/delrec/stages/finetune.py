@@ -343,7 +343,7 @@ class FinetuneStage(Stage):
             "config": self.config_dict, "adapter": _adapter_tensors(peft_model),
             "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
             # the optimizer's state holds the extra's moments (LLaRA's projector) with the adapters'
-            "item_projector": self.extra.state_dict(),
+            "extra": self.extra.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "allocator": (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc) if allocator is not None else None,
             "rank_pattern": getattr(peft_model.peft_config["default"], "rank_pattern", None),
@@ -358,7 +358,7 @@ class FinetuneStage(Stage):
             with torch.no_grad():
                 self.soft.embedding.copy_(ckpt["soft_prompt"])
         if self.extra.module is not None:
-            self.extra.load_state_dict(ckpt["item_projector"])
+            self.extra.load_state_dict(ckpt["extra"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.config.adapter == "adalora":
