@@ -175,7 +175,7 @@ class Method:
                extra: Stage2Extra | None = None, teacher_list_size: int = 10, candidate_order: str | None = None,
                **kwargs) -> LLMScorer:
         """Its scorer on `backbone` as it is (in training, and loaded from a stage-2 folder):
-        its prompt style over the run's titles. `kwargs`: LLMScorer's (method, batch_size, name,
+        its prompt style over the run's titles. `kwargs`: LLMScorer's (title_scoring, batch_size, name,
         progress)."""
         style = self.prompt_style(Path(run_dir), data, teacher, extra or Stage2Extra(), teacher_list_size,
                                   candidate_order or self.candidate_order)
