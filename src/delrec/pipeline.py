@@ -276,7 +276,6 @@ class Pipeline:
             return self._execute()
 
     def _execute(self) -> list[dict]:
-
         c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)

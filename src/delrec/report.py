@@ -82,7 +82,6 @@ class ReportContext:
 
     @classmethod
     def load(cls, run: Path, config=None) -> ReportContext:
-
         c = config or PipelineConfig.from_run(run)
         summary = run / "pipeline.json"
         steps = [e for e in read_json(summary)["steps"] if e["step"] != "report"] if summary.exists() else []

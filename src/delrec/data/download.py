@@ -190,7 +190,6 @@ def _fetch_into(url: str, part: Path, have: int, timeout: float, progress: bool)
 
 
 def _bar(name: str, total: int | None, initial: int, progress: bool):
-
     # disable=None: a bar on a terminal, nothing in logs and pipes
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                 disable=None if progress else True, leave=False)

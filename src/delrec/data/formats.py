@@ -102,7 +102,6 @@ def _open_binary(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _progress(iterable, what: str, enabled: bool):
-
     return tqdm(iterable, desc=what, unit=" lines", unit_scale=True, disable=None if enabled else True, leave=False)
 
 
