@@ -84,10 +84,6 @@ class LLMScorer:
         self.style = style or PromptStyle("soft-prompt" if soft_prompt is not None else None)
         if self.style.uses_soft_prompt != (soft_prompt is not None):
             raise ValueError("a soft prompt goes with the LSR prompt's slot (`soft-prompt`), and only with it")
-        projector = self.style.item_vectors
-        if projector is not None and projector.num_items != len(self.titles) - 1:
-            raise ValueError(f"the item projector holds the teacher's embeddings of {projector.num_items} items, but "
-                             f"this run has {len(self.titles) - 1}: it was trained on other data")
         self.verbalizer = self.style.verbalizer(backbone, title_scoring, batch_size)
         self.name = name or f"llm:{backbone.name}"
         self.progress = progress

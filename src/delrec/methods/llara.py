@@ -261,6 +261,9 @@ class LLaRA(Method):
                      candidate_order: str) -> PromptStyle:
         if extra.module is None:
             raise ValueError("the hybrid prompt (LLaRA) needs its item projector (stage2_extra or load_stage2_extra)")
+        if extra.module.num_items != data.num_items:
+            raise ValueError(f"the item projector holds the teacher's embeddings of {extra.module.num_items} items, but "
+                             f"this run has {data.num_items}: it was trained on other data")
         return HybridStyle(extra.module, self._order(run_dir, teacher, data, candidate_order))
 
     def stage2_extra(self, run_dir: Path, config, bb, data) -> Stage2Extra:

@@ -7,8 +7,12 @@ stage runs, not what it computes (delrec.settings): changing them reruns nothing
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
+import torch
+
+from delrec.llm.backbone import Backbone
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.settings import runtime
 from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS
@@ -49,3 +53,15 @@ class StageConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+
+
+def seeded_backbone(config: StageConfig, backbone: Backbone | None = None) -> Backbone:
+    """What an LLM stage starts with: torch's and Python's RNGs seeded with the stage's seed, its
+    LLM (`backbone`, or `config.llm` loaded), frozen, with gradient checkpointing if asked for."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+    bb.freeze()
+    if config.gradient_checkpointing:
+        bb.enable_gradient_checkpointing()
+    return bb

@@ -19,7 +19,6 @@ from sampled vocabulary embeddings (`soft_init`). Everything is written to RUN/d
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates
 from delrec.llm.verbalizer import Verbalizer
 from delrec.locks import holds_run_lock
-from delrec.stages.config import StageConfig
+from delrec.stages.config import StageConfig, seeded_backbone
 from delrec.stages.examples import ExampleBuilder
 from delrec.stages.optim import lr_schedule, make_optimizer
 from delrec.stages.weighting import LossWeighting
@@ -150,13 +149,8 @@ class DistillStage(Stage):
         templates = Templates.for_teacher(config.teacher, **config.templates)
         builder = self.builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)
 
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        bb = self.bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+        bb = self.bb = seeded_backbone(config, backbone)
         self.device = bb.device
-        bb.freeze()
-        if config.gradient_checkpointing:
-            bb.enable_gradient_checkpointing()
         self.llm_params = []
         if config.update_llm:
             for p in bb.model.parameters():

@@ -36,7 +36,6 @@ adapters; each micro-batch gets the hybrid prompt or its text-only form by LLaRA
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,7 +54,7 @@ from delrec.llm.templates import Templates
 from delrec.locks import holds_run_lock
 from delrec.methods.registry import Stage2Extra
 from delrec.settings import closest, runtime
-from delrec.stages.config import StageConfig
+from delrec.stages.config import StageConfig, seeded_backbone
 from delrec.stages.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
@@ -243,13 +242,8 @@ class FinetuneStage(Stage):
         self.checkpoint_every, self.max_seconds, self.desc = config.checkpoint_every, config.max_seconds, f"stage 2 ({config.adapter})"
 
         data = self.data = RunData.load(run_dir / "data")
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        bb = self.bb = backbone or Backbone.load(config.llm, device=config.device, dtype=config.dtype)
+        bb = self.bb = seeded_backbone(config, backbone)
         self.device = bb.device
-        bb.freeze()
-        if config.gradient_checkpointing:
-            bb.enable_gradient_checkpointing()
         soft = self.soft = method.stage2_soft_prompt(run_dir, config, bb)
         if soft is not None:
             soft.embedding.requires_grad_(method.train_soft_prompt)
@@ -270,8 +264,9 @@ class FinetuneStage(Stage):
         self.trainable = adapter_params + ([soft.embedding] if soft is not None and soft.embedding.requires_grad else [])
         self.loss_module = dist.prepare(Stage2Loss(peft_model, self.scorer, soft, extra, config))
         groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=self.trainable)
-        groups += extra.param_groups(config)
-        self.trainable += [p for group in extra.param_groups(config) for p in group["params"]]
+        extra_groups = extra.param_groups(config)
+        groups += extra_groups
+        self.trainable += [p for group in extra_groups for p in group["params"]]
         self.optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
         self.scheduler = lr_schedule(self.optimizer, config.lr_schedule, config.warmup_steps, config.steps,
                                      config.lr_min_ratio)
