@@ -77,6 +77,11 @@ PROBES = {
     "adalora-adamw-1e-3-sched": {"adapter": "adalora", "tinit": 0.1, "tfinal": 0.3, "delta_t": 10, "optimizer": "adamw",
                                  "lr": 1e-3, "relative_lr": False, "vector_lr_scale": 1.0, "weight_decay": 1e-6,
                                  "warmup_steps": 5, "lr_schedule": "cosine", "lr_min_ratio": 0.1},
+    # the same without the orthogonality regulariser: benchmarks/adapter_step_size.py found it holds
+    # P and Q in place while E is near zero (docs/training.md)
+    "adalora-adamw-1e-3-sched-orth0": {"adapter": "adalora", "tinit": 0.1, "tfinal": 0.3, "delta_t": 10, "optimizer": "adamw",
+                                       "lr": 1e-3, "relative_lr": False, "vector_lr_scale": 1.0, "weight_decay": 1e-6,
+                                       "orth_reg_weight": 0.0, "warmup_steps": 5, "lr_schedule": "cosine", "lr_min_ratio": 0.1},
     "lora-qv-adamw-1e-3": LORA,
     "lora-qv-adamw-3e-4": {**LORA, "lr": 3e-4},
     "lora-qv-adamw-2e-3": {**LORA, "lr": 2e-3},
