@@ -11,7 +11,10 @@ import pytest
 from conftest import write_pipeline_inputs
 from delrec.cli import main
 from delrec.config import PipelineConfig
+from delrec.data.protocol import RunData
+from delrec.evaluate import candidate_ranks
 from delrec.pipeline import Pipeline
+from delrec.scorers import make_scorer
 from delrec.settings import apply_override as _apply_override
 from delrec.significance import compare, mcnemar_exact, per_sample, permutation_test
 from llm_helpers import tiny_llama_backbone
@@ -180,6 +183,25 @@ def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch, capsys):
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step distill:sasrec: done earlier" in log and "step finetune:sasrec-delrec: running" in log
     assert (run / "report.md").exists()
+
+
+def test_a_moved_run_folder_is_the_same_run(inputs, tmp_path):
+    """Stage-2 settings name stage 1's soft prompt and (`w UDPSM`) its LLM by path; a run folder
+    moved elsewhere must neither rerun a step nor look for them where the folder was."""
+    root, config = inputs
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "moved"
+    extra = ("variants=[delrec, udpsm]", "zero_shot=false")
+    assert main(_args(config, first, *extra)) == 0
+    moved.parent.mkdir()
+    shutil.move(first, moved)  # nothing is left where the run was
+    assert main(_args(config, moved, *extra)) == 0
+    now = {s["step"]: s["this_invocation"] for s in json.loads((moved / "pipeline.json").read_text())["steps"]}
+    assert {step for step, status in now.items() if status != "skipped"} == {"report"}
+    data = RunData.load(moved / "data")
+    rows = np.asarray(json.loads((moved / "eval" / "pipeline" / "sasrec-udpsm.json").read_text())["settings"]["rows"])
+    recorded = json.loads((moved / "eval" / "pipeline" / "sasrec-udpsm.json").read_text())["ranks"]
+    scorer = make_scorer(moved, data, "sasrec-udpsm", progress=False)  # stage 1's LLM and soft prompt, found in the moved run
+    assert np.asarray(candidate_ranks(scorer, data, rows)).tolist() == recorded
 
 
 def test_config_errors_and_overrides(inputs, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.pipeline import Pipeline
-from delrec.settings import check, identity, parse_overrides, runtime, same_identity
+from delrec.settings import check, identity, in_run, parse_overrides, resolve_in_run, runtime, same_identity
 from delrec.stages.distill import DistillConfig
 from delrec.stages.finetune import FinetuneConfig
 
@@ -151,3 +151,20 @@ def test_a_methods_own_options_are_checked_against_its_class(tmp_path):
     recorded.update(recorded.pop("options"))  # as an earlier stage-2 folder recorded them
     assert same_identity(FinetuneConfig, recorded, FinetuneConfig(method="llara", options={"curriculum": "none"}).to_dict())
     assert not same_identity(FinetuneConfig, recorded, FinetuneConfig(method="llara").to_dict())
+
+
+def test_stage1_outputs_are_named_by_their_place_in_the_run(tmp_path):
+    # a path to a stage-1 output of any run folder, and nothing else, is named from RUN/ on
+    assert in_run("runs/a/distill/sasrec/soft_prompt.safetensors") == "RUN/distill/sasrec/soft_prompt.safetensors"
+    assert in_run("/abs/runs/b/distill/sasrec-udpsm/llm") == "RUN/distill/sasrec-udpsm/llm"
+    for other in ("smollm2-135m", "google/flan-t5-xl", "models/distill/x/config.json", None, 3):
+        assert in_run(other) == other
+    recorded = {"llm": "runs/a/distill/sasrec-udpsm/llm", "soft_prompt": "runs/a/distill/sasrec-udpsm/soft_prompt.safetensors"}
+    moved = {"llm": "runs/b/distill/sasrec-udpsm/llm", "soft_prompt": "runs/b/distill/sasrec-udpsm/soft_prompt.safetensors"}
+    assert same_identity(FinetuneConfig, recorded, moved)
+    assert not same_identity(FinetuneConfig, recorded, {**moved, "soft_prompt": "runs/b/distill/gru4rec/soft_prompt.safetensors"})
+    # found in the folder the run is in now, where the recorded place is gone
+    (tmp_path / "distill" / "x" / "llm").mkdir(parents=True)
+    assert resolve_in_run("gone/distill/x/llm", tmp_path) == str(tmp_path / "distill" / "x" / "llm")
+    assert resolve_in_run("gone/distill/y/llm", tmp_path) == "gone/distill/y/llm"  # for the loader's own error
+    assert resolve_in_run("smollm2-135m", tmp_path) == "smollm2-135m"

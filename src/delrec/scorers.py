@@ -23,6 +23,7 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.model_names import ModelName
+from delrec.settings import resolve_in_run
 from delrec.stages.finetune import FinetuneConfig
 from delrec.teachers import MODELS as TEACHERS
 from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
@@ -62,7 +63,8 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
                                                         soft_prompt, label, **kw)
     if (folder / "config.json").exists():
         cfg = read_json(folder / "config.json")
-        scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, cfg["llm"], dtype, device),
+        llm = resolve_in_run(cfg["llm"], run)  # `w UDPSM`: stage 1's LLM, wherever the run folder is now
+        scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, llm, dtype, device),
                                   templates=templates, run_dir=run, **kw)
         scorer.name = label or scorer.name
         return methods.get(FinetuneConfig.method_of(cfg)).for_full_ranking(
@@ -89,7 +91,7 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
         raise FileNotFoundError(f"{folder} has an adapter but no config.json: the stage is being written or was "
                                 "interrupted; run it again (or wait for it to finish)")
     cfg = read_json(folder / "config.json")
-    bb = backbone or Backbone.load(cfg["llm"], device=device, dtype=dtype)
+    bb = backbone or Backbone.load(resolve_in_run(cfg["llm"], run_dir or folder.parent.parent), device=device, dtype=dtype)
     bb.freeze()
     with warnings.catch_warnings():
         # peft checks AdaLoRA's rank_pattern keys (".lora_E" names) against module names and warns

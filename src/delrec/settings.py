@@ -13,6 +13,12 @@ the device, a scoring batch size, how often a checkpoint is written. `identity(c
 them out, and resume checks and the pipeline's "done with the same settings" compare identities
 only, so moving a run to another device or changing a batch size that does not change results
 never reruns a step (peft's `runtime_config` is the same idea).
+
+A run folder may be copied or moved (`runs/a` to `runs/b`, or to another machine). Settings that
+name an output of the run's own stage 1 (its soft prompt, the LLM `w UDPSM` updated) record
+where it was then; `in_run` names it by its place in the run instead (`RUN/distill/NAME/llm`),
+identities compare those names, and `resolve_in_run` finds the output in the folder the run is
+in now.
 """
 
 from __future__ import annotations
@@ -44,6 +50,32 @@ def identity(config) -> dict:
     return json.loads(json.dumps(values))
 
 
+# what a run's stage-1 folder hands to later steps by path: RUN/distill/NAME/<one of these>
+RUN_OUTPUTS = ("soft_prompt.safetensors", "llm")
+
+
+def in_run(value):
+    """`RUN/distill/NAME/OUTPUT` for a path to a stage-1 output of any run folder
+    (`runs/x/distill/sasrec/soft_prompt.safetensors`); any other value unchanged."""
+    if not isinstance(value, str):
+        return value
+    parts = Path(value).parts
+    if len(parts) >= 3 and parts[-3] == "distill" and parts[-1] in RUN_OUTPUTS:
+        return "RUN/" + "/".join(parts[-3:])
+    return value
+
+
+def resolve_in_run(value: str, run: str | Path) -> str:
+    """`value` where it exists; else, for a stage-1 output recorded in another place (a copied or
+    moved run folder), the same output in `run` when it exists there; else `value` unchanged, for
+    the loader's own error."""
+    named = in_run(value)
+    if Path(value).exists() or named == value:
+        return value
+    here = Path(run) / named.removeprefix("RUN/")
+    return str(here) if here.exists() else value
+
+
 def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     """Two settings dicts of `cls` (e.g. one read back from a run folder) identify the same
     results: runtime settings are ignored, and a key the recorded dict lacks counts as equal when
@@ -52,6 +84,8 @@ def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     skip = runtime_names(cls)
     defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
     recorded, wanted = json.loads(json.dumps(recorded)), json.loads(json.dumps(wanted))
+    # a stage-1 output by its place in the run, not by where the run folder was (see in_run)
+    recorded, wanted = ({k: in_run(v) for k, v in d.items()} for d in (recorded, wanted))
     if hasattr(cls, "upgrade_recorded"):  # settings an earlier version recorded in another form
         recorded = cls.upgrade_recorded(recorded)
     recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}

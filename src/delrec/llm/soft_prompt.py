@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from delrec.io import atomic_path
+from delrec.settings import in_run
 
 WEIGHTS_NAME = "soft_prompt.safetensors"
 FORMAT = "delrec.soft_prompt.v1"
@@ -96,7 +97,8 @@ class SoftPrompt(nn.Module):
                     f"{path} was trained for {prompt.backbone!r} (dimension {prompt.dim}); it cannot be used with "
                     f"{backbone.name!r} (dimension {backbone.hidden_size})"
                 )
-            if prompt.backbone and backbone.name and prompt.backbone != backbone.name:
+            # (a `w UDPSM` prompt names its stage-1 LLM's folder: compared by its place in the run)
+            if prompt.backbone and backbone.name and in_run(prompt.backbone) != in_run(backbone.name):
                 raise ValueError(
                     f"{path} was trained for backbone {prompt.backbone!r}, not {backbone.name!r}; "
                     "a soft prompt only means something to the model it was trained with"
