@@ -61,7 +61,9 @@ def test_only_adapter_weights_change(distilled, make_backbone):
     assert [e["step"] for e in evals] == [0, 4, 8] and [e["examples_seen"] for e in evals] == [0, 8, 16]
     check_curve(evals)
     for e in evals:
-        assert set(e["eval"]) == {f"valid_{k}" for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")}
+        # the run has a teacher: how often the LLM's top-1 is the teacher's is logged beside the metrics
+        assert set(e["eval"]) == {f"valid_{k}" for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "teacher_agreement")}
+        assert 0 <= e["eval"]["valid_teacher_agreement"] <= 1
         assert 0 <= e["eval"]["valid_HR@1"] <= e["eval"]["valid_NDCG@5"] <= 1
     m = result.metrics
     assert m["valid_history"] == [{"step": e["step"], "examples_seen": e["examples_seen"], "seconds": e["seconds"],

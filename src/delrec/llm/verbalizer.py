@@ -57,6 +57,38 @@ class _Batch:
     lengths: torch.Tensor  # [B] real prompt tokens
 
 
+@dataclass
+class LossParts:
+    """A training loss and what the logs show of it (floats, no graph)."""
+
+    total: torch.Tensor  # what backward runs through
+    ce: torch.Tensor  # the cross-entropy on the ground truth (detached)
+    kl: torch.Tensor | None = None  # the distillation term before its weight (detached)
+    teacher_agreement: float | None = None  # share of prompts whose top-1 is the teacher's top-1
+
+
+def ranking_loss(scores: Sequence[torch.Tensor], labels: Sequence[int], teacher: Sequence[torch.Tensor] | None = None,
+                 distill_weight: float = 0.0, temperature: float = 1.0) -> LossParts:
+    """Cross-entropy of each prompt's label over its candidates' verbalizer scores, plus, with a
+    teacher, Hinton et al.'s distillation term: distill_weight * T^2 * KL(softmax(teacher / T) ||
+    softmax(scores / T)), averaged over prompts (T^2 keeps its gradient's scale independent of
+    T). Every example then teaches a whole ranking of its candidates, not only which one is right."""
+    ce = torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
+    if teacher is None:
+        return LossParts(ce, ce.detach())
+    t = temperature
+    kls, agree = [], 0
+    for s, target in zip(scores, teacher):
+        target = target.to(device=s.device, dtype=torch.float32)
+        log_q = F.log_softmax(s.float() / t, dim=0)
+        log_p = F.log_softmax(target / t, dim=0)
+        kls.append((log_p.exp() * (log_p - log_q)).sum())
+        agree += int(s.detach().argmax() == target.argmax())
+    kl = torch.stack(kls).mean()
+    total = ce + distill_weight * t * t * kl if distill_weight else ce
+    return LossParts(total, ce.detach(), kl.detach(), agree / len(scores))
+
+
 # how prompts go through the model: `prompt` = one forward pass per prompt (no padding, and a
 # prompt's scores do not depend on which prompts share its batch); `batch` = the prompts of a
 # batch padded into one pass (what keeps a GPU busy); `auto` = `prompt` on CPU, `batch` elsewhere
@@ -348,16 +380,37 @@ class Verbalizer:
 
     def loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates") -> torch.Tensor:
         """The mean training loss of labelled prompts, differentiable (see OBJECTIVES)."""
+        return self.training_loss(prompts, soft_prompt, objective).total
+
+    def training_loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates",
+                      keep: Sequence[Sequence[int]] | None = None, teacher: Sequence[torch.Tensor] | None = None,
+                      distill_weight: float = 0.0, temperature: float = 1.0) -> LossParts:
+        """The training loss of labelled prompts and its parts (see OBJECTIVES and ranking_loss).
+
+        `keep`: per prompt, the positions in `prompt.candidates` whose titles are scored (the
+        label's among them); the others are listed in the prompt but not scored, which spares their
+        tokens in the forward and backward pass (stage 2's `train_negatives`). `teacher`: per prompt,
+        the teacher's scores of all its candidates (display order), for the distillation term."""
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
         if any(p.label is None for p in prompts):
             raise ValueError("a training prompt has no label")
         labels = [p.candidates.index(p.label) for p in prompts]
         if objective == "label":
+            if teacher is not None and distill_weight:
+                raise ValueError("the distillation term needs every candidate scored (objective `candidates`)")
             answers = [[self.continuations(p)[y]] for p, y in zip(prompts, labels)]
-            return -torch.cat(self.sequence_logprobs(prompts, answers, soft_prompt)).mean()
-        scores = self.sequence_logprobs(prompts, [self.continuations(p) for p in prompts], soft_prompt)
-        return torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
+            nll = -torch.cat(self.sequence_logprobs(prompts, answers, soft_prompt)).mean()
+            return LossParts(nll, nll.detach())
+        keep = [range(len(p.candidates)) for p in prompts] if keep is None else keep
+        for p, y, k in zip(prompts, labels, keep):
+            if y not in k:
+                raise ValueError(f"the label {p.label!r} is not among the candidates kept for the loss")
+        continuations = [[self.continuations(p)[j] for j in k] for p, k in zip(prompts, keep)]
+        scores = self.sequence_logprobs(prompts, continuations, soft_prompt)
+        kept_labels = [list(k).index(y) for y, k in zip(labels, keep)]
+        kept_teacher = None if teacher is None else [torch.as_tensor(t)[list(k)] for t, k in zip(teacher, keep)]
+        return ranking_loss(scores, kept_labels, kept_teacher, distill_weight, temperature)
 
     # -- reference ---------------------------------------------------------------------------
 

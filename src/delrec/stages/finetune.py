@@ -40,6 +40,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,11 +52,13 @@ from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
+from delrec.llm.verbalizer import LossParts
 from delrec.locks import holds_run_lock
 from delrec.methods.registry import Stage2Extra
 from delrec.settings import closest, runtime
 from delrec.stages.config import StageConfig, seeded_backbone
 from delrec.stages.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
+from delrec.stages.targets import CandidateTargets, teacher_scorer
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
 from delrec.training.rows import local_batch, train_and_valid_rows
@@ -103,6 +106,17 @@ class FinetuneConfig(StageConfig):
     tfinal: float = 0.3
     delta_t: int = 10
     orth_reg_weight: float = 0.5
+    # quality per CPU-second (docs/training.md): adapters on the top `adapter_layers` transformer
+    # layers only (None: every layer); with the soft prompt frozen nothing below them needs a
+    # gradient, so backward stops at the lowest adapted layer
+    adapter_layers: int | None = None
+    # negatives scored per training example besides the label (None: all the prompt's others; the
+    # prompt still lists every candidate, and evaluation scores them all): a seeded draw per sample
+    train_negatives: int | None = None
+    # the teacher's scores of the prompt's candidates as a soft target beside the ground truth:
+    # distill_weight * T^2 * KL(softmax(teacher / T) || softmax(verbalizer / T)); 0 keeps the plain loss
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
     patience: int = 3  # evaluations without a better valid NDCG@5
     # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
     # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
@@ -130,6 +144,15 @@ class FinetuneConfig(StageConfig):
                 raise ValueError(f"target_modules {self.target_modules!r}: a list of module names or one of {TARGET_SHORTHANDS}")
         elif self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
+        if self.adapter_layers is not None and self.adapter_layers < 1:
+            raise ValueError(f"adapter_layers must be at least 1 (or null for every layer), got {self.adapter_layers}")
+        if self.train_negatives is not None and self.train_negatives < 1:
+            raise ValueError(f"train_negatives must be at least 1 (or null for all), got {self.train_negatives}")
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ValueError(f"need distill_weight >= 0 and distill_temperature > 0, got {self.distill_weight}, "
+                             f"{self.distill_temperature}")
+        if self.distill_weight and self.objective != "candidates":
+            raise ValueError("the distillation term (distill_weight > 0) needs objective `candidates` (every candidate scored)")
         if self.teacher_list_size < 1:
             raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
         self.options = methods.get(self.method).check_options(self.options)
@@ -187,20 +210,25 @@ class Stage2Loss(distributed.StageModule):
     """The adapted LLM (and, under `w ULSR`, the soft prompt; with a method's Stage2Extra, its
     module: LLaRA's item projector) with the loss it flows through, as one module: the unit that
     DDP synchronises or FSDP shards. Returns the loss to minimise (recommendation loss + weighted
-    orthogonal regulariser + the extra's term) and the recommendation loss alone."""
+    orthogonal regulariser + the extra's term) and its parts for the log (verbalizer.LossParts:
+    the cross-entropy, the distillation term and the teacher's top-1 agreement)."""
 
     def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, extra: Stage2Extra,
                  config: FinetuneConfig):
         super().__init__()
         self.llm, self.soft_prompt, self.extra, self._extra = peft_model, soft_prompt, extra.module, extra
         self.verbalizer, self.objective = scorer.verbalizer, config.objective
+        self.distill_weight, self.temperature = config.distill_weight, config.distill_temperature
         self.orth_reg_weight = config.orth_reg_weight if config.adapter == "adalora" else 0.0  # AdaLoRA's alone
 
-    def loss(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        rec = self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
-        total = rec + self.orth_reg_weight * orthogonal_regulariser(self.llm) if self.orth_reg_weight else rec
+    def loss(self, prompts, keep=None, teacher=None) -> tuple[torch.Tensor, LossParts]:
+        parts = self.verbalizer.training_loss(prompts, self.soft_prompt, self.objective, keep=keep, teacher=teacher,
+                                              distill_weight=self.distill_weight, temperature=self.temperature)
+        total = parts.total
+        if self.orth_reg_weight:
+            total = total + self.orth_reg_weight * orthogonal_regulariser(self.llm)
         term = self._extra.loss_term(prompts)
-        return (total if term is None else total + term), rec.detach()
+        return (total if term is None else total + term), parts
 
     def kept_whole(self) -> set[nn.Parameter]:
         # the soft prompt, frozen or not, is saved beside the adapter
@@ -260,6 +288,11 @@ class FinetuneStage(Stage):
                                     name=f"delrec:{config.method}", progress=False)
         self.train_rows, self.valid_rows = train_and_valid_rows(data, config.seed, config.valid_samples,
                                                                 config.max_train_examples)
+        # the teacher: the distillation term's soft targets, and its top-1 agreement with the LLM in the log
+        teacher = teacher_scorer(run_dir, config.teacher, data, required=config.distill_weight > 0)
+        self.targets = CandidateTargets(data, teacher, config.train_negatives, config.seed)
+        self.valid_teacher_top1 = (None if teacher is None else
+                                   np.asarray(teacher.score_candidates(data, self.valid_rows)).argmax(axis=1))
 
         self.trainable = adapter_params + ([soft.embedding] if soft is not None and soft.embedding.requires_grad else [])
         self.loss_module = dist.prepare(Stage2Loss(peft_model, self.scorer, soft, extra, config))
@@ -281,14 +314,21 @@ class FinetuneStage(Stage):
         config = self.config
         self.peft_model.train()
         step_loss = rec_loss = 0.0
+        teacher_log: dict[str, float] = {}
         options = []  # each micro-batch's prompt options (LLaRA's curriculum: hybrid or text-only prompts)
         for micro in range(config.grad_accum):
             rows, share = local_batch(self.train_rows, progress.step, micro, config.grad_accum, config.batch_size)
             options.append(self.extra.prompt_options(config, progress.step * config.grad_accum + micro))
-            loss, rec = self.loss_module(self.scorer.prompts(self.data, rows, labels=True, **options[-1]))
+            order = self.scorer.display_order(self.data, rows)
+            prompts = self.scorer.prompts(self.data, rows, labels=True, order=order, **options[-1])
+            loss, parts = self.loss_module(prompts, self.targets.keep(rows, order), self.targets.teacher_scores(rows, order))
             (loss * share / config.grad_accum).backward()  # under DDP the gradients arrive averaged over the processes
             step_loss += self.dist.mean(loss.item()) / config.grad_accum
-            rec_loss += self.dist.mean(rec.item()) / config.grad_accum
+            rec_loss += self.dist.mean(parts.ce.item()) / config.grad_accum
+            if parts.kl is not None:  # the teacher's: the distillation term (before its weight) and top-1 agreement
+                teacher_log["loss_kl"] = teacher_log.get("loss_kl", 0.0) + self.dist.mean(parts.kl.item()) / config.grad_accum
+                teacher_log["teacher_agreement"] = (teacher_log.get("teacher_agreement", 0.0)
+                                                    + self.dist.mean(parts.teacher_agreement) / config.grad_accum)
         self.dist.reduce_gradients(self.trainable)  # under FSDP: averaged here
         self.extra.before_optimizer_step(options)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm).item()
@@ -297,15 +337,22 @@ class FinetuneStage(Stage):
         if config.adapter == "adalora":
             self.peft_model.base_model.update_and_allocate(progress.step)  # after the step, before zero_grad
         self.optimizer.zero_grad(set_to_none=True)
-        # loss = the recommendation loss (loss_rec) + the weighted orthogonal regulariser
-        line = {"loss": step_loss, "loss_rec": rec_loss, "grad_norm": grad_norm,
+        # loss = the cross-entropy on the ground truth (loss_rec) + the weighted distillation term
+        # (loss_kl unweighted) + the weighted orthogonal regulariser
+        line = {"loss": step_loss, "loss_rec": rec_loss, **teacher_log, "grad_norm": grad_norm,
                 "lr": config.lr * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]}
         return {**line, **self.extra.log_fields(options)}
 
     def evaluate(self) -> dict:
         self.peft_model.eval()
-        m = self.dist.through(self.loss_module, lambda: evaluate(self.scorer, self.data, "valid", rows=self.valid_rows))
-        return {f"valid_{k}": v for k, v in m["candidates"].items()}
+        scorer = _KeepingScores(self.scorer)
+        m = self.dist.through(self.loss_module, lambda: evaluate(scorer, self.data, "valid", rows=self.valid_rows))
+        out = {f"valid_{k}": v for k, v in m["candidates"].items()}
+        if self.valid_teacher_top1 is not None and scorer.top1:  # this process's share of the valid rows
+            where = {int(r): i for i, r in enumerate(self.valid_rows)}
+            agree = np.mean([top1 == self.valid_teacher_top1[where[r]] for r, top1 in scorer.top1.items()])
+            out["valid_teacher_agreement"] = self.dist.mean(float(agree))
+        return out
 
     def score(self, scores: dict) -> float:
         return scores["valid_NDCG@5"]
@@ -391,6 +438,20 @@ class FinetuneStage(Stage):
         self.extra.save(dest)
 
 
+class _KeepingScores:
+    """A scorer that passes scores through and keeps each row's top-1 candidate column (the
+    valid rows' agreement with the teacher, without scoring them twice)."""
+
+    def __init__(self, scorer: LLMScorer):
+        self.scorer, self.name, self.batch_size = scorer, scorer.name, scorer.batch_size
+        self.top1: dict[int, int] = {}
+
+    def score_candidates(self, data: RunData, rows: np.ndarray):
+        scores = self.scorer.score_candidates(data, rows)
+        self.top1.update(zip(np.asarray(rows).tolist(), np.asarray(scores).argmax(axis=1).tolist()))
+        return scores
+
+
 def _keep_an_older_best(out: Path, beside: tuple[str, ...]) -> None:
     """An interrupted run of an older delrec kept its best adapter in place: keep it for the resume."""
     if distributed.current().is_main and (out / "checkpoint.pt").exists() and (out / "adapter").is_dir() \
@@ -426,14 +487,26 @@ def adapter_config(config: FinetuneConfig, bb: Backbone):
     else:
         targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     task_type = "SEQ_2_SEQ_LM" if bb.is_encoder_decoder else "CAUSAL_LM"
+    layers = {"layers_to_transform": top_layers(bb, config.adapter_layers)} if config.adapter_layers else {}
     if config.adapter == "lora":
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, task_type=task_type)
+                          target_modules=targets, task_type=task_type, **layers)
     total = max(1, config.steps)
     tinit = int(round(config.tinit * total))
     tfinal = min(int(round(config.tfinal * total)), max(0, total - tinit - 1))
     return AdaLoraConfig(init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=config.delta_t,
-                         orth_reg_weight=config.orth_reg_weight, total_step=total, target_modules=targets, task_type=task_type)
+                         orth_reg_weight=config.orth_reg_weight, total_step=total, target_modules=targets, task_type=task_type,
+                         **layers)
+
+
+def top_layers(bb: Backbone, count: int) -> list[int]:
+    """Indices of the top `count` transformer layers of `bb` (of each stack, for an encoder-decoder),
+    where `adapter_layers` puts the adapters."""
+    config = bb.model.config
+    total = getattr(config, "num_hidden_layers", None) or config.num_layers
+    if count > total:
+        raise ValueError(f"adapter_layers={count}, but {bb.name} has {total} layers")
+    return list(range(total - count, total))
 
 
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

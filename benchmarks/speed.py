@@ -1,0 +1,249 @@
+"""Seconds per stage-2 training example and per scored sample: today's settings against each
+speed lever and the preset's choice, in one run on one CPU (ratios, not absolute seconds, are what
+compares across these shared machines).
+
+    python benchmarks/speed.py                          # runs/ml100k-cpu, the ml100k-cpu preset, 2 threads
+    python benchmarks/speed.py --config configs/ml100k-cpu-long.yaml --score-samples 96
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --tiny --threads 1   # smoke test on a tiny model (tests)
+
+What it runs is the stages' own code: `FinetuneStage.step` (delrec.stages.finetune) on the prepared
+run (`--run`, only read: a temporary run folder links its data and teachers), with the real
+SmolLM2-135M weights, the `usp` method (the LSR prompt with a soft prompt of the preset's size,
+drawn untrained, so no stage 1 is needed; the step costs what DELRec's does), the preset's batch
+and optimizer, one warm-up step and `--steps` timed steps per variant, each on a fresh backbone:
+
+* `today`: the preset with the speed and distillation settings at their defaults (adapters on every
+  layer, every candidate scored in the loss, no distillation term): what stage 2 cost before them;
+* one row per lever alone (LEVERS: adapters on the top layers only, fewer negatives in the loss,
+  the distillation term);
+* `preset`: the preset's own finetune section, whatever it chose.
+
+Scoring: the `today` model after its steps, on `--score-samples` fixed test samples, with float
+weights (as `delrec evaluate` scored it before) and with `eval_weights: int8` (llm/quantize.py:
+adapters merged, int8 linear layers); rankings compared on the same samples (HR@1 / NDCG@5 of
+each, the paired tests of delrec.significance, and the share of samples whose target rank is the
+same). float32 always; bfloat16 too where the CPU computes it natively (else skipped, and said).
+
+Reported per row: seconds per example (train) or per sample (score), peak RSS during it (VmRSS
+sampled every 5 ms), and the speed-up over `today` / float in the same run. JSON in
+benchmarks/results/speed-cpu.json (`--out`; `--tiny` writes /tmp/speed_tiny.json unless told),
+with keys `speedup_train` and `speedup_score` (the preset's and int8's ratios) at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _env import environment  # noqa: E402
+from stages import PeakMemory  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+# what each lever changes in the preset's finetune section (`today` resets all of them)
+LEVERS = {
+    "top8": {"adapter_layers": 8},
+    "top15": {"adapter_layers": 15},
+    "neg4": {"train_negatives": 4},
+    "distill": {"distill_weight": 1.0},
+}
+TODAY = {"adapter_layers": None, "train_negatives": None, "distill_weight": 0.0}
+
+
+def finetune_settings(config_path: Path, tiny: bool) -> tuple[dict, dict]:
+    """(today's settings, the preset's) from a run config's finetune section, for the `usp` method."""
+    import yaml
+
+    values = yaml.safe_load(config_path.read_text())
+    preset = {k: v for k, v in values.get("finetune", {}).items()
+              if k not in ("steps", "eval_every", "snapshot_every", "patience", "valid_samples")}
+    preset.update(method="usp", soft_tokens=values.get("distill", {}).get("soft_tokens", 32), valid_samples=4,
+                  steps=1000, eval_every=10**6, checkpoint_every=10**6)
+    if tiny:
+        preset.update(soft_tokens=4, batch_size=2)
+        preset["adapter_layers"] = min(preset.get("adapter_layers") or 1, 1)
+    today = {**preset, **TODAY}
+    return today, preset
+
+
+def make_run(source: Path) -> Path:
+    """A temporary run folder whose data and teachers are links to `source`'s (only read)."""
+    run = Path(tempfile.mkdtemp(prefix="delrec-speed-"))
+    for part in ("data", "teachers"):
+        if not (source / part).exists():
+            raise FileNotFoundError(f"{source / part}: prepare the run first (`delrec run --config configs/ml100k-cpu.yaml`, "
+                                    "or its data and teacher steps)")
+        (run / part).symlink_to((source / part).resolve())
+    return run
+
+
+def load_backbone(a, dtype: str):
+    if a.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from llm_helpers import tiny_llama_backbone
+
+        return tiny_llama_backbone()
+    from delrec.llm.backbone import Backbone
+
+    return Backbone.load(a.llm, dtype=dtype)
+
+
+def time_train(a, run: Path, name: str, settings: dict, dtype: str):
+    """Seconds per training example of `settings` (and the stage, for scoring afterwards)."""
+    from delrec.stages.finetune import FinetuneConfig, FinetuneStage
+    from delrec.training.loop import Progress
+
+    config = FinetuneConfig(**{**settings, "llm": a.llm, "dtype": dtype})
+    stage = FinetuneStage(run, config, f"speed-{name}-{dtype}", load_backbone(a, dtype))
+    progress = Progress()
+    stage.step(progress)  # warm-up: allocator, tokenizer caches
+    progress.step += 1
+    with PeakMemory(stage.device) as peak:
+        start = time.perf_counter()
+        losses = []
+        for _ in range(a.steps):
+            line = stage.step(progress)
+            progress.step += 1
+            losses.append(line["loss_rec"])
+        seconds = time.perf_counter() - start
+    examples = a.steps * config.batch_size * config.grad_accum
+    row = {"row": name, "kind": "train", "dtype": dtype, "settings": {k: settings.get(k) for k in TODAY},
+           "seconds_per_example": seconds / examples, "peak_rss_mb": round(peak.mb), "steps": a.steps,
+           "examples": examples, "mean_loss_rec": sum(losses) / len(losses)}
+    return row, stage
+
+
+def time_score(a, stage, weights: str, dtype: str, rows):
+    """Seconds per scored sample of the stage's model with `weights` (float or int8), and its ranks."""
+    from delrec.evaluate import candidate_ranks
+    from delrec.llm.quantize import int8_copy
+
+    bb = stage.bb
+    model = bb.model
+    stage.peft_model.eval()
+    if weights == "int8":
+        bb.model = int8_copy(model)
+    try:
+        candidate_ranks(stage.scorer, stage.data, rows[:2], local=True)  # warm-up
+        with PeakMemory(stage.device) as peak:
+            start = time.perf_counter()
+            ranks = candidate_ranks(stage.scorer, stage.data, rows, local=True)
+            seconds = time.perf_counter() - start
+    finally:
+        bb.model = model
+    return {"row": f"score-{weights}", "kind": "score", "dtype": dtype, "weights": weights,
+            "seconds_per_sample": seconds / len(rows), "peak_rss_mb": round(peak.mb), "samples": len(rows)}, ranks
+
+
+def compare_rankings(ranks_float, ranks_int8) -> dict:
+    import numpy as np
+
+    from delrec.evaluate import metrics_from_ranks
+    from delrec.significance import compare
+
+    return {"float": metrics_from_ranks(ranks_float), "int8": metrics_from_ranks(ranks_int8),
+            "paired": compare(ranks_int8, ranks_float),
+            "same_target_rank": float(np.mean(ranks_float == ranks_int8)),
+            "same_hit@1": float(np.mean((ranks_float == 1) == (ranks_int8 == 1)))}
+
+
+def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
+    from delrec.data.protocol import RunData
+    from delrec.evaluate import subset_rows
+
+    rows_out = []
+    variants = {"today": today, **{k: {**today, **v} for k, v in LEVERS.items()}, "preset": preset}
+    if a.only:
+        variants = {k: v for k, v in variants.items() if k in a.only or k == "today"}
+    stages = {}
+    for name, settings in variants.items():
+        row, stage = time_train(a, run, name, settings, dtype)
+        print(f"  train {name:8s} {row['seconds_per_example']:.3f} s/example, peak {row['peak_rss_mb']} MB", flush=True)
+        rows_out.append(row)
+        if name == "today":
+            stages[name] = stage
+        else:
+            del stage
+    base = rows_out[0]["seconds_per_example"]
+    for row in rows_out:
+        row["speedup_vs_today"] = base / row["seconds_per_example"]
+
+    data = RunData.load(run / "data")
+    samples = subset_rows(data, "test", a.score_samples, seed=0)
+    fl, ranks_fl = time_score(a, stages["today"], "float", dtype, samples)
+    q8, ranks_q8 = time_score(a, stages["today"], "int8", dtype, samples)
+    fl["speedup_vs_float"], q8["speedup_vs_float"] = 1.0, fl["seconds_per_sample"] / q8["seconds_per_sample"]
+    for row in (fl, q8):
+        print(f"  {row['row']:14s} {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_rss_mb']} MB", flush=True)
+    preset_row = next(r for r in rows_out if r["row"] == "preset") if "preset" in variants else rows_out[0]
+    return {"rows": [*rows_out, fl, q8], "rankings_int8_vs_float": compare_rankings(ranks_fl, ranks_q8),
+            "speedup_train_preset": preset_row["speedup_vs_today"], "speedup_score_int8": q8["speedup_vs_float"]}
+
+
+def table(result: dict) -> str:
+    lines = ["| dtype | row | seconds | per | peak RSS MB | speed-up |", "|---|---|---|---|---|---|"]
+    for dtype, res in result["dtypes"].items():
+        if "skipped" in res:
+            lines.append(f"| {dtype} | skipped: {res['skipped']} | | | | |")
+            continue
+        for r in res["rows"]:
+            per, sec = ("example", r["seconds_per_example"]) if r["kind"] == "train" else ("sample", r["seconds_per_sample"])
+            speed = r.get("speedup_vs_today", r.get("speedup_vs_float"))
+            lines.append(f"| {dtype} | {r['row']} | {sec:.3f} | {per} | {r['peak_rss_mb']} | {speed:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/ml100k-cpu", help="a prepared run (data and teacher), only read")
+    p.add_argument("--config", default="configs/ml100k-cpu.yaml", help="the preset whose finetune section is `preset`")
+    p.add_argument("--llm", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant (after one warm-up)")
+    p.add_argument("--score-samples", type=int, default=48, help="test samples scored per weights kind")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", help="train rows to run besides today (LEVERS names, preset)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--tiny", action="store_true", help="a tiny random model: a smoke test, not a measurement")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    import torch
+
+    from delrec.llm.backbone import cpu_supports_bf16
+
+    torch.set_num_threads(a.threads)
+    today, preset = finetune_settings(ROOT / a.config, a.tiny)
+    run = make_run(Path(a.run))
+    result = {"environment": environment(), "weights": "random tiny model" if a.tiny else f"real {a.llm} weights",
+              "settings": {"run": a.run, "config": a.config, "steps": a.steps, "score_samples": a.score_samples,
+                           "threads": a.threads, "method": "usp", "today": today, "preset": preset}, "dtypes": {}}
+    for dtype in a.dtypes:
+        if dtype == "bfloat16" and not cpu_supports_bf16():
+            result["dtypes"][dtype] = {"skipped": "this CPU has no native bfloat16 (AVX-512 BF16 / AMX)"}
+            continue
+        print(f"{dtype}:", flush=True)
+        result["dtypes"][dtype] = run_dtype(a, run, dtype, today, preset)
+    measured = result["dtypes"]["float32"]
+    result["speedup_train"] = measured["speedup_train_preset"]
+    result["speedup_score"] = measured["speedup_score_int8"]
+    print(table(result))
+    print(f"speedup_train (preset vs today, float32) {result['speedup_train']:.2f}x; "
+          f"speedup_score (int8 vs float, float32) {result['speedup_score']:.2f}x")
+    out = Path(a.out or ("/tmp/speed_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / "speed-cpu.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
