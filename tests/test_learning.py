@@ -280,3 +280,23 @@ def test_stage2_does_not_collapse_when_run_twice_as_long(taught_run, stage1):  #
         f"training loss {loss[best]:.3f} at step {best + 1}, {loss[-1]:.3f} at the last step {len(loss)}: "
         f"more than {LOSS_TOLERANCE:.0%} above its minimum")
     assert seconds < WALL_SECONDS
+
+
+# -- stage 2, the distillation term alone: the LLM's ranking moves towards the teacher's -----------
+
+def test_stage2_distillation_term_alone_moves_the_ranking_towards_the_teacher(taught_run):  # noqa: F811
+    """With the ground truth's weight at 0 (label_weight) the only signal is the teacher's scores of
+    the candidates (distill_weight * T^2 * KL): on the same N train examples, step after step, the
+    KL falls and the LLM's top-1 comes to agree with the teacher's on every example. A detached or
+    mis-ordered teacher target (scores not in the prompt's display order) fails it."""
+    run, data = taught_run
+    cfg = FinetuneConfig(method="wo-sp", **{**STAGE2_BUDGET, "steps": 30}, **COLLAPSE_LEARN, label_weight=0.0,
+                         distill_weight=1.0, distill_temperature=1.0)
+    result = finetune(run, cfg, name="learn-distill", backbone=steerable_llama(), progress=False)
+    steps = [json.loads(x) for x in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [x for x in steps if "loss_kl" in x]
+    assert len(steps) == 30
+    first, last = steps[0], steps[-1]
+    assert last["loss_kl"] < 0.2 * first["loss_kl"], (first["loss_kl"], last["loss_kl"])
+    assert first["teacher_agreement"] < 1.0 and last["teacher_agreement"] == 1.0
+    assert last["loss_rec"] > 0  # the ground truth's loss is logged, though it does not train

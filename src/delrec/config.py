@@ -54,6 +54,9 @@ class PipelineConfig:
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
     eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
+    # the weights LLM models are scored with on the test samples: `float` (as trained) or `int8`
+    # (llm/quantize.py: adapters merged, int8 linear layers; CPU only, faster, rankings within rounding)
+    eval_weights: str = "float"
     report: bool = runtime(True)
     # live tracking of every stage's logged scalars (delrec.tracking): none, tensorboard (RUN/tb/),
     # wandb or mlflow; the JSON logs in the run folder stay the report's source

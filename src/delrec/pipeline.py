@@ -231,6 +231,8 @@ class Pipeline:
                         "llm": self.config.llm if bare_llm else None}
             if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
                 settings["templates"] = self.config.templates
+            if self.config.eval_weights != "float":  # (results of float weights keep their earlier identity)
+                settings["weights"] = self.config.eval_weights
             recorded = read_json(path).get("settings") if path.exists() else None
             done = recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
             self._step(f"eval:{name}", done, lambda name=name, settings=settings, path=path: self._run_eval(data, rows, name, settings, path))
@@ -238,7 +240,7 @@ class Pipeline:
     def _scorer(self, data, name: str):
         c = self.config
         return make_scorer(self.run, data, name, llm=c.llm, dtype=c.dtype, device=c.device, batch_size=c.eval_batch_size,
-                           progress=self.progress, template_overrides=c.templates)
+                           progress=self.progress, template_overrides=c.templates, weights=c.eval_weights)
 
     def _run_eval(self, data, rows, name, settings, path) -> None:
         scorer = self._scorer(data, name)

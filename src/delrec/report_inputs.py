@@ -34,4 +34,5 @@ def examples_per_step(folder: Path, log: list[dict]) -> float:
 def run_scorer(config, data, name: str):
     """A model of the run through the one scorer factory, with the run's settings."""
     return make_scorer(config.run_dir, data, name, llm=config.llm, dtype=config.dtype, device=config.device,
-                       batch_size=config.eval_batch_size, progress=False, template_overrides=config.templates)
+                       batch_size=config.eval_batch_size, progress=False, template_overrides=config.templates,
+                       weights=config.eval_weights)

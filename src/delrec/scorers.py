@@ -19,6 +19,7 @@ from delrec import methods
 from delrec.evaluate import PopularityScorer, RandomScorer
 from delrec.io import read_json
 from delrec.llm.backbone import Backbone
+from delrec.llm.quantize import WEIGHTS, int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
@@ -33,14 +34,18 @@ log = logging.getLogger(__name__)
 
 def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dtype: str = "auto", device: str = "auto",
                 batch_size: int = 8, progress: bool = True, templates=None, soft_prompt: str | None = None,
-                title_scoring: str = "full-title", backbone=None, label: str | None = None, template_overrides: dict | None = None):
+                title_scoring: str = "full-title", backbone=None, label: str | None = None, template_overrides: dict | None = None,
+                weights: str = "float"):
     """A scorer for `name` (see the module docstring). `llm`: the backbone of `zero-shot` and
     of stage-1-only methods (stage-2 folders name their own); `templates`: the prompt wording
     (default: the English movie templates naming the teacher); `title_scoring`: the verbalizer's
     (verbalizer.TITLE_SCORINGS);
     `backbone`: an already loaded one (fresh, without adapters); `label`: the scorer's name;
     `template_overrides`: a run's `templates:` section, for the models that have no stage-2
-    folder recording their own (a stage-2 folder's config.json holds the wording it trained on)."""
+    folder recording their own (a stage-2 folder's config.json holds the wording it trained on);
+    `weights`: an LLM's, `float` as loaded or `int8` (llm/quantize.py; teachers and LLMSEQSIM ignore it)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
     run = Path(run)
     kw = {"batch_size": batch_size, "progress": progress, "title_scoring": title_scoring}
     if name == "random":
@@ -52,7 +57,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         return TeacherScorer(load_teacher(run / "teachers" / name, device, data), pick_device(device), name)
     if name == "zero-shot":
         templates = templates or Templates(**(template_overrides or {}))
-        return _frozen_llm(data, _backbone(backbone, llm, dtype, device), templates, soft_prompt,
+        return _frozen_llm(data, _with_weights(_backbone(backbone, llm, dtype, device), weights), templates, soft_prompt,
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
     folder = Path(name) if as_path else run / "finetune" / name
     parsed = ModelName.parse(Path(name).name)
@@ -65,7 +70,7 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         cfg = read_json(folder / "config.json")
         llm = resolve_in_run(cfg["llm"], run)  # `w UDPSM`: stage 1's LLM, wherever the run folder is now
         scorer = finetuned_scorer(folder, data, backbone=backbone or _backbone(None, llm, dtype, device),
-                                  templates=templates, run_dir=run, **kw)
+                                  templates=templates, run_dir=run, weights=weights, **kw)
         scorer.name = label or scorer.name
         return methods.get(FinetuneConfig.method_of(cfg)).for_full_ranking(
             scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
@@ -77,13 +82,16 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
 
 def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None, templates: Templates | None = None,
                      title_scoring: str = "full-title", batch_size: int = 8, dtype: str = "auto", device: str = "auto",
-                     progress: bool = True, run_dir: str | Path | None = None) -> LLMScorer:
+                     progress: bool = True, run_dir: str | Path | None = None, weights: str = "float") -> LLMScorer:
     """A stage-2 result as a scorer: its backbone with the best adapter, its soft prompt (and what
     its method trained beside, such as LLaRA's item projector) and its prompt, exactly as trained.
     `backbone` (fresh, without adapters) saves a reload; `run_dir`: the run whose teacher lists a
-    `teacher-list` model reads (default: the folder's own run, RUN/finetune/<name>)."""
+    `teacher-list` model reads (default: the folder's own run, RUN/finetune/<name>); `weights`:
+    `int8` scores with the adapter merged into int8 linear layers (llm/quantize.py)."""
     from peft import PeftModel  # peft takes seconds to import: only where an adapter is loaded
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
     folder = Path(folder)
     if not (folder / "adapter" / "adapter_config.json").exists():
         raise FileNotFoundError(f"no stage-2 adapter in {folder}; run `delrec finetune` first")
@@ -98,6 +106,7 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
         # that they match nothing, yet applies them: the pruned ranks load (tests/test_finetune.py)
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
         bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
+    _with_weights(bb, weights)
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
     trained_as = methods.get(FinetuneConfig.method_of(cfg))
@@ -111,6 +120,13 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
                              teacher_list_size=cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size),
                              candidate_order=order, title_scoring=title_scoring, batch_size=batch_size, name=f"delrec:{folder.name}",
                              progress=progress)
+
+
+def _with_weights(bb: Backbone, weights: str) -> Backbone:
+    """`bb` scoring with `weights`: as loaded (`float`), or its model (adapters merged) with int8 linear layers."""
+    if weights == "int8":
+        bb.model = int8_copy(bb.model)
+    return bb
 
 
 def _backbone(backbone, llm: str | None, dtype: str, device: str):

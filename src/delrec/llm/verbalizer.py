@@ -68,14 +68,15 @@ class LossParts:
 
 
 def ranking_loss(scores: Sequence[torch.Tensor], labels: Sequence[int], teacher: Sequence[torch.Tensor] | None = None,
-                 distill_weight: float = 0.0, temperature: float = 1.0) -> LossParts:
-    """Cross-entropy of each prompt's label over its candidates' verbalizer scores, plus, with a
-    teacher, Hinton et al.'s distillation term: distill_weight * T^2 * KL(softmax(teacher / T) ||
-    softmax(scores / T)), averaged over prompts (T^2 keeps its gradient's scale independent of
-    T). Every example then teaches a whole ranking of its candidates, not only which one is right."""
+                 distill_weight: float = 0.0, temperature: float = 1.0, label_weight: float = 1.0) -> LossParts:
+    """label_weight * the cross-entropy of each prompt's label over its candidates' verbalizer
+    scores, plus, with a teacher, Hinton et al.'s distillation term: distill_weight * T^2 *
+    KL(softmax(teacher / T) || softmax(scores / T)), averaged over prompts (T^2 keeps its
+    gradient's scale independent of T). Every example then teaches a whole ranking of its
+    candidates, not only which one is right."""
     ce = torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
     if teacher is None:
-        return LossParts(ce, ce.detach())
+        return LossParts(ce if label_weight == 1 else label_weight * ce, ce.detach())
     t = temperature
     kls, agree = [], 0
     for s, target in zip(scores, teacher):
@@ -85,7 +86,9 @@ def ranking_loss(scores: Sequence[torch.Tensor], labels: Sequence[int], teacher:
         kls.append((log_p.exp() * (log_p - log_q)).sum())
         agree += int(s.detach().argmax() == target.argmax())
     kl = torch.stack(kls).mean()
-    total = ce + distill_weight * t * t * kl if distill_weight else ce
+    total = ce if label_weight == 1 else label_weight * ce
+    if distill_weight:
+        total = total + distill_weight * t * t * kl
     return LossParts(total, ce.detach(), kl.detach(), agree / len(scores))
 
 
@@ -384,7 +387,7 @@ class Verbalizer:
 
     def training_loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates",
                       keep: Sequence[Sequence[int]] | None = None, teacher: Sequence[torch.Tensor] | None = None,
-                      distill_weight: float = 0.0, temperature: float = 1.0) -> LossParts:
+                      distill_weight: float = 0.0, temperature: float = 1.0, label_weight: float = 1.0) -> LossParts:
         """The training loss of labelled prompts and its parts (see OBJECTIVES and ranking_loss).
 
         `keep`: per prompt, the positions in `prompt.candidates` whose titles are scored (the
@@ -401,7 +404,7 @@ class Verbalizer:
                 raise ValueError("the distillation term needs every candidate scored (objective `candidates`)")
             answers = [[self.continuations(p)[y]] for p, y in zip(prompts, labels)]
             nll = -torch.cat(self.sequence_logprobs(prompts, answers, soft_prompt)).mean()
-            return LossParts(nll, nll.detach())
+            return LossParts(nll if label_weight == 1 else label_weight * nll, nll.detach())
         keep = [range(len(p.candidates)) for p in prompts] if keep is None else keep
         for p, y, k in zip(prompts, labels, keep):
             if y not in k:
@@ -410,7 +413,7 @@ class Verbalizer:
         scores = self.sequence_logprobs(prompts, continuations, soft_prompt)
         kept_labels = [list(k).index(y) for y, k in zip(labels, keep)]
         kept_teacher = None if teacher is None else [torch.as_tensor(t)[list(k)] for t, k in zip(teacher, keep)]
-        return ranking_loss(scores, kept_labels, kept_teacher, distill_weight, temperature)
+        return ranking_loss(scores, kept_labels, kept_teacher, distill_weight, temperature, label_weight)
 
     # -- reference ---------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from delrec.data.protocol import RunData
 from delrec.evaluate import evaluate
 from delrec.io import atomic_dir, write_json
 from delrec.llm.backbone import Backbone
+from delrec.llm.quantize import WEIGHTS, int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
@@ -117,6 +118,10 @@ class FinetuneConfig(StageConfig):
     # distill_weight * T^2 * KL(softmax(teacher / T) || softmax(verbalizer / T)); 0 keeps the plain loss
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
+    label_weight: float = 1.0  # the ground truth's cross-entropy weight (0: learn from the teacher alone)
+    # the weights the valid evaluations score with: `float` (as trained) or `int8` (a merged copy
+    # with int8 linear layers, llm/quantize.py: faster on the CPU, rankings within rounding)
+    eval_weights: str = "float"
     patience: int = 3  # evaluations without a better valid NDCG@5
     # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
     # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
@@ -148,11 +153,15 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"adapter_layers must be at least 1 (or null for every layer), got {self.adapter_layers}")
         if self.train_negatives is not None and self.train_negatives < 1:
             raise ValueError(f"train_negatives must be at least 1 (or null for all), got {self.train_negatives}")
-        if self.distill_weight < 0 or self.distill_temperature <= 0:
-            raise ValueError(f"need distill_weight >= 0 and distill_temperature > 0, got {self.distill_weight}, "
-                             f"{self.distill_temperature}")
+        if self.distill_weight < 0 or self.distill_temperature <= 0 or self.label_weight < 0:
+            raise ValueError(f"need distill_weight >= 0, distill_temperature > 0 and label_weight >= 0, got "
+                             f"{self.distill_weight}, {self.distill_temperature}, {self.label_weight}")
+        if not self.label_weight and not self.distill_weight:
+            raise ValueError("label_weight and distill_weight are both 0: the loss has nothing to learn from")
         if self.distill_weight and self.objective != "candidates":
             raise ValueError("the distillation term (distill_weight > 0) needs objective `candidates` (every candidate scored)")
+        if self.eval_weights not in WEIGHTS:
+            raise ValueError(f"unknown eval_weights {self.eval_weights!r}; choose one of {WEIGHTS}")
         if self.teacher_list_size < 1:
             raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
         self.options = methods.get(self.method).check_options(self.options)
@@ -218,12 +227,14 @@ class Stage2Loss(distributed.StageModule):
         super().__init__()
         self.llm, self.soft_prompt, self.extra, self._extra = peft_model, soft_prompt, extra.module, extra
         self.verbalizer, self.objective = scorer.verbalizer, config.objective
-        self.distill_weight, self.temperature = config.distill_weight, config.distill_temperature
+        self.distill_weight, self.temperature, self.label_weight = (config.distill_weight, config.distill_temperature,
+                                                                    config.label_weight)
         self.orth_reg_weight = config.orth_reg_weight if config.adapter == "adalora" else 0.0  # AdaLoRA's alone
 
     def loss(self, prompts, keep=None, teacher=None) -> tuple[torch.Tensor, LossParts]:
         parts = self.verbalizer.training_loss(prompts, self.soft_prompt, self.objective, keep=keep, teacher=teacher,
-                                              distill_weight=self.distill_weight, temperature=self.temperature)
+                                              distill_weight=self.distill_weight, temperature=self.temperature,
+                                              label_weight=self.label_weight)
         total = parts.total
         if self.orth_reg_weight:
             total = total + self.orth_reg_weight * orthogonal_regulariser(self.llm)
@@ -346,7 +357,16 @@ class FinetuneStage(Stage):
     def evaluate(self) -> dict:
         self.peft_model.eval()
         scorer = _KeepingScores(self.scorer)
-        m = self.dist.through(self.loss_module, lambda: evaluate(scorer, self.data, "valid", rows=self.valid_rows))
+        if self.config.eval_weights == "int8":  # a quantized copy scores; training goes on with the float model
+            if self.dist.world > 1:
+                raise ValueError("eval_weights: int8 scores on one CPU process only; use float under a multi-process launch")
+            trained, self.bb.model = self.bb.model, int8_copy(self.peft_model)
+            try:
+                m = evaluate(scorer, self.data, "valid", rows=self.valid_rows)
+            finally:
+                self.bb.model = trained
+        else:
+            m = self.dist.through(self.loss_module, lambda: evaluate(scorer, self.data, "valid", rows=self.valid_rows))
         out = {f"valid_{k}": v for k, v in m["candidates"].items()}
         if self.valid_teacher_top1 is not None and scorer.top1:  # this process's share of the valid rows
             where = {int(r): i for i, r in enumerate(self.valid_rows)}
