@@ -90,6 +90,16 @@ PROBES = {
     "lora-qv-lion-1e-4": {**LORA, "optimizer": "lion", "lr": 1e-4, "weight_decay": 1e-5},
     "lora-qv-adamw-1e-3-bs16": {**LORA, "batch_size": 4, "grad_accum": 4},
     "lora-qv-adamw-1e-3-constant": {**LORA, "lr_schedule": "constant"},
+    # the study in seconds (quality per CPU-second): today's stage 2 against each speed lever, the
+    # distillation term at two weights and the combination, each run for as many examples as its
+    # measured speed buys in today's seconds for 800 (`--examples`, `--max-seconds`; docs/training.md)
+    "s2-today": {**LORA, "eval_weights": "int8"},
+    "s2-top8": {**LORA, "eval_weights": "int8", "adapter_layers": 8},
+    "s2-neg4": {**LORA, "eval_weights": "int8", "train_negatives": 4},
+    "s2-distill-0.5": {**LORA, "eval_weights": "int8", "distill_weight": 0.5},
+    "s2-distill-1": {**LORA, "eval_weights": "int8", "distill_weight": 1.0},
+    "s2-top8-neg4-distill-1": {**LORA, "eval_weights": "int8", "adapter_layers": 8, "train_negatives": 4,
+                               "distill_weight": 1.0},
     # stage 1: the soft prompt's optimiser, rate, start and size
     "s1-lion-5e-3-random": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "random"},
     "s1-lion-5e-3-vocab": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab"},
@@ -107,7 +117,8 @@ def stage(name: str) -> int:
     return 1 if name.startswith("s1-") else 2
 
 
-def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str = "smollm2-135m", dtype: str = "auto"):
+def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str = "smollm2-135m", dtype: str = "auto",
+            max_seconds: float | None = None):
     """The probe's FinetuneConfig or DistillConfig with the study's fixed settings (constructing it
     validates it): `examples` train examples (per task in stage 1), an evaluation every about
     `eval_examples`, `valid` valid samples, the seed, no early stop."""
@@ -116,7 +127,7 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
     from delrec.stages.distill import DistillConfig
     from delrec.stages.finetune import FinetuneConfig
 
-    fixed = {"llm": llm, "dtype": dtype, "seed": SEED, "valid_samples": valid}
+    fixed = {"llm": llm, "dtype": dtype, "seed": SEED, "valid_samples": valid, "max_seconds": max_seconds}
     if stage(name) == 1:
         config = DistillConfig(**{**PROBES[name], **fixed})
     else:
@@ -164,7 +175,7 @@ def run_probe(name: str, a) -> dict:
     from delrec.data.protocol import RunData
 
     torch.set_num_threads(a.threads)
-    config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype)
+    config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype, a.max_seconds)
     run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.locks)
     per_step = config.batch_size * config.grad_accum
     if stage(name) == 1:
@@ -185,12 +196,15 @@ def run_probe(name: str, a) -> dict:
         metrics = finetune(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
         task = "candidates"
         log = _read_log(run / "finetune" / name / "train_log.jsonl")
-        steps = [{"step": e["step"], "examples_seen": e["step"] * per_step, "loss": e["loss_rec"]} for e in log if "eval" not in e]
-        curve = [{k: e[k] for k in ("examples_seen", "valid_HR@1", "valid_NDCG@5", "seconds")} for e in metrics["valid_history"]]
+        steps = [{"step": e["step"], "examples_seen": e["step"] * per_step, "loss": e["loss_rec"],
+                  **{k: e[k] for k in ("loss_kl", "teacher_agreement") if k in e}} for e in log if "eval" not in e]
+        agreement = {e["step"]: e["eval"].get("valid_teacher_agreement") for e in log if "eval" in e}
+        curve = [{**{k: e[k] for k in ("examples_seen", "valid_HR@1", "valid_NDCG@5", "seconds")},
+                  "valid_teacher_agreement": agreement.get(e["step"])} for e in metrics["valid_history"]]
         chance = math.log(RunData.load(run / "data").candidates.shape[1])
         samples = metrics["valid_samples"]
     return {"probe": name, "stage": stage(name), "task": task, "overrides": PROBES[name], "settings": config.to_dict(),
-            "study": {"examples": a.examples, "valid": a.valid, "valid_samples": samples, "eval_examples": a.eval_examples,
+            "study": {"examples": a.examples, "max_seconds": a.max_seconds, "valid": a.valid, "valid_samples": samples, "eval_examples": a.eval_examples,
                       "threads": a.threads, "source": str(Path(a.source).resolve()), "run": str(Path(a.run).resolve())},
             "environment": environment(), "chance_loss": chance, "online_loss": steps, "curve": curve,
             **end_and_best(curve), "seconds": metrics["seconds"], "wall_seconds": metrics["wall_seconds"]}
@@ -297,6 +311,8 @@ def main() -> None:
     p.add_argument("--out", default=str(OUT), help="the results folder")
     p.add_argument("--figure", default=str(FIGURE), help="where --summary draws the figure")
     p.add_argument("--examples", type=int, default=800, help="train examples per probe (per task in stage 1)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="a budget of training seconds (evaluations excluded): the study in seconds")
     p.add_argument("--valid", type=int, default=256, help="valid samples (per task in stage 1)")
     p.add_argument("--eval-examples", type=int, default=200, help="an evaluation every this many train examples")
     p.add_argument("--llm", default="smollm2-135m")

@@ -54,6 +54,8 @@ LEVERS = {
     "top15": {"adapter_layers": 15},
     "neg4": {"train_negatives": 4},
     "distill": {"distill_weight": 1.0},
+    "top8+neg4": {"adapter_layers": 8, "train_negatives": 4},
+    "top8+neg4+distill": {"adapter_layers": 8, "train_negatives": 4, "distill_weight": 1.0},
 }
 TODAY = {"adapter_layers": None, "train_negatives": None, "distill_weight": 0.0}
 

@@ -177,3 +177,28 @@ def test_verbalizer_keep_scores_only_the_kept_titles(taught_run):  # noqa: F811
         part = v.sequence_logprobs(prompts, [[v.continuations(p)[j] for j in k] for p, k in zip(prompts, keep)], None)
     for f, s, k in zip(full, part, keep):
         assert torch.allclose(f[k], s, atol=1e-5)
+
+
+def test_rps_soft_target_is_the_teachers_scores_in_the_listed_order(taught_run):  # noqa: F811
+    """Stage 1's RPS with rps_distill_weight: each prompt's soft target is the teacher's score of
+    every listed item, in the shuffled order the prompt lists them; the stage trains with it."""
+    from delrec.stages.distill import DistillConfig, DistillStage, distill
+
+    run, data = taught_run
+    cfg = DistillConfig(teacher="gru4rec", tasks=("rps",), soft_tokens=4, steps=3, batch_size=2, valid_samples=2,
+                        eval_every=3, checkpoint_every=10**6, rps_distill_weight=1.0, device="cpu", dtype="float32")
+    stage = DistillStage(run, cfg, "rps-soft", tiny_llama_backbone())
+    rows = stage.order["rps"][:3]
+    prompts = stage.builder.build("rps", rows)
+    targets = stage._rps_targets(rows, prompts)
+    teacher = teacher_scorer(run, "gru4rec", data, required=True)
+    for row, prompt, target in zip(rows, prompts, targets):
+        top = stage.builder.teacher.topk[row][: cfg.top_h]
+        scores = np.asarray(teacher.score_items(data, np.array([row]), top[None]))[0]
+        listed = [stage.builder.titles.index(t) for t in prompt.candidates]
+        assert np.allclose(target.numpy(), [scores[list(top).index(i)] for i in listed])
+        assert prompt.label == stage.builder.titles[top[0]] and int(target.argmax()) == prompt.candidates.index(prompt.label)
+    result = distill(run, cfg, name="rps-soft-run", backbone=tiny_llama_backbone(), progress=False)
+    assert result.metrics["steps"] == 3
+    with pytest.raises(ValueError, match="rps_distill_weight needs the RPS task"):
+        DistillConfig(tasks=("ta",), rps_distill_weight=1.0)

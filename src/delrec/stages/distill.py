@@ -39,6 +39,7 @@ from delrec.locks import holds_run_lock
 from delrec.stages.config import StageConfig, seeded_backbone
 from delrec.stages.examples import ExampleBuilder
 from delrec.stages.optim import lr_schedule, make_optimizer
+from delrec.stages.targets import teacher_scorer
 from delrec.stages.weighting import LossWeighting
 from delrec.teachers.lists import TeacherLists
 from delrec.training.folder import StageFolder
@@ -65,12 +66,21 @@ class DistillConfig(StageConfig):
     update_llm: bool = False  # `w UDPSM`: the LLM is trained in stage 1 too
     llm_lr: float = 1e-5
     valid_lsr_samples: int = 0  # > 0: each evaluation also scores this many valid samples with the LSR prompt (`w/o LSR`)
+    # RPS with the teacher's scores of its top-h as a soft target beside the top-1 label:
+    # rps_distill_weight * T^2 * KL(softmax(teacher / T) || softmax(LLM / T)) (0: the paper's top-1 only)
+    rps_distill_weight: float = 0.0
+    rps_distill_temperature: float = 2.0
 
     def __post_init__(self):
         super().__post_init__()
         self.tasks = tuple(self.tasks)
         if not self.tasks or set(self.tasks) - {"ta", "rps"}:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
+        if self.rps_distill_weight < 0 or self.rps_distill_temperature <= 0:
+            raise ValueError(f"need rps_distill_weight >= 0 and rps_distill_temperature > 0, got {self.rps_distill_weight}, "
+                             f"{self.rps_distill_temperature}")
+        if self.rps_distill_weight and ("rps" not in self.tasks or self.objective != "candidates"):
+            raise ValueError("rps_distill_weight needs the RPS task and objective `candidates` (every listed item scored)")
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
 
@@ -110,14 +120,20 @@ class Stage1Loss(distributed.StageModule):
     """What stage 1 trains (the soft prompt; under `w UDPSM` the LLM too) and the loss it flows
     through, as one module: the unit that DDP synchronises or FSDP shards."""
 
-    def __init__(self, verbalizer: Verbalizer, soft_prompt: SoftPrompt, objective: str):
+    def __init__(self, verbalizer: Verbalizer, soft_prompt: SoftPrompt, objective: str, distill_weight: float = 0.0,
+                 temperature: float = 1.0):
         super().__init__()
         self.soft_prompt = soft_prompt
         self.llm = verbalizer.backbone.model
         self.verbalizer, self.objective = verbalizer, objective
+        self.distill_weight, self.temperature = distill_weight, temperature
 
-    def loss(self, prompts: list[Prompt]) -> torch.Tensor:
-        return self.verbalizer.loss(prompts, self.soft_prompt, self.objective)
+    def loss(self, prompts: list[Prompt], teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The task's loss; with `teacher` (RPS: the teacher's scores of the listed items, in the
+        prompt's order) plus the weighted distillation term (verbalizer.ranking_loss)."""
+        return self.verbalizer.training_loss(prompts, self.soft_prompt, self.objective, teacher=teacher,
+                                             distill_weight=self.distill_weight if teacher is not None else 0.0,
+                                             temperature=self.temperature).total
 
 
 @holds_run_lock
@@ -178,7 +194,11 @@ class DistillStage(Stage):
             self.valid_rows["lsr"] = valid_subset(data, config.seed, config.valid_lsr_samples)
 
         self.trainable = [self.soft.embedding, *self.llm_params]
-        self.loss_module = dist.prepare(Stage1Loss(self.verbalizer, self.soft, config.objective))
+        # RPS's soft target: the teacher's own scores of the items its list shows
+        self.rps_teacher = (teacher_scorer(run_dir, config.teacher, data, required=True)
+                            if config.rps_distill_weight else None)
+        self.loss_module = dist.prepare(Stage1Loss(self.verbalizer, self.soft, config.objective, config.rps_distill_weight,
+                                                   config.rps_distill_temperature))
         groups = [{"params": [self.soft.embedding], "lr": config.lr}]
         if self.llm_params:
             groups.append({"params": self.llm_params, "lr": config.llm_lr})
@@ -196,7 +216,8 @@ class DistillStage(Stage):
         for micro in range(config.grad_accum):
             for task in config.tasks:
                 rows, share = local_batch(self.order[task], progress.step, micro, config.grad_accum, config.batch_size)
-                loss = self.loss_module(self.builder.build(task, rows)) * share
+                prompts = self.builder.build(task, rows)
+                loss = self.loss_module(prompts, self._rps_targets(rows, prompts) if task == "rps" else None) * share
                 loss.backward()  # under DDP the gradients arrive averaged over the processes
                 dist.reduce_gradients(self.trainable)  # under FSDP they are averaged here
                 for acc, p in zip(grads[task], self.trainable):
@@ -211,6 +232,16 @@ class DistillStage(Stage):
         self.optimizer.zero_grad(set_to_none=True)
         return {**{f"loss_{t}": v for t, v in losses.items()}, **{f"weight_{t}": w for t, w in self.weighting.current().items()},
                 "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _rps_targets(self, rows: np.ndarray, prompts: list[Prompt]) -> list[torch.Tensor] | None:
+        """Per RPS prompt, the teacher's scores of the items it lists, in the (shuffled) order listed."""
+        if self.rps_teacher is None:
+            return None
+        top = self.builder.teacher.topk[rows][:, : self.config.top_h]
+        scores = np.asarray(self.rps_teacher.score_items(self.data, rows, top))
+        titles = self.builder.titles
+        return [torch.as_tensor([dict(zip((titles[i] for i in items), row))[t] for t in p.candidates])
+                for items, row, p in zip(top, scores, prompts)]
 
     def evaluate(self) -> dict:
         """Per task: HR@1 (the old `*_valid_accuracy`, kept) and NDCG@5 over the task's candidates;

@@ -79,6 +79,12 @@ class TeacherScorer:
         return self.model.candidate_scores(history, users, cands).float().cpu()
 
     @torch.no_grad()
+    def score_items(self, data: RunData, rows: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """[len(rows), k] scores of `items` ([len(rows), k] item indices) for each row."""
+        history, users = self._inputs(data, rows)
+        return self.model.candidate_scores(history, users, torch.as_tensor(items, device=self.device)).float().cpu()
+
+    @torch.no_grad()
     def score_all(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
         return self.model.full_scores(*self._inputs(data, rows)).float().cpu()
 
