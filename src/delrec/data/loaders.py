@@ -755,6 +755,24 @@ class _RowLocator(_Locator):
 # Assembly: keep the titled items, count what was dropped
 
 
+# What each reader does with an exact repeat, said in protocol.json (source.read.duplicates). The
+# readers keep every row; `prepare` drops a repeat of a (user, item, timestamp) and counts it
+# (stats.json raw.duplicates_dropped) and keeps, and counts, the same item at another time
+# (raw.repeat_interactions).
+_KEPT_AGAIN = ("; the same {item} again at another time is another interaction, kept (counted in stats.json as "
+               "raw.repeat_interactions)")
+DUPLICATES = {
+    "amazon-2018": "a rating repeated with the same user, product and timestamp (a day) is one interaction: prepare "
+                   "keeps the first and counts the rest in stats.json (raw.duplicates_dropped)"
+                   + _KEPT_AGAIN.format(item="product"),
+    "steam": "a review repeated with the same user, game and date is one interaction: prepare keeps the first and "
+             "counts the rest in stats.json (raw.duplicates_dropped)" + _KEPT_AGAIN.format(item="game"),
+    "kuairec": "rows repeating a (user, video, timestamp) once the timestamp is cut to whole seconds are one "
+               "interaction: prepare keeps the first and counts the rest in stats.json (raw.duplicates_dropped)"
+               + _KEPT_AGAIN.format(item="video"),
+}
+
+
 def _finish(name: str, fmt: str, *, users: pa.ChunkedArray, items: pa.ChunkedArray, timestamps: np.ndarray,
             loc: _RowLocator, titles: dict[str, str], items_path: Path, source: dict, read: dict) -> RawDataset:
     """The RawDataset of the interactions whose item has a title; `read` gains the counts of
@@ -762,6 +780,7 @@ def _finish(name: str, fmt: str, *, users: pa.ChunkedArray, items: pa.ChunkedArr
     n = len(users)
     if n == 0:
         raise DataFormatError(f"{loc.path}: no interactions")
+    read["duplicates"] = DUPLICATES[fmt]
     read.update(interactions_read=n, users_read=pc.count_distinct(users).as_py(),
                 items_read=pc.count_distinct(items).as_py(), titled_items_in_catalogue=len(titles))
     keep = pc.is_in(items, value_set=pa.array(list(titles), pa.string())).to_numpy(zero_copy_only=False)
@@ -796,7 +815,8 @@ def _finish(name: str, fmt: str, *, users: pa.ChunkedArray, items: pa.ChunkedArr
 
 def read_amazon(ratings: str | Path, metadata: str | Path, name: str | None = None, progress: bool = False) -> RawDataset:
     """Amazon ratings-only CSV (`item,user,rating,timestamp`, the 2018 column order) and the
-    metadata's JSON lines (gzip or not; Python-literal lines as in 2014 are read too)."""
+    metadata's JSON lines (gzip or not; Python-literal lines as in 2014 are read too). Every row
+    is kept, repeated ratings too: `prepare` drops exact repeats (DUPLICATES says how)."""
     ratings, metadata = Path(ratings), Path(metadata)
     opener = lambda: _open_binary(ratings)  # noqa: E731
     with opener() as f:
@@ -816,7 +836,8 @@ def read_amazon(ratings: str | Path, metadata: str | Path, name: str | None = No
 
 def read_steam(reviews: str | Path, games: str | Path, name: str | None = None, progress: bool = False) -> RawDataset:
     """`steam_reviews.json.gz` (each review: `username`, `product_id`, `date` YYYY-MM-DD, whose
-    midnight UTC is the timestamp; same-day reviews keep the file's order) and `steam_games.json.gz`."""
+    midnight UTC is the timestamp; same-day reviews keep the file's order) and `steam_games.json.gz`.
+    Every review is kept, repeated ones too: `prepare` drops exact repeats (DUPLICATES says how)."""
     reviews, games = Path(reviews), Path(games)
     cols = _Columns()
     counts, first = Counter(), {}
@@ -852,7 +873,10 @@ def read_kuairec(matrix: str | Path, captions: str | Path | None = None, name: s
     big_matrix.csv) with titles from kuairec_caption_category.csv (`captions`; default: the one in
     the zip). Each row is one interaction, whatever its watch ratio (the matrix's 12.5M, as in the
     paper's Table V); rows without a timestamp are dropped and counted; the timestamp's fraction of a
-    second is dropped (ties keep the file's order)."""
+    second is dropped (ties keep the file's order). The matrix repeats some (user, video, timestamp)
+    rows: kept here, dropped as exact repeats by `prepare` (DUPLICATES says how). Titles:
+    formats.kuairec_titles, whose policy (caption, else cover text, else the video goes) is counted
+    in the result's source["read"]."""
     matrix = Path(matrix)
     if not matrix.is_file():
         raise FileNotFoundError(f"{matrix} does not exist")

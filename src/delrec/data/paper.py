@@ -37,8 +37,9 @@ PAPER_STATISTICS: dict[str, PaperStatistics] = {
     "home-kitchen": PaperStatistics("Table I", 9_767_606, 1_286_050, 21_928_568, 0.9999,
                                     _BEFORE_FILTERS + "; the 5-core keeps about a third of the interactions"),
     "kuairec": PaperStatistics("Table V (RQ4 text)", 7_176, 10_728, 12_530_806, 0.8372,
-                               "nearly none: at 16% density the 5-core removes almost nothing; rows without a "
-                               "timestamp, exact repeats and videos without a caption go"),
+                               "at 16% density the 5-core removes almost nothing, but about 9% of the videos "
+                               "have no usable caption or cover text in the publisher's file and go with their "
+                               "interactions (docs/datasets.md); rows without a timestamp and exact repeats go too"),
 }
 
 

@@ -189,12 +189,23 @@ def _sample_negatives(
     )
 
 
-def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolConfig) -> Prepared:
+class NotEnoughData(ValueError):
+    """The filters or the split leave too little for a run: no interactions, fewer items than the
+    candidates of a sample, or a split without samples. The message gives the counts before and
+    after each filter and the settings that would change them; `prepare` has written nothing."""
+
+
+def prepare(interactions: pd.DataFrame, items: pd.DataFrame, config: ProtocolConfig, read: dict | None = None) -> Prepared:
     """Apply the protocol to canonical interactions (user, item, timestamp; source order) and
     items (item, title): duplicates and the k-core, dense ids, one sample per position with its
-    history, the split, the fixed candidates, the titles and the statistics."""
-    kept = _filtered_log(interactions, config)
+    history, the split, the fixed candidates, the titles and the statistics. `read`: what a
+    publisher's reader counted before its title filter (RawDataset.source["read"]), named in a
+    refusal's counts. Raises NotEnoughData, writing nothing, when the result could not be
+    trained and evaluated."""
+    kept = _filtered_log(interactions, config, read)
     s = _samples(kept, config)
+    _check_splits(kept, s, config)
+    _check_negatives(kept, config)
     rng = np.random.default_rng(config.seed)
     negs = _sample_negatives(rng, s.user, s.position, kept.user_idx, kept.item_idx, kept.position, kept.num_items,
                              config.num_candidates - 1)
@@ -244,6 +255,8 @@ class _KeptLog:
     item_names: np.ndarray
     raw_stats: dict
     duplicates: int
+    repeats: int  # interactions whose (user, item) pair came before at another time: kept
+    funnel: list[str]  # the counts before and after each filter, for a refusal's message
 
     @property
     def num_users(self) -> int:
@@ -254,7 +267,7 @@ class _KeptLog:
         return len(self.item_names)
 
 
-def _filtered_log(interactions: pd.DataFrame, config: ProtocolConfig) -> _KeptLog:
+def _filtered_log(interactions: pd.DataFrame, config: ProtocolConfig, read: dict | None = None) -> _KeptLog:
     for col in ("user", "item", "timestamp"):
         if col not in interactions.columns:
             raise ValueError(f"interactions lack the column {col!r} (have {list(interactions.columns)})")
@@ -275,9 +288,36 @@ def _filtered_log(interactions: pd.DataFrame, config: ProtocolConfig) -> _KeptLo
     if duplicates:
         log.warning("dropped %d exact duplicate (user, item, timestamp) interactions", duplicates)
         source_rows = np.flatnonzero(~repeated)
+    deduplicated = source_rows
+    # the same item again at another time (a video watched twice, a product bought again) is a
+    # second interaction, kept; counted, since its target is then already in the history
+    pairs = raw_users[source_rows].astype(np.int64) * len(raw_item_names) + raw_items[source_rows]
+    repeats = int(len(pairs) - pd.Series(pairs).nunique())
     source_rows = source_rows[k_core_rows(raw_users[source_rows], raw_items[source_rows], config.min_count)]
+
+    def counts(rows: np.ndarray) -> str:  # distinct codes by bincount: O(rows), no sort
+        n_u = np.count_nonzero(np.bincount(raw_users[rows], minlength=1))
+        n_i = np.count_nonzero(np.bincount(raw_items[rows], minlength=1))
+        return f"{len(rows):,} interactions, {n_u:,} users, {n_i:,} items"
+
+    everything = np.arange(len(interactions))
+    if read and all(f"{k}_read" in read for k in ("users", "items", "interactions")):
+        funnel = [f"as read: {read['interactions_read']:,} interactions, {read['users_read']:,} users, "
+                  f"{read['items_read']:,} items",
+                  f"after dropping the items without a title ({read.get('items_without_title', 0):,}): " + counts(everything)]
+    else:
+        funnel = ["given: " + counts(everything)]
+    funnel += [f"after dropping the exact duplicates ({duplicates:,}): " + counts(deduplicated),
+               f"after the {config.min_count}-core (--min-count {config.min_count}): " + counts(source_rows)]
+    k = config.min_count
     if len(source_rows) == 0:
-        raise ValueError(f"no interactions survive the {config.min_count}-core filter")
+        raise NotEnoughData(_refusal(f"no interactions survive the {k}-core filter (every user and item needs at "
+                                     f"least {k} interactions)", funnel, config))
+    n_items = int(np.count_nonzero(np.bincount(raw_items[source_rows], minlength=1)))
+    if n_items < config.num_candidates:
+        raise NotEnoughData(_refusal(f"the {k}-core filter leaves {n_items} items, fewer than the "
+                                     f"{config.num_candidates} candidates of each sample (the target and "
+                                     f"{config.num_candidates - 1} negatives)", funnel, config))
 
     # Dense ids in order of first appearance in the source file: deterministic, and no id order
     # can leak into the ranking because ties are never broken by id.
@@ -292,7 +332,40 @@ def _filtered_log(interactions: pd.DataFrame, config: ProtocolConfig) -> _KeptLo
     user_start = np.zeros(len(user_kept), dtype=np.int64)
     np.cumsum(user_len[:-1], out=user_start[1:])
     return _KeptLog(user_idx, item_idx, timestamp, np.arange(len(user_idx)) - user_start[user_idx], user_len,
-                    raw_user_names[user_kept], raw_item_names[item_kept], raw_stats, duplicates)
+                    raw_user_names[user_kept], raw_item_names[item_kept], raw_stats, duplicates, repeats, funnel)
+
+
+def _refusal(problem: str, funnel: list[str], config: ProtocolConfig) -> str:
+    """A NotEnoughData message: the problem, the counts after each filter, what would change them."""
+    return (f"{problem}; nothing was written.\n" + "".join(f"  {line}\n" for line in funnel)
+            + f"Lower --min-count (now {config.min_count}; `protocol: {{min_count: K}}` in a run config) to keep "
+            f"more users and items, or --num-candidates (now {config.num_candidates}; `protocol: {{num_candidates: N}}`), "
+            "or give more data")
+
+
+def _check_negatives(kept: _KeptLog, config: ProtocolConfig) -> None:
+    """The negatives of a sample are items its user has not seen up to the target: the user's last
+    sample, who has seen the most, needs num_candidates - 1 items left unseen."""
+    pairs = np.unique(kept.user_idx.astype(np.int64) * (kept.num_items + 1) + kept.item_idx)
+    seen = int(np.bincount(pairs // (kept.num_items + 1)).max())
+    if kept.num_items - seen >= config.num_candidates - 1:
+        return
+    raise NotEnoughData(_refusal(
+        f"a user has seen {seen} of the {kept.num_items} items the {config.min_count}-core keeps, which leaves "
+        f"{kept.num_items - seen} unseen for the {config.num_candidates - 1} negatives of its last sample",
+        kept.funnel, config))
+
+
+def _check_splits(kept: _KeptLog, s: _Samples, config: ProtocolConfig) -> None:
+    """Every split needs samples: a run trains on one, stops early on another and reports the third."""
+    per_split = [int((s.split == i).sum()) for i in range(len(SPLITS))]
+    if min(per_split) > 0:
+        return
+    why = ("a sample is an interaction after a user's first; the chronological split moves each boundary past equal "
+           "timestamps" if config.name == "paper" else "a user's last two interactions are its valid and test samples")
+    raise NotEnoughData(_refusal(
+        f"the samples split into {' / '.join(f'{n} {name}' for n, name in zip(per_split, SPLITS))}: every split needs "
+        f"samples ({why})", [*kept.funnel, f"{len(s.target):,} samples"], config))
 
 
 @dataclass
@@ -372,7 +445,20 @@ def _stats(config: ProtocolConfig, kept: _KeptLog, s: _Samples, renamed: int) ->
     }
     if renamed:  # only then: a folder of data without such titles keeps the stats it had
         stats["titles_disambiguated"] = renamed
+    if kept.repeats:  # likewise: MovieLens has one rating per user and item
+        stats["raw"]["repeat_interactions"] = kept.repeats
     return stats
+
+
+def without_title(read: dict | None) -> dict | None:
+    """The items a publisher's reader dropped for want of a title, and their interactions, with
+    their shares of what the files held (None for a source that keeps no such counts)."""
+    keys = ("items_read", "interactions_read", "items_without_title", "interactions_of_items_without_title")
+    if not read or not all(k in read for k in keys):
+        return None
+    items, inter = int(read["items_without_title"]), int(read["interactions_of_items_without_title"])
+    return {"items": items, "items_share": round(items / max(int(read["items_read"]), 1), 6),
+            "interactions": inter, "interactions_share": round(inter / max(int(read["interactions_read"]), 1), 6)}
 
 
 def _sparsity(users: int, items: int, interactions: int) -> float:
@@ -388,14 +474,24 @@ def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) 
     write_parquet(data_dir / "interactions.parquet", prepared.interactions)
     write_parquet(data_dir / "samples.parquet", prepared.samples)
     write_parquet(data_dir / "candidates.parquet", prepared.candidates)
-    stats = prepared.stats
-    paper = compare_with_paper(str((source or {}).get("dataset", "")), stats["filtered"], (source or {}).get("read"))
-    if paper is not None:  # a data set of the paper's: its Table I / V numbers beside these
-        stats = {**stats, "paper": paper}
-    write_json(data_dir / "stats.json", stats)
+    write_json(data_dir / "stats.json", {**prepared.stats, **_source_stats(prepared.stats, source or {})})
     config = asdict(prepared.config)
     config["split_ratio"] = list(config["split_ratio"])
     write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
+
+
+def _source_stats(stats: dict, source: dict) -> dict:
+    """What stats.json gains from the source (`write` adds it; `holds_same_data` leaves it out):
+    the items a publisher's reader dropped for want of a title with their interactions
+    (`without_title`), and the paper's numbers of its data sets (`paper`)."""
+    out = {}
+    untitled = without_title(source.get("read"))
+    if untitled is not None:
+        out["without_title"] = untitled
+    paper = compare_with_paper(str(source.get("dataset", "")), stats["filtered"], source.get("read"))
+    if paper is not None:  # a data set of the paper's: its Table I / V numbers beside these
+        out["paper"] = paper
+    return out
 
 
 def holds_same_data(data_dir: str | Path, config: ProtocolConfig, dataset: str, prepared: Prepared | None = None) -> bool:
@@ -412,7 +508,9 @@ def holds_same_data(data_dir: str | Path, config: ProtocolConfig, dataset: str, 
         return False
     if prepared is None:
         return True
-    if read_json(data_dir / "stats.json") != json.loads(json.dumps(prepared.stats)):
+    from_source = ("without_title", "paper")  # added by `write`, from the source
+    if {k: v for k, v in read_json(data_dir / "stats.json").items() if k not in from_source} != json.loads(
+            json.dumps(prepared.stats)):
         return False
 
     def same(name: str, table: pa.Table) -> bool:
