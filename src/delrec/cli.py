@@ -89,7 +89,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
               f"{read['interactions_of_items_without_title']} interactions"
               + (f" ({untitled['items_share']:.1%} of the items, {untitled['interactions_share']:.1%} of the "
                  "interactions)" if untitled else "")
-              + f"; {s['raw']['duplicates_dropped']} exact duplicates dropped (protocol.json: source.read; stats.json)")
+              + f"; exact duplicates dropped: {s['raw']['duplicates_dropped']} (protocol.json: source.read; stats.json)")
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> None:
