@@ -170,7 +170,8 @@ def _llm_scorer(args, data):
     from delrec.io import read_json
     from delrec.scorers import make_scorer
 
-    kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "title_scoring": args.verbalizer}
+    kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "title_scoring": args.verbalizer,
+          "weights": getattr(args, "weights", "float")}
     if getattr(args, "finetuned", None):
         folder = Path(args.finetuned)
         if not (folder / "config.json").exists():
@@ -489,6 +490,8 @@ def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) ->
     g.add_argument("--templates", help="JSON/YAML file overriding template texts and domain words")
     g.add_argument("--teacher-name", help="teacher named in the prompts (default SASRec)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    g.add_argument("--weights", default="float", choices=["float", "int8"],
+                   help="the LLM's linear layers as loaded, or int8 with the adapters merged (CPU: faster; llm/quantize.py)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with native bf16), float32, bfloat16")
 
 
