@@ -149,7 +149,7 @@ class Pipeline:
 
         def prepare_data():
             raw = load_dataset(c.dataset)
-            write(prepare(raw.interactions, raw.items, proto), self.run / "data", source={"dataset": c.dataset, **raw.source})
+            write(prepare(raw.interactions, raw.items, proto, read=raw.source.get("read")), self.run / "data", source={"dataset": c.dataset, **raw.source})
 
         self._step("data", marker.exists(), prepare_data, main_only=True)
 
