@@ -202,3 +202,21 @@ def test_rps_soft_target_is_the_teachers_scores_in_the_listed_order(taught_run):
     assert result.metrics["steps"] == 3
     with pytest.raises(ValueError, match="rps_distill_weight needs the RPS task"):
         DistillConfig(tasks=("ta",), rps_distill_weight=1.0)
+
+
+def test_merged_adapter_scores_as_the_unmerged_one(taught_run):  # noqa: F811
+    """finetuned_scorer folds the adapter into the weights (a pure speed-up): the scores equal the
+    unmerged peft model's up to float rounding, and every rank is the same."""
+    from peft import PeftModel
+
+    run, data = taught_run
+    result = finetune(run, FinetuneConfig(**{**BASE, **COLLAPSE_LEARN, "steps": 6}), name="merged",
+                      backbone=steerable_llama(), progress=False)
+    merged = finetuned_scorer(result.out_dir, data, backbone=steerable_llama(), progress=False)
+    assert not isinstance(merged.backbone.model, PeftModel)
+    unmerged = finetuned_scorer(result.out_dir, data, backbone=steerable_llama(), progress=False)
+    unmerged.backbone.model = PeftModel.from_pretrained(steerable_llama().model, result.out_dir / "adapter").eval()
+    rows = data.indices("test")[:16]
+    a, b = merged.score_candidates(data, rows), unmerged.score_candidates(data, rows)
+    assert np.allclose(a, b, atol=1e-5)
+    assert np.array_equal(candidate_ranks(merged, data, rows), candidate_ranks(unmerged, data, rows))

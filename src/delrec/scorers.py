@@ -105,7 +105,10 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
         # peft checks AdaLoRA's rank_pattern keys (".lora_E" names) against module names and warns
         # that they match nothing, yet applies them: the pruned ranks load (tests/test_finetune.py)
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
-        bb.model = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
+        adapted = PeftModel.from_pretrained(bb.model, folder / "adapter").eval()
+    # the adapters folded into the weights they adapt: one matmul per layer instead of three when
+    # scoring (scores equal to the unmerged model's up to float rounding; tests/test_speed_levers.py)
+    bb.model = adapted.merge_and_unload()
     _with_weights(bb, weights)
     soft_path = folder / "soft_prompt.safetensors"
     soft = SoftPrompt.load(soft_path, bb) if soft_path.exists() else None
