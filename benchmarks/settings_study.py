@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "settings-study"
 FIGURE = ROOT / "docs" / "figures" / "settings-study.png"
+FIGURE_SECONDS = ROOT / "docs" / "figures" / "study-seconds.png"
 SEED = 0
 NEAR = 0.02  # an end within this much NDCG@5 of the best point counts as "ends where it peaks"
 
@@ -223,7 +224,66 @@ def describe(r: dict) -> str:
     else:
         adapter = (f"AdaLoRA tinit {s['tinit']:g} tfinal {s['tfinal']:g} deltaT {s['delta_t']}"
                    + (f", relative lr, P/Q x{s['vector_lr_scale']:g}" if s["relative_lr"] else ""))
-    return f"{adapter}, {opt}, {sched}, {batch}"
+    return ", ".join([f"{adapter}, {opt}, {sched}, {batch}", *levers(s)])
+
+
+def levers(s: dict) -> list[str]:
+    """The speed and distillation settings of a stage-2 probe that differ from today's."""
+    out = [f"top {s['adapter_layers']} layers" if s.get("adapter_layers") else "",
+           f"{s['train_negatives']} negatives in the loss" if s.get("train_negatives") else "",
+           f"distill {s['distill_weight']:g} (T {s['distill_temperature']:g})" if s.get("distill_weight") else ""]
+    return [x for x in out if x]
+
+
+SECONDS_PREFIX = "s2-"  # the probes of the study in seconds
+
+
+def seconds_table(results: list[dict]) -> str:
+    """The study in seconds: per probe its training seconds, seconds per example, and the valid
+    metrics and teacher agreement at the end of its budget; the best END named."""
+    rows = [r for r in results if r["probe"].startswith(SECONDS_PREFIX)]
+    if not rows:
+        return ""
+    lines = [f"Stage 2 at equal training seconds ({rows[0]['study']['valid_samples']} valid samples, "
+             f"{rows[0]['study'].get('threads', 1)} thread per job)", "",
+             "| probe | levers | examples | training s | s / example | valid NDCG@5 by evaluation | END NDCG@5 (HR@1) | "
+             "END teacher agreement |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        end = r["curve"][-1]
+        curve = " / ".join(f"{p['valid_NDCG@5']:.3f} ({p['seconds']:.0f} s)" for p in r["curve"])
+        agree = end.get("valid_teacher_agreement")
+        lines.append(f"| {r['probe']} | {', '.join(levers(r['settings'])) or 'none (today)'} | "
+                     f"{end['examples_seen']} | {r['seconds']:.0f} | {r['seconds'] / max(1, end['examples_seen']):.2f} | {curve} | "
+                     f"{end['valid_NDCG@5']:.3f} ({end['valid_HR@1']:.3f}) | {'-' if agree is None else f'{agree:.3f}'} |")
+    top = max(rows, key=lambda r: r["curve"][-1]["valid_NDCG@5"])
+    lines += ["", f"Best END value at equal seconds: **{top['probe']}**, valid NDCG@5 {top['curve'][-1]['valid_NDCG@5']:.3f}."]
+    return "\n".join(lines)
+
+
+def seconds_figure(results: list[dict], path: Path) -> None:
+    """Valid NDCG@5 of the study in seconds against training seconds and against examples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from delrec.io import atomic_path
+
+    rows = [r for r in results if r["probe"].startswith(SECONDS_PREFIX)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for r in rows:
+        a.plot([p["seconds"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+               label=r["probe"])
+        b.plot([p["examples_seen"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+               label=r["probe"])
+    valid = rows[0]["study"]["valid_samples"] if rows else 0
+    a.set(xlabel="training seconds (evaluations excluded)", ylabel="valid NDCG@5", title=f"stage 2 at equal seconds ({valid} valid)")
+    b.set(xlabel="train examples seen", ylabel="valid NDCG@5", title="the same curves against examples")
+    a.legend(fontsize=7), b.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def windows(steps: list[dict], width: int) -> list[float]:
@@ -310,6 +370,7 @@ def main() -> None:
     p.add_argument("--run", default="runs/study", help="the study's folder (a run folder per probe in it)")
     p.add_argument("--out", default=str(OUT), help="the results folder")
     p.add_argument("--figure", default=str(FIGURE), help="where --summary draws the figure")
+    p.add_argument("--seconds-figure", default=str(FIGURE_SECONDS), help="where --summary draws the study in seconds")
     p.add_argument("--examples", type=int, default=800, help="train examples per probe (per task in stage 1)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="a budget of training seconds (evaluations excluded): the study in seconds")
@@ -347,6 +408,10 @@ def main() -> None:
         print(table(results))
         figure(results, Path(a.figure))
         print(f"\nfigure: {a.figure}")
+        if any(r["probe"].startswith(SECONDS_PREFIX) for r in results):
+            print("\n" + seconds_table(results))
+            seconds_figure(results, Path(a.seconds_figure))
+            print(f"\nfigure: {a.seconds_figure}")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,19 @@ def test_study_run_links_the_source(tmp_path):
     (tmp_path / "other" / "data").mkdir(parents=True)
     with pytest.raises(FileExistsError):
         study.study_run(tmp_path / "other", source)
+
+
+def test_seconds_study_table_compares_ends_at_equal_seconds(tmp_path):
+    """The study in seconds: each `s2-` probe's end of budget, its seconds per example, and its levers."""
+    today = _result("s2-today", [0.20, 0.30, 0.35, 0.40], [0.05, 0.10, 0.15, 0.18])
+    combo = _result("s2-top8-neg4-distill-1", [0.20, 0.40, 0.45, 0.47], [0.05, 0.15, 0.20, 0.24])
+    today["seconds"], combo["seconds"] = 2400.0, 2350.0
+    combo["curve"][-1]["valid_teacher_agreement"] = 0.5
+    text = study.seconds_table([today, combo])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| s2-")}
+    assert "| none (today) | 600 | 2400 | 4.00 |" in rows["s2-today"] and rows["s2-today"].endswith("| 0.400 (0.180) | - |")
+    assert "top 8 layers, 4 negatives in the loss, distill 1 (T 2)" in rows["s2-top8-neg4-distill-1"]
+    assert rows["s2-top8-neg4-distill-1"].endswith("| 0.470 (0.240) | 0.500 |")
+    assert "**s2-top8-neg4-distill-1**" in text
+    study.seconds_figure([today, combo], tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 0
