@@ -60,7 +60,7 @@ LEVERS = {
 TODAY = {"adapter_layers": None, "train_negatives": None, "distill_weight": 0.0}
 
 
-def finetune_settings(config_path: Path, tiny: bool) -> tuple[dict, dict]:
+def finetune_settings(config_path: Path, tiny: bool, teacher: str | None = None) -> tuple[dict, dict]:
     """(today's settings, the preset's) from a run config's finetune section, for the `usp` method."""
     import yaml
 
@@ -68,10 +68,10 @@ def finetune_settings(config_path: Path, tiny: bool) -> tuple[dict, dict]:
     preset = {k: v for k, v in values.get("finetune", {}).items()
               if k not in ("steps", "eval_every", "snapshot_every", "patience", "valid_samples")}
     preset.update(method="usp", soft_tokens=values.get("distill", {}).get("soft_tokens", 32), valid_samples=4,
+                  teacher=teacher or (values.get("method_teachers") or values.get("teachers") or ["sasrec"])[0],
                   steps=1000, eval_every=10**6, checkpoint_every=10**6)
     if tiny:
         preset.update(soft_tokens=4, batch_size=2)
-        preset["adapter_layers"] = min(preset.get("adapter_layers") or 1, 1)
     today = {**preset, **TODAY}
     return today, preset
 
@@ -145,6 +145,46 @@ def time_score(a, stage, weights: str, dtype: str, rows):
             "seconds_per_sample": seconds / len(rows), "peak_rss_mb": round(peak.mb), "samples": len(rows)}, ranks
 
 
+def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
+    """`--score-adapter`: a trained stage-2 folder scored as `delrec evaluate --finetuned` scores it,
+    with float and with int8 weights: seconds per sample and the rankings compared."""
+    from delrec.data.protocol import RunData
+    from delrec.evaluate import candidate_ranks
+    from delrec.scorers import finetuned_scorer
+
+    data = RunData.load(Path(a.run) / "data")
+    out, ranks, top1 = [], {}, {}
+    for weights in ("float", "int8"):
+        scorer = finetuned_scorer(a.score_adapter, data, backbone=load_backbone(a, dtype), progress=False,
+                                  run_dir=a.run, weights=weights)
+        candidate_ranks(scorer, data, rows[:2], local=True)  # warm-up
+        with PeakMemory(scorer.backbone.device) as peak:
+            start = time.perf_counter()
+            scores = scorer.score_candidates(data, rows)
+            seconds = time.perf_counter() - start
+        ranks[weights] = candidate_ranks(_Fixed(scores), data, rows, local=True)
+        top1[weights] = scores.argmax(axis=1)
+        out.append({"row": f"adapter-{weights}", "kind": "score", "dtype": dtype, "weights": weights,
+                    "seconds_per_sample": seconds / len(rows), "peak_rss_mb": round(peak.mb), "samples": len(rows),
+                    "adapter": str(a.score_adapter)})
+    out[1]["speedup_vs_float"], out[0]["speedup_vs_float"] = out[0]["seconds_per_sample"] / out[1]["seconds_per_sample"], 1.0
+    comparison = compare_rankings(ranks["float"], ranks["int8"])
+    comparison["same_top1"] = float((top1["float"] == top1["int8"]).mean())
+    return out, comparison
+
+
+class _Fixed:
+    """Scores computed already, as a Scorer (for candidate_ranks' pessimistic ranks)."""
+
+    def __init__(self, scores):
+        self.scores, self.pos = scores, 0
+
+    def score_candidates(self, data, rows):
+        part = self.scores[self.pos : self.pos + len(rows)]
+        self.pos += len(rows)
+        return part
+
+
 def compare_rankings(ranks_float, ranks_int8) -> dict:
     import numpy as np
 
@@ -163,6 +203,8 @@ def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
 
     rows_out = []
     variants = {"today": today, **{k: {**today, **v} for k, v in LEVERS.items()}, "preset": preset}
+    if a.tiny:  # the tiny model has 2 layers
+        variants = {k: {**v, "adapter_layers": v.get("adapter_layers") and 1} for k, v in variants.items()}
     if a.only:
         variants = {k: v for k, v in variants.items() if k in a.only or k == "today"}
     stages = {}
@@ -186,8 +228,15 @@ def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
     for row in (fl, q8):
         print(f"  {row['row']:14s} {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_rss_mb']} MB", flush=True)
     preset_row = next(r for r in rows_out if r["row"] == "preset") if "preset" in variants else rows_out[0]
-    return {"rows": [*rows_out, fl, q8], "rankings_int8_vs_float": compare_rankings(ranks_fl, ranks_q8),
-            "speedup_train_preset": preset_row["speedup_vs_today"], "speedup_score_int8": q8["speedup_vs_float"]}
+    result = {"rows": [*rows_out, fl, q8], "rankings_int8_vs_float": compare_rankings(ranks_fl, ranks_q8),
+              "speedup_train_preset": preset_row["speedup_vs_today"], "speedup_score_int8": q8["speedup_vs_float"]}
+    if a.score_adapter:
+        folder_rows, comparison = time_folder_scoring(a, dtype, samples)
+        result["rows"] += folder_rows
+        result["rankings_int8_vs_float_trained"] = comparison
+        for row in folder_rows:
+            print(f"  {row['row']:14s} {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_rss_mb']} MB", flush=True)
+    return result
 
 
 def table(result: dict) -> str:
@@ -203,26 +252,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/ml100k-cpu", help="a prepared run (data and teacher), only read")
     p.add_argument("--config", default="configs/ml100k-cpu.yaml", help="the preset whose finetune section is `preset`")
     p.add_argument("--llm", default="smollm2-135m")
+    p.add_argument("--teacher", help="the run's teacher (default: the config's first)")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant (after one warm-up)")
     p.add_argument("--score-samples", type=int, default=48, help="test samples scored per weights kind")
+    p.add_argument("--score-adapter", type=Path, help="also score this trained stage-2 folder (RUN/finetune/NAME) "
+                   "with float and int8 weights on the same samples")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="train rows to run besides today (LEVERS names, preset)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--tiny", action="store_true", help="a tiny random model: a smoke test, not a measurement")
     p.add_argument("--out", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     import torch
 
     from delrec.llm.backbone import cpu_supports_bf16
 
     torch.set_num_threads(a.threads)
-    today, preset = finetune_settings(ROOT / a.config, a.tiny)
+    today, preset = finetune_settings(ROOT / a.config, a.tiny, a.teacher)
     run = make_run(Path(a.run))
     result = {"environment": environment(), "weights": "random tiny model" if a.tiny else f"real {a.llm} weights",
               "settings": {"run": a.run, "config": a.config, "steps": a.steps, "score_samples": a.score_samples,

@@ -220,3 +220,25 @@ def test_merged_adapter_scores_as_the_unmerged_one(taught_run):  # noqa: F811
     a, b = merged.score_candidates(data, rows), unmerged.score_candidates(data, rows)
     assert np.allclose(a, b, atol=1e-5)
     assert np.array_equal(candidate_ranks(merged, data, rows), candidate_ranks(unmerged, data, rows))
+
+
+def test_speed_benchmark_runs_on_a_tiny_model(taught_run, tmp_path):  # noqa: F811
+    """benchmarks/speed.py end to end (--tiny): every row timed, the speed-ups and the int8
+    rankings written under the keys the issue names."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", script)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    run, _ = taught_run
+    out = tmp_path / "speed.json"
+    speed.main(["--tiny", "--threads", "1", "--run", str(run), "--teacher", "gru4rec", "--steps", "1",
+                "--score-samples", "3", "--dtypes", "float32", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["dtypes"]["float32"]["rows"]
+    assert {r["row"] for r in rows} >= {"today", "top8", "neg4", "distill", "preset", "score-float", "score-int8"}
+    assert all(r["peak_rss_mb"] > 0 for r in rows)
+    assert result["speedup_train"] > 0 and result["speedup_score"] > 0 and result["weights"] == "random tiny model"
+    assert set(result["dtypes"]["float32"]["rankings_int8_vs_float"]) >= {"float", "int8", "paired", "same_target_rank"}
