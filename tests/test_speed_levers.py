@@ -242,3 +242,67 @@ def test_speed_benchmark_runs_on_a_tiny_model(taught_run, tmp_path):  # noqa: F8
     assert all(r["peak_rss_mb"] > 0 for r in rows)
     assert result["speedup_train"] > 0 and result["speedup_score"] > 0 and result["weights"] == "random tiny model"
     assert set(result["dtypes"]["float32"]["rankings_int8_vs_float"]) >= {"float", "int8", "paired", "same_target_rank"}
+
+
+# -- deep soft prompts (P-tuning v2 / VPT-Deep style) ---------------------------------------------
+
+def _deep_setup(taught_run, depth):  # noqa: F811
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.llm.templates import Templates, lsr_prompt
+
+    run, data = taught_run
+    bb = steerable_llama()
+    soft = SoftPrompt.for_backbone(bb, 4, seed=0)
+    scorer = LLMScorer.for_run(data, bb, templates=Templates.for_teacher("gru4rec"), soft_prompt=soft, progress=False)
+    before = scorer.verbalizer._before_ids(lsr_prompt(scorer.templates, ["-"], ["-"], soft_prompt=True))
+    return run, data, bb, soft, scorer, before
+
+
+def test_deep_prompt_started_from_the_input_prompt_scores_as_it_does(taught_run):  # noqa: F811
+    """init_deep sets each layer's vectors to the hidden states the input prompt gives the slot
+    there, so the deep prompt scores exactly as the input-only prompt (the hooks put the vectors at
+    the slot's positions, in the packed and the brute-force paths); moving a vector changes scores."""
+    run, data, bb, soft, scorer, before = _deep_setup(taught_run, 2)
+    rows = data.indices("test")[:4]
+    plain = scorer.score_candidates(data, rows)
+    soft.init_deep(bb, before, depth=2)
+    assert soft.deep_layers == (1,) and [id(x) for x in soft.trainable()] == [id(soft.embedding), id(soft.deep)]  # input + layer 1
+    deep = scorer.score_candidates(data, rows)
+    assert np.allclose(plain, deep, atol=1e-5)
+    prompts = scorer.prompts(data, rows[:2])
+    brute = scorer.verbalizer.score_brute_force(prompts, soft)
+    assert all(torch.allclose(b, torch.as_tensor(d), atol=1e-4) for b, d in zip(brute, deep[:2]))
+    with torch.no_grad():
+        soft.deep.add_(torch.randn_like(soft.deep))
+    moved = scorer.score_candidates(data, rows)
+    assert not np.allclose(plain, moved, atol=1e-3)
+    assert all(torch.allclose(b, torch.as_tensor(d), atol=1e-4)
+               for b, d in zip(scorer.verbalizer.score_brute_force(prompts, soft), moved[:2]))
+
+
+def test_deep_prompt_on_the_top_layer_trains_only_its_vectors_and_round_trips(taught_run, tmp_path):  # noqa: F811
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.stages.distill import DistillConfig, distill
+
+    run, data = taught_run
+    bb = steerable_llama()
+    cfg = DistillConfig(teacher="gru4rec", soft_tokens=4, steps=3, batch_size=2, valid_samples=2, eval_every=3,
+                        checkpoint_every=10**6, soft_depth=1, lr=1e-2, device="cpu", dtype="float32")
+    result = distill(run, cfg, name="deep-top1", backbone=bb, progress=False)
+    soft = result.soft_prompt
+    assert soft.deep_layers == (1,) and [id(x) for x in soft.trainable()] == [id(soft.deep)]
+    start = SoftPrompt.for_backbone(steerable_llama(), 4, seed=0)
+    assert torch.equal(soft.embedding.detach(), start.embedding.detach())  # the input vectors stayed
+    loaded = SoftPrompt.load(result.out_dir / "soft_prompt.safetensors", steerable_llama())
+    assert loaded.deep_layers == (1,) and torch.equal(loaded.deep, soft.deep.detach().float())
+    with pytest.raises(ValueError, match="soft_depth must be 0"):
+        DistillConfig(soft_depth=-1)
+    from llm_helpers import tiny_t5_backbone
+
+    with pytest.raises(ValueError, match="decoder-only"):
+        SoftPrompt.for_backbone(tiny_t5_backbone(), 4).init_deep(tiny_t5_backbone(), [1, 2], 1)
+    # stage 2 reads it as any soft prompt: frozen, its vectors applied at layer 1
+    stage2 = finetune(run, FinetuneConfig(**{**BASE, "method": "delrec", "steps": 2, "soft_tokens": 4},
+                                          soft_prompt=str(result.out_dir / "soft_prompt.safetensors")),
+                      name="deep-stage2", backbone=steerable_llama(), progress=False)
+    assert torch.equal(SoftPrompt.load(stage2.out_dir).deep, loaded.deep)

@@ -233,6 +233,17 @@ class Backbone:
             layer.training = True
         return self
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks of a decoder-only model, bottom first (inside a peft wrapper too):
+        where a deep soft prompt (llm/soft_prompt.py) sets the slot's hidden states."""
+        if self.is_encoder_decoder:
+            raise ValueError(f"{self.name}: deep soft prompts need a decoder-only backbone")
+        inner = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{self.name}: no decoder layers found (model.get_decoder().layers)")
+        return layers
+
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens (no BOS/EOS)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -32,7 +32,8 @@ all read from one forward pass per prompt (the `first-token` path with one-token
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ class _Batch:
     embeds: torch.Tensor  # [B, T, d]
     mask: torch.Tensor  # [B, T]
     lengths: torch.Tensor  # [B] real prompt tokens
+    slots: list[int | None] = field(default_factory=list)  # [B] where each row's soft prompt starts (None: no slot)
 
 
 @dataclass
@@ -142,20 +144,57 @@ class Verbalizer:
         title as the answer."""
         return [self.answer_ids(t) for t in prompt.candidates]
 
+    def _before_ids(self, prompt: Prompt) -> list[int]:
+        """The tokens before the soft-prompt slot (the whole prompt without one), BOS first where
+        the tokenizer adds one: the slot starts at len() of this."""
+        bb = self.backbone
+        ids_before = self._encode(prompt.before if prompt.has_slot else prompt.before.rstrip())
+        bos = bb.tokenizer.bos_token_id
+        if not bb.is_encoder_decoder and bos is not None and getattr(bb.tokenizer, "add_bos_token", False):
+            ids_before = [bos] + ids_before
+        return ids_before
+
+    def _slot_start(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> int | None:
+        """Where a deep soft prompt's vectors go in this prompt's sequence (None: nowhere)."""
+        if soft_prompt is None or not soft_prompt.is_deep or not prompt.has_slot:
+            return None
+        if prompt.item_slots:
+            raise ValueError("a deep soft prompt goes with the plain LSR, TA and RPS prompts, not with item vectors")
+        return len(self._before_ids(prompt))
+
+    @contextmanager
+    def _deep_slots(self, soft_prompt: SoftPrompt | None, slots: Sequence[int | None]):
+        """While a forward pass runs: at the input of each layer of a deep soft prompt, the slot's
+        hidden states of every row (starting at `slots[row]`) set to that layer's vectors."""
+        rows = [(b, start) for b, start in enumerate(slots) if start is not None]
+        if soft_prompt is None or not soft_prompt.is_deep or not rows:
+            yield
+            return
+        layers, n = self.backbone.decoder_layers(), soft_prompt.num_tokens
+
+        def setter(vectors):
+            def hook(module, args, kwargs):
+                hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+                for b, start in rows:
+                    hidden[b, start : start + n] = vectors.to(hidden.dtype)
+                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            return hook
+
+        handles = [layers[i].register_forward_pre_hook(setter(vectors), with_kwargs=True)
+                   for i, vectors in zip(soft_prompt.deep_layers, soft_prompt.deep)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _prompt_embeds(self, prompt: Prompt, soft_prompt: SoftPrompt | None) -> torch.Tensor:
         if prompt.item_slots:
             return self._embeds_with_items(prompt, soft_prompt)
         bb = self.backbone
-        before, after = prompt.before, prompt.after
-        if prompt.has_slot:
-            after = after.rstrip()
-        else:
-            before = before.rstrip()
-        ids_before = self._encode(before)
+        after = prompt.after.rstrip() if prompt.has_slot else prompt.after
+        ids_before = self._before_ids(prompt)
         ids_after = self._encode(after)
-        bos = bb.tokenizer.bos_token_id
-        if not bb.is_encoder_decoder and bos is not None and getattr(bb.tokenizer, "add_bos_token", False):
-            ids_before = [bos] + ids_before
         if bb.is_encoder_decoder and bb.eos_token_id is not None:
             ids_after = ids_after + [bb.eos_token_id]  # T5 encoder inputs end with </s>
         parts = [bb.input_embeddings(torch.tensor(ids_before, dtype=torch.long, device=bb.device))]
@@ -204,7 +243,11 @@ class Verbalizer:
 
     def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool) -> _Batch:
         seqs = [self._prompt_embeds(p, soft_prompt) for p in prompts]
-        return _pad(seqs, left_pad)
+        batch = _pad(seqs, left_pad)
+        T = batch.embeds.shape[1]
+        starts = [self._slot_start(p, soft_prompt) for p in prompts]
+        batch.slots = [None if s is None else s + (T - len(x) if left_pad else 0) for s, x in zip(starts, seqs)]
+        return batch
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -260,8 +303,9 @@ class Verbalizer:
         prompt = self._batch(prompts, soft_prompt, left_pad=True)
         B, T, _ = prompt.embeds.shape
         if L == 0:
-            out = model(inputs_embeds=prompt.embeds, attention_mask=prompt.mask,
-                        position_ids=(prompt.mask.cumsum(1) - 1).clamp(min=0), use_cache=False, logits_to_keep=1)
+            with self._deep_slots(soft_prompt, prompt.slots):
+                out = model(inputs_embeds=prompt.embeds, attention_mask=prompt.mask,
+                            position_ids=(prompt.mask.cumsum(1) - 1).clamp(min=0), use_cache=False, logits_to_keep=1)
             logp = F.log_softmax(out.logits.float(), dim=-1)
             return [logp[b, 0, torch.tensor([c[0] for c in cs], device=dev)] for b, cs in enumerate(continuations)]
 
@@ -297,8 +341,9 @@ class Verbalizer:
         same_candidate = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
         mask = (real_prompt[:, None, :] & causal) | (same_candidate & causal)
         mask |= torch.eye(Q, dtype=torch.bool, device=dev)  # padding attends to itself: no empty rows
-        out = model(inputs_embeds=embeds, attention_mask=self._mask4d(mask), position_ids=positions,
-                    use_cache=False, logits_to_keep=L + 1)
+        with self._deep_slots(soft_prompt, prompt.slots):
+            out = model(inputs_embeds=embeds, attention_mask=self._mask4d(mask), position_ids=positions,
+                        use_cache=False, logits_to_keep=L + 1)
         logits = out.logits  # [B, L + 1, V]: from the prompt's last position onwards
         rows_t, where_t = torch.tensor(rows, device=dev), torch.tensor(where, device=dev)
         return _mean_per_continuation(logits[rows_t, where_t], tokens, owner, [len(cs) for cs in continuations])
@@ -435,7 +480,8 @@ class Verbalizer:
                     else:
                         seq = torch.cat([prompt, bb.input_embeddings(y[:-1])])[None]
                         # logits only where the answer is scored: the reference is plain, not wasteful
-                        logits = bb.model(inputs_embeds=seq, logits_to_keep=len(ids)).logits[0]
+                        with self._deep_slots(soft_prompt, [self._slot_start(p, soft_prompt)]):
+                            logits = bb.model(inputs_embeds=seq, logits_to_keep=len(ids)).logits[0]
                     logp = F.log_softmax(logits.float(), dim=-1)[torch.arange(len(ids)), y]
                     scores.append(logp[:n].mean())
                 out.append(torch.stack(scores).cpu())

@@ -33,7 +33,7 @@ from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import Prompt, Templates
+from delrec.llm.templates import Prompt, Templates, lsr_prompt
 from delrec.llm.verbalizer import Verbalizer
 from delrec.locks import holds_run_lock
 from delrec.stages.config import StageConfig, seeded_backbone
@@ -70,12 +70,19 @@ class DistillConfig(StageConfig):
     # rps_distill_weight * T^2 * KL(softmax(teacher / T) || softmax(LLM / T)) (0: the paper's top-1 only)
     rps_distill_weight: float = 0.0
     rps_distill_temperature: float = 2.0
+    # 0: the paper's soft prompt, in the input only; k > 0: a deep prompt with its own vectors at the
+    # input of each of the top k layers (llm/soft_prompt.py); below every layer, only those train
+    soft_depth: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         self.tasks = tuple(self.tasks)
         if not self.tasks or set(self.tasks) - {"ta", "rps"}:
             raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
+        if self.soft_depth < 0:
+            raise ValueError(f"soft_depth must be 0 (input-only soft prompt) or a number of top layers, got {self.soft_depth}")
+        if self.soft_depth and self.update_llm:
+            raise ValueError("a deep soft prompt (soft_depth) and `w UDPSM` (update_llm) do not go together")
         if self.rps_distill_weight < 0 or self.rps_distill_temperature <= 0:
             raise ValueError(f"need rps_distill_weight >= 0 and rps_distill_temperature > 0, got {self.rps_distill_weight}, "
                              f"{self.rps_distill_temperature}")
@@ -173,8 +180,12 @@ class DistillStage(Stage):
                 p.requires_grad_(True)
             self.llm_params = [p for p in bb.model.parameters()]
         self.soft = SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed, init=config.soft_init)
-        self.weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
         self.verbalizer = Verbalizer(bb, "full-title", config.verbalizer_batch)
+        if config.soft_depth:  # started where the input prompt puts the slot's hidden states after the LSR text
+            lsr = lsr_prompt(templates, ["-"], ["-"], soft_prompt=True)
+            self.soft.init_deep(bb, self.verbalizer._before_ids(lsr), config.soft_depth)
+            self.soft.embedding.requires_grad_(any(p is self.soft.embedding for p in self.soft.trainable()))
+        self.weighting = LossWeighting(config.weighting, config.tasks, config.fixed_weights).to(bb.device)
 
         # the training examples: a seeded order over the eligible train rows (optionally a subset)
         rng = np.random.default_rng(config.seed)
@@ -193,13 +204,13 @@ class DistillStage(Stage):
         if self.lsr_scorer is not None:
             self.valid_rows["lsr"] = valid_subset(data, config.seed, config.valid_lsr_samples)
 
-        self.trainable = [self.soft.embedding, *self.llm_params]
+        self.trainable = [*self.soft.trainable(), *self.llm_params]
         # RPS's soft target: the teacher's own scores of the items its list shows
         self.rps_teacher = (teacher_scorer(run_dir, config.teacher, data, required=True)
                             if config.rps_distill_weight else None)
         self.loss_module = dist.prepare(Stage1Loss(self.verbalizer, self.soft, config.objective, config.rps_distill_weight,
                                                    config.rps_distill_temperature))
-        groups = [{"params": [self.soft.embedding], "lr": config.lr}]
+        groups = [{"params": self.soft.trainable(), "lr": config.lr}]
         if self.llm_params:
             groups.append({"params": self.llm_params, "lr": config.llm_lr})
         if config.weighting == "uncertainty":
@@ -267,6 +278,7 @@ class DistillStage(Stage):
 
     def checkpoint(self, rng) -> dict:
         return {"config": self.config_dict, "soft_prompt": self.soft.embedding.detach().clone(),
+                "deep_prompt": self.soft.deep.detach().clone() if self.soft.is_deep else None,
                 "llm": self.bb.model.state_dict() if self.llm_params else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "weighting": self.weighting.state_dict(), "torch_rng": rng}
@@ -274,6 +286,8 @@ class DistillStage(Stage):
     def restore(self, ckpt: dict) -> None:
         with torch.no_grad():
             self.soft.embedding.copy_(ckpt["soft_prompt"])
+            if self.soft.is_deep:
+                self.soft.deep.copy_(ckpt["deep_prompt"])
             if self.llm_params:
                 self.bb.model.load_state_dict(ckpt["llm"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

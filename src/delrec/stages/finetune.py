@@ -285,7 +285,7 @@ class FinetuneStage(Stage):
         self.device = bb.device
         soft = self.soft = method.stage2_soft_prompt(run_dir, config, bb)
         if soft is not None:
-            soft.embedding.requires_grad_(method.train_soft_prompt)
+            soft.requires_grad_(method.train_soft_prompt)  # a deep prompt's layer vectors too
 
         peft_model = self.peft_model = get_peft_model(bb.model, adapter_config(config, bb))
         bb.model = peft_model  # the verbalizer calls bb.model: now with adapters
@@ -305,7 +305,7 @@ class FinetuneStage(Stage):
         self.valid_teacher_top1 = (None if teacher is None else
                                    np.asarray(teacher.score_candidates(data, self.valid_rows)).argmax(axis=1))
 
-        self.trainable = adapter_params + ([soft.embedding] if soft is not None and soft.embedding.requires_grad else [])
+        self.trainable = adapter_params + ([p for p in soft.parameters() if p.requires_grad] if soft is not None else [])
         self.loss_module = dist.prepare(Stage2Loss(peft_model, self.scorer, soft, extra, config))
         groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=self.trainable)
         extra_groups = extra.param_groups(config)
@@ -404,6 +404,7 @@ class FinetuneStage(Stage):
         return {
             "config": self.config_dict, "adapter": _adapter_tensors(peft_model),
             "soft_prompt": soft.embedding.detach().clone() if soft is not None else None,
+            "deep_prompt": soft.deep.detach().clone() if soft is not None and soft.is_deep else None,
             # the optimizer's state holds the extra's moments (LLaRA's projector) with the adapters'
             "extra": self.extra.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -419,6 +420,8 @@ class FinetuneStage(Stage):
         if self.soft is not None and ckpt["soft_prompt"] is not None:
             with torch.no_grad():
                 self.soft.embedding.copy_(ckpt["soft_prompt"])
+                if self.soft.is_deep and ckpt.get("deep_prompt") is not None:
+                    self.soft.deep.copy_(ckpt["deep_prompt"])
         if self.extra.module is not None:
             self.extra.load_state_dict(ckpt["extra"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
