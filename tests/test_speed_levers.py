@@ -306,3 +306,17 @@ def test_deep_prompt_on_the_top_layer_trains_only_its_vectors_and_round_trips(ta
                                           soft_prompt=str(result.out_dir / "soft_prompt.safetensors")),
                       name="deep-stage2", backbone=steerable_llama(), progress=False)
     assert torch.equal(SoftPrompt.load(stage2.out_dir).deep, loaded.deep)
+
+
+def test_stage2_without_the_untrained_evaluation(taught_run):  # noqa: F811
+    """eval_at_start: false saves the reference evaluation; the trained evaluations and the kept
+    adapter are the same as with it (a runtime setting: it changes no result)."""
+    run, data = taught_run
+    with_start = finetune(run, FinetuneConfig(**{**BASE, "eval_every": 2}), name="with-start",
+                          backbone=tiny_llama_backbone(), progress=False)
+    without = finetune(run, FinetuneConfig(**{**BASE, "eval_every": 2}, eval_at_start=False), name="without-start",
+                       backbone=tiny_llama_backbone(), progress=False)
+    steps = [e["step"] for e in without.metrics["valid_history"]]
+    assert steps == [2, 4] and [e["step"] for e in with_start.metrics["valid_history"]] == [0, 2, 4]
+    assert [e["valid_NDCG@5"] for e in without.metrics["valid_history"]] == \
+        [e["valid_NDCG@5"] for e in with_start.metrics["valid_history"][1:]]

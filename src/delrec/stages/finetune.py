@@ -122,6 +122,9 @@ class FinetuneConfig(StageConfig):
     # the weights the valid evaluations score with: `float` (as trained) or `int8` (a merged copy
     # with int8 linear layers, llm/quantize.py: faster on the CPU, rankings within rounding)
     eval_weights: str = "float"
+    # score the untrained model on the valid rows first (a reference point of the curve only: it
+    # never competes for the best); off saves one valid evaluation
+    eval_at_start: bool = runtime(True)
     patience: int = 3  # evaluations without a better valid NDCG@5
     # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
     # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
@@ -269,6 +272,7 @@ class FinetuneStage(Stage):
         dist = self.dist = distributed.current()
         dist.check_batch(config.batch_size, "stage 2")
         self.config, self.config_dict = config, config.to_dict()
+        self.eval_at_start = config.eval_at_start
         method = self.method = methods.get(config.method)
         out = run_dir / "finetune" / (name or f"{config.teacher}-{config.method}")
         # what a scorer needs beside the adapter (finetuned_scorer): saved and moved with it
