@@ -320,3 +320,29 @@ def test_stage2_without_the_untrained_evaluation(taught_run):  # noqa: F811
     assert steps == [2, 4] and [e["step"] for e in with_start.metrics["valid_history"]] == [0, 2, 4]
     assert [e["valid_NDCG@5"] for e in without.metrics["valid_history"]] == \
         [e["valid_NDCG@5"] for e in with_start.metrics["valid_history"][1:]]
+
+
+@pytest.mark.parametrize("slot", ["soft", "deep", "plain"])
+def test_shared_prefix_scores_as_one_pass_per_prompt(taught_run, slot):  # noqa: F811
+    """Scoring computes the prompts' shared start (the text before the slot and the soft prompt)
+    once (a pure speed-up): the same scores as every prompt computed whole, within float rounding,
+    the same ranks; with an input-only soft prompt, a deep one, and no slot (nothing shared)."""
+    run, data, bb, soft, scorer, before = _deep_setup(taught_run, 2)
+    if slot == "deep":
+        soft.init_deep(bb, before, depth=1)
+        with torch.no_grad():
+            soft.deep.add_(0.5 * torch.randn_like(soft.deep))
+    if slot == "plain":
+        scorer = LLMScorer.for_run(data, bb, progress=False)
+    v = scorer.verbalizer
+    prompts = scorer.prompts(data, data.indices("test")[:6])
+    used = soft if slot != "plain" else None
+    with torch.no_grad():  # (scoring only: under grad every token is computed)
+        # the template's text before the slot and the soft prompt; a prompt without a slot shares nothing
+        assert (v._shared_prefix(prompts[0], used, {}) is None) == (slot == "plain")
+    assert v._shared_prefix(prompts[0], used, {}) is None
+    shared = v.score(prompts, used)
+    v.share_prefix = False
+    whole = v.score(prompts, used)
+    for a, b in zip(shared, whole):
+        assert torch.allclose(a, b, atol=1e-5) and torch.equal(a.argsort(), b.argsort())

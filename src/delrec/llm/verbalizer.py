@@ -94,6 +94,17 @@ def ranking_loss(scores: Sequence[torch.Tensor], labels: Sequence[int], teacher:
     return LossParts(total, ce.detach(), kl.detach(), agree / len(scores))
 
 
+MIN_SHARED_PREFIX = 8  # tokens: a shorter shared prefix is not worth its extra pass
+
+
+@dataclass
+class _Prefix:
+    """The shared start of the prompts being scored: its length and its keys/values per layer."""
+
+    length: int
+    cache: object  # transformers.DynamicCache, cropped back to `length` after each prompt
+
+
 # how prompts go through the model: `prompt` = one forward pass per prompt (no padding, and a
 # prompt's scores do not depend on which prompts share its batch); `batch` = the prompts of a
 # batch padded into one pass (what keeps a GPU busy); `auto` = `prompt` on CPU, `batch` elsewhere
@@ -114,6 +125,9 @@ class Verbalizer:
         self.batch_size = batch_size
         self.passes = passes
         self.item_vectors = item_vectors
+        # scoring: the prompts' shared start computed once per call (`_shared_prefix`); off gives
+        # the plain one-pass-per-prompt path (the reference it is tested against)
+        self.share_prefix = True
         self._answer_ids: dict[str, list[int]] = {}
         self._text_ids: dict[str, list[int]] = {}
 
@@ -241,11 +255,13 @@ class Verbalizer:
             parts.append(piece)
         return torch.cat(parts, dim=0)
 
-    def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool) -> _Batch:
-        seqs = [self._prompt_embeds(p, soft_prompt) for p in prompts]
+    def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool, skip: int = 0) -> _Batch:
+        """The prompts' input vectors, padded; `skip`: leave out each prompt's first tokens (a
+        shared prefix whose keys and values are cached, the soft-prompt slot among them)."""
+        seqs = [self._prompt_embeds(p, soft_prompt)[skip:] for p in prompts]
         batch = _pad(seqs, left_pad)
         T = batch.embeds.shape[1]
-        starts = [self._slot_start(p, soft_prompt) for p in prompts]
+        starts = [None if skip else self._slot_start(p, soft_prompt) for p in prompts]
         batch.slots = [None if s is None else s + (T - len(x) if left_pad else 0) for s, x in zip(starts, seqs)]
         return batch
 
@@ -274,7 +290,39 @@ class Verbalizer:
         run = self._seq2seq if self.backbone.is_encoder_decoder else self._causal
         if not self.one_pass_per_prompt:
             return run(prompts, continuations, soft_prompt)
-        return [scores for p, cs in zip(prompts, continuations) for scores in run([p], [cs], soft_prompt)]
+        out, prefixes = [], {}
+        for p, cs in zip(prompts, continuations):
+            prefix = self._shared_prefix(p, soft_prompt, prefixes)
+            out += self._causal([p], [cs], soft_prompt, prefix) if prefix is not None else run([p], [cs], soft_prompt)
+        return out
+
+    def _shared_prefix(self, prompt: Prompt, soft_prompt: SoftPrompt | None, prefixes: dict) -> _Prefix | None:
+        """When scoring (no gradients) a prompt with a soft-prompt slot on a decoder-only model, one
+        pass per prompt: the template's text before the slot and the soft prompt, which every prompt
+        of that template starts with, run through the model once per call (`prefixes`, by template)
+        and their keys and values are shared by the passes of its prompts (`_Prefix`). The prefix
+        depends on the prompt's template alone, never on the other prompts of the call, so a
+        prompt's scores stay bit-identical whatever its batch; against a whole pass they differ by
+        float rounding (attention sums the same terms in another order). None where it does not
+        apply (`share_prefix` off, under grad, item vectors, no slot, fewer than MIN_SHARED_PREFIX
+        tokens)."""
+        if (not self.share_prefix or torch.is_grad_enabled() or soft_prompt is None or self.backbone.is_encoder_decoder
+                or self.title_scoring != "full-title" or prompt.item_slots or not prompt.has_slot):
+            return None
+        before = tuple(self._before_ids(prompt))
+        length = len(before) + soft_prompt.num_tokens
+        if length < MIN_SHARED_PREFIX:
+            return None
+        if before not in prefixes:
+            from transformers import DynamicCache
+
+            embeds = self._prompt_embeds(prompt, soft_prompt)[:length]
+            cache = DynamicCache()
+            with self._deep_slots(soft_prompt, [self._slot_start(prompt, soft_prompt)]):
+                self.backbone.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True,
+                                    position_ids=torch.arange(length, device=embeds.device)[None], logits_to_keep=1)
+            prefixes[before] = _Prefix(length, cache)
+        return prefixes[before]
 
     @property
     def one_pass_per_prompt(self) -> bool:
@@ -286,8 +334,10 @@ class Verbalizer:
             return self.passes == "prompt"
         return self.backbone.device.type == "cpu" and not distributed.current().sharded
 
-    def _causal(self, prompts, continuations, soft_prompt) -> list[torch.Tensor]:
+    def _causal(self, prompts, continuations, soft_prompt, prefix: _Prefix | None = None) -> list[torch.Tensor]:
         """One forward pass per batch: each row is [left padding, prompt, packed continuations].
+        With `prefix` (one prompt, see `_shared_prefix`) the prompt's first prefix.length tokens are
+        the cached keys and values, and only the rest of it and the continuations are computed.
 
         The continuations of a prompt are packed one after another behind it; a custom 4D mask
         lets each continuation token see the whole prompt and its own earlier tokens only, and
@@ -300,9 +350,10 @@ class Verbalizer:
         packs = [[c[:-1] if full else [] for c in cs] for cs in continuations]
         pack_len = [sum(len(x) for x in p) for p in packs]
         L = max(pack_len)
-        prompt = self._batch(prompts, soft_prompt, left_pad=True)
+        P = prefix.length if prefix is not None else 0
+        prompt = self._batch(prompts, soft_prompt, left_pad=True, skip=P)
         B, T, _ = prompt.embeds.shape
-        if L == 0:
+        if L == 0 and prefix is None:
             with self._deep_slots(soft_prompt, prompt.slots):
                 out = model(inputs_embeds=prompt.embeds, attention_mask=prompt.mask,
                             position_ids=(prompt.mask.cumsum(1) - 1).clamp(min=0), use_cache=False, logits_to_keep=1)
@@ -312,7 +363,7 @@ class Verbalizer:
         Q = T + L
         pack_ids = torch.zeros(B, L, dtype=torch.long, device=dev)
         positions = torch.zeros(B, Q, dtype=torch.long, device=dev)
-        positions[:, :T] = (prompt.mask.cumsum(1) - 1).clamp(min=0)
+        positions[:, :T] = (prompt.mask.cumsum(1) - 1).clamp(min=0) + P
         segment = torch.full((B, Q), -1, dtype=torch.long, device=dev)  # candidate of each pack slot
         # scored tokens: (row, logit position counted from T-1, token, candidate slot)
         rows, where, tokens, owner = [], [], [], []
@@ -324,7 +375,7 @@ class Verbalizer:
                 n = len(piece)
                 if n:
                     pack_ids[b, offset : offset + n] = torch.tensor(piece, device=dev)
-                    positions[b, T + offset : T + offset + n] = prompt.lengths[b] + torch.arange(n, device=dev)
+                    positions[b, T + offset : T + offset + n] = P + prompt.lengths[b] + torch.arange(n, device=dev)
                     segment[b, T + offset : T + offset + n] = j
                 # token k of c is predicted at the prompt's end (k = 0) or at its (k-1)-th pack slot
                 rows += [b] * len(c)
@@ -341,9 +392,15 @@ class Verbalizer:
         same_candidate = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
         mask = (real_prompt[:, None, :] & causal) | (same_candidate & causal)
         mask |= torch.eye(Q, dtype=torch.bool, device=dev)  # padding attends to itself: no empty rows
-        with self._deep_slots(soft_prompt, prompt.slots):
+        if prefix is None:
+            with self._deep_slots(soft_prompt, prompt.slots):
+                out = model(inputs_embeds=embeds, attention_mask=self._mask4d(mask), position_ids=positions,
+                            use_cache=False, logits_to_keep=L + 1)
+        else:  # every token also sees the shared prefix (a prompt's slot lies inside it: nothing to set here)
+            mask = torch.cat([torch.ones(B, Q, P, dtype=torch.bool, device=dev), mask], dim=2)
             out = model(inputs_embeds=embeds, attention_mask=self._mask4d(mask), position_ids=positions,
-                        use_cache=False, logits_to_keep=L + 1)
+                        past_key_values=prefix.cache, use_cache=True, logits_to_keep=L + 1)
+            prefix.cache.crop(P - prefix.cache.get_seq_length())  # back to the prefix alone for the next prompt
         logits = out.logits  # [B, L + 1, V]: from the prompt's last position onwards
         rows_t, where_t = torch.tensor(rows, device=dev), torch.tensor(where, device=dev)
         return _mean_per_continuation(logits[rows_t, where_t], tokens, owner, [len(cs) for cs in continuations])
