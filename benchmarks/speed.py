@@ -18,16 +18,19 @@ and optimizer, one warm-up step and `--steps` timed steps per variant, each on a
   the distillation term);
 * `preset`: the preset's own finetune section, whatever it chose.
 
-Scoring: the `today` model after its steps, on `--score-samples` fixed test samples, with float
-weights (as `delrec evaluate` scored it before) and with `eval_weights: int8` (llm/quantize.py:
-adapters merged, int8 linear layers); rankings compared on the same samples (HR@1 / NDCG@5 of
-each, the paired tests of delrec.significance, and the share of samples whose target rank is the
-same). float32 always; bfloat16 too where the CPU computes it natively (else skipped, and said).
+Scoring: the `today` model after its steps, on `--score-samples` fixed test samples: `score-today`
+as scoring ran before (the peft model unmerged, every prompt computed whole), `score-merged` as it
+runs now (adapter merged, the text before the slot and the soft prompt computed once per call) and
+`score-int8` (`eval_weights: int8`, llm/quantize.py); rankings compared with today's on the same
+samples (HR@1 / NDCG@5 of each, the paired tests of delrec.significance, and the share of samples
+whose target rank is the same). float32 always; bfloat16 too where the CPU computes it natively
+(else skipped, and said).
 
 Reported per row: seconds per example (train) or per sample (score), peak RSS during it (VmRSS
 sampled every 5 ms), and the speed-up over `today` / float in the same run. JSON in
 benchmarks/results/speed-cpu.json (`--out`; `--tiny` writes /tmp/speed_tiny.json unless told),
-with keys `speedup_train` and `speedup_score` (the preset's and int8's ratios) at the top.
+with keys `speedup_train` (the preset's) and `speedup_score` (merged + shared prefix, float) and
+`speedup_score_int8` at the top.
 """
 
 from __future__ import annotations
@@ -123,16 +126,24 @@ def time_train(a, run: Path, name: str, settings: dict, dtype: str):
     return row, stage
 
 
-def time_score(a, stage, weights: str, dtype: str, rows):
-    """Seconds per scored sample of the stage's model with `weights` (float or int8), and its ranks."""
+def time_score(a, stage, variant: str, dtype: str, rows):
+    """Seconds per scored sample of the stage's model, and its ranks: `today` as scoring ran
+    before (the peft model unmerged, every prompt computed whole), `merged` as it runs now (the
+    adapter merged, the template's text before the slot and the soft prompt shared), `int8` (merged,
+    int8 linear layers, shared prefix)."""
+    import copy
+
     from delrec.evaluate import candidate_ranks
     from delrec.llm.quantize import int8_copy
 
-    bb = stage.bb
+    bb, verbalizer = stage.bb, stage.scorer.verbalizer
     model = bb.model
     stage.peft_model.eval()
-    if weights == "int8":
+    if variant == "merged":
+        bb.model = copy.deepcopy(model).merge_and_unload()
+    elif variant == "int8":
         bb.model = int8_copy(model)
+    verbalizer.share_prefix = variant != "today"
     try:
         candidate_ranks(stage.scorer, stage.data, rows[:2], local=True)  # warm-up
         with PeakMemory(stage.device) as peak:
@@ -140,8 +151,8 @@ def time_score(a, stage, weights: str, dtype: str, rows):
             ranks = candidate_ranks(stage.scorer, stage.data, rows, local=True)
             seconds = time.perf_counter() - start
     finally:
-        bb.model = model
-    return {"row": f"score-{weights}", "kind": "score", "dtype": dtype, "weights": weights,
+        bb.model, verbalizer.share_prefix = model, True
+    return {"row": f"score-{variant}", "kind": "score", "dtype": dtype, "weights": "int8" if variant == "int8" else "float",
             "seconds_per_sample": seconds / len(rows), "peak_rss_mb": round(peak.mb), "samples": len(rows)}, ranks
 
 
@@ -222,14 +233,17 @@ def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
 
     data = RunData.load(run / "data")
     samples = subset_rows(data, "test", a.score_samples, seed=0)
-    fl, ranks_fl = time_score(a, stages["today"], "float", dtype, samples)
-    q8, ranks_q8 = time_score(a, stages["today"], "int8", dtype, samples)
-    fl["speedup_vs_float"], q8["speedup_vs_float"] = 1.0, fl["seconds_per_sample"] / q8["seconds_per_sample"]
-    for row in (fl, q8):
+    scored = {v: time_score(a, stages["today"], v, dtype, samples) for v in ("today", "merged", "int8")}
+    for row, _ in scored.values():
+        row["speedup_vs_today"] = scored["today"][0]["seconds_per_sample"] / row["seconds_per_sample"]
         print(f"  {row['row']:14s} {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_rss_mb']} MB", flush=True)
     preset_row = next(r for r in rows_out if r["row"] == "preset") if "preset" in variants else rows_out[0]
-    result = {"rows": [*rows_out, fl, q8], "rankings_int8_vs_float": compare_rankings(ranks_fl, ranks_q8),
-              "speedup_train_preset": preset_row["speedup_vs_today"], "speedup_score_int8": q8["speedup_vs_float"]}
+    result = {"rows": [*rows_out, *(row for row, _ in scored.values())],
+              "rankings_merged_vs_today": compare_rankings(scored["today"][1], scored["merged"][1]),
+              "rankings_int8_vs_float": compare_rankings(scored["today"][1], scored["int8"][1]),
+              "speedup_train_preset": preset_row["speedup_vs_today"],
+              "speedup_score_merged": scored["merged"][0]["speedup_vs_today"],
+              "speedup_score_int8": scored["int8"][0]["speedup_vs_today"]}
     if a.score_adapter:
         folder_rows, comparison = time_folder_scoring(a, dtype, samples)
         result["rows"] += folder_rows
@@ -247,7 +261,7 @@ def table(result: dict) -> str:
             continue
         for r in res["rows"]:
             per, sec = ("example", r["seconds_per_example"]) if r["kind"] == "train" else ("sample", r["seconds_per_sample"])
-            speed = r.get("speedup_vs_today", r.get("speedup_vs_float"))
+            speed = r.get("speedup_vs_today", r.get("speedup_vs_float", 1.0))
             lines.append(f"| {dtype} | {r['row']} | {sec:.3f} | {per} | {r['peak_rss_mb']} | {speed:.2f}x |")
     return "\n".join(lines)
 
@@ -287,10 +301,11 @@ def main(argv: list[str] | None = None) -> None:
         result["dtypes"][dtype] = run_dtype(a, run, dtype, today, preset)
     measured = result["dtypes"]["float32"]
     result["speedup_train"] = measured["speedup_train_preset"]
-    result["speedup_score"] = measured["speedup_score_int8"]
+    result["speedup_score"] = measured["speedup_score_merged"]  # what scoring does now, in float
+    result["speedup_score_int8"] = measured["speedup_score_int8"]
     print(table(result))
-    print(f"speedup_train (preset vs today, float32) {result['speedup_train']:.2f}x; "
-          f"speedup_score (int8 vs float, float32) {result['speedup_score']:.2f}x")
+    print(f"speedup_train (preset vs today, float32) {result['speedup_train']:.2f}x; speedup_score (merged + shared "
+          f"prefix vs today, float32) {result['speedup_score']:.2f}x; int8 {result['speedup_score_int8']:.2f}x")
     out = Path(a.out or ("/tmp/speed_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / "speed-cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

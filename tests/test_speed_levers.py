@@ -238,10 +238,11 @@ def test_speed_benchmark_runs_on_a_tiny_model(taught_run, tmp_path):  # noqa: F8
                 "--score-samples", "3", "--dtypes", "float32", "--out", str(out)])
     result = json.loads(out.read_text())
     rows = result["dtypes"]["float32"]["rows"]
-    assert {r["row"] for r in rows} >= {"today", "top8", "neg4", "distill", "preset", "score-float", "score-int8"}
+    assert {r["row"] for r in rows} >= {"today", "top8", "neg4", "distill", "preset", "score-today", "score-merged", "score-int8"}
     assert all(r["peak_rss_mb"] > 0 for r in rows)
     assert result["speedup_train"] > 0 and result["speedup_score"] > 0 and result["weights"] == "random tiny model"
     assert set(result["dtypes"]["float32"]["rankings_int8_vs_float"]) >= {"float", "int8", "paired", "same_target_rank"}
+    assert result["dtypes"]["float32"]["rankings_merged_vs_today"]["same_target_rank"] == 1.0  # a pure speed-up
 
 
 # -- deep soft prompts (P-tuning v2 / VPT-Deep style) ---------------------------------------------
