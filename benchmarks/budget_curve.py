@@ -150,7 +150,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, against: str = "examples") -> None:
+    """Test HR@1 and NDCG@5 of each budget against its examples or its training seconds (`against`),
+    popularity and the teacher as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,14 +161,16 @@ def plot(result: dict, path: Path) -> None:
     from delrec.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x, label = ("seconds", "stage-2 training seconds") if against == "seconds" else ("examples", "stage-2 train examples")
     for ax, metric in zip(axes, ("HR@1", "NDCG@5")):
         for model in sorted({r["model"] for r in result["rows"]}):
-            pts = [(r["examples"], r[metric]) for r in result["rows"] if r["model"] == model]
-            ax.plot(*zip(*pts), marker="o", label=model)
+            pts = [(r[x], r[metric]) for r in result["rows"] if r["model"] == model and r.get(x)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=model)
         for (name, m), style in zip(result.get("references", {}).items(), (":", "--", "-.")):
             ax.axhline(m[metric], color="grey", linestyle=style, label=name)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("stage-2 train examples")
+        ax.set_xlabel(label)
         ax.set_ylabel(f"test {metric} ({result['test_samples']} samples)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -188,12 +192,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--figure", type=Path, default=FIGURE)
     p.add_argument("--plot-only", action="store_true", help="draw the figure and print the table from --out")
+    p.add_argument("--against", choices=["examples", "seconds"], default="examples",
+                   help="the figure's x axis: train examples or training seconds (evaluations excluded)")
     a = p.parse_args()
     from delrec.io import read_json
 
     result = read_json(a.out) if a.plot_only else measure(a)
     print(table(result))
-    plot(result, a.figure)
+    plot(result, a.figure, a.against)
 
 
 if __name__ == "__main__":
