@@ -108,6 +108,12 @@ PROBES = {
     "s1-adamw-3e-2-vocab": {**S1, "optimizer": "adamw", "lr": 3e-2, "weight_decay": 1e-6, "soft_init": "vocab"},
     "s1-lion-5e-3-vocab-100tok": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab",
                                   "soft_tokens": 100},
+    # stage 1 at a budget: a deep prompt on the top 8 layers (backward through those only) and RPS
+    # with the teacher's scores of its list as a soft target beside the top-1
+    "s1-deep8-lion-5e-3-vocab": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab",
+                                 "soft_depth": 8},
+    "s1-lion-5e-3-vocab-rps-soft": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab",
+                                    "rps_distill_weight": 1.0},
     # RPS alone (the `w/o TA` task set): can the soft prompt learn to pick the teacher's top-1 at all?
     "s1-lion-5e-3-vocab-rps": {**S1, "tasks": ("rps",), "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5,
                                "soft_init": "vocab"},
