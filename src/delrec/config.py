@@ -13,6 +13,7 @@ from pathlib import Path
 
 from delrec import methods
 from delrec.data.protocol import ProtocolConfig
+from delrec.llm.quantize import WEIGHTS
 from delrec.llm.templates import Templates
 from delrec.settings import apply_override, check, load_yaml, runtime
 from delrec.stages.distill import DistillConfig
@@ -86,6 +87,8 @@ class PipelineConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"method_options: {e}") from None
         self.sweep = _dotted(self.sweep)
+        if self.eval_weights not in WEIGHTS:
+            raise ValueError(f"eval_weights: {self.eval_weights!r} is not one of {', '.join(WEIGHTS)}")
         if self.tracking not in TRACKERS:
             raise ValueError(f"tracking: {self.tracking!r} is not one of {', '.join(TRACKERS)}")
         if self.method_teachers is not None:
