@@ -91,11 +91,20 @@ def test_seconds_study_table_compares_ends_at_equal_seconds(tmp_path):
     combo = _result("s2-top8-neg4-distill-1", [0.20, 0.40, 0.45, 0.47], [0.05, 0.15, 0.20, 0.24])
     today["seconds"], combo["seconds"] = 2400.0, 2350.0
     combo["curve"][-1]["valid_teacher_agreement"] = 0.5
+    # both evaluated in int8 while training; compared by their float re-scores (the combination's
+    # kept adapter was its end, today's came from 400 examples)
+    today["rescored_float"] = {"examples_seen": 400, "is_end": False, "valid_HR@1": 0.2, "valid_NDCG@5": 0.45}
+    combo["rescored_float"] = {"examples_seen": 600, "is_end": True, "valid_HR@1": 0.19, "valid_NDCG@5": 0.41}
     text = study.seconds_table([today, combo])
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| s2-")}
-    assert "| none (today) | 600 | 2400 | 4.00 |" in rows["s2-today"] and rows["s2-today"].endswith("| 0.400 (0.180) | - |")
+    assert "| none (today) | int8 | 600 | 2400 | 4.00 |" in rows["s2-today"]
+    assert rows["s2-today"].endswith("| 0.400 (0.180) | - | 0.450 (0.200) at 400 |")
     assert "top 8 layers, 4 negatives in the loss, distill 1 (T 2)" in rows["s2-top8-neg4-distill-1"]
-    assert rows["s2-top8-neg4-distill-1"].endswith("| 0.470 (0.240) | 0.500 |")
-    assert "**s2-top8-neg4-distill-1**" in text
+    assert rows["s2-top8-neg4-distill-1"].endswith("| 0.470 (0.240) | 0.500 | 0.410 (0.190) |")
+    assert "**s2-today**" in text  # by the float end, not the int8 one
+    del today["rescored_float"]
+    today["settings"]["eval_weights"] = "float"  # a probe evaluated in float is its own float end
+    assert study.end_in_float(today) == today["curve"][-1]  # 0.400 now, below the combination's float 0.410
+    assert "**s2-top8-neg4-distill-1**" in study.seconds_table([today, combo])
     study.seconds_figure([today, combo], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0
