@@ -463,8 +463,9 @@ def main() -> None:
         if not results:
             print(f"no results in {a.out}")
             return
-        print(table(results))
-        figure(results, Path(a.figure))
+        settings = [r for r in results if not r["probe"].startswith(SECONDS_PREFIX)]  # the study in examples
+        print(table(settings))
+        figure(settings, Path(a.figure))
         print(f"\nfigure: {a.figure}")
         if any(r["probe"].startswith(SECONDS_PREFIX) for r in results):
             print("\n" + seconds_table(results))
