@@ -322,10 +322,18 @@ def seconds_figure(results: list[dict], path: Path) -> None:
     rows = [r for r in results if r["probe"].startswith(SECONDS_PREFIX)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
     for r in rows:
-        a.plot([p["seconds"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
-               label=r["probe"])
+        weights = r["settings"].get("eval_weights", "float")
+        line = a.plot([p["seconds"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+                      label=f"{r['probe']} ({weights} evaluations)")[0]
         b.plot([p["examples_seen"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
-               label=r["probe"])
+               label=f"{r['probe']} ({weights} evaluations)", color=line.get_color())
+        f = end_in_float(r)
+        if weights != "float" and f is not None:  # the float re-score of the kept adapter
+            at = next(p for p in r["curve"] if p["examples_seen"] == f["examples_seen"])
+            a.plot([at["seconds"]], [f["valid_NDCG@5"]], marker="*", markersize=12, color=line.get_color(),
+                   linestyle="none", label=f"{r['probe']}, float re-score")
+            b.plot([f["examples_seen"]], [f["valid_NDCG@5"]], marker="*", markersize=12, color=line.get_color(),
+                   linestyle="none")
     valid = rows[0]["study"]["valid_samples"] if rows else 0
     a.set(xlabel="training seconds (evaluations excluded)", ylabel="valid NDCG@5", title=f"stage 2 at equal seconds ({valid} valid)")
     b.set(xlabel="train examples seen", ylabel="valid NDCG@5", title="the same curves against examples")
