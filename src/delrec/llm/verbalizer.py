@@ -272,7 +272,9 @@ class Verbalizer:
         out: list[torch.Tensor | None] = [None] * len(prompts)
         # batch prompts of similar length together: less padding, same scores
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].before) + len(prompts[i].after))
-        with torch.inference_mode():  # no autograd bookkeeping at all (a little faster than no_grad)
+        # no autograd bookkeeping at all (a little faster than no_grad); FSDP gathers weights into
+        # tensors it updates in place afterwards, which inference mode forbids: no_grad there
+        with torch.no_grad() if distributed.current().sharded else torch.inference_mode():
             for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 chunk = [prompts[j] for j in idx]

@@ -372,10 +372,13 @@ class FinetuneStage(Stage):
         else:
             m = self.dist.through(self.loss_module, lambda: evaluate(scorer, self.data, "valid", rows=self.valid_rows))
         out = {f"valid_{k}": v for k, v in m["candidates"].items()}
-        if self.valid_teacher_top1 is not None and scorer.top1:  # this process's share of the valid rows
+        if self.valid_teacher_top1 is not None:
+            # this process scored its share of the valid rows (perhaps none): sums over every process,
+            # and every process takes part in both reductions
             where = {int(r): i for i, r in enumerate(self.valid_rows)}
-            agree = np.mean([top1 == self.valid_teacher_top1[where[r]] for r, top1 in scorer.top1.items()])
-            out["valid_teacher_agreement"] = self.dist.mean(float(agree))
+            agree = sum(int(top1 == self.valid_teacher_top1[where[r]]) for r, top1 in scorer.top1.items())
+            total = self.dist.mean(float(len(scorer.top1)))
+            out["valid_teacher_agreement"] = self.dist.mean(float(agree)) / total if total else 0.0
         return out
 
     def score(self, scores: dict) -> float:
