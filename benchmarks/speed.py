@@ -36,8 +36,6 @@ with keys `speedup_train` (the preset's) and `speedup_score` (merged + shared pr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -160,7 +158,7 @@ def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
     """`--score-adapter`: a trained stage-2 folder scored as `delrec evaluate --finetuned` scores it,
     with float and with int8 weights: seconds per sample and the rankings compared."""
     from delrec.data.protocol import RunData
-    from delrec.evaluate import candidate_ranks
+    from delrec.evaluate import candidate_ranks, pessimistic_ranks
     from delrec.scorers import finetuned_scorer
 
     data = RunData.load(Path(a.run) / "data")
@@ -173,7 +171,8 @@ def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
             start = time.perf_counter()
             scores = scorer.score_candidates(data, rows)
             seconds = time.perf_counter() - start
-        ranks[weights] = candidate_ranks(_Fixed(scores), data, rows, local=True)
+        target_col = (data.candidates[rows] == data.target[rows][:, None]).argmax(axis=1)
+        ranks[weights] = pessimistic_ranks(scores, target_col)
         top1[weights] = scores.argmax(axis=1)
         out.append({"row": f"adapter-{weights}", "kind": "score", "dtype": dtype, "weights": weights,
                     "seconds_per_sample": seconds / len(rows), "peak_rss_mb": round(peak.mb), "samples": len(rows),
@@ -182,18 +181,6 @@ def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
     comparison = compare_rankings(ranks["float"], ranks["int8"])
     comparison["same_top1"] = float((top1["float"] == top1["int8"]).mean())
     return out, comparison
-
-
-class _Fixed:
-    """Scores computed already, as a Scorer (for candidate_ranks' pessimistic ranks)."""
-
-    def __init__(self, scores):
-        self.scores, self.pos = scores, 0
-
-    def score_candidates(self, data, rows):
-        part = self.scores[self.pos : self.pos + len(rows)]
-        self.pos += len(rows)
-        return part
 
 
 def compare_rankings(ranks_float, ranks_int8) -> dict:
@@ -285,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from delrec.io import write_json
     from delrec.llm.backbone import cpu_supports_bf16
 
     torch.set_num_threads(a.threads)
@@ -308,9 +296,7 @@ def main(argv: list[str] | None = None) -> None:
           f"prefix vs today, float32) {result['speedup_score']:.2f}x; int8 {result['speedup_score_int8']:.2f}x")
     out = Path(a.out or ("/tmp/speed_tiny.json" if a.tiny else ROOT / "benchmarks" / "results" / "speed-cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)  # atomic: a temporary file renamed
     print(f"-> {out}")
 
 

@@ -234,8 +234,10 @@ def test_speed_benchmark_runs_on_a_tiny_model(taught_run, tmp_path):  # noqa: F8
     spec.loader.exec_module(speed)
     run, _ = taught_run
     out = tmp_path / "speed.json"
+    adapter = finetune(run, FinetuneConfig(**{**BASE, "steps": 2}), name="speed-adapter", backbone=tiny_llama_backbone(),
+                       progress=False).out_dir
     speed.main(["--tiny", "--threads", "1", "--run", str(run), "--teacher", "gru4rec", "--steps", "1",
-                "--score-samples", "3", "--dtypes", "float32", "--out", str(out)])
+                "--score-samples", "3", "--dtypes", "float32", "--out", str(out), "--score-adapter", str(adapter)])
     result = json.loads(out.read_text())
     rows = result["dtypes"]["float32"]["rows"]
     assert {r["row"] for r in rows} >= {"today", "top8", "neg4", "distill", "preset", "score-today", "score-merged", "score-int8"}
@@ -243,6 +245,8 @@ def test_speed_benchmark_runs_on_a_tiny_model(taught_run, tmp_path):  # noqa: F8
     assert result["speedup_train"] > 0 and result["speedup_score"] > 0 and result["weights"] == "random tiny model"
     assert set(result["dtypes"]["float32"]["rankings_int8_vs_float"]) >= {"float", "int8", "paired", "same_target_rank"}
     assert result["dtypes"]["float32"]["rankings_merged_vs_today"]["same_target_rank"] == 1.0  # a pure speed-up
+    trained = result["dtypes"]["float32"]["rankings_int8_vs_float_trained"]
+    assert {"adapter-float", "adapter-int8"} <= {r["row"] for r in rows} and 0 <= trained["same_top1"] <= 1
 
 
 # -- deep soft prompts (P-tuning v2 / VPT-Deep style) ---------------------------------------------
