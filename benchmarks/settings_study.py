@@ -129,7 +129,7 @@ def stage(name: str) -> int:
 
 
 def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str = "smollm2-135m", dtype: str = "auto",
-            max_seconds: float | None = None):
+            max_seconds: float | None = None, start_eval: bool = True):
     """The probe's FinetuneConfig or DistillConfig with the study's fixed settings (constructing it
     validates it): `examples` train examples (per task in stage 1), an evaluation every about
     `eval_examples`, `valid` valid samples, the seed, no early stop."""
@@ -142,7 +142,10 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
     if stage(name) == 1:
         config = DistillConfig(**{**PROBES[name], **fixed})
     else:
-        config = FinetuneConfig(**{**PROBES[name], **fixed, "method": "wo-sp", "patience": 10**9})
+        # the untrained start is the same model for every stage-2 probe (LoRA's B starts at zero), so
+        # one float probe measuring it serves all: `--no-start-eval` spares the others its scoring
+        config = FinetuneConfig(**{**PROBES[name], **fixed, "method": "wo-sp", "patience": 10**9,
+                                   "eval_at_start": start_eval})
     per_step = config.batch_size * config.grad_accum
     if examples % per_step:
         raise ValueError(f"{name}: --examples {examples} is not a whole number of steps of {per_step} examples")
@@ -186,7 +189,7 @@ def run_probe(name: str, a) -> dict:
     from delrec.data.protocol import RunData
 
     torch.set_num_threads(a.threads)
-    config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype, a.max_seconds)
+    config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype, a.max_seconds, a.start_eval)
     run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.locks)
     per_step = config.batch_size * config.grad_accum
     if stage(name) == 1:
@@ -216,6 +219,7 @@ def run_probe(name: str, a) -> dict:
         samples = metrics["valid_samples"]
     return {"probe": name, "stage": stage(name), "task": task, "overrides": PROBES[name], "settings": config.to_dict(),
             "study": {"examples": a.examples, "max_seconds": a.max_seconds, "valid": a.valid, "valid_samples": samples, "eval_examples": a.eval_examples,
+                      "start_eval": a.start_eval,
                       "threads": a.threads, "source": str(Path(a.source).resolve()), "run": str(Path(a.run).resolve())},
             "environment": environment(), "chance_loss": chance, "online_loss": steps, "curve": curve,
             **end_and_best(curve), "seconds": metrics["seconds"], "wall_seconds": metrics["wall_seconds"]}
@@ -310,6 +314,20 @@ def end_in_float(r: dict) -> dict | None:
     return r.get("rescored_float")
 
 
+def shared_start(rows: list[dict]) -> dict | None:
+    """The untrained start scored in float by a probe that measured it (`--no-start-eval` spares
+    the others: with LoRA's B at zero every stage-2 probe starts from the same model)."""
+    return next((r["curve"][0] for r in rows if r["settings"].get("eval_weights", "float") == "float"
+                 and r["curve"] and r["curve"][0]["examples_seen"] == 0), None)
+
+
+def drawn_curve(r: dict, start: dict | None) -> list[dict]:
+    """A probe's valid curve for the figure: the shared float start put before a probe that skipped it."""
+    if r["curve"] and r["curve"][0]["examples_seen"] > 0 and start is not None:
+        return [start, *r["curve"]]
+    return r["curve"]
+
+
 def seconds_figure(results: list[dict], path: Path) -> None:
     """Valid NDCG@5 of the study in seconds against training seconds and against examples."""
     import matplotlib
@@ -320,12 +338,14 @@ def seconds_figure(results: list[dict], path: Path) -> None:
     from delrec.io import atomic_path
 
     rows = [r for r in results if r["probe"].startswith(SECONDS_PREFIX)]
+    start = shared_start(rows)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
     for r in rows:
         weights = r["settings"].get("eval_weights", "float")
-        line = a.plot([p["seconds"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+        curve = drawn_curve(r, start)
+        line = a.plot([p["seconds"] for p in curve], [p["valid_NDCG@5"] for p in curve], marker="o", markersize=3,
                       label=f"{r['probe']} ({weights} evaluations)")[0]
-        b.plot([p["examples_seen"] for p in r["curve"]], [p["valid_NDCG@5"] for p in r["curve"]], marker="o", markersize=3,
+        b.plot([p["examples_seen"] for p in curve], [p["valid_NDCG@5"] for p in curve], marker="o", markersize=3,
                label=f"{r['probe']} ({weights} evaluations)", color=line.get_color())
         f = end_in_float(r)
         if weights != "float" and f is not None:  # the float re-score of the kept adapter
@@ -434,6 +454,8 @@ def main() -> None:
                    help="a budget of training seconds (evaluations excluded): the study in seconds")
     p.add_argument("--valid", type=int, default=256, help="valid samples (per task in stage 1)")
     p.add_argument("--eval-examples", type=int, default=200, help="an evaluation every this many train examples")
+    p.add_argument("--no-start-eval", dest="start_eval", action="store_false",
+                   help="stage 2: skip scoring the untrained start (the same model for every probe; one probe measures it)")
     p.add_argument("--llm", default="smollm2-135m")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one per job when two run side by side)")

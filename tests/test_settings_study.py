@@ -108,3 +108,20 @@ def test_seconds_study_table_compares_ends_at_equal_seconds(tmp_path):
     assert "**s2-top8-neg4-distill-1**" in study.seconds_table([today, combo])
     study.seconds_figure([today, combo], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def test_probes_that_skip_the_start_share_the_float_one():
+    """`--no-start-eval`: the untrained start (the same model for every stage-2 probe) is scored by
+    one float probe; the figure puts that point before the others' curves, never an int8 one."""
+    assert study.resolve("s2-top8", 1344, 256, 1344, start_eval=False).eval_at_start is False
+    assert study.resolve("s2-top8", 1344, 256, 1344).eval_at_start is True
+    measured = _result("s2-distill-1", [0.21, 0.30, 0.35, 0.40], [0.05, 0.10, 0.15, 0.18])
+    skipped = _result("s2-top8", [0.0, 0.31, 0.36, 0.41], [0.0, 0.11, 0.16, 0.19])
+    skipped["curve"] = skipped["curve"][1:]
+    int8 = _result("s2-today", [0.19, 0.30, 0.35, 0.40], [0.05, 0.10, 0.15, 0.18])
+    int8["settings"]["eval_weights"] = "int8"
+    assert study.shared_start([int8, skipped]) is None  # only an int8 start: none shared
+    start = study.shared_start([int8, skipped, measured])
+    assert start["valid_NDCG@5"] == 0.21
+    assert [p["examples_seen"] for p in study.drawn_curve(skipped, start)] == [0, 200, 400, 600]
+    assert study.drawn_curve(measured, start) == measured["curve"]
