@@ -105,6 +105,11 @@ PROBES = {
     "s2-neg4": {**LORA, "train_negatives": 4},
     "s2-distill-0.5": {**LORA, "distill_weight": 0.5},
     "s2-distill-1": {**LORA, "distill_weight": 1.0},
+    # after the first four: the term won at weight 1 and the top-8 adapters lost; does more of the
+    # teacher (weight 2, or a sharper target at T 1) win more, and do 4 negatives keep its gain?
+    "s2-distill-2": {**LORA, "distill_weight": 2.0},
+    "s2-distill-1-t1": {**LORA, "distill_weight": 1.0, "distill_temperature": 1.0},
+    "s2-neg4-distill-1": {**LORA, "train_negatives": 4, "distill_weight": 1.0},
     # stage 1: the soft prompt's optimiser, rate, start and size
     "s1-lion-5e-3-random": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "random"},
     "s1-lion-5e-3-vocab": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab"},
@@ -225,16 +230,14 @@ def run_probe(name: str, a) -> dict:
             **end_and_best(curve), "seconds": metrics["seconds"], "wall_seconds": metrics["wall_seconds"]}
 
 
-def rescore_float(name: str, a) -> dict:
+def kept_adapter_ranks(name: str, a) -> dict:
     """A finished stage-2 probe's kept adapter (its best valid point, which is its end where
-    best_step == steps) scored again on the probe's valid rows with float weights, as `delrec
-    evaluate` scores it: the study's common measure where a probe's own evaluations used int8
-    weights (`eval_weights: int8`, which moved the valid metrics of trained adapters by about 0.09
-    NDCG@5 here: docs/training.md). Written into the probe's JSON as `rescored_float`."""
+    best_step == steps) scored with float weights on the probe's valid rows, as `delrec evaluate`
+    scores it: the target's pessimistic rank per row, in the rows' order."""
     import torch
 
     from delrec.data.protocol import RunData
-    from delrec.evaluate import evaluate
+    from delrec.evaluate import candidate_ranks
     from delrec.io import read_json
     from delrec.scorers import finetuned_scorer
 
@@ -244,10 +247,33 @@ def rescore_float(name: str, a) -> dict:
     data = RunData.load(Path(a.run) / name / "data")
     scorer = finetuned_scorer(folder, data, progress=not a.quiet, run_dir=Path(a.run) / name)
     rows = np.asarray(metrics["valid_rows"])
-    m = evaluate(scorer, data, "valid", rows=rows)["candidates"]
     seen_at_best = next(e["examples_seen"] for e in metrics["valid_history"] if e["step"] == metrics["best_step"])
     return {"examples_seen": seen_at_best, "is_end": metrics["best_step"] == metrics["steps"],
-            "valid_HR@1": m["HR@1"], "valid_NDCG@5": m["NDCG@5"], "valid_samples": len(rows)}
+            "rows": rows.tolist(), "ranks": candidate_ranks(scorer, data, rows).tolist()}
+
+
+def rescore_float(name: str, a) -> dict:
+    """The kept adapter's valid metrics in float (`kept_adapter_ranks`): the study's common measure
+    where a probe's own evaluations used int8 weights (`eval_weights: int8`, which moved the valid
+    metrics of trained adapters by about 0.09 NDCG@5 here: docs/training.md). Written into the
+    probe's JSON as `rescored_float`, with the per-row ranks that `--paired` reads."""
+    from delrec.evaluate import metrics_from_ranks
+
+    kept = kept_adapter_ranks(name, a)
+    m = metrics_from_ranks(np.asarray(kept["ranks"]))
+    return {"examples_seen": kept["examples_seen"], "is_end": kept["is_end"], "valid_HR@1": m["HR@1"],
+            "valid_NDCG@5": m["NDCG@5"], "valid_samples": len(kept["rows"]), "rows": kept["rows"], "ranks": kept["ranks"]}
+
+
+def paired(reference: dict, other: dict) -> dict:
+    """`other` against `reference` on the same valid rows, from their float per-row ranks: HR@1
+    by McNemar's exact test, NDCG@5 by the paired sign-flip permutation test (significance.py)."""
+    from delrec.significance import compare
+
+    a, b = other["rescored_float"], reference["rescored_float"]
+    if a["rows"] != b["rows"]:
+        raise ValueError(f"{other['probe']} and {reference['probe']} were scored on different valid rows")
+    return {"reference": reference["probe"], **compare(np.asarray(a["ranks"]), np.asarray(b["ranks"]))}
 
 
 def describe(r: dict) -> str:
@@ -286,7 +312,8 @@ def seconds_table(results: list[dict]) -> str:
     lines = [f"Stage 2 at equal training seconds ({rows[0]['study']['valid_samples']} valid samples, "
              f"{rows[0]['study'].get('threads', 1)} thread per job)", "",
              "| probe | levers | valid weights | examples | training s | s / example | valid NDCG@5 by evaluation | "
-             "END NDCG@5 (HR@1) | END teacher agreement | END in float: NDCG@5 (HR@1) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "END NDCG@5 (HR@1) | END teacher agreement | END in float: NDCG@5 (HR@1) | paired, float: NDCG@5 (p), HR@1 (p) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         end = r["curve"][-1]
         curve = " / ".join(f"{p['valid_NDCG@5']:.3f} ({p['seconds']:.0f} s)" for p in r["curve"])
@@ -297,13 +324,23 @@ def seconds_table(results: list[dict]) -> str:
                                                                                            f" at {f['examples_seen']}")
         lines.append(f"| {r['probe']} | {', '.join(levers(r['settings'])) or 'none (today)'} | {weights} | "
                      f"{end['examples_seen']} | {r['seconds']:.0f} | {r['seconds'] / max(1, end['examples_seen']):.2f} | {curve} | "
-                     f"{end['valid_NDCG@5']:.3f} ({end['valid_HR@1']:.3f}) | {'-' if agree is None else f'{agree:.3f}'} | {flo} |")
+                     f"{end['valid_NDCG@5']:.3f} ({end['valid_HR@1']:.3f}) | {'-' if agree is None else f'{agree:.3f}'} | {flo} | "
+                     f"{paired_cell(r)} |")
     ranked = [r for r in rows if end_in_float(r) is not None]
     if ranked:
         top = max(ranked, key=lambda r: end_in_float(r)["valid_NDCG@5"])
         lines += ["", f"Best END value in float at equal seconds: **{top['probe']}**, valid NDCG@5 "
                   f"{end_in_float(top)['valid_NDCG@5']:.3f}."]
     return "\n".join(lines)
+
+
+def paired_cell(r: dict) -> str:
+    """`--paired`'s verdict for the table: the differences against the reference and their p-values."""
+    t = r.get("paired")
+    if not t:
+        return "-"
+    return (f"{t['NDCG@5']['diff']:+.3f} (p {t['NDCG@5']['p_value']:.2g}), {t['HR@1']['diff']:+.3f} "
+            f"(p {t['HR@1']['p_value']:.2g}) vs {t['reference']}")
 
 
 def end_in_float(r: dict) -> dict | None:
@@ -343,15 +380,18 @@ def seconds_figure(results: list[dict], path: Path) -> None:
     for r in rows:
         weights = r["settings"].get("eval_weights", "float")
         curve = drawn_curve(r, start)
+        # int8 readings sit far below the same adapters in float: drawn faint, the float end is the star
+        style = {} if weights == "float" else {"linestyle": ":", "alpha": 0.5}
+        label = r["probe"] if weights == "float" else f"{r['probe']} (int8 readings)"
         line = a.plot([p["seconds"] for p in curve], [p["valid_NDCG@5"] for p in curve], marker="o", markersize=3,
-                      label=f"{r['probe']} ({weights} evaluations)")[0]
+                      label=label, **style)[0]
         b.plot([p["examples_seen"] for p in curve], [p["valid_NDCG@5"] for p in curve], marker="o", markersize=3,
-               label=f"{r['probe']} ({weights} evaluations)", color=line.get_color())
+               label=label, color=line.get_color(), **style)
         f = end_in_float(r)
         if weights != "float" and f is not None:  # the float re-score of the kept adapter
             at = next(p for p in r["curve"] if p["examples_seen"] == f["examples_seen"])
             a.plot([at["seconds"]], [f["valid_NDCG@5"]], marker="*", markersize=12, color=line.get_color(),
-                   linestyle="none", label=f"{r['probe']}, float re-score")
+                   linestyle="none", label=f"{r['probe']}, its end in float")
             b.plot([f["examples_seen"]], [f["valid_NDCG@5"]], marker="*", markersize=12, color=line.get_color(),
                    linestyle="none")
     valid = rows[0]["study"]["valid_samples"] if rows else 0
@@ -462,13 +502,18 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--rescore-float", nargs="+", metavar="NAME",
                    help="score finished stage-2 probes' kept adapters again with float weights (see rescore_float)")
+    p.add_argument("--paired", nargs="+", metavar="NAME",
+                   help="REF NAME...: each NAME against REF on the same valid rows (paired tests; scores in float "
+                        "the probes not yet re-scored)")
     a = p.parse_args()
     if a.list:
         for name, overrides in PROBES.items():
             print(f"{name:30s} stage {stage(name)}  {json.dumps(overrides)}")
         return
-    if not (a.probe or a.summary or a.rescore_float):
-        p.error("give --probe NAME [NAME ...], --rescore-float NAME [NAME ...], --list or --summary")
+    if not (a.probe or a.summary or a.rescore_float or a.paired):
+        p.error("give --probe NAME [NAME ...], --rescore-float NAME [NAME ...], --paired REF NAME [...], --list or --summary")
+    if a.paired is not None and len(a.paired) < 2:
+        p.error("--paired needs the reference probe and at least one other")
     unknown = [n for n in a.probe or () if n not in PROBES]
     if unknown:
         p.error(f"unknown probe(s) {unknown}; --list shows the registry")
@@ -487,7 +532,22 @@ def main() -> None:
         result = json.loads(path.read_text())
         result["rescored_float"] = rescore_float(name, a)
         write_json(path, result)
-        print(f"{name}: float re-score {result['rescored_float']}")
+        print(f"{name}: float re-score NDCG@5 {result['rescored_float']['valid_NDCG@5']:.3f}")
+    if a.paired:
+        results = {}
+        for name in a.paired:
+            path = Path(a.out) / f"{name}.json"
+            results[name] = json.loads(path.read_text())
+            if "ranks" not in results[name].get("rescored_float", {}):
+                results[name]["rescored_float"] = rescore_float(name, a)
+                write_json(path, results[name])
+        reference = results[a.paired[0]]
+        for name in a.paired[1:]:
+            results[name]["paired"] = paired(reference, results[name])
+            write_json(Path(a.out) / f"{name}.json", results[name])
+            t = results[name]["paired"]
+            print(f"{name} vs {reference['probe']}: " + ", ".join(
+                f"{m} {t[m]['a']:.3f} vs {t[m]['b']:.3f} (p {t[m]['p_value']:.3g})" for m in ("HR@1", "NDCG@5")))
     if a.summary:
         results = load(Path(a.out))
         if not results:

@@ -98,9 +98,9 @@ def test_seconds_study_table_compares_ends_at_equal_seconds(tmp_path):
     text = study.seconds_table([today, combo])
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| s2-")}
     assert "| none (today) | int8 | 600 | 2400 | 4.00 |" in rows["s2-today"]
-    assert rows["s2-today"].endswith("| 0.400 (0.180) | - | 0.450 (0.200) at 400 |")
+    assert rows["s2-today"].endswith("| 0.400 (0.180) | - | 0.450 (0.200) at 400 | - |")
     assert "top 8 layers, 4 negatives in the loss, distill 1 (T 2)" in rows["s2-top8-neg4-distill-1"]
-    assert rows["s2-top8-neg4-distill-1"].endswith("| 0.470 (0.240) | 0.500 | 0.410 (0.190) |")
+    assert rows["s2-top8-neg4-distill-1"].endswith("| 0.470 (0.240) | 0.500 | 0.410 (0.190) | - |")
     assert "**s2-today**" in text  # by the float end, not the int8 one
     del today["rescored_float"]
     today["settings"]["eval_weights"] = "float"  # a probe evaluated in float is its own float end
@@ -125,3 +125,22 @@ def test_probes_that_skip_the_start_share_the_float_one():
     assert start["valid_NDCG@5"] == 0.21
     assert [p["examples_seen"] for p in study.drawn_curve(skipped, start)] == [0, 200, 400, 600]
     assert study.drawn_curve(measured, start) == measured["curve"]
+
+
+def test_paired_compares_the_same_rows_in_float():
+    """`--paired REF NAME`: per-row float ranks of two kept adapters on the same valid rows, the
+    HR@1 difference by McNemar's exact test and NDCG@5 by the sign-flip permutation test."""
+    rows = list(range(40))
+    ref = {"probe": "s2-today", "rescored_float": {"rows": rows, "ranks": [5] * 40}}
+    better = {"probe": "s2-distill-1", "rescored_float": {"rows": rows, "ranks": [0] * 30 + [5] * 10}}
+    t = study.paired(ref, better)
+    assert t["reference"] == "s2-today"
+    assert t["HR@1"]["diff"] == pytest.approx(0.75) and t["HR@1"]["p_value"] < 1e-6
+    assert t["NDCG@5"]["diff"] == pytest.approx(0.75) and t["NDCG@5"]["p_value"] < 1e-3
+    same = {"probe": "s2-top8", "rescored_float": {"rows": rows, "ranks": [5] * 40}}
+    assert study.paired(ref, same)["HR@1"]["p_value"] == 1.0
+    r = _result("s2-distill-1", [0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 0.3, 0.4])
+    r["paired"] = t
+    assert study.paired_cell(r) == "+0.750 (p 0.0001), +0.750 (p 1.9e-09) vs s2-today"
+    with pytest.raises(ValueError, match="different valid rows"):
+        study.paired(ref, {"probe": "x", "rescored_float": {"rows": rows[::-1], "ranks": [0] * 40}})
