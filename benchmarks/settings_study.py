@@ -105,11 +105,11 @@ PROBES = {
     "s2-neg4": {**LORA, "train_negatives": 4},
     "s2-distill-0.5": {**LORA, "distill_weight": 0.5},
     "s2-distill-1": {**LORA, "distill_weight": 1.0},
-    # after the first four: the term won at weight 1 and the top-8 adapters lost; does more of the
-    # teacher (weight 2, or a sharper target at T 1) win more, and do 4 negatives keep its gain?
+    # next: the term won at weights 0.5 and 1, 4 negatives gained a little, the top-8 adapters
+    # lost; do 4 negatives keep the term's gain at their speed, and does a sharper target (T 1) win more?
+    "s2-neg4-distill-0.5": {**LORA, "train_negatives": 4, "distill_weight": 0.5},
+    "s2-distill-0.5-t1": {**LORA, "distill_weight": 0.5, "distill_temperature": 1.0},
     "s2-distill-2": {**LORA, "distill_weight": 2.0},
-    "s2-distill-1-t1": {**LORA, "distill_weight": 1.0, "distill_temperature": 1.0},
-    "s2-neg4-distill-1": {**LORA, "train_negatives": 4, "distill_weight": 1.0},
     # stage 1: the soft prompt's optimiser, rate, start and size
     "s1-lion-5e-3-random": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "random"},
     "s1-lion-5e-3-vocab": {**S1, "optimizer": "lion", "lr": 5e-3, "weight_decay": 1e-5, "soft_init": "vocab"},
