@@ -230,14 +230,17 @@ def run_probe(name: str, a) -> dict:
             **end_and_best(curve), "seconds": metrics["seconds"], "wall_seconds": metrics["wall_seconds"]}
 
 
-def kept_adapter_ranks(name: str, a) -> dict:
+def rescore_float(name: str, a) -> dict:
     """A finished stage-2 probe's kept adapter (its best valid point, which is its end where
-    best_step == steps) scored with float weights on the probe's valid rows, as `delrec evaluate`
-    scores it: the target's pessimistic rank per row, in the rows' order."""
+    best_step == steps) scored again on the probe's valid rows with float weights, as `delrec
+    evaluate` scores it: the study's common measure where a probe's own evaluations used int8
+    weights (`eval_weights: int8`, which moved the valid metrics of trained adapters by about 0.09
+    NDCG@5 here: docs/training.md). Written into the probe's JSON as `rescored_float`, with the
+    rows and the target's pessimistic rank on each, which `--paired` reads."""
     import torch
 
     from delrec.data.protocol import RunData
-    from delrec.evaluate import candidate_ranks
+    from delrec.evaluate import candidate_ranks, metrics_from_ranks
     from delrec.io import read_json
     from delrec.scorers import finetuned_scorer
 
@@ -247,22 +250,25 @@ def kept_adapter_ranks(name: str, a) -> dict:
     data = RunData.load(Path(a.run) / name / "data")
     scorer = finetuned_scorer(folder, data, progress=not a.quiet, run_dir=Path(a.run) / name)
     rows = np.asarray(metrics["valid_rows"])
+    ranks = candidate_ranks(scorer, data, rows)
+    m = metrics_from_ranks(ranks)
     seen_at_best = next(e["examples_seen"] for e in metrics["valid_history"] if e["step"] == metrics["best_step"])
     return {"examples_seen": seen_at_best, "is_end": metrics["best_step"] == metrics["steps"],
-            "rows": rows.tolist(), "ranks": candidate_ranks(scorer, data, rows).tolist()}
+            "valid_HR@1": m["HR@1"], "valid_NDCG@5": m["NDCG@5"], "valid_samples": len(rows),
+            "rows": rows.tolist(), "ranks": ranks.tolist()}
 
 
-def rescore_float(name: str, a) -> dict:
-    """The kept adapter's valid metrics in float (`kept_adapter_ranks`): the study's common measure
-    where a probe's own evaluations used int8 weights (`eval_weights: int8`, which moved the valid
-    metrics of trained adapters by about 0.09 NDCG@5 here: docs/training.md). Written into the
-    probe's JSON as `rescored_float`, with the per-row ranks that `--paired` reads."""
-    from delrec.evaluate import metrics_from_ranks
+def rescored(name: str, a, again: bool) -> dict:
+    """The probe's results with `rescored_float` (scored now where `again`, or where it has no
+    per-row ranks yet), written back to its JSON when scored."""
+    from delrec.io import write_json
 
-    kept = kept_adapter_ranks(name, a)
-    m = metrics_from_ranks(np.asarray(kept["ranks"]))
-    return {"examples_seen": kept["examples_seen"], "is_end": kept["is_end"], "valid_HR@1": m["HR@1"],
-            "valid_NDCG@5": m["NDCG@5"], "valid_samples": len(kept["rows"]), "rows": kept["rows"], "ranks": kept["ranks"]}
+    path = Path(a.out) / f"{name}.json"
+    result = json.loads(path.read_text())
+    if again or "ranks" not in result.get("rescored_float", {}):
+        result["rescored_float"] = rescore_float(name, a)
+        write_json(path, result)
+    return result
 
 
 def paired(reference: dict, other: dict) -> dict:
@@ -528,24 +534,14 @@ def main() -> None:
         write_json(path, run_probe(name, a))
         print(f"{name}: wrote {path}")
     for name in a.rescore_float or ():
-        path = Path(a.out) / f"{name}.json"
-        result = json.loads(path.read_text())
-        result["rescored_float"] = rescore_float(name, a)
-        write_json(path, result)
+        result = rescored(name, a, again=True)
         print(f"{name}: float re-score NDCG@5 {result['rescored_float']['valid_NDCG@5']:.3f}")
     if a.paired:
-        results = {}
-        for name in a.paired:
-            path = Path(a.out) / f"{name}.json"
-            results[name] = json.loads(path.read_text())
-            if "ranks" not in results[name].get("rescored_float", {}):
-                results[name]["rescored_float"] = rescore_float(name, a)
-                write_json(path, results[name])
-        reference = results[a.paired[0]]
+        reference = rescored(a.paired[0], a, again=False)
         for name in a.paired[1:]:
-            results[name]["paired"] = paired(reference, results[name])
-            write_json(Path(a.out) / f"{name}.json", results[name])
-            t = results[name]["paired"]
+            result = rescored(name, a, again=False)
+            result["paired"] = t = paired(reference, result)
+            write_json(Path(a.out) / f"{name}.json", result)
             print(f"{name} vs {reference['probe']}: " + ", ".join(
                 f"{m} {t[m]['a']:.3f} vs {t[m]['b']:.3f} (p {t[m]['p_value']:.3g})" for m in ("HR@1", "NDCG@5")))
     if a.summary:
