@@ -57,6 +57,7 @@ LEVERS = {
     "distill": {"distill_weight": 1.0},
     "top8+neg4": {"adapter_layers": 8, "train_negatives": 4},
     "top8+neg4+distill": {"adapter_layers": 8, "train_negatives": 4, "distill_weight": 1.0},
+    "neg4+distill-0.5": {"train_negatives": 4, "distill_weight": 0.5},  # ml100k-cpu-long's stage 2
 }
 TODAY = {"adapter_layers": None, "train_negatives": None, "distill_weight": 0.0}
 
