@@ -341,12 +341,9 @@ def seconds_table(results: list[dict]) -> str:
 
 
 def paired_cell(r: dict) -> str:
-    """`--paired`'s verdict for the table: the differences against the reference and their p-values."""
-    t = r.get("paired")
-    if not t:
-        return "-"
-    return (f"{t['NDCG@5']['diff']:+.3f} (p {t['NDCG@5']['p_value']:.2g}), {t['HR@1']['diff']:+.3f} "
-            f"(p {t['HR@1']['p_value']:.2g}) vs {t['reference']}")
+    """`--paired`'s verdicts for the table: against each reference, the differences and their p-values."""
+    return "; ".join(f"{t['NDCG@5']['diff']:+.3f} (p {t['NDCG@5']['p_value']:.2g}), {t['HR@1']['diff']:+.3f} "
+                     f"(p {t['HR@1']['p_value']:.2g}) vs {t['reference']}" for t in r.get("paired", [])) or "-"
 
 
 def end_in_float(r: dict) -> dict | None:
@@ -540,7 +537,9 @@ def main() -> None:
         reference = rescored(a.paired[0], a, again=False)
         for name in a.paired[1:]:
             result = rescored(name, a, again=False)
-            result["paired"] = t = paired(reference, result)
+            t = paired(reference, result)
+            # one test per reference: pairing again against the same one replaces it
+            result["paired"] = [u for u in result.get("paired", []) if u["reference"] != t["reference"]] + [t]
             write_json(Path(a.out) / f"{name}.json", result)
             print(f"{name} vs {reference['probe']}: " + ", ".join(
                 f"{m} {t[m]['a']:.3f} vs {t[m]['b']:.3f} (p {t[m]['p_value']:.3g})" for m in ("HR@1", "NDCG@5")))

@@ -140,7 +140,11 @@ def test_paired_compares_the_same_rows_in_float():
     same = {"probe": "s2-top8", "rescored_float": {"rows": rows, "ranks": [5] * 40}}
     assert study.paired(ref, same)["HR@1"]["p_value"] == 1.0
     r = _result("s2-distill-1", [0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 0.3, 0.4])
-    r["paired"] = t
+    r["paired"] = [t]
     assert study.paired_cell(r) == "+0.750 (p 0.0001), +0.750 (p 1.9e-09) vs s2-today"
+    r["paired"].append(study.paired(better, ref))  # a second reference: both verdicts in the cell
+    assert study.paired_cell(r) == ("+0.750 (p 0.0001), +0.750 (p 1.9e-09) vs s2-today; "
+                                    "-0.750 (p 0.0001), -0.750 (p 1.9e-09) vs s2-distill-1")
+    assert study.paired_cell(_result("s2-top8", [0.2], [0.1])) == "-"
     with pytest.raises(ValueError, match="different valid rows"):
         study.paired(ref, {"probe": "x", "rescored_float": {"rows": rows[::-1], "ranks": [0] * 40}})
