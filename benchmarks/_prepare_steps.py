@@ -61,9 +61,9 @@ def teacher_steps(out: str, items: int, rows: int) -> dict:
     import torch
 
     from delrec.data.protocol import RunData
-    from delrec.evaluate import full_catalogue_rows, full_ranks
+    from delrec.evaluation.metrics import full_catalogue_rows, full_ranks
     from delrec.teachers import build_model, default_config
-    from delrec.teachers.train import TeacherScorer, teacher_topk
+    from delrec.teachers.trained import TeacherScorer, teacher_topk
 
     steps = Steps()
     data = steps.run("load RUN/data", lambda: RunData.load(Path(out) / "data"))

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from delrec.recommender import PreparedRequest, RankedItem, Ranking, RequestError
+from delrec.serving.recommender import PreparedRequest, RankedItem, Ranking, RequestError
 
 
 def stub_score(last: int, candidate: int) -> float:
@@ -23,7 +23,7 @@ def stub_score(last: int, candidate: int) -> float:
 
 
 class StubRecommender:
-    """What delrec.serve needs of a Recommender, with a model that only sleeps."""
+    """What delrec.serving.app needs of a Recommender, with a model that only sleeps."""
 
     def __init__(self, items: int = 10_000, batch_seconds: float = 0.05, max_candidates: int = 50):
         self.model, self.run, self.teacher_name = "stub", Path("stub-run"), None
@@ -69,7 +69,7 @@ class StubRecommender:
 
 
 def main() -> None:
-    from delrec.serve import serve
+    from delrec.serving.app import serve
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-ms", type=float, default=50.0, help="what scoring one batch takes")

@@ -57,8 +57,8 @@ def delta_weight(module: nn.Module) -> torch.Tensor:
 def fit(adapter: str, lr: float, e_lr_scale: float, steps: int, seed: int, orth_reg: float = 0.5, init: str = "orthogonal") -> dict:
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    from delrec.stages.finetune import orthogonal_regulariser
-    from delrec.stages.optim import adapter_groups, init_adapters, make_optimizer
+    from delrec.training.finetune import orthogonal_regulariser
+    from delrec.training.optim import adapter_groups, init_adapters, make_optimizer
 
     g = torch.Generator().manual_seed(seed)
     base = TwoProjections(g)
@@ -114,7 +114,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     from _env import environment
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     runs = [fit("lora", a.lr, 1.0, a.steps, a.seed)]
     for init, orth_reg, e_lr_scale in (("orthogonal", 0.5, 1.0), ("orthogonal", 0.5, 30.0), ("peft", 0.5, 1.0),

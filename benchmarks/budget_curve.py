@@ -9,7 +9,7 @@ many steps (RUN/finetune/<model>/snapshots/examples-NNNNNN/), rather than one ru
 Each snapshot is scored on the run's own test samples (the seeded subset `delrec run` evaluated,
 `--test-samples` and the run's eval_seed, the same candidates on disk), beside popularity and the
 teacher as reference lines, with the paired tests of each budget against popularity
-(delrec.significance: McNemar on HR@1, a permutation test on NDCG@5).
+(delrec.evaluation.significance: McNemar on HR@1, a permutation test on NDCG@5).
 
 Writes benchmarks/results/budget-curve.json (the environment, the references, one row per model
 and budget: model, examples, test_samples, HR@1, NDCG@5, seconds of training to that budget, and
@@ -44,7 +44,7 @@ def training_seconds(folder: Path, examples: int) -> float | None:
     far), so budgets between two evaluations have their time too."""
     import json
 
-    from delrec.io import read_json
+    from delrec.core.io import read_json
 
     if not (folder / "metrics.json").exists() or not (folder / "train_log.jsonl").exists():
         return None
@@ -67,7 +67,7 @@ def final_ranks(run: Path, model: str, examples: int, rows):
     snapshot at `examples` (the last step's was the best) and it scored these rows; else None."""
     import numpy as np
 
-    from delrec.io import read_json
+    from delrec.core.io import read_json
 
     metrics, evaluation = run / "finetune" / model / "metrics.json", run / "eval" / "pipeline" / f"{model}.json"
     if not (metrics.exists() and evaluation.exists()):
@@ -83,11 +83,11 @@ def measure(a) -> dict:
 
     from _env import environment
     from delrec.config import PipelineConfig
+    from delrec.core.io import read_json, write_json
     from delrec.data.protocol import RunData
-    from delrec.evaluate import candidate_ranks, metrics_from_ranks, subset_rows
-    from delrec.io import read_json, write_json
-    from delrec.scorers import finetuned_scorer, make_scorer
-    from delrec.significance import compare
+    from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks, subset_rows
+    from delrec.evaluation.significance import compare
+    from delrec.serving.scorers import finetuned_scorer, make_scorer
 
     torch.set_num_threads(a.threads)
     run = Path(a.run)
@@ -158,7 +158,7 @@ def plot(result: dict, path: Path, against: str = "examples") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from delrec.io import atomic_path
+    from delrec.core.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     x, label = ("seconds", "stage-2 training seconds") if against == "seconds" else ("examples", "stage-2 train examples")
@@ -195,7 +195,7 @@ def main() -> None:
     p.add_argument("--against", choices=["examples", "seconds"], default="examples",
                    help="the figure's x axis: train examples or training seconds (evaluations excluded)")
     a = p.parse_args()
-    from delrec.io import read_json
+    from delrec.core.io import read_json
 
     result = read_json(a.out) if a.plot_only else measure(a)
     print(table(result))

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from delrec.io import write_json
+from delrec.core.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

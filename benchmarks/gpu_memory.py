@@ -58,8 +58,8 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
 
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
-    from delrec.stages.optim import lion
-    from delrec.stages.weighting import LossWeighting
+    from delrec.training.optim import lion
+    from delrec.training.weighting import LossWeighting
 
     bb, config, _ = build_backbone(name, args.tiny, device, dtype)
     bb.freeze()
@@ -112,7 +112,7 @@ def measure_model(name: str, args, device, dtype) -> list[dict]:
 
 
 def replan(path: Path) -> None:
-    from delrec.io import read_json, write_json
+    from delrec.core.io import read_json, write_json
 
     result = read_json(path)
     args = Namespace(**result["settings"])
@@ -150,7 +150,7 @@ def main() -> None:
 
     import torch
 
-    from delrec.io import write_json
+    from delrec.core.io import write_json
     from delrec.llm.backbone import pick_dtype
 
     device = torch.device(args.device)

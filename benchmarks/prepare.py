@@ -84,7 +84,7 @@ def main() -> None:
                 })
                 print(f"{dataset} {protocol}: {wall:.1f} s wall, {float(rss):.0f} MB", flush=True)
     env = environment()
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     write_json(args.out, {"environment": env, "rows": rows, **({"home_kitchen_synthetic": scale} if scale else {})})
     print("\n| dataset | protocol | interactions | samples | wall s (whole command) | peak RSS MB |")

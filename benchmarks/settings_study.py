@@ -7,7 +7,7 @@
     python benchmarks/settings_study.py --summary                               # table + figure of every probe
 
 Supersedes benchmarks/stage2_settings.py (the one-off probes of issue 21, kept with their results):
-each probe here runs the stages' own code (`delrec.stages.finetune.finetune`, `delrec.stages.distill
+each probe here runs the stages' own code (`delrec.training.finetune.finetune`, `delrec.training.distill
 .distill`) with a named set of overrides from PROBES, so what it measures is what a run trains.
 
 Held fixed across probes: one prepared run (`--source`, default runs/ml100k-cpu, only read: each
@@ -140,8 +140,8 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
     `eval_examples`, `valid` valid samples, the seed, no early stop."""
     from dataclasses import replace
 
-    from delrec.stages.distill import DistillConfig
-    from delrec.stages.finetune import FinetuneConfig
+    from delrec.training.distill import DistillConfig
+    from delrec.training.finetune import FinetuneConfig
 
     fixed = {"llm": llm, "dtype": dtype, "seed": SEED, "valid_samples": valid, "max_seconds": max_seconds}
     if stage(name) == 1:
@@ -195,10 +195,10 @@ def run_probe(name: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype, a.max_seconds, a.start_eval)
-    run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.locks)
+    run = study_run(Path(a.run) / name, Path(a.source))  # a run folder per probe: one writer each (delrec.core.locks)
     per_step = config.batch_size * config.grad_accum
     if stage(name) == 1:
-        from delrec.stages.distill import distill
+        from delrec.training.distill import distill
 
         metrics = distill(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
         task = "rps" if "rps" in config.tasks else "ta"
@@ -210,7 +210,7 @@ def run_probe(name: str, a) -> dict:
                   **{k: v for k, v in e["eval"].items() if not k.endswith("_accuracy")}} for e in metrics["valid_history"]]
         chance, samples = math.log(config.top_h if task == "rps" else 15), metrics["valid_samples"][task]
     else:
-        from delrec.stages.finetune import finetune
+        from delrec.training.finetune import finetune
 
         metrics = finetune(run, config, name=name, progress=not a.quiet, restart=a.force).metrics
         task = "candidates"
@@ -239,10 +239,10 @@ def rescore_float(name: str, a) -> dict:
     rows and the target's pessimistic rank on each, which `--paired` reads."""
     import torch
 
+    from delrec.core.io import read_json
     from delrec.data.protocol import RunData
-    from delrec.evaluate import candidate_ranks, metrics_from_ranks
-    from delrec.io import read_json
-    from delrec.scorers import finetuned_scorer
+    from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks
+    from delrec.serving.scorers import finetuned_scorer
 
     torch.set_num_threads(a.threads)
     folder = Path(a.run) / name / "finetune" / name
@@ -261,7 +261,7 @@ def rescore_float(name: str, a) -> dict:
 def rescored(name: str, a, again: bool) -> dict:
     """The probe's results with `rescored_float` (scored now where `again`, or where it has no
     per-row ranks yet), written back to its JSON when scored."""
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     path = Path(a.out) / f"{name}.json"
     result = json.loads(path.read_text())
@@ -274,7 +274,7 @@ def rescored(name: str, a, again: bool) -> dict:
 def paired(reference: dict, other: dict) -> dict:
     """`other` against `reference` on the same valid rows, from their float per-row ranks: HR@1
     by McNemar's exact test, NDCG@5 by the paired sign-flip permutation test (significance.py)."""
-    from delrec.significance import compare
+    from delrec.evaluation.significance import compare
 
     a, b = other["rescored_float"], reference["rescored_float"]
     if a["rows"] != b["rows"]:
@@ -375,7 +375,7 @@ def seconds_figure(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from delrec.io import atomic_path
+    from delrec.core.io import atomic_path
 
     rows = [r for r in results if r["probe"].startswith(SECONDS_PREFIX)]
     start = shared_start(rows)
@@ -454,7 +454,7 @@ def figure(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from delrec.io import atomic_path
+    from delrec.core.io import atomic_path
 
     stages = [st for st in (2, 1) if any(r["stage"] == st for r in results)]
     fig, axes = plt.subplots(len(stages), 2, figsize=(12, 3.6 * len(stages)), squeeze=False)
@@ -521,7 +521,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown probe(s) {unknown}; --list shows the registry")
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # before torch is imported
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     for name in a.probe or ():
         path = Path(a.out) / f"{name}.json"

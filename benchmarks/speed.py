@@ -6,7 +6,7 @@ compares across these shared machines).
     python benchmarks/speed.py --config configs/ml100k-cpu-long.yaml --score-samples 96
     OMP_NUM_THREADS=1 python benchmarks/speed.py --tiny --threads 1   # smoke test on a tiny model (tests)
 
-What it runs is the stages' own code: `FinetuneStage.step` (delrec.stages.finetune) on the prepared
+What it runs is the stages' own code: `FinetuneStage.step` (delrec.training.finetune) on the prepared
 run (`--run`, only read: a temporary run folder links its data and teachers), with the real
 SmolLM2-135M weights, the `usp` method (the LSR prompt with a soft prompt of the preset's size,
 drawn untrained, so no stage 1 is needed; the step costs what DELRec's does), the preset's batch
@@ -22,7 +22,7 @@ Scoring: the `today` model after its steps, on `--score-samples` fixed test samp
 as scoring ran before (the peft model unmerged, every prompt computed whole), `score-merged` as it
 runs now (adapter merged, the text before the slot and the soft prompt computed once per call) and
 `score-int8` (`eval_weights: int8`, llm/quantize.py); rankings compared with today's on the same
-samples (HR@1 / NDCG@5 of each, the paired tests of delrec.significance, and the share of samples
+samples (HR@1 / NDCG@5 of each, the paired tests of delrec.evaluation.significance, and the share of samples
 whose target rank is the same). float32 always; bfloat16 too where the CPU computes it natively
 (else skipped, and said).
 
@@ -102,7 +102,7 @@ def load_backbone(a, dtype: str):
 
 def time_train(a, run: Path, name: str, settings: dict, dtype: str):
     """Seconds per training example of `settings` (and the stage, for scoring afterwards)."""
-    from delrec.stages.finetune import FinetuneConfig, FinetuneStage
+    from delrec.training.finetune import FinetuneConfig, FinetuneStage
     from delrec.training.loop import Progress
 
     config = FinetuneConfig(**{**settings, "llm": a.llm, "dtype": dtype})
@@ -132,7 +132,7 @@ def time_score(a, stage, variant: str, dtype: str, rows):
     int8 linear layers, shared prefix)."""
     import copy
 
-    from delrec.evaluate import candidate_ranks
+    from delrec.evaluation.metrics import candidate_ranks
     from delrec.llm.quantize import int8_copy
 
     bb, verbalizer = stage.bb, stage.scorer.verbalizer
@@ -159,8 +159,8 @@ def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
     """`--score-adapter`: a trained stage-2 folder scored as `delrec evaluate --finetuned` scores it,
     with float and with int8 weights: seconds per sample and the rankings compared."""
     from delrec.data.protocol import RunData
-    from delrec.evaluate import candidate_ranks, pessimistic_ranks
-    from delrec.scorers import finetuned_scorer
+    from delrec.evaluation.metrics import candidate_ranks, pessimistic_ranks
+    from delrec.serving.scorers import finetuned_scorer
 
     data = RunData.load(Path(a.run) / "data")
     out, ranks, top1 = [], {}, {}
@@ -187,8 +187,8 @@ def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
 def compare_rankings(ranks_float, ranks_int8) -> dict:
     import numpy as np
 
-    from delrec.evaluate import metrics_from_ranks
-    from delrec.significance import compare
+    from delrec.evaluation.metrics import metrics_from_ranks
+    from delrec.evaluation.significance import compare
 
     return {"float": metrics_from_ranks(ranks_float), "int8": metrics_from_ranks(ranks_int8),
             "paired": compare(ranks_int8, ranks_float),
@@ -198,7 +198,7 @@ def compare_rankings(ranks_float, ranks_int8) -> dict:
 
 def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
     from delrec.data.protocol import RunData
-    from delrec.evaluate import subset_rows
+    from delrec.evaluation.metrics import subset_rows
 
     rows_out = []
     variants = {"today": today, **{k: {**today, **v} for k, v in LEVERS.items()}, "preset": preset}
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from delrec.io import write_json
+    from delrec.core.io import write_json
     from delrec.llm.backbone import cpu_supports_bf16
 
     torch.set_num_threads(a.threads)

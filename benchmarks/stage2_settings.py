@@ -39,11 +39,11 @@ def probe(a) -> dict:
 
     from _env import environment
     from delrec.data.protocol import RunData
-    from delrec.evaluate import evaluate
+    from delrec.evaluation.metrics import evaluate
     from delrec.llm.backbone import Backbone
     from delrec.llm.scorer import LLMScorer
-    from delrec.stages.finetune import orthogonal_regulariser
-    from delrec.stages.optim import adapter_groups, init_adapters, make_optimizer
+    from delrec.training.finetune import orthogonal_regulariser
+    from delrec.training.optim import adapter_groups, init_adapters, make_optimizer
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def main() -> None:
         return
     if not a.name:
         p.error("--name is required for a probe")
-    from delrec.io import write_json
+    from delrec.core.io import write_json
 
     result = probe(a)
     write_json(OUT / f"{a.name}.json", result)

@@ -182,7 +182,7 @@ def stage2_step(loss_fn, peft_model, trainable, optimizer, add_orth: bool):
     """One finetune.py step; `step` is a global counter for AdaLoRA's budget schedule."""
     import torch
 
-    from delrec.stages.finetune import orthogonal_regulariser
+    from delrec.training.finetune import orthogonal_regulariser
 
     def step(batches, i):
         loss = loss_fn(batches[0])
@@ -203,7 +203,7 @@ def add_adalora(bb, config):
     projections), in training mode: (peft model, its trainable tensors)."""
     from peft import AdaLoraConfig, get_peft_model
 
-    from delrec.stages.finetune import TARGET_MODULES
+    from delrec.training.finetune import TARGET_MODULES
 
     targets = TARGET_MODULES.get(getattr(config, "model_type", ""), TARGET_MODULES["default"])
     peft_model = get_peft_model(bb.model, AdaLoraConfig(
@@ -298,13 +298,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from delrec.io import write_json
+    from delrec.core.io import write_json
     from delrec.llm.backbone import pick_dtype
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.verbalizer import Verbalizer
-    from delrec.stages.finetune import orthogonal_regulariser
-    from delrec.stages.optim import lion
-    from delrec.stages.weighting import LossWeighting
+    from delrec.training.finetune import orthogonal_regulariser
+    from delrec.training.optim import lion
+    from delrec.training.weighting import LossWeighting
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -45,9 +45,9 @@ def _peak_rss_mb() -> float:
 def worker(args: argparse.Namespace) -> None:
     """Runs in a child process: one training (or a reference scorer), prints one JSON line."""
     from delrec.data.protocol import RunData
-    from delrec.evaluate import PopularityScorer, RandomScorer, evaluate
+    from delrec.evaluation.metrics import PopularityScorer, RandomScorer, evaluate
     from delrec.teachers import default_config
-    from delrec.teachers.train import train_teacher
+    from delrec.training.teacher import train_teacher
 
     run = Path(args.run)
     if args.model in ("random", "popularity"):
@@ -124,9 +124,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    from delrec.core.io import atomic_path, write_json
     from delrec.data.loaders import load_dataset
     from delrec.data.protocol import ProtocolConfig, prepare, write
-    from delrec.io import atomic_path, write_json
 
     env = environment()
     rows = []

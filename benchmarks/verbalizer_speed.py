@@ -200,7 +200,7 @@ def main() -> None:
 
     import numpy as np
 
-    from delrec.io import write_json
+    from delrec.core.io import write_json
     from delrec.llm.backbone import pick_dtype
 
     load_before = _load_avg()

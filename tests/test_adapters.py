@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from delrec.evaluate import evaluate
+from delrec.evaluation.metrics import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.scorers import finetuned_scorer
-from delrec.stages.finetune import FinetuneConfig, adapter_config, finetune
+from delrec.serving.scorers import finetuned_scorer
+from delrec.training.finetune import FinetuneConfig, adapter_config, finetune
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture)
 

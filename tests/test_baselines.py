@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from delrec import methods
-from delrec.evaluate import candidate_ranks, metrics_from_ranks
+from delrec.core.settings import same_identity
+from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks
 from delrec.llm.similarity import TitleSimilarityScorer
 from delrec.llm.templates import LETTERS, Templates, lettered_prompt
 from delrec.llm.verbalizer import LetterVerbalizer
-from delrec.recommender import Recommender
-from delrec.scorers import finetuned_scorer, make_scorer
-from delrec.settings import same_identity
-from delrec.stages import finetune as finetune_mod
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.serving.recommender import Recommender
+from delrec.serving.scorers import finetuned_scorer, make_scorer
 from delrec.teachers.lists import TeacherTop
+from delrec.training import finetune as finetune_mod
+from delrec.training.finetune import FinetuneConfig, finetune
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import WORDS, taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama, steerable_t5
@@ -75,10 +75,10 @@ def test_the_teacher_list_prompt_writes_the_stored_top_list_of_each_sample(taugh
 
 
 def test_the_teacher_list_of_a_request_comes_from_the_teacher(taught_run):  # noqa: F811
-    """Rows that are not the run's samples (delrec.recommender's requests) get the teacher's list
+    """Rows that are not the run's samples (delrec.serving.recommender's requests) get the teacher's list
     for their history, computed then, never another sample's stored list."""
-    from delrec.recommender import _Requests
-    from delrec.teachers.train import load_teacher
+    from delrec.serving.recommender import _Requests
+    from delrec.teachers.trained import load_teacher
 
     run, data = taught_run
     history = [int(i) for i in data.history[data.indices("test")[0]] if i > 0]
@@ -359,7 +359,7 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     ((+0.01, 0.78), (-0.02, 0.30), "no significant difference", "unclear", ()),
 ])
 def test_the_claims_verdict_against_one_baseline(hr, ndcg, verdict, group, on):
-    from delrec.report import claim_verdict
+    from delrec.report.writer import claim_verdict
 
     comparison = {"HR@1": {"diff": hr[0], "p_value": hr[1]}, "NDCG@5": {"diff": ndcg[0], "p_value": ndcg[1]}}
     assert claim_verdict(comparison) == (verdict, group, on)

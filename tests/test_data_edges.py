@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from delrec.cli import main
+from delrec.core.settings import check, parse_overrides
 from delrec.data.loaders import DataFormatError, load_dataset, load_generic, load_recbole_atomic
 from delrec.data.protocol import ProtocolConfig, RunData, _list_offsets, prepare, write
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, title_key
 from delrec.llm.templates import Templates
-from delrec.recommender import Recommender, RequestError
-from delrec.settings import check, parse_overrides
+from delrec.serving.recommender import Recommender, RequestError
 
 # --------------------------------------------------------------------------------------------
 # Numeric columns: NaN, infinities, the int64 range; the file and row or line named
@@ -219,7 +219,7 @@ def test_prepare_appends_the_id_to_shared_titles_and_counts_them(tmp_path):
 
 
 def test_prompts_tell_candidates_with_a_shared_title_apart(tmp_path):
-    from delrec.stages.examples import ExampleBuilder
+    from delrec.training.examples import ExampleBuilder
 
     _, data = _shared_run(tmp_path)
     builder = ExampleBuilder(data, Templates())
@@ -269,7 +269,7 @@ def test_a_folder_prepared_before_keeps_its_titles_and_the_recommender_tells_the
 
 def test_ml100k_titles_shared_by_18_items_are_told_apart():
     """The real catalogue, where the cache holds it (no download in the test suite)."""
-    from delrec.data.fetch import default_cache_dir, is_fetched
+    from delrec.data.acquisition.fetch import default_cache_dir, is_fetched
 
     cache = default_cache_dir()
     if not is_fetched("ml-100k", cache):
@@ -325,7 +325,7 @@ def test_titles_match_in_any_unicode_form_and_stay_stored_as_given(tmp_path):
 )
 def test_non_finite_float_settings_are_refused_naming_the_setting(tmp_path, raw, value):
     from delrec.config import PipelineConfig
-    from delrec.stages.distill import DistillConfig
+    from delrec.training.distill import DistillConfig
 
     with pytest.raises(ValueError, match=r"--set: lr: expected a finite number, got -?(nan|inf)"):
         check(DistillConfig, parse_overrides([f"lr={raw}"]), "--set")
@@ -340,7 +340,7 @@ def test_non_finite_float_settings_are_refused_naming_the_setting(tmp_path, raw,
 
 
 def test_the_strings_nan_and_inf_are_no_numbers():
-    from delrec.stages.distill import DistillConfig
+    from delrec.training.distill import DistillConfig
 
     for raw in ("nan", "inf", "NaN"):
         with pytest.raises(ValueError, match=rf"lr: expected a number, got '{raw}'"):

@@ -29,14 +29,14 @@ from conftest import sequential_rule_dataset
 from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.data import formats, loaders
-from delrec.data.download import ChecksumError, DownloadError
-from delrec.data.fetch import fetch_dataset, is_fetched, verify_dataset
+from delrec.data.acquisition.download import ChecksumError, DownloadError
+from delrec.data.acquisition.fetch import fetch_dataset, is_fetched, verify_dataset
+from delrec.data.acquisition.sources import MIRROR_ENV, REMOTE
 from delrec.data.loaders import DataFormatError, load_dataset
 from delrec.data.paper import PAPER_STATISTICS, compare_with_paper
 from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
-from delrec.data.sources import MIRROR_ENV, REMOTE
 from delrec.llm.scorer import LLMScorer
-from delrec.report import format_paper_statistics
+from delrec.report.writer import format_paper_statistics
 from llm_helpers import tiny_llama_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,7 +523,7 @@ def test_long_titles_are_cut_for_prompts_and_told_apart_again():
 
 def test_the_prompts_of_a_run_show_cut_titles_and_its_items_keep_the_full_ones(tmp_path):
     from delrec.llm.templates import Templates
-    from delrec.stages.examples import ExampleBuilder
+    from delrec.training.examples import ExampleBuilder
 
     interactions, items = sequential_rule_dataset()
     items["title"] = [f"Product {i} " + "with a very long marketing description " * 4 for i in range(len(items))]

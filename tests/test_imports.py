@@ -42,19 +42,17 @@ def import_graph() -> dict[str, set[str]]:
 # Each entry is a module or a package (its modules). The package root `delrec` only re-exports the
 # public API lazily (Recommender) and is outside the layers.
 LAYERS = [
-    ("base", ["delrec.io", "delrec.locks", "delrec.settings", "delrec.distributed", "delrec.tracking",
-              "delrec.significance", "delrec.model_names", "delrec.training.folder", "delrec.training.loop",
-              "delrec.training"]),
-    ("data", ["delrec.data", "delrec.evaluate", "delrec.training.rows"]),
-    ("teachers", ["delrec.teachers", "delrec.retrieval"]),
+    ("core", ["delrec.core"]),
+    ("data", ["delrec.data"]),
+    ("evaluation", ["delrec.evaluation"]),
+    ("teachers", ["delrec.teachers"]),
     ("llm", ["delrec.llm"]),
     ("methods", ["delrec.methods"]),
-    ("stages", ["delrec.stages"]),
-    ("scoring", ["delrec.scorers", "delrec.config"]),
-    ("results", ["delrec.recommender", "delrec.report", "delrec.report_figures", "delrec.report_inputs",
-                 "delrec.paper_numbers"]),
+    ("training", ["delrec.training"]),
+    ("config", ["delrec.config"]),
+    ("serving", ["delrec.serving"]),
+    ("report", ["delrec.report"]),
     ("pipeline", ["delrec.pipeline", "delrec.experiments"]),
-    ("service", ["delrec.serve"]),
     ("cli", ["delrec.cli"]),
 ]
 

@@ -39,12 +39,12 @@ from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import Verbalizer
-from delrec.scorers import finetuned_scorer
-from delrec.stages import finetune as finetune_mod
-from delrec.stages.distill import DistillConfig, DistillResult, accuracy, distill
-from delrec.stages.examples import ExampleBuilder
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.serving.scorers import finetuned_scorer
 from delrec.teachers.lists import TeacherLists
+from delrec.training import finetune as finetune_mod
+from delrec.training.distill import DistillConfig, DistillResult, accuracy, distill
+from delrec.training.examples import ExampleBuilder
+from delrec.training.finetune import FinetuneConfig, finetune
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 

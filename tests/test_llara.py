@@ -18,11 +18,11 @@ from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import Verbalizer
 from delrec.methods import llara as llara_mod
 from delrec.methods.llara import ItemProjector, ProjectorExtra, hybrid_batch, item_projector_for
-from delrec.recommender import Recommender, _Requests
-from delrec.scorers import finetuned_scorer, make_scorer
-from delrec.stages import finetune as finetune_mod
-from delrec.stages.finetune import FinetuneConfig, finetune
-from delrec.teachers.train import load_teacher
+from delrec.serving.recommender import Recommender, _Requests
+from delrec.serving.scorers import finetuned_scorer, make_scorer
+from delrec.teachers.trained import load_teacher
+from delrec.training import finetune as finetune_mod
+from delrec.training.finetune import FinetuneConfig, finetune
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + trained GRU4Rec)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from delrec.evaluate import (
+from delrec.evaluation.metrics import (
     PopularityScorer,
     RandomScorer,
     evaluate,

@@ -1,8 +1,8 @@
-"""delrec.model_names: a run's model names split once, and given back whole."""
+"""delrec.core.names: a run's model names split once, and given back whole."""
 
 import pytest
 
-from delrec.model_names import ModelName
+from delrec.core.names import ModelName
 
 TEACHERS = ("sasrec", "gru4rec")
 

@@ -1,11 +1,11 @@
-"""Stage-2 adapter initialisation and parameter groups (src/delrec/stages/optim.py)."""
+"""Stage-2 adapter initialisation and parameter groups (src/delrec/training/optim.py)."""
 
 import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 
-from delrec.stages.finetune import orthogonal_regulariser
-from delrec.stages.optim import adapter_groups, init_adapters, lr_schedule, make_optimizer
+from delrec.training.finetune import orthogonal_regulariser
+from delrec.training.optim import adapter_groups, init_adapters, lr_schedule, make_optimizer
 from llm_helpers import tiny_llama_backbone
 
 

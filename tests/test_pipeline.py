@@ -11,12 +11,12 @@ import pytest
 from conftest import write_pipeline_inputs
 from delrec.cli import main
 from delrec.config import PipelineConfig
+from delrec.core.settings import apply_override as _apply_override
 from delrec.data.protocol import RunData
-from delrec.evaluate import candidate_ranks
+from delrec.evaluation.metrics import candidate_ranks
+from delrec.evaluation.significance import compare, mcnemar_exact, per_sample, permutation_test
 from delrec.pipeline import Pipeline
-from delrec.scorers import make_scorer
-from delrec.settings import apply_override as _apply_override
-from delrec.significance import compare, mcnemar_exact, per_sample, permutation_test
+from delrec.serving.scorers import make_scorer
 from llm_helpers import tiny_llama_backbone
 
 QUICK = [
@@ -133,7 +133,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
 def test_report_writes_curves_json(inputs, tmp_path):
     """RUN/curves.json beside the report: every valid point of both stages as their metrics.json
     recorded it, the noise of stage 2's valid metrics at its size, and the same bytes when rewritten."""
-    from delrec.report import write_report
+    from delrec.report.writer import write_report
 
     root, config = inputs
     run = tmp_path / "run"
@@ -241,7 +241,7 @@ def test_domain_words_reach_every_prompt(inputs, tmp_path, monkeypatch):
     """A run config's `templates:` section is the wording of stage 1 (TA and RPS), stage 2, every
     evaluated LLM model and the report's case studies; each stage folder records it."""
     import delrec.llm.scorer as scorer_mod
-    import delrec.stages.examples as examples_mod
+    import delrec.training.examples as examples_mod
 
     root, config = inputs
     seen = []

@@ -1,4 +1,4 @@
-"""The Python API (delrec.recommender): rank items for a history with any model of a run folder."""
+"""The Python API (delrec.serving.recommender): rank items for a history with any model of a run folder."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from delrec import Recommender, RequestError
 from delrec.cli import main
 from delrec.data.protocol import RunData
-from delrec.scorers import make_scorer
+from delrec.serving.scorers import make_scorer
 
 
 @pytest.fixture(scope="module")

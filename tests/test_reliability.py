@@ -10,11 +10,12 @@ import pytest
 
 from conftest import random_dataset, sequential_rule_dataset
 from delrec.cli import main
+from delrec.core.io import write_json
 from delrec.data.loaders import DataFormatError, load_dataset
 from delrec.data.protocol import RunData
-from delrec.io import write_json
 from delrec.teachers import default_config
-from delrec.teachers.train import load_teacher, train_teacher
+from delrec.teachers.trained import load_teacher
+from delrec.training.teacher import train_teacher
 
 
 def _folder(tmp_path, name, dataset=sequential_rule_dataset, ext="csv", **kwargs):
@@ -77,7 +78,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
 
 def test_teacher_time_budget_is_kept_inside_an_epoch_and_on_resume(tmp_path, monkeypatch):
-    import delrec.teachers.train as train_module
+    import delrec.training.teacher as train_module
 
     run = tmp_path / "run"
     assert main(["data", "prepare", str(_folder(tmp_path, "a", num_users=120, length=40)), "--out", str(run)]) == 0

@@ -1,4 +1,4 @@
-"""LlamaRec's two-stage use over the whole catalogue (delrec.retrieval) under the `loo` protocol:
+"""LlamaRec's two-stage use over the whole catalogue (delrec.teachers.retrieval) under the `loo` protocol:
 the teacher retrieves its top 20 unseen items, the fine-tuned lettered LLM ranks them, and every
 item it did not retrieve ranks below them."""
 
@@ -8,13 +8,13 @@ import torch
 
 from conftest import make_run
 from delrec.cli import main
-from delrec.evaluate import full_ranks
-from delrec.recommender import Recommender
-from delrec.retrieval import LLAMAREC_RETRIEVE, RetrieveThenRank
-from delrec.scorers import make_scorer
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.evaluation.metrics import full_ranks
+from delrec.serving.recommender import Recommender
+from delrec.serving.scorers import make_scorer
 from delrec.teachers import default_config
-from delrec.teachers.train import train_teacher
+from delrec.teachers.retrieval import LLAMAREC_RETRIEVE, RetrieveThenRank
+from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.teacher import train_teacher
 from test_baselines import SMALL, letter_llama
 from test_distill import titled_dataset
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from delrec.cli import main
-from delrec.io import atomic_dir, write_json
-from delrec.locks import RunFolderBusy, entry_lock, run_lock
+from delrec.core.io import atomic_dir, write_json
+from delrec.core.locks import RunFolderBusy, entry_lock, run_lock
 from delrec.training.folder import StageFolder, UnsafeCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, capsys):
 def test_every_stage_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     """The teacher's (numpy and Python RNG states too) loads under weights_only=True: a run killed
     after its first epoch resumes."""
-    import delrec.teachers.train as train_module
+    import delrec.training.teacher as train_module
     from delrec.teachers import default_config
 
     run = _prepared(tmp_path)
@@ -107,7 +107,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
     run = _prepared(tmp_path)
     holder = _holder(f"""
         import sys, time
-        from delrec.locks import run_lock
+        from delrec.core.locks import run_lock
         sys.argv = ["delrec", "run", "--config", "mine.yaml"]
         with run_lock({str(run)!r}):
             print("ready", flush=True)
@@ -137,7 +137,7 @@ def test_a_second_fetcher_waits_for_the_first(tmp_path):
     entry = tmp_path / "cache" / "datasets" / "ml-100k"
     holder = _holder(f"""
         import time
-        from delrec.locks import entry_lock
+        from delrec.core.locks import entry_lock
         with entry_lock({str(entry)!r}):
             print("ready", flush=True)
             time.sleep(1.5)

@@ -1,4 +1,4 @@
-"""The HTTP service (delrec.serve), tested over real HTTP on a free port of this machine: every
+"""The HTTP service (delrec.serving.app), tested over real HTTP on a free port of this machine: every
 endpoint, every kind of bad request, concurrent requests batched together with the answers of
 unbatched calls, a failing request that takes nothing else down, and `delrec serve`'s clean
 shutdown on SIGTERM and Ctrl-C."""
@@ -19,7 +19,7 @@ import pytest
 
 from delrec import Recommender
 from delrec.cli import main
-from delrec.serve import bind, create_app, make_server
+from delrec.serving.app import bind, create_app, make_server
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from delrec import Recommender
-from delrec.serve import default_allowed_hosts, redact_paths
+from delrec.serving.app import default_allowed_hosts, redact_paths
 from test_serve import call, serving
 
 

@@ -1,4 +1,4 @@
-"""Settings are checked when they are read, before any step runs (src/delrec/settings.py)."""
+"""Settings are checked when they are read, before any step runs (src/delrec/core/settings.py)."""
 
 import time
 from dataclasses import dataclass, field
@@ -7,10 +7,10 @@ import pytest
 
 from delrec.cli import main
 from delrec.config import PipelineConfig
+from delrec.core.settings import check, identity, in_run, parse_overrides, resolve_in_run, runtime, same_identity
 from delrec.pipeline import Pipeline
-from delrec.settings import check, identity, in_run, parse_overrides, resolve_in_run, runtime, same_identity
-from delrec.stages.distill import DistillConfig
-from delrec.stages.finetune import FinetuneConfig
+from delrec.training.distill import DistillConfig
+from delrec.training.finetune import FinetuneConfig
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from delrec.stages.distill import DistillConfig
-from delrec.stages.finetune import FinetuneConfig
+from delrec.training.distill import DistillConfig
+from delrec.training.finetune import FinetuneConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "settings_study.py"
 spec = importlib.util.spec_from_file_location("settings_study", SCRIPT)

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from delrec.data.protocol import RunData
-from delrec.evaluate import candidate_ranks
+from delrec.evaluation.metrics import candidate_ranks
 from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.verbalizer import Verbalizer, ranking_loss
-from delrec.scorers import finetuned_scorer
-from delrec.stages.finetune import FinetuneConfig, FinetuneStage, finetune
-from delrec.stages.targets import CandidateTargets, teacher_scorer
+from delrec.serving.scorers import finetuned_scorer
+from delrec.training.finetune import FinetuneConfig, FinetuneStage, finetune
 from delrec.training.loop import Progress
+from delrec.training.targets import CandidateTargets, teacher_scorer
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec)
 from test_learning import COLLAPSE_LEARN, steerable_llama
@@ -182,7 +182,7 @@ def test_verbalizer_keep_scores_only_the_kept_titles(taught_run):  # noqa: F811
 def test_rps_soft_target_is_the_teachers_scores_in_the_listed_order(taught_run):  # noqa: F811
     """Stage 1's RPS with rps_distill_weight: each prompt's soft target is the teacher's score of
     every listed item, in the shuffled order the prompt lists them; the stage trains with it."""
-    from delrec.stages.distill import DistillConfig, DistillStage, distill
+    from delrec.training.distill import DistillConfig, DistillStage, distill
 
     run, data = taught_run
     cfg = DistillConfig(teacher="gru4rec", tasks=("rps",), soft_tokens=4, steps=3, batch_size=2, valid_samples=2,
@@ -287,7 +287,7 @@ def test_deep_prompt_started_from_the_input_prompt_scores_as_it_does(taught_run)
 
 def test_deep_prompt_on_the_top_layer_trains_only_its_vectors_and_round_trips(taught_run, tmp_path):  # noqa: F811
     from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.stages.distill import DistillConfig, distill
+    from delrec.training.distill import DistillConfig, distill
 
     run, data = taught_run
     bb = steerable_llama()

@@ -7,10 +7,11 @@ import torch
 
 from conftest import make_run, random_dataset
 from delrec.data.protocol import ProtocolConfig, prepare, write
-from delrec.evaluate import evaluate
+from delrec.evaluation.metrics import evaluate
 from delrec.teachers import build_model, default_config
-from delrec.teachers import train as train_mod
-from delrec.teachers.train import TeacherScorer, load_teacher, train_teacher
+from delrec.teachers.trained import TeacherScorer, load_teacher, teacher_topk
+from delrec.training import teacher as train_mod
+from delrec.training.teacher import train_teacher
 
 # Small epochs budgets keep the suite fast; the rule is easy enough to learn within them.
 FAST = {"sasrec": dict(max_epochs=15), "gru4rec": dict(max_epochs=15, lr=0.1), "caser": dict(max_epochs=15)}
@@ -146,8 +147,8 @@ def test_padding_does_not_change_scores():
 def test_full_catalogue_scoring_is_blocked_to_a_memory_bound_and_gives_the_same_lists(tmp_path, monkeypatch):
     """Home & Kitchen's 1.29M items: 1,024 rows of full scores would be 5.3 GB. The teacher's
     top-h lists and full ranks are scored in blocks bounded in bytes, with the same result."""
-    from delrec import evaluate as evaluate_mod
-    from delrec.evaluate import full_catalogue_rows, full_ranks
+    from delrec.evaluation import metrics as evaluate_mod
+    from delrec.evaluation.metrics import full_catalogue_rows, full_ranks
 
     assert full_catalogue_rows(1_286_050, 1024) == 52  # 256 MB of float32 scores
     assert full_catalogue_rows(60, 1024) == 1024 and full_catalogue_rows(10**9, 1024) == 1
@@ -156,13 +157,13 @@ def test_full_catalogue_scoring_is_blocked_to_a_memory_bound_and_gives_the_same_
     model = build_model(default_config("sasrec", dim=16), data.num_items, data.num_users, data.config.max_history)
     scorer = TeacherScorer(model, torch.device("cpu"))
     rows = np.arange(len(data.sample_id))
-    whole = train_mod.teacher_topk(scorer, data, rows, 7)
+    whole = teacher_topk(scorer, data, rows, 7)
     ranks = full_ranks(scorer, data, rows)
     calls = []
     real = scorer.score_all
     monkeypatch.setattr(scorer, "score_all", lambda d, r: calls.append(len(r)) or real(d, r))
     monkeypatch.setattr(evaluate_mod, "FULL_SCORES_BLOCK_BYTES", 4 * (data.num_items + 1) * 5)  # 5 rows a block
-    blocked = train_mod.teacher_topk(scorer, data, rows, 7)
+    blocked = teacher_topk(scorer, data, rows, 7)
     assert max(calls) == 5 and sum(calls) == len(rows)
     assert np.array_equal(blocked[0], whole[0]) and np.allclose(blocked[1], whole[1])
     calls.clear()

@@ -1,4 +1,4 @@
-"""Live tracking (delrec.tracking): the scalars a stage logs reach TensorBoard's event files,
+"""Live tracking (delrec.core.tracking): the scalars a stage logs reach TensorBoard's event files,
 read back with TensorBoard's own reader; `none` writes nothing; a missing library names its extra."""
 
 import math
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from delrec import tracking
+from delrec.core import tracking
 from delrec.training.folder import StageFolder
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -86,7 +86,7 @@ def test_closed_on_an_exception(tmp_path):
 
 
 def test_other_processes_do_not_track(tmp_path, monkeypatch):
-    from delrec import distributed
+    from delrec.core import distributed
 
     class Worker:
         is_main = False

@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace, names: tuple[str, ...], config_cls) -> d
     """Settings of `config_cls` from `--set key=value` (the value is YAML, as in `delrec run`
     overrides: `--set lr=5e-4`, `--set tasks=[rps]`) and from the named options that were given;
     every key and type checked before any work starts."""
-    from delrec.settings import check, parse_overrides
+    from delrec.core.settings import check, parse_overrides
 
     out = parse_overrides(args.set, "--set")
     out.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace, names: tuple[str, ...], config_cls) -> d
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from delrec.data.fetch import fetch_dataset, verify_dataset
+    from delrec.data.acquisition.fetch import fetch_dataset, verify_dataset
 
     path = fetch_dataset(args.dataset, cache_dir=args.cache_dir, force=args.force, from_paths=args.from_paths,
                          base_url=args.base_url, timeout=args.timeout, progress=not args.quiet)
@@ -95,7 +95,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 def cmd_teacher_train(args: argparse.Namespace) -> None:
     from delrec.teachers import default_config
     from delrec.teachers.base import TeacherConfig
-    from delrec.teachers.train import train_teacher
+    from delrec.training.teacher import train_teacher
 
     overrides = _settings(args, ("patience", "max_seconds", "seed"), TeacherConfig)
     if args.epochs is not None:
@@ -103,7 +103,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     config = default_config(args.model, **overrides)
     result = train_teacher(args.run, config, device=args.device, top_h=args.top_h, progress=not args.quiet, restart=args.restart)
     m = result.metrics
-    from delrec.evaluate import format_table
+    from delrec.evaluation.metrics import format_table
 
     print(f"{args.model}: best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']:.0f} s on {m['device']}")
     print(format_table([m["test"]]))
@@ -112,11 +112,11 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from delrec import distributed
+    from delrec.core import distributed
+    from delrec.core.io import write_json
     from delrec.data.protocol import RunData
-    from delrec.evaluate import evaluate, format_table, subset_rows
-    from delrec.io import write_json
-    from delrec.scorers import make_scorer
+    from delrec.evaluation.metrics import evaluate, format_table, subset_rows
+    from delrec.serving.scorers import make_scorer
 
     is_main = distributed.current().is_main
     run = Path(args.run)
@@ -166,9 +166,9 @@ def _templates(args, teacher: str | None = None):
 def _llm_scorer(args, data):
     """`--finetuned FOLDER` (a stage-2 result: its backbone, adapter, soft prompt and prompt
     method, as trained) or `--llm NAME [--soft-prompt FILE]` (the frozen LLM), through the one
-    scorer factory (delrec.scorers)."""
-    from delrec.io import read_json
-    from delrec.scorers import make_scorer
+    scorer factory (delrec.serving.scorers)."""
+    from delrec.core.io import read_json
+    from delrec.serving.scorers import make_scorer
 
     kw = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "title_scoring": args.verbalizer,
           "weights": getattr(args, "weights", "float")}
@@ -184,7 +184,7 @@ def _llm_scorer(args, data):
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from delrec.stages.finetune import FinetuneConfig, finetune
+    from delrec.training.finetune import FinetuneConfig, finetune
 
     overrides = _settings(args, ("teacher", "llm", "method", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           FinetuneConfig)
@@ -202,7 +202,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from delrec.config import PipelineConfig
     from delrec.pipeline import Pipeline
-    from delrec.report import format_steps
+    from delrec.report.writer import format_steps
 
     overrides = list(args.overrides)
     if args.seeds:
@@ -227,12 +227,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from delrec.report import write_report
+    from delrec.report.writer import write_report
 
     run = Path(args.run)
     if (run / "experiment.json").exists():  # seeds or a sweep: the aggregate report
+        from delrec.core.io import read_json
         from delrec.experiments import write_experiment_report
-        from delrec.io import read_json
 
         print(f"-> {write_experiment_report(run, read_json(run / 'experiment.json'))}")
         return
@@ -240,11 +240,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
-    """Rank candidates for one history with the LLM, through the Python API (delrec.recommender):
+    """Rank candidates for one history with the LLM, through the Python API (delrec.serving.recommender):
     the same checks (unknown titles with the closest ones, duplicates, candidates already in the
     history, the history cut to the model's window) for the command and for the API."""
     from delrec.data.protocol import RunData
-    from delrec.recommender import Recommender
+    from delrec.serving.recommender import Recommender
 
     run = Path(args.run)
     data = RunData.load(run / "data")
@@ -263,8 +263,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Serve a model of a run folder over HTTP (delrec.serve) until Ctrl-C or SIGTERM."""
-    from delrec.recommender import Recommender
+    """Serve a model of a run folder over HTTP (delrec.serving.app) until Ctrl-C or SIGTERM."""
+    from delrec.serving.recommender import Recommender
 
     if args.num_candidates is not None and args.num_candidates < 2:
         raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
@@ -283,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--token-file {args.token_file}: the file is empty")
     hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
     allowed = None if hosts == ["*"] else (set(hosts) if hosts else "default")
-    from delrec.serve import serve
+    from delrec.serving.app import serve
 
     if args.threads is not None:
         if args.threads < 1:
@@ -300,7 +300,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from delrec.stages.distill import DistillConfig, distill
+    from delrec.training.distill import DistillConfig, distill
 
     overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           DistillConfig)
@@ -497,7 +497,7 @@ def _add_llm_args(p: argparse.ArgumentParser, default_llm: str | None = None) ->
 
 def _remove_if_empty(folder: Path) -> None:
     """Remove `folder` if it holds nothing but the run lock file and empty folders."""
-    from delrec.locks import RUN_LOCK_NAME
+    from delrec.core.locks import RUN_LOCK_NAME
 
     entries = list(folder.rglob("*"))
     if all(p.is_dir() or (p.name == RUN_LOCK_NAME and p.parent == folder) for p in entries):
@@ -512,11 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         level, sys.stdout = logging.WARNING, open(os.devnull, "w")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # commands that write into a run folder hold its lock (delrec.locks); `run`, `teacher
+        # commands that write into a run folder hold its lock (delrec.core.locks); `run`, `teacher
         # train`, `distill`, `finetune` and `report` take it inside the library functions
         writes_into = {cmd_data_prepare: "out", cmd_evaluate: "run"}.get(args.func)
         if writes_into and (writes_into == "out" or Path(args.run).is_dir()):  # a missing run: the command says so
-            from delrec.locks import run_lock
+            from delrec.core.locks import run_lock
 
             folder = Path(getattr(args, writes_into))
             created = not folder.exists()
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.verbose:
             raise
-        # every file is written aside and renamed (delrec.io): what was there before is intact
+        # every file is written aside and renamed (delrec.core.io): what was there before is intact
         print(f"delrec: error: no space left on the device ({err.filename or err.strerror}); the files written "
               "before are intact (the last checkpoint included): free some space and run the same command again "
               "to resume", file=sys.stderr)
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         print("delrec: interrupted; what was finished and the last checkpoint are kept: run the same command "
               "again to resume", file=sys.stderr)
         return 130
-    from delrec import distributed
+    from delrec.core import distributed
 
     distributed.shutdown()
     return 0

@@ -1,6 +1,6 @@
 """The configuration of a `delrec run` experiment (configs/*.yaml), checked when it is read.
 
-Sections hold the fields of the stages' own settings classes; delrec.settings checks every key
+Sections hold the fields of the stages' own settings classes; delrec.core.settings checks every key
 and value before any step runs and says which settings are runtime only.
 """
 
@@ -12,21 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec import methods
+from delrec.core.settings import apply_override, check, load_yaml, runtime
 from delrec.data.protocol import ProtocolConfig
 from delrec.llm.quantize import WEIGHTS
 from delrec.llm.templates import Templates
-from delrec.settings import apply_override, check, load_yaml, runtime
-from delrec.stages.distill import DistillConfig
-from delrec.stages.finetune import FinetuneConfig
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
+from delrec.training.distill import DistillConfig
+from delrec.training.finetune import FinetuneConfig
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
 class PipelineConfig:
-    """The experiment (`runtime` fields only say how it runs: see delrec.settings). The sections
+    """The experiment (`runtime` fields only say how it runs: see delrec.core.settings). The sections
     (`protocol`, `teacher`, `distill`, `finetune`) hold fields of ProtocolConfig, TeacherConfig,
     DistillConfig and FinetuneConfig; every key and value is checked on construction."""
 
@@ -59,7 +59,7 @@ class PipelineConfig:
     # (llm/quantize.py: adapters merged, int8 linear layers; CPU only, faster, rankings within rounding)
     eval_weights: str = "float"
     report: bool = runtime(True)
-    # live tracking of every stage's logged scalars (delrec.tracking): none, tensorboard (RUN/tb/),
+    # live tracking of every stage's logged scalars (delrec.core.tracking): none, tensorboard (RUN/tb/),
     # wandb or mlflow; the JSON logs in the run folder stay the report's source
     tracking: str = runtime("none")
     # repeats (delrec.experiments): each seed runs the whole experiment into RUN/seed-N/ (teacher,

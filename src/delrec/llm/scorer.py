@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
@@ -23,7 +23,7 @@ class PromptStyle:
     (`slot="soft-prompt"`), a hand-written description of the teacher (`"model-card"`, `w MCP`) or
     nothing (`"empty"`, `w/o DPSM`); without a slot (None) it is the plain prompt (`w/o SP`, the
     zero-shot LLM). A method with a prompt of its own subclasses it (delrec.methods: the teacher's
-    list, LlamaRec's letters, LLaRA's item vectors). `order` (delrec.retrieval.TeacherOrder):
+    list, LlamaRec's letters, LLaRA's item vectors). `order` (delrec.teachers.retrieval.TeacherOrder):
     the candidates listed in another order than the stored one; scores come back in the stored
     order all the same."""
 

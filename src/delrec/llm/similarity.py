@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.data.protocol import RunData
 from delrec.llm.backbone import Backbone
 

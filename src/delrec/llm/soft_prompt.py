@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from delrec.io import atomic_path
-from delrec.settings import in_run
+from delrec.core.io import atomic_path
+from delrec.core.settings import in_run
 
 WEIGHTS_NAME = "soft_prompt.safetensors"
 FORMAT = "delrec.soft_prompt.v1"

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from delrec.core.settings import check
 from delrec.data.titles import disambiguate_titles
-from delrec.settings import check
 from delrec.teachers import MODELS
 
 SLOT = "{soft_prompt}"

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import LETTERS, Prompt

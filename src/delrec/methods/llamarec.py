@@ -13,7 +13,7 @@ from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import Prompt, Templates, lettered_prompt
 from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
 from delrec.methods.registry import Method, Stage2Extra
-from delrec.retrieval import RetrieveThenRank
+from delrec.teachers.retrieval import RetrieveThenRank
 
 
 class LetteredStyle(PromptStyle):

@@ -32,12 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from delrec.io import atomic_path
+from delrec.core.io import atomic_path
+from delrec.core.settings import closest
 from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import SLOT, Prompt, Templates, check_titles, lsr_prompt
 from delrec.methods.registry import Method, Stage2Extra
-from delrec.settings import closest
-from delrec.teachers.train import load_teacher
+from delrec.teachers.trained import load_teacher
 
 CURRICULA = ("linear", "none")
 

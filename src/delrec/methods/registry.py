@@ -48,10 +48,10 @@ from typing import ClassVar
 
 from torch import nn
 
+from delrec.core.settings import check, closest
 from delrec.llm.scorer import LLMScorer, PromptStyle
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.retrieval import TeacherOrder
-from delrec.settings import check, closest
+from delrec.teachers.retrieval import TeacherOrder
 
 STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from delrec.data.protocol import RunData
-from delrec.teachers.train import load_teacher
+from delrec.teachers.trained import load_teacher
 
 
 def stored_top_h(path: str | Path) -> int:
@@ -52,7 +52,7 @@ class TeacherTop:
     trained on the train split, with the items the user had seen before the target excluded. So a
     valid or test sample's list holds nothing from its own time or later. (A train sample's list
     comes from a teacher that was trained on it: the same holds for every model trained on that
-    split, and for RecRanker's conventional models.) Other rows, such as delrec.recommender's
+    split, and for RecRanker's conventional models.) Other rows, such as delrec.serving.recommender's
     requests, are not the run's samples: their list is computed here by the teacher from the
     history alone, with the history's items excluded."""
 

@@ -12,7 +12,7 @@
         folder.checkpoint(lambda rng: {...}) # every process's RNG state gathered, the main one writes
     folder.finish(write_outputs, config_dict, metrics)   # metrics.json last: marks the stage complete
 
-A checkpoint written with other settings (runtime ones aside, delrec.settings) is refused with the
+A checkpoint written with other settings (runtime ones aside, delrec.core.settings) is refused with the
 settings that differ; a resume drops the log lines written after the checkpoint.
 """
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from delrec import distributed, tracking
-from delrec.io import atomic_path, write_json
-from delrec.settings import runtime_names, same_identity
+from delrec.core import distributed, tracking
+from delrec.core.io import atomic_path, write_json
+from delrec.core.settings import runtime_names, same_identity
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class StageFolder:
     def log(self, entry: dict) -> None:
         """One line of train_log.jsonl (main process only), written with one write() so that a
         kill leaves at most a torn last line, which the next resume drops. Then the live tracker
-        (delrec.tracking, a no-op unless the run tracks) gets its scalars at the entry's counter."""
+        (delrec.core.tracking, a no-op unless the run tracks) gets its scalars at the entry's counter."""
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")

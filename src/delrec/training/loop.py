@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.training.folder import Clock, StageFolder
 
 log = logging.getLogger(__name__)

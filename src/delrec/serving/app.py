@@ -14,7 +14,7 @@ throughput grows with load instead of requests queueing one by one. While the mo
 next batch gathers by itself; a batch waits (at most `max_wait_ms`) only for requests whose body has
 arrived and that are still being checked, so a lone client never waits, and neither does anyone
 for a client still sending its body. Each request is checked before it joins a batch
-(delrec.recommender's checks: a 400 that names the field), so a bad request never fails the good
+(delrec.serving.recommender's checks: a 400 that names the field), so a bad request never fails the good
 ones it would have been batched with; should scoring a batch fail anyway, its requests are scored
 one by one and only the failing one gets a 500 (as does one whose scores are not finite).
 
@@ -59,9 +59,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from delrec.recommender import PreparedRequest, Ranking, Recommender, RequestError
+from delrec.serving.recommender import PreparedRequest, Ranking, Recommender, RequestError
 
-log = logging.getLogger("delrec.serve")
+log = logging.getLogger("delrec.serving.app")
 
 ENDPOINTS = ("/recommend", "/recommend/batch", "/items", "/healthz", "/metrics", "/docs", "/openapi.json")
 MAX_BATCH_REQUESTS = 256  # requests in one POST /recommend/batch

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
 
 LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
 

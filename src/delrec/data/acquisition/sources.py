@@ -1,6 +1,6 @@
 """The data sets downloaded from their publishers' servers: where each file lives and on what terms.
 
-`delrec data fetch NAME` (delrec.data.fetch) downloads the files listed here into
+`delrec data fetch NAME` (delrec.data.acquisition.fetch) downloads the files listed here into
 `<cache>/datasets/NAME/`; delrec.data.formats reads them in their native formats. The choice of
 each source and version, and the statistics each should give beside the paper's, are in
 docs/datasets.md.

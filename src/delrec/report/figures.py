@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec.evaluate import PopularityScorer, candidate_ranks, metrics_from_ranks
-from delrec.io import atomic_path
-from delrec.report_inputs import examples_per_step, read_log, run_scorer, stage_file
+from delrec.core.io import atomic_path
+from delrec.evaluation.metrics import PopularityScorer, candidate_ranks, metrics_from_ranks
+from delrec.report.inputs import examples_per_step, read_log, run_scorer, stage_file
 from delrec.training.rows import valid_subset
 
 

@@ -1,4 +1,4 @@
-"""What the report (delrec.report) and its figures (delrec.report_figures) read from a run folder
+"""What the report (delrec.report.writer) and its figures (delrec.report.figures) read from a run folder
 besides the evaluations: the stages' logs and files, and the run's models through the one scorer
 factory for the few samples they score again. Files a step has not written (yet) read as empty,
 so a report can be written at any point of a run.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from delrec.io import read_json
-from delrec.scorers import make_scorer
+from delrec.core.io import read_json
+from delrec.serving.scorers import make_scorer
 
 
 def read_log(path: Path) -> list[dict]:

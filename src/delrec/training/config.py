@@ -2,7 +2,7 @@
 
 Each stage's config adds its own fields and its own defaults for these (stage 1 trains a soft
 prompt at Lion 5e-3, stage 2 adapters at another rate). Fields made with `runtime()` say how a
-stage runs, not what it computes (delrec.settings): changing them reruns nothing.
+stage runs, not what it computes (delrec.core.settings): changing them reruns nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from delrec.core.settings import runtime
 from delrec.llm.backbone import Backbone
 from delrec.llm.verbalizer import OBJECTIVES
-from delrec.settings import runtime
-from delrec.stages.optim import LR_SCHEDULES, OPTIMIZERS
+from delrec.training.optim import LR_SCHEDULES, OPTIMIZERS
 
 
 @dataclass

@@ -10,8 +10,8 @@ another, each a `_*_section(ctx)` function returning its Markdown lines: the goa
 its teacher, paired tests), a Table II-style block with the paper's numbers beside ours (DELRec
 and the LLM-based baselines of delrec.methods under the paper's row names), the paper's claim and
 each model's cost, the ablations (Tables III-IV), other attempts, stage-1 accuracy, training
-curves (delrec.report_figures), the cold-start slice, case studies, budgets, settings, steps, data
-and protocol, and the environment. The paper's numbers are in delrec.paper_numbers.
+curves (delrec.report.figures), the cold-start slice, case studies, budgets, settings, steps, data
+and protocol, and the environment. The paper's numbers are in delrec.report.paper_numbers.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ import yaml
 
 from delrec import __version__, methods
 from delrec.config import PipelineConfig, upgrade_keys
+from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.locks import holds_run_lock
+from delrec.core.names import ModelName
 from delrec.data.protocol import RunData
-from delrec.io import atomic_path, read_json, write_json
-from delrec.locks import holds_run_lock
-from delrec.model_names import ModelName
-from delrec.paper_numbers import METRICS, PAPER_ML100K, PAPER_TABLE2_ML100K, PAPER_TABLE2_NOT_RUN, TABLE2_LLM_BASELINES
-from delrec.report_figures import write_figures
-from delrec.report_inputs import examples_per_step, run_scorer, stage_file
-from delrec.significance import compare, per_sample
+from delrec.evaluation.significance import compare, per_sample
+from delrec.report.figures import write_figures
+from delrec.report.inputs import examples_per_step, run_scorer, stage_file
+from delrec.report.paper_numbers import METRICS, PAPER_ML100K, PAPER_TABLE2_ML100K, PAPER_TABLE2_NOT_RUN, TABLE2_LLM_BASELINES
 
 if TYPE_CHECKING:
     from delrec.data.protocol import RunData
@@ -398,7 +398,7 @@ def _stage1_section(ctx: ReportContext) -> list[str]:
 
 
 def _curves_section(ctx: ReportContext) -> list[str]:
-    """The figures (delrec.report_figures) and RUN/curves.json, with how large a difference
+    """The figures (delrec.report.figures) and RUN/curves.json, with how large a difference
     between stage-2 curves has to be to be more than noise."""
     labels = {name: ctx.label(name) for name in ctx.evals}
     L = ["## Training curves and results", "",

@@ -44,25 +44,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from delrec import distributed, methods
+from delrec import methods
+from delrec.core import distributed
+from delrec.core.io import atomic_dir, write_json
+from delrec.core.locks import holds_run_lock
+from delrec.core.settings import closest, runtime
 from delrec.data.protocol import RunData
-from delrec.evaluate import evaluate
-from delrec.io import atomic_dir, write_json
+from delrec.evaluation.metrics import evaluate
 from delrec.llm.backbone import Backbone
 from delrec.llm.quantize import WEIGHTS, int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.llm.verbalizer import LossParts
-from delrec.locks import holds_run_lock
 from delrec.methods.registry import Stage2Extra
-from delrec.settings import closest, runtime
-from delrec.stages.config import StageConfig, seeded_backbone
-from delrec.stages.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
-from delrec.stages.targets import CandidateTargets, teacher_scorer
+from delrec.training.config import StageConfig, seeded_backbone
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
+from delrec.training.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.training.rows import local_batch, train_and_valid_rows
+from delrec.training.targets import CandidateTargets, teacher_scorer
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class FinetuneConfig(StageConfig):
 
     @staticmethod
     def upgrade_recorded(recorded: dict) -> dict:
-        """A stage-2 folder's recorded settings in today's form (delrec.settings.same_identity):
+        """A stage-2 folder's recorded settings in today's form (delrec.core.settings.same_identity):
         earlier delrec called the method `variant`, and kept LLaRA's options as fields of their own."""
         recorded = dict(recorded)
         if "variant" in recorded and "method" not in recorded:

@@ -25,7 +25,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from delrec import distributed
+from delrec.core import distributed
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@
     results = rec.rank_many([{"history": [...]}, {"history": [...], "candidates": [...]}])
 
 `rank_many` scores requests together (one forward pass per batch), which is what the HTTP service
-(delrec.serve) does with requests that arrive together; `prepare` checks one request without
+(delrec.serving.app) does with requests that arrive together; `prepare` checks one request without
 scoring it, and `rank_prepared` scores checked requests, so a service can refuse a bad request
 before it joins a batch.
 
-`model` is any model of the run folder the evaluator knows (delrec.scorers): `random`,
+`model` is any model of the run folder the evaluator knows (delrec.serving.scorers): `random`,
 `popularity`, a teacher, `zero-shot`, or `<teacher>-<method>`. History and candidates are given as
 item ids (the ids of the data's items file) or titles, as written in the data ("Usual Suspects,
 The (1995)") or normalised ("The Usual Suspects (1995)"), compared by `delrec.data.titles.title_key`
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from delrec.config import PipelineConfig
+from delrec.core.names import ModelName
 from delrec.data.loaders import normalize_title
 from delrec.data.protocol import RunData
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, title_key
-from delrec.model_names import ModelName
-from delrec.scorers import make_scorer
-from delrec.teachers.train import load_teacher
+from delrec.serving.scorers import make_scorer
+from delrec.teachers.trained import load_teacher
 
 
 class RequestError(ValueError):

@@ -25,26 +25,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delrec import distributed
+from delrec.core import distributed
+from delrec.core.io import atomic_dir
+from delrec.core.locks import holds_run_lock
 from delrec.data.protocol import RunData
-from delrec.evaluate import evaluate, metrics_from_ranks, pessimistic_ranks
-from delrec.io import atomic_dir
+from delrec.evaluation.metrics import evaluate, metrics_from_ranks, pessimistic_ranks
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates, lsr_prompt
 from delrec.llm.verbalizer import Verbalizer
-from delrec.locks import holds_run_lock
-from delrec.stages.config import StageConfig, seeded_backbone
-from delrec.stages.examples import ExampleBuilder
-from delrec.stages.optim import lr_schedule, make_optimizer
-from delrec.stages.targets import teacher_scorer
-from delrec.stages.weighting import LossWeighting
 from delrec.teachers.lists import TeacherLists
+from delrec.training.config import StageConfig, seeded_backbone
+from delrec.training.examples import ExampleBuilder
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
+from delrec.training.optim import lr_schedule, make_optimizer
 from delrec.training.rows import local_batch, valid_subset
+from delrec.training.targets import teacher_scorer
+from delrec.training.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DistillResult:
 
 def prompt_ranks(verbalizer: Verbalizer, prompts: list[Prompt], soft_prompt: SoftPrompt | None) -> np.ndarray:
     """Pessimistic 0-based rank of each prompt's label among its candidates (a tied candidate
-    counts as ranked above the label, as in `delrec.evaluate`); sharded over the processes of a
+    counts as ranked above the label, as in `delrec.evaluation.metrics`); sharded over the processes of a
     multi-process launch."""
 
     def ranks(idx: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from delrec.data.protocol import RunData
-from delrec.teachers.train import TeacherScorer, load_teacher
+from delrec.teachers.trained import TeacherScorer, load_teacher
 
 
 def teacher_scorer(run_dir: Path, teacher: str, data: RunData, required: bool) -> TeacherScorer | None:

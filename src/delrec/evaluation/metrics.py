@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from delrec import distributed
+from delrec.core import distributed
 from delrec.data.protocol import RunData
 
 HR_KS = (1, 5, 10)

@@ -1,0 +1,1 @@
+"""Getting the data sets: from PyPI wheels (MovieLens) or their publishers' servers."""

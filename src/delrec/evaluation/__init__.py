@@ -1,0 +1,1 @@
+"""Metrics, the evaluator every model shares, and paired significance tests."""

@@ -1,0 +1,1 @@
+"""RUN/report.md, its figures and curves.json: what a run measured."""

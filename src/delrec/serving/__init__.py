@@ -1,0 +1,1 @@
+"""A trained model in use: every model of a run by name, the Python API and the HTTP service."""
