@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from delrec import methods
+from delrec.core.layout import RunLayout
 
 log = logging.getLogger("delrec")
 
@@ -63,8 +64,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     except NotEnoughData as err:
         raise NotEnoughData(f"{args.dataset}: {err}") from None
     run = Path(args.out)
-    later = [d for d in ("teachers", "distill", "finetune", "eval") if (run / d).is_dir() and any((run / d).iterdir())]
-    if later and not holds_same_data(run / "data", config, args.dataset, prepared):
+    later = [d.name for d in RunLayout(run).results if d.is_dir() and any(d.iterdir())]
+    if later and not holds_same_data(RunLayout(run).data, config, args.dataset, prepared):
         # results made from the data there would be read with the new data's ids and samples
         if not args.force:
             raise ValueError(f"{run} holds results made from its current data ({', '.join(d + '/' for d in later)}); "
@@ -73,7 +74,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         for d in later:
             shutil.rmtree(run / d)
         log.info("deleted the results made from the earlier data: %s", ", ".join(later))
-    write(prepared, run / "data", source={"dataset": args.dataset, **raw.source})
+    write(prepared, RunLayout(run).data, source={"dataset": args.dataset, **raw.source})
     s = prepared.stats
     f = s["filtered"]
     print(
@@ -120,10 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     is_main = distributed.current().is_main
     run = Path(args.run)
-    data = RunData.load(run / "data")
+    data = RunData.load(RunLayout(run).data)
     models = args.models
     if not models:
-        trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
+        trained = sorted(p.parent.name for p in RunLayout(run).teachers.glob("*/model.safetensors"))
         models = [] if (args.llm or args.finetuned) else ["random", "popularity", *trained]
     rows = subset_rows(data, args.split, args.limit, args.limit_seed)
     results = []
@@ -141,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             res["subset"] = {"limit": args.limit, "seed": args.limit_seed, "of": int(len(data.indices(args.split)))}
         tag = name.replace(":", "-").replace("/", "_") + (f".limit{args.limit}" if args.limit else "")
         if is_main:  # under a multi-process launch every process scores its shard; one writes
-            write_json(run / "eval" / f"{tag}.{args.split}.json", res)
+            write_json(RunLayout(run).cli_eval(tag, args.split), res)
         results.append(res)
     subset = f", a seeded subset of {len(rows)} samples (--limit)" if args.limit else ""
     print(f"{data.config.name} protocol, {args.split} split{subset}, {data.config.num_candidates} candidates (ties pessimistic)")
@@ -150,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print("\nfull ranking (items seen before the target excluded)")
         print(format_table(results, "full_ranking"))
     if not args.limit and not args.llm and not args.finetuned and is_main:
-        write_json(run / "eval" / f"summary.{args.split}.json", results)
+        write_json(RunLayout(run).cli_eval("summary", args.split), results)
 
 
 def _templates(args, teacher: str | None = None):
@@ -247,7 +248,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from delrec.serving.recommender import Recommender
 
     run = Path(args.run)
-    data = RunData.load(run / "data")
+    data = RunData.load(RunLayout(run).data)
     if args.num_candidates is not None and args.num_candidates < 2:
         raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
     scorer = _llm_scorer(args, data)

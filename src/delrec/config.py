@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delrec import methods
+from delrec.core.layout import RunLayout
 from delrec.core.settings import apply_override, check, load_yaml, runtime
 from delrec.data.protocol import ProtocolConfig
 from delrec.llm.quantize import WEIGHTS
@@ -146,7 +147,7 @@ class PipelineConfig:
         """(model name, the file whose change invalidates its evaluation) in report order."""
         run, out = Path(self.run_dir), []
         out += [("random", None), ("popularity", None)]
-        out += [(t, str(run / "teachers" / t / "metrics.json")) for t in self.teachers]
+        out += [(t, str(RunLayout(run).teacher(t) / "metrics.json")) for t in self.teachers]
         if self.zero_shot:
             out.append(("zero-shot", None))
         for t in self.llm_teachers:
@@ -155,18 +156,18 @@ class PipelineConfig:
                 if not method.stage2 and method.stage1 == "none":  # the bare LLM (LLMSEQSIM): nothing upstream
                     out.append((f"{t}-{v}", None))
                 elif not method.stage2:  # the frozen LLM with stage 1's soft prompt
-                    out.append((f"{t}-{v}", str(run / "distill" / method.stage1_folder(t) / "metrics.json")))
+                    out.append((f"{t}-{v}", str(RunLayout(run).stage1(method.stage1_folder(t)) / "metrics.json")))
                 else:
-                    out.append((f"{t}-{v}", str(run / "finetune" / f"{t}-{v}" / "metrics.json")))
+                    out.append((f"{t}-{v}", str(RunLayout(run).stage2(f"{t}-{v}") / "metrics.json")))
         return out
 
     @classmethod
     def from_run(cls, run: str | Path) -> PipelineConfig:
         """The configuration a `delrec run` recorded in its folder (RUN/config.yaml)."""
         run = Path(run)
-        if not (run / "config.yaml").exists():
+        if not RunLayout(run).config.exists():
             raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
-        return cls._from_values({**load_yaml(run / "config.yaml"), "run_dir": str(run)}, str(run / "config.yaml"))
+        return cls._from_values({**load_yaml(RunLayout(run).config), "run_dir": str(run)}, str(RunLayout(run).config))
 
 
 # keys of earlier configs, still read: a method of delrec.methods was called a variant

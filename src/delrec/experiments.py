@@ -37,6 +37,7 @@ import numpy as np
 
 from delrec.config import PipelineConfig
 from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.layout import RunLayout
 from delrec.core.locks import run_lock
 from delrec.data.protocol import ProtocolConfig
 from delrec.evaluation.significance import compare
@@ -147,6 +148,7 @@ class Experiment:
         check_experiment(config)
         self.config, self.progress = config, progress
         self.run = Path(config.run_dir)
+        self.layout = RunLayout(self.run)
         self.swept = list(config.sweep)
         self.share_data = not config.seed_data and not any(k.split(".")[0] in DATA_KEYS for k in self.swept)
         # teachers trained on another split must not be shared: a swept data setting stops both
@@ -204,11 +206,11 @@ class Experiment:
         links = {}
         seed_part = f"seed-{point.seed}" if point.seed is not None else "all"
         if self.share_data and (self.swept or self.config.seeds):
-            links["data"] = self.run / "data"
+            links["data"] = self.layout.data
         elif self.swept and not any(k.split(".")[0] in DATA_KEYS for k in self.swept):  # seed_data: one per seed
-            links["data"] = self.run / "shared" / seed_part / "data"
+            links["data"] = self.layout.shared(seed_part).data
         if self.share_teachers:
-            links["teachers"] = self.run / "shared" / seed_part / "teachers"
+            links["teachers"] = self.layout.shared(seed_part).teachers
         return {name: target for name, target in links.items() if point.folder / name != target}
 
     def _link(self, point: Point) -> None:
@@ -233,9 +235,9 @@ class Experiment:
             return 0
         copied = 0
         for name, source in config.models():
-            if source is not None and Path(source).parent.parent.name != "teachers":
+            if source is not None and Path(source).parent.parent.name != RunLayout.TEACHERS:
                 continue  # a stage-1 or stage-2 model: it depends on the swept settings
-            src, dst = donor.folder / "eval" / "pipeline" / f"{name}.json", point.folder / "eval" / "pipeline" / f"{name}.json"
+            src, dst = RunLayout(donor.folder).pipeline_eval(name), RunLayout(point.folder).pipeline_eval(name)
             if src.exists() and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(dst) as tmp:
@@ -257,7 +259,7 @@ class Experiment:
         import yaml
 
 
-        with atomic_path(self.run / "config.yaml") as tmp:
+        with atomic_path(self.layout.config) as tmp:
             tmp.write_text(yaml.safe_dump(asdict(self.config), sort_keys=False))
         t0, done, runs = time.perf_counter(), [], []
         for n, point in enumerate(self.points, 1):
@@ -286,7 +288,7 @@ class Experiment:
 def _point_metrics(folder: Path) -> dict[str, dict]:
     """model -> {"metrics": {...}, "ranks": [...]} from a finished point's evaluations."""
     out = {}
-    for path in sorted((folder / "eval" / "pipeline").glob("*.json")):
+    for path in sorted(RunLayout(folder).pipeline_evals.glob("*.json")):
         e = read_json(path)
         out[e["model"]] = {"metrics": e["candidates"], "ranks": e["ranks"], "num_samples": e["num_samples"]}
     return out
@@ -391,7 +393,7 @@ def write_experiment_report(run: Path, result: dict) -> Path:
         L += _point_section(point, seeds)
     L += ["Each run is an ordinary run folder (`folders` in experiment.json): `delrec report FOLDER` writes its own "
           "report with the per-sample tests and figures.", ""]
-    path = run / "report.md"
+    path = RunLayout(run).report
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(L))
     return path
@@ -481,7 +483,7 @@ def draw_sweep(run: Path, result: dict) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = run / "figures" / f"fig8-{key.replace('.', '-')}.png"
+        path = RunLayout(run).figures / f"fig8-{key.replace('.', '-')}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")

@@ -33,6 +33,7 @@ from delrec import methods
 from delrec.config import PipelineConfig
 from delrec.core import distributed, tracking
 from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.layout import RunLayout
 from delrec.core.locks import run_lock
 from delrec.core.names import ModelName
 from delrec.core.settings import same_identity
@@ -102,10 +103,11 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, progress: bool = True):
         self.config = config
         self.run = Path(config.run_dir)
+        self.layout = RunLayout(self.run)
         self.progress = progress
         self.steps: list[dict] = []
         # the last real run of every step, across invocations (a skipped step keeps its earlier time)
-        summary = self.run / "pipeline.json"
+        summary = self.layout.pipeline_summary
         self.earlier = {e["step"]: e for e in read_json(summary)["steps"] if e["status"] == "ran"} if summary.exists() else {}
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -142,22 +144,22 @@ class Pipeline:
     def data(self) -> None:
         c = self.config
         proto = ProtocolConfig.for_protocol(**c.protocol) if c.protocol else ProtocolConfig()
-        marker = self.run / "data" / "protocol.json"
-        if marker.exists() and not holds_same_data(self.run / "data", proto, c.dataset):
+        marker = self.layout.data / "protocol.json"
+        if marker.exists() and not holds_same_data(self.layout.data, proto, c.dataset):
             written = read_json(marker)
             raise ValueError(f"{self.run / 'data'} was prepared from {written['source'].get('dataset')} with "
                              f"{written['protocol']}, not as this config asks; use another run_dir")
 
         def prepare_data():
             raw = load_dataset(c.dataset)
-            write(prepare(raw.interactions, raw.items, proto, read=raw.source.get("read")), self.run / "data", source={"dataset": c.dataset, **raw.source})
+            write(prepare(raw.interactions, raw.items, proto, read=raw.source.get("read")), self.layout.data, source={"dataset": c.dataset, **raw.source})
 
         self._step("data", marker.exists(), prepare_data, main_only=True)
 
     def teachers(self) -> None:
         for name in self.config.teachers:
             tc = default_config(name, **self.config.teacher)
-            out = self.run / "teachers" / name
+            out = self.layout.teacher(name)
             done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
                 stored_top_h(out / "topk.parquet") == self.config.top_h and \
                 same_identity(TeacherConfig, read_json(out / "config.json")["teacher"], asdict(tc))
@@ -178,13 +180,13 @@ class Pipeline:
             wanted += [(t, m.stage1_folder(t), m.name) for m in chosen if m.stage1 == "own"]
         for teacher, name, variant in wanted:
             cfg = self._distill_config(teacher, variant)
-            out = self.run / "distill" / name
+            out = self.layout.stage1(name)
             done = (out / "metrics.json").exists() and same_identity(DistillConfig, read_json(out / "config.json"), cfg.to_dict()) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
             self._step(f"distill:{name}", done, lambda cfg=cfg, name=name, teacher=teacher: self._run_distill(cfg, name, teacher))
 
     def _teacher_fp(self, teacher: str) -> str | None:
-        return _fingerprint(self.run / "teachers" / teacher / "metrics.json")
+        return _fingerprint(self.layout.teacher(teacher) / "metrics.json")
 
     def _run_distill(self, cfg, name, teacher) -> None:
         result = distill(self.run, cfg, name=name, progress=self.progress)
@@ -205,12 +207,12 @@ class Pipeline:
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:
-                settings["soft_prompt"] = str(self.run / "distill" / stage1 / "soft_prompt.safetensors")
+                settings["soft_prompt"] = str(self.layout.soft_prompt(stage1))
             if methods.get(variant).stage2_from_stage1_llm:
-                settings["llm"] = str(self.run / "distill" / stage1 / "llm")
+                settings["llm"] = str(self.layout.stage1_llm(stage1))
             cfg = FinetuneConfig(**settings)
-            upstream = _fingerprint(self.run / "distill" / stage1 / "metrics.json") if stage1 else self._teacher_fp(teacher)
-            out = self.run / "finetune" / name
+            upstream = _fingerprint(self.layout.stage1(stage1) / "metrics.json") if stage1 else self._teacher_fp(teacher)
+            out = self.layout.stage2(name)
             done = (out / "metrics.json").exists() and same_identity(FinetuneConfig, read_json(out / "config.json"), cfg.to_dict()) \
                 and read_json(out / "metrics.json").get("upstream_fingerprint") == upstream
             self._step(f"finetune:{name}", done, lambda cfg=cfg, name=name, upstream=upstream: self._run_finetune(cfg, name, upstream))
@@ -221,10 +223,10 @@ class Pipeline:
             write_json(result.out_dir / "metrics.json", {**result.metrics, "upstream_fingerprint": upstream})
 
     def evaluate(self) -> None:
-        data = RunData.load(self.run / "data")
+        data = RunData.load(self.layout.data)
         rows = subset_rows(data, "test", self.config.test_samples, self.config.eval_seed)
         for name, source in self.config.models():
-            path = self.run / "eval" / "pipeline" / f"{name}.json"
+            path = self.layout.pipeline_eval(name)
             # what identifies the result: not the scoring batch size, which does not change scores
             # the bare LLM's results (zero-shot, LLMSEQSIM) depend on the backbone and on nothing upstream
             bare_llm = name == "zero-shot" or (source is None and ModelName.parse(name).method in methods.METHODS)
@@ -266,7 +268,7 @@ class Pipeline:
         total = sum(e["seconds"] or 0.0 for e in steps)
         if not distributed.current().is_main:
             return
-        write_json(self.run / "pipeline.json", {"steps": steps, "total_seconds": round(total, 1),
+        write_json(self.layout.pipeline_summary, {"steps": steps, "total_seconds": round(total, 1),
                                                 "this_invocation_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
 
     # -- driver ------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Pipeline:
         try:
 
             if main:
-                with atomic_path(self.run / "config.yaml") as tmp:
+                with atomic_path(self.layout.config) as tmp:
                     tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
             log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
             t0 = time.perf_counter()

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from delrec.core.layout import RunLayout
+
 
 def runtime(default=dataclasses.MISSING, **kwargs):
     """A dataclass field that does not identify the experiment (see the module docstring)."""
@@ -60,7 +62,7 @@ def in_run(value):
     if not isinstance(value, str):
         return value
     parts = Path(value).parts
-    if len(parts) >= 3 and parts[-3] == "distill" and parts[-1] in RUN_OUTPUTS:
+    if len(parts) >= 3 and parts[-3] == RunLayout.STAGE1 and parts[-1] in RUN_OUTPUTS:
         return "RUN/" + "/".join(parts[-3:])
     return value
 

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from delrec.core.io import atomic_path
+from delrec.core.layout import RunLayout
 from delrec.core.settings import closest
 from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import SLOT, Prompt, Templates, check_titles, lsr_prompt
@@ -202,7 +203,7 @@ def hybrid_batch(config, micro_batch: int) -> bool:
 
 def item_projector_for(run_dir: str | Path, config, bb, data) -> ItemProjector:
     """The untrained item projector stage 2 starts with: its teacher's item embeddings into `bb`'s input space."""
-    teacher_dir = Path(run_dir) / "teachers" / config.teacher
+    teacher_dir = RunLayout(Path(run_dir)).teacher(config.teacher)
     if not (teacher_dir / "model.safetensors").exists():
         raise FileNotFoundError(f"{config.method} maps the {config.teacher} teacher's item embeddings into the LLM, but "
                                 f"{teacher_dir} holds no trained teacher; run `delrec teacher train --run {run_dir} "

@@ -48,6 +48,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from delrec.core.layout import RunLayout
 from delrec.core.settings import check, closest
 from delrec.llm.scorer import LLMScorer, PromptStyle
 from delrec.llm.soft_prompt import SoftPrompt
@@ -158,7 +159,7 @@ class Method:
         if self.soft_prompt == "untrained":
             return SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
         folder = self.stage1_folder(config.teacher)
-        path = Path(config.soft_prompt) if config.soft_prompt else run_dir / "distill" / folder / "soft_prompt.safetensors"
+        path = Path(config.soft_prompt) if config.soft_prompt else RunLayout(run_dir).soft_prompt(folder)
         if not path.exists():
             raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {run_dir} --teacher "
                                     f"{config.teacher}{'' if folder == config.teacher else f' --name {folder}'}` first")
@@ -198,7 +199,7 @@ class Method:
                       soft_prompt: str | None, label: str | None, **kwargs):
         """Its scorer without a stage 2 (`stage2=False`): the frozen LLM with stage 1's soft prompt
         (`w/o LSR`; `soft_prompt`: another one). `backbone()` loads the LLM."""
-        path = soft_prompt or run / "distill" / self.stage1_folder(teacher) / "soft_prompt.safetensors"
+        path = soft_prompt or RunLayout(run).soft_prompt(self.stage1_folder(teacher))
         if not Path(path).exists():
             raise FileNotFoundError(f"no soft prompt at {path}; run `delrec distill` first")
         bb = backbone()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from delrec.core.io import atomic_path
+from delrec.core.layout import RunLayout
 from delrec.evaluation.metrics import PopularityScorer, candidate_ranks, metrics_from_ranks
 from delrec.report.inputs import examples_per_step, read_log, run_scorer, stage_file
 from delrec.training.rows import valid_subset
@@ -50,7 +51,7 @@ def _save(fig, run: Path, name: str, caption: str) -> str:
 
 def teachers_figure(run: Path, teachers) -> str | None:
     """Each teacher's train loss and valid NDCG@10 per epoch: did it converge before it taught?"""
-    logs = {t: read_log(run / "teachers" / t / "train_log.jsonl") for t in teachers}
+    logs = {t: read_log(RunLayout(run).teacher(t) / "train_log.jsonl") for t in teachers}
     if not any(logs.values()):
         return None
     fig, (a, b) = _pyplot().subplots(1, 2, figsize=(9, 3.2))
@@ -79,7 +80,7 @@ def stage1_figure(run: Path, config=None, data=None) -> str | None:
     """Stage 1's learning curves per task over its own candidates, and the LSR prompt's over the
     recommendation candidates: does the soft prompt learn what the teacher knows?"""
 
-    runs = sorted(p.parent for p in (run / "distill").glob("*/train_log.jsonl"))
+    runs = sorted(p.parent for p in RunLayout(run).stage1_runs.glob("*/train_log.jsonl"))
     if not runs:
         return None
     hs = sorted({stage_file(f, "config.json").get("top_h", 10) for f in runs})
@@ -106,7 +107,7 @@ def _stage2_losses(log: list[dict]) -> list[tuple[str, str]]:
 def stage2_figure(run: Path, config=None, data=None) -> str | None:
     """Stage 2's learning curves per method (early stopping on valid NDCG@5) and its
     recommendation loss: where each method stopped, and against which references."""
-    runs = sorted(p.parent for p in (run / "finetune").glob("*/train_log.jsonl"))
+    runs = sorted(p.parent for p in RunLayout(run).stage2_runs.glob("*/train_log.jsonl"))
     if not runs:
         return None
     fig, n = _learning_curves("stage 2 (adapters)", runs, _stage2_lines, _stage2_losses, {}, config, data)
@@ -197,7 +198,7 @@ def _stage_valid_rows(folder: Path, data) -> np.ndarray | None:
     if isinstance(rows, dict):
         rows = sorted(set().union(*rows.values())) if rows else None
     cfg = stage_file(folder, "config.json")
-    if rows is None and folder.parent.name == "finetune" and "valid_samples" in cfg:
+    if rows is None and folder.parent.name == RunLayout.STAGE2 and "valid_samples" in cfg:
         rows = valid_subset(data, cfg.get("seed", 0), cfg["valid_samples"])
     return None if rows is None else np.asarray(rows, dtype=np.int64)
 

@@ -30,6 +30,7 @@ import yaml
 from delrec import __version__, methods
 from delrec.config import PipelineConfig, upgrade_keys
 from delrec.core.io import atomic_path, read_json, write_json
+from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.core.names import ModelName
 from delrec.data.protocol import RunData
@@ -59,7 +60,7 @@ def write_report(run: str | Path, config=None) -> Path:
                 _attempts_section, _stage1_section, _curves_section, _cold_start_section, _case_studies_section,
                 _budgets_section, _settings_section, _steps_section, _data_section, _environment_section)
     lines = [line for section in sections for line in section(ctx)]
-    path = ctx.run / "report.md"
+    path = ctx.layout.report
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
@@ -83,13 +84,18 @@ class ReportContext:
     @classmethod
     def load(cls, run: Path, config=None) -> ReportContext:
         c = config or PipelineConfig.from_run(run)
-        summary = run / "pipeline.json"
+        layout = RunLayout(run)
+        summary = layout.pipeline_summary
         steps = [e for e in read_json(summary)["steps"] if e["step"] != "report"] if summary.exists() else []
-        paths = {name: run / "eval" / "pipeline" / f"{name}.json" for name, _ in c.models()}
+        paths = {name: layout.pipeline_eval(name) for name, _ in c.models()}
         evals = {name: read_json(path) for name, path in paths.items() if path.exists()}
         rows = np.asarray(next(iter(evals.values()))["settings"]["rows"]) if evals else np.zeros(0, dtype=int)
-        return cls(run, c, tuple(c.teachers), evals, RunData.load(run / "data"), read_json(run / "data" / "stats.json"),
-                   read_json(run / "data" / "protocol.json"), PAPER_ML100K if c.dataset == "ml-100k" else {}, rows, steps)
+        return cls(run, c, tuple(c.teachers), evals, RunData.load(layout.data), read_json(layout.data / "stats.json"),
+                   read_json(layout.data / "protocol.json"), PAPER_ML100K if c.dataset == "ml-100k" else {}, rows, steps)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run)
 
     def model(self, name: str) -> ModelName:
         """`name` split as this run's: bare unless its first part is one of the run's teachers."""
@@ -274,7 +280,7 @@ def _training_cost(ctx: ReportContext, name: str) -> tuple[str, str, str]:
     run, evals = ctx.run, ctx.evals
     evaluation = f"{evals[name]['seconds']:.0f}" if name in evals and "seconds" in evals[name] else ""
     if name in ctx.teachers:
-        m = stage_file(run / "teachers" / name, "metrics.json")
+        m = stage_file(RunLayout(run).teacher(name), "metrics.json")
         return (f"{m.get('epochs_run', '?')} epochs over the train split", f"{m['train_seconds']:.0f}" if "train_seconds" in m else "",
                 evaluation)
     method = ctx.method(name)
@@ -282,13 +288,13 @@ def _training_cost(ctx: ReportContext, name: str) -> tuple[str, str, str]:
         return ("nothing", "0", evaluation)
     teacher, parts, seconds = ctx.model(name).teacher, [], 0.0
     stage1 = method.stage1_folder(teacher)
-    if stage1 and (run / "distill" / stage1 / "metrics.json").exists():
-        m = read_json(run / "distill" / stage1 / "metrics.json")
+    if stage1 and (RunLayout(run).stage1(stage1) / "metrics.json").exists():
+        m = read_json(RunLayout(run).stage1(stage1) / "metrics.json")
         shared = " (shared with the other methods that use it)" if method.stage1 == "shared" else ""
         parts.append(f"stage 1: {m.get('examples_seen_per_task', '?')} examples per task{shared}")
         seconds += m.get("seconds", 0.0)
-    if method.stage2 and (run / "finetune" / name / "metrics.json").exists():
-        m = read_json(run / "finetune" / name / "metrics.json")
+    if method.stage2 and (RunLayout(run).stage2(name) / "metrics.json").exists():
+        m = read_json(RunLayout(run).stage2(name) / "metrics.json")
         parts.append(f"stage 2: {m.get('train_examples_seen', '?')} examples")
         seconds += m.get("seconds", 0.0)
     return ("; ".join(parts) or "nothing (no training)", f"{seconds:.0f}", evaluation)
@@ -325,18 +331,18 @@ def _attempts_section(ctx: ReportContext) -> list[str]:
 def _attempts(ctx: ReportContext) -> list[str]:
     """Other runs' results beside this one's, with the settings that differ from this run's."""
 
-    mine = _flatten(upgrade_keys(yaml.safe_load((ctx.run / "config.yaml").read_text())))
+    mine = _flatten(upgrade_keys(yaml.safe_load(ctx.layout.config.read_text())))
     ignore = {"run_dir", "attempts", "report", "methods", "zero_shot"}
     lines = ["| run | settings that differ from this run | model | test samples | HR@1 | NDCG@5 | "
              "stage-1 RPS valid accuracy (untrained -> trained) |", "|---|---|---|---|---|---|---|"]
     for folder in map(Path, ctx.config.attempts):
-        if not (folder / "config.yaml").exists():
+        if not RunLayout(folder).config.exists():
             lines.append(f"| {folder} | (no `delrec run` there) | | | | |")
             continue
-        theirs = _flatten(upgrade_keys(yaml.safe_load((folder / "config.yaml").read_text())))
+        theirs = _flatten(upgrade_keys(yaml.safe_load(RunLayout(folder).config.read_text())))
         diff = ", ".join(f"{k}={theirs.get(k)}" for k in sorted(set(mine) | set(theirs))
                          if k.split(".")[0] not in ignore and mine.get(k) != theirs.get(k)) or "none"
-        for path in sorted((folder / "eval" / "pipeline").glob("*.json")):
+        for path in sorted(RunLayout(folder).pipeline_evals.glob("*.json")):
             if not ctx.model(path.stem).bare:  # the LLM models of this run's teachers
                 lines.append(_attempt_row(ctx, folder, diff, path))
     return lines
@@ -364,7 +370,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _rps_accuracy(folder: Path, model: ModelName) -> str:
     """Stage 1's RPS valid accuracy behind a stage-2 model of another run (blank when it had none)."""
     stage1 = methods.get(model.method).stage1_folder(model.teacher) if model.method in methods.METHODS else None
-    path = folder / "distill" / str(stage1) / "metrics.json"
+    path = RunLayout(folder).stage1(str(stage1)) / "metrics.json"
     if stage1 is None or not path.exists():
         return ""
     m = read_json(path)
@@ -379,7 +385,7 @@ def _stage1_section(ctx: ReportContext) -> list[str]:
          "Valid accuracy (HR@1): how often the LLM's top candidate is the label (TA: the masked most recent item among "
          "15 candidates; RPS: the teacher's top-1 among its shuffled top-h list), and NDCG@5 over the same candidates, "
          "with the untrained (random) and the trained soft prompt; ties count against the LLM.", ""]
-    for path in sorted((ctx.run / "distill").glob("*/metrics.json")):
+    for path in sorted(ctx.layout.stage1_runs.glob("*/metrics.json")):
         m, folder = read_json(path), path.parent.name
         hist = m.get("valid_history") or []
         first, last = (hist[0]["eval"], hist[-1]["eval"]) if hist else ({}, {})
@@ -404,7 +410,7 @@ def _curves_section(ctx: ReportContext) -> list[str]:
     L = ["## Training curves and results", "",
          *write_figures(ctx.run, ctx.teachers, ctx.evals, ctx.paper, labels, ctx.config, ctx.data)]
     curves = _curves(ctx.run)
-    write_json(ctx.run / "curves.json", curves)
+    write_json(ctx.layout.curves, curves)
     return L + [*_noise_lines(curves["valid_noise"]["stage2"]), "",
                 "Every valid point of both stages (and these standard errors) is in `curves.json`, written beside this report.", ""]
 
@@ -413,14 +419,14 @@ def _curves(run: Path) -> dict:
     """RUN/curves.json: every valid evaluation of stages 1 and 2 (their metrics.json), in folder and
     step order, and the standard error of stage 2's valid metrics at its valid size."""
     out = {"stage1": {}, "stage2": {}, "valid_noise": {"stage2": {}}}
-    for path in sorted((run / "distill").glob("*/metrics.json")):
+    for path in sorted(RunLayout(run).stage1_runs.glob("*/metrics.json")):
         m = read_json(path)
         hist = m.get("valid_history") or []
         per_step = examples_per_step(path.parent, hist)
         n = {**m.get("valid_samples", {}), **({"lsr": m["valid_lsr_samples"]} if m.get("valid_lsr_samples") else {})}
         out["stage1"][path.parent.name] = [{"examples_seen": e.get("examples_seen", round(e["step"] * per_step)),
                                             "seconds": e.get("seconds"), "valid_samples": n, **e["eval"]} for e in hist]
-    for path in sorted((run / "finetune").glob("*/metrics.json")):
+    for path in sorted(RunLayout(run).stage2_runs.glob("*/metrics.json")):
         m = read_json(path)
         hist, n = m.get("valid_history") or [], m.get("valid_samples", 0)
         per_step = examples_per_step(path.parent, hist)
@@ -525,7 +531,7 @@ def _budgets_section(ctx: ReportContext) -> list[str]:
     L = ["## Budgets", "",
          f"Train examples seen (stage 1: of each task) and the fraction of one epoch of the {n_train}-sample train split "
          "that is; seconds of training exclude the evaluations where the run recorded both.", ""]
-    paths = sorted((ctx.run / "distill").glob("*/metrics.json")) + sorted((ctx.run / "finetune").glob("*/metrics.json"))
+    paths = sorted(ctx.layout.stage1_runs.glob("*/metrics.json")) + sorted(ctx.layout.stage2_runs.glob("*/metrics.json"))
     return L + [_budget_line(path, n_train) for path in paths] + [""]
 
 
@@ -546,7 +552,7 @@ def _budget_line(path: Path, n_train: int) -> str:
 
 def _settings_section(ctx: ReportContext) -> list[str]:
     """The resolved config as the run wrote it: every setting behind the numbers above."""
-    config = ctx.run / "config.yaml"
+    config = ctx.layout.config
     return ["Settings (the resolved config, `config.yaml` in the run folder):", "", "```yaml",
             config.read_text().strip() if config.exists() else "", "```", ""]
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from delrec.config import PipelineConfig
+from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.data.loaders import normalize_title
 from delrec.data.protocol import RunData
@@ -117,7 +118,7 @@ class Recommender:
         run's); `templates`: the run's prompt wording for models without a stage-2 folder."""
 
         run = Path(run)
-        data = RunData.load(run / "data")
+        data = RunData.load(RunLayout(run).data)
         config = _run_config(run)
         if llm is None and config is not None:
             llm = config.llm
@@ -125,7 +126,7 @@ class Recommender:
             templates = config.templates
         scorer = make_scorer(run, data, model, llm=llm, dtype=dtype, device=device, batch_size=batch_size, progress=False,
                              template_overrides=templates)
-        trained = sorted(p.parent.name for p in (run / "teachers").glob("*/model.safetensors"))
+        trained = sorted(p.parent.name for p in RunLayout(run).teachers.glob("*/model.safetensors"))
         own = ModelName.parse(model).teacher
         teacher = teacher or (own if own in trained else trained[0] if trained else None)
         return cls(run, data, scorer, model, teacher, device, num_candidates, max_candidates)
@@ -297,7 +298,7 @@ class Recommender:
 
         if self._teacher is None:
 
-            self._teacher = load_teacher(self.run / "teachers" / self.teacher_name, self.device, self.data)
+            self._teacher = load_teacher(RunLayout(self.run).teacher(self.teacher_name), self.device, self.data)
         model = self._teacher
         h = torch.tensor([([0] * model.max_len + h)[-model.max_len :] for h in histories], device=next(model.parameters()).device)
         with torch.no_grad():

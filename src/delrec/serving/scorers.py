@@ -17,6 +17,7 @@ from pathlib import Path
 
 from delrec import methods
 from delrec.core.io import read_json
+from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.core.settings import resolve_in_run
 from delrec.evaluation.metrics import PopularityScorer, RandomScorer
@@ -53,13 +54,13 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
     if name == "popularity":
         return PopularityScorer(data)
     as_path = "/" in name or "\\" in name  # the path of a stage-2 folder, not a name in the run
-    if not as_path and (name in TEACHERS or (run / "teachers" / name).is_dir()):  # load_teacher says how to train a missing one
-        return TeacherScorer(load_teacher(run / "teachers" / name, device, data), pick_device(device), name)
+    if not as_path and (name in TEACHERS or (RunLayout(run).teacher(name)).is_dir()):  # load_teacher says how to train a missing one
+        return TeacherScorer(load_teacher(RunLayout(run).teacher(name), device, data), pick_device(device), name)
     if name == "zero-shot":
         templates = templates or Templates(**(template_overrides or {}))
         return _frozen_llm(data, _with_weights(_backbone(backbone, llm, dtype, device), weights), templates, soft_prompt,
                            label or f"zero-shot:{llm}" + (" +soft prompt" if soft_prompt else ""), **kw)
-    folder = Path(name) if as_path else run / "finetune" / name
+    folder = Path(name) if as_path else RunLayout(run).stage2(name)
     parsed = ModelName.parse(Path(name).name)
     if parsed.method in methods.METHODS and not methods.get(parsed.method).stage2:
         templates = templates or Templates.for_teacher(parsed.teacher, **(template_overrides or {}))
@@ -74,8 +75,8 @@ def make_scorer(run: str | Path, data, name: str, *, llm: str | None = None, dty
         scorer.name = label or scorer.name
         return methods.get(FinetuneConfig.method_of(cfg)).for_full_ranking(
             scorer, lambda: make_scorer(run, data, cfg["teacher"], device=device))
-    teachers = sorted(p.name for p in (run / "teachers").iterdir()) if (run / "teachers").is_dir() else []
-    stage2 = sorted(p.name for p in (run / "finetune").iterdir()) if (run / "finetune").is_dir() else []
+    teachers = sorted(p.name for p in RunLayout(run).teachers.iterdir()) if RunLayout(run).teachers.is_dir() else []
+    stage2 = sorted(p.name for p in RunLayout(run).stage2_runs.iterdir()) if RunLayout(run).stage2_runs.is_dir() else []
     raise FileNotFoundError(f"no model {name!r} in {run}: known are random, popularity, zero-shot, the teachers "
                             f"{teachers} and the stage-2 results {stage2}")
 

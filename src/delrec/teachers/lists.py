@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from delrec.core.layout import RunLayout
 from delrec.data.protocol import RunData
 from delrec.teachers.trained import load_teacher
 
@@ -28,7 +29,7 @@ class TeacherLists:
     @classmethod
     def load(cls, run_dir: str | Path, teacher: str, data: RunData, top_h: int | None = None) -> TeacherLists:
         """`top_h`: the width the caller will use; more than the stored lists hold is an error."""
-        path = Path(run_dir) / "teachers" / teacher / "topk.parquet"
+        path = RunLayout(Path(run_dir)).teacher(teacher) / "topk.parquet"
         if not path.exists():
             raise FileNotFoundError(f"no top-h lists at {path}; run `delrec teacher train --model {teacher}` first")
         stored = stored_top_h(path)
@@ -78,7 +79,7 @@ class TeacherTop:
 
     def _from_history(self, history: np.ndarray) -> np.ndarray:
         if self._model is None:
-            self._model = load_teacher(self.run_dir / "teachers" / self.teacher, "cpu", self.data)
+            self._model = load_teacher(RunLayout(self.run_dir).teacher(self.teacher), "cpu", self.data)
         model = self._model
         with torch.no_grad():
             scores = model.full_scores(torch.as_tensor(history[:, -model.max_len :]), None).float()  # None: no user part

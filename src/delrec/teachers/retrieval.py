@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from delrec.core.layout import RunLayout
 from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
 
 LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
@@ -38,7 +39,7 @@ class TeacherOrder:
         """[len(rows), num_candidates]: stored candidate positions, the teacher's best first."""
         if self._scorer is None:
 
-            model = load_teacher(self.run_dir / "teachers" / self.teacher, self.device, self.data)
+            model = load_teacher(RunLayout(self.run_dir).teacher(self.teacher), self.device, self.data)
             self._scorer = TeacherScorer(model, pick_device(self.device), self.teacher)
         scores = np.asarray(self._scorer.score_candidates(data, np.asarray(rows)), dtype=np.float64)
         return np.argsort(-scores, axis=1, kind="stable")

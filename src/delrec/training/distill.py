@@ -27,6 +27,7 @@ import torch
 
 from delrec.core import distributed
 from delrec.core.io import atomic_dir
+from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.data.protocol import RunData
 from delrec.evaluation.metrics import evaluate, metrics_from_ranks, pessimistic_ranks
@@ -163,11 +164,11 @@ class DistillStage(Stage):
         dist = self.dist = distributed.current()
         dist.check_batch(config.batch_size, "stage 1")
         self.config, self.config_dict = config, config.to_dict()
-        self.folder = StageFolder(run_dir / "distill" / (name or config.teacher), stale=("soft_prompt.safetensors",))
+        self.folder = StageFolder(RunLayout(run_dir).stage1(name or config.teacher), stale=("soft_prompt.safetensors",))
         self.total, self.eval_every, self.checkpoint_every = config.steps, config.eval_every, config.checkpoint_every
         self.max_seconds = config.max_seconds
 
-        data = self.data = RunData.load(run_dir / "data")
+        data = self.data = RunData.load(RunLayout(run_dir).data)
         teacher = TeacherLists.load(run_dir, config.teacher, data, config.top_h) if "rps" in config.tasks else None
         templates = Templates.for_teacher(config.teacher, **config.templates)
         builder = self.builder = ExampleBuilder(data, templates, teacher, config.ta_examples, config.top_h, config.seed)

@@ -47,6 +47,7 @@ from torch import nn
 from delrec import methods
 from delrec.core import distributed
 from delrec.core.io import atomic_dir, write_json
+from delrec.core.layout import SNAPSHOTS, RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.core.settings import closest, runtime
 from delrec.data.protocol import RunData
@@ -73,7 +74,6 @@ ADAPTERS = ("adalora", "lora")
 TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
 TARGET_SHORTHANDS = ("qv", "all-linear")
 BEST = ".best"  # RUN/finetune/<name>/.best/: the best adapter while the stage trains
-SNAPSHOTS = "snapshots"  # RUN/finetune/<name>/snapshots/examples-NNNNNN/: the adapter every `snapshot_every` steps
 
 
 @dataclass
@@ -275,7 +275,7 @@ class FinetuneStage(Stage):
         self.config, self.config_dict = config, config.to_dict()
         self.eval_at_start = config.eval_at_start
         method = self.method = methods.get(config.method)
-        out = run_dir / "finetune" / (name or f"{config.teacher}-{config.method}")
+        out = RunLayout(run_dir).stage2(name or f"{config.teacher}-{config.method}")
         # what a scorer needs beside the adapter (finetuned_scorer): saved and moved with it
         self.beside = ("soft_prompt.safetensors", *method.stage2_files)
         _keep_an_older_best(out, self.beside)
@@ -285,7 +285,7 @@ class FinetuneStage(Stage):
         self.total, self.eval_every, self.patience = config.steps, config.eval_every, config.patience
         self.checkpoint_every, self.max_seconds, self.desc = config.checkpoint_every, config.max_seconds, f"stage 2 ({config.adapter})"
 
-        data = self.data = RunData.load(run_dir / "data")
+        data = self.data = RunData.load(RunLayout(run_dir).data)
         bb = self.bb = seeded_backbone(config, backbone)
         self.device = bb.device
         soft = self.soft = method.stage2_soft_prompt(run_dir, config, bb)
@@ -402,7 +402,7 @@ class FinetuneStage(Stage):
     def after_step(self, progress: Progress, last: bool) -> None:
         every = self.config.snapshot_every
         if every and (progress.step % every == 0 or last) and self.dist.is_main:
-            snap = self.folder.out / SNAPSHOTS / f"examples-{self._seen(progress):06d}"
+            snap = self.folder.out / SNAPSHOTS / RunLayout.snapshot_name(self._seen(progress))
             self._save_adapter(snap)
             write_json(snap / "config.json", self.config_dict)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from delrec.core.layout import RunLayout
 from delrec.data.protocol import RunData
 from delrec.teachers.trained import TeacherScorer, load_teacher
 
@@ -20,7 +21,7 @@ from delrec.teachers.trained import TeacherScorer, load_teacher
 def teacher_scorer(run_dir: Path, teacher: str, data: RunData, required: bool) -> TeacherScorer | None:
     """The run's trained `teacher` as a scorer of candidates (on the CPU: it is small), or None
     when it is not there and not `required` (its agreement with the LLM is then not logged)."""
-    folder = Path(run_dir) / "teachers" / teacher
+    folder = RunLayout(Path(run_dir)).teacher(teacher)
     if not required and not (folder / "model.safetensors").exists():
         return None
     return TeacherScorer(load_teacher(folder, "cpu", data), torch.device("cpu"))

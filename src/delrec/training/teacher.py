@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from delrec.core import distributed
+from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.data.protocol import RunData
 from delrec.evaluation.metrics import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
@@ -108,8 +109,8 @@ class TeacherStage(Stage):
     def __init__(self, run_dir: Path, config: TeacherConfig, device: torch.device, top_h: int):
         self.dist = distributed.current()
         self.config, self.top_h, self.device = config, top_h, device
-        self.data = RunData.load(run_dir / "data")
-        self.folder = StageFolder(run_dir / "teachers" / config.model, stale=("model.safetensors", "topk.parquet"),
+        self.data = RunData.load(RunLayout(run_dir).data)
+        self.folder = StageFolder(RunLayout(run_dir).teacher(config.model), stale=("model.safetensors", "topk.parquet"),
                                   counter="epoch")
         self.config_dict, self.total, self.patience = config.to_dict(), config.max_epochs, config.patience
         self.max_seconds, self.desc = config.max_seconds, f"train {config.model}"
