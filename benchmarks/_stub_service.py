@@ -69,21 +69,23 @@ class StubRecommender:
 
 
 def main() -> None:
-    from delrec.serving.app import serve
+    from delrec.serving.limits import ServiceLimits
+    from delrec.serving.server import serve
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-ms", type=float, default=50.0, help="what scoring one batch takes")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--batch-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
-    p.add_argument("--timeout-s", type=float, default=60.0)
-    p.add_argument("--header-timeout-s", type=float, default=10.0)
-    p.add_argument("--body-timeout-s", type=float, default=10.0)
+    p.add_argument("--timeout-s", type=float)
+    p.add_argument("--header-timeout-s", type=float)
+    p.add_argument("--body-timeout-s", type=float)
     a = p.parse_args()
-    serve(StubRecommender(batch_seconds=a.batch_ms / 1000), "127.0.0.1", a.port, max_batch=a.max_batch,
-          max_wait_ms=a.batch_wait_ms, max_queue=a.max_queue, timeout_s=a.timeout_s, header_timeout_s=a.header_timeout_s,
-          body_timeout_s=a.body_timeout_s)
+    given = dict(max_batch=a.max_batch, max_wait_ms=a.batch_wait_ms, max_queue=a.max_queue, timeout_s=a.timeout_s,
+                 header_timeout_s=a.header_timeout_s, body_timeout_s=a.body_timeout_s)
+    limits = ServiceLimits(**{k: v for k, v in given.items() if v is not None})  # the rest: the service's defaults
+    serve(StubRecommender(batch_seconds=a.batch_ms / 1000), "127.0.0.1", a.port, limits)
 
 
 if __name__ == "__main__":

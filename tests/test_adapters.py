@@ -55,9 +55,9 @@ def test_all_linear_targets_every_block_layer(taught_run):  # noqa: F811
 
 def test_adalora_schedule_is_fractions_of_the_steps():
     bb = tiny_llama_backbone()
-    cfg = adapter_config(FinetuneConfig(steps=200, tinit=0.1, tfinal=0.3, delta_t=10), bb)
+    cfg = adapter_config(FinetuneConfig(adapter="adalora", steps=200, tinit=0.1, tfinal=0.3, delta_t=10), bb)
     assert (cfg.total_step, cfg.tinit, cfg.tfinal, cfg.deltaT) == (200, 20, 60, 10)
-    tiny = adapter_config(FinetuneConfig(steps=2, tinit=0.5, tfinal=0.4), bb)
+    tiny = adapter_config(FinetuneConfig(adapter="adalora", steps=2, tinit=0.5, tfinal=0.4), bb)
     assert tiny.tinit + tiny.tfinal < tiny.total_step  # peft's requirement, kept on tiny budgets
     for bad in (dict(tinit=0.7, tfinal=0.4), dict(tinit=-0.1), dict(adapter="lorax"), dict(target_modules="all"),
                 dict(lora_r=0)):

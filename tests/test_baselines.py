@@ -28,7 +28,7 @@ from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama, steerable_t5
 
 TEACHER = "gru4rec"
 LETTER_WORDS = [*DEFAULT_WORDS, *LETTERS, "with", "its", "letter"]  # the test tokenizer, with one token per letter
-SMALL = dict(teacher=TEACHER, steps=4, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=10**6, init_r=4,
+SMALL = dict(teacher=TEACHER, steps=4, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=10**6, adapter="adalora", optimizer="lion", lr_schedule="constant", init_r=4,
              target_r=2, warmup_steps=1, lr=0.05, dtype="float32", device="cpu")
 
 
@@ -321,7 +321,7 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     config = write_pipeline_inputs(tmp_path, letter_llama(), "baselines.yaml", num_users=40, num_items=30, length=12)
     run = tmp_path / "run"
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "teacher.max_epochs=1", "threads=1", "zero_shot=false",
-                 "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, init_r: 4, target_r: 2, "
+                 "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, adapter: adalora, optimizer: lion, lr_schedule: constant, init_r: 4, target_r: 2, "
                  "warmup_steps: 1, teacher_list_size: 3}",
                  "distill={soft_tokens: 4, steps: 1, batch_size: 1, valid_samples: 2, valid_lsr_samples: 0, eval_every: 1000}",
                  "variants=[delrec, wo-sp, teacher-list, llamarec, llmseqsim]", "test_samples=6", "eval_batch_size=3"]) == 0

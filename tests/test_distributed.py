@@ -33,7 +33,8 @@ STAGE1 = ["--teacher", "gru4rec", "--steps", "6", "--batch-size", "4", "--soft-t
           "--quiet"]
 STAGE2 = ["--teacher", "gru4rec", "--steps", "6", "--batch-size", "4", "--dtype", "float32",
           "--set", "valid_samples=8", "--set", "eval_every=3", "--set", "checkpoint_every=2", "--set", "warmup_steps=2",
-          "--set", "init_r=4", "--set", "target_r=2", "--set", "lr=0.01", "--quiet"]
+          "--set", "init_r=4", "--set", "target_r=2", "--set", "lr=0.01",
+          "--set", "adapter=adalora", "--set", "optimizer=lion", "--set", "lr_schedule=constant", "--quiet"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -19,7 +19,7 @@ from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401
 from test_learning import steerable_llama, steerable_t5
 
 STAGE2 = dict(teacher="gru4rec", steps=8, batch_size=2, valid_samples=4, eval_every=4, checkpoint_every=2,
-              init_r=4, target_r=2, warmup_steps=2)
+              adapter="adalora", optimizer="lion", lr_schedule="constant", init_r=4, target_r=2, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,8 @@ def test_finetune_and_evaluate_commands(distilled, tmp_path, capsys):
     bb.tokenizer.save_pretrained(model_dir)
     assert main(["finetune", "--run", str(run), "--llm", str(model_dir), "--teacher", "gru4rec", "--variant", "usp",
                  "--steps", "4", "--batch-size", "2", "--dtype", "float32", "--name", "cli", "--quiet",
-                 "--set", "valid_samples=3", "--set", "eval_every=2", "--set", "soft_tokens=2", "--set", "init_r=2", "--set", "target_r=1"]) == 0
+                 "--set", "valid_samples=3", "--set", "eval_every=2", "--set", "soft_tokens=2", "--set", "init_r=2", "--set", "target_r=1",
+                 "--set", "adapter=adalora", "--set", "optimizer=lion", "--set", "lr_schedule=constant", "--set", "warmup_steps=10"]) == 0
     assert "best valid NDCG@5" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(run), "--finetuned", str(run / "finetune" / "cli"), "--limit", "5", "--dtype", "float32"]) == 0
     assert "| delrec:cli | 5 |" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama
 
 TEACHER = "gru4rec"
 SMALL = dict(method="llara", teacher=TEACHER, steps=6, batch_size=2, valid_samples=4, eval_every=6, checkpoint_every=10**6,
-             init_r=4, target_r=2, warmup_steps=1, lr=0.05, dtype="float32", device="cpu")
+             adapter="adalora", optimizer="lion", lr_schedule="constant", init_r=4, target_r=2, warmup_steps=1, lr=0.05, dtype="float32", device="cpu")
 
 
 def _scorer(run, data, bb, projector, variant="llara"):

@@ -22,7 +22,7 @@ from llm_helpers import tiny_llama_backbone
 QUICK = [
     "teacher.max_epochs=2", "threads=1",
     "distill={soft_tokens: 4, steps: 3, batch_size: 2, valid_samples: 4, valid_lsr_samples: 4, eval_every: 1000}",
-    "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, init_r: 4, target_r: 2, warmup_steps: 1}",
+    "finetune={steps: 3, batch_size: 2, valid_samples: 4, eval_every: 2, adapter: adalora, optimizer: lion, lr_schedule: constant, init_r: 4, target_r: 2, warmup_steps: 1}",
     "variants=[delrec, wo-sp, usp, wo-lsr, udpsm]", "test_samples=12", "eval_batch_size=4",
 ]
 SECTIONS = ["## The goal", "## Results (Table II style)", "## Ablations", "## Stage 1", "## Training curves",

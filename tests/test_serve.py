@@ -19,7 +19,9 @@ import pytest
 
 from delrec import Recommender
 from delrec.cli import main
-from delrec.serving.app import bind, create_app, make_server
+from delrec.serving.app import create_app
+from delrec.serving.limits import ServiceLimits
+from delrec.serving.server import bind, make_server
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,8 @@ def run(csv_llm_run):
 def serving(recommender, **options):
     """The service on a free port of 127.0.0.1, in a thread of this process."""
     sock = bind("127.0.0.1", 0)
-    server_options = {k: options.pop(k) for k in ("header_timeout_s", "max_connections") if k in options}
-    server = make_server(create_app(recommender, **options), sock, **server_options)
+    limits, options = ServiceLimits.split(options)
+    server = make_server(create_app(recommender, limits, **options), sock, limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

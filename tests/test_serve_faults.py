@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from delrec import Recommender
-from delrec.serving.app import default_allowed_hosts, redact_paths
+from delrec.serving.batcher import redact_paths
+from delrec.serving.gate import default_allowed_hosts
 from test_serve import call, serving
 
 

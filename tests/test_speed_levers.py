@@ -24,7 +24,7 @@ from delrec.training.loop import Progress
 from delrec.training.targets import CandidateTargets, teacher_scorer
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec)
-from test_learning import COLLAPSE_LEARN, steerable_llama
+from test_learning import FAST_LEARN, steerable_llama
 
 BASE = dict(teacher="gru4rec", method="wo-sp", steps=4, batch_size=2, valid_samples=4, eval_every=4,
             checkpoint_every=10**6, adapter="lora", optimizer="adamw", dtype="float32", device="cpu")
@@ -143,7 +143,7 @@ def test_levers_train_log_and_resume_identity(taught_run):  # noqa: F811
 
 def test_int8_scoring_keeps_the_model_and_its_rankings(taught_run):  # noqa: F811
     run, data = taught_run
-    result = finetune(run, FinetuneConfig(**{**BASE, **COLLAPSE_LEARN, "steps": 6}), name="int8",
+    result = finetune(run, FinetuneConfig(**{**BASE, **FAST_LEARN, "steps": 6}), name="int8",
                       backbone=steerable_llama(), progress=False)
     float_scorer = finetuned_scorer(result.out_dir, data, backbone=steerable_llama(), progress=False)
     int8_scorer = finetuned_scorer(result.out_dir, data, backbone=steerable_llama(), progress=False, weights="int8")
@@ -210,7 +210,7 @@ def test_merged_adapter_scores_as_the_unmerged_one(taught_run):  # noqa: F811
     from peft import PeftModel
 
     run, data = taught_run
-    result = finetune(run, FinetuneConfig(**{**BASE, **COLLAPSE_LEARN, "steps": 6}), name="merged",
+    result = finetune(run, FinetuneConfig(**{**BASE, **FAST_LEARN, "steps": 6}), name="merged",
                       backbone=steerable_llama(), progress=False)
     merged = finetuned_scorer(result.out_dir, data, backbone=steerable_llama(), progress=False)
     assert not isinstance(merged.backbone.model, PeftModel)

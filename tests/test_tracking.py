@@ -164,7 +164,7 @@ def test_pipeline_run_tracks_every_stage(tmp_path):
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "tracking=tensorboard", "teacher.max_epochs=2",
                  "threads=1", "variants=[delrec]", "zero_shot=false", "test_samples=4", "eval_batch_size=4", "report=false",
                  "distill={soft_tokens: 2, steps: 2, batch_size: 2, valid_samples: 2, eval_every: 1000}",
-                 "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, init_r: 2, target_r: 1, warmup_steps: 1}"]) == 0
+                 "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, adapter: adalora, optimizer: lion, lr_schedule: constant, init_r: 2, target_r: 1, warmup_steps: 1}"]) == 0
     scalars = _scalars(_events(run))
     assert [step for step, _ in scalars["teachers/sasrec/loss"]] == [1, 2] and "teachers/sasrec/lr" in scalars
     assert [step for step, _ in scalars["distill/sasrec/loss_rps"]] == [1, 2] and "distill/sasrec/weight_rps" in scalars

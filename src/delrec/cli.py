@@ -23,6 +23,10 @@ from pathlib import Path
 
 from delrec import methods
 from delrec.core.layout import RunLayout
+from delrec.llm.backbone import DEFAULT_MODEL
+from delrec.serving.limits import DEFAULTS as SERVICE_DEFAULTS
+from delrec.serving.limits import ServiceLimits
+from delrec.teachers.lists import DEFAULT_TOP_H
 
 log = logging.getLogger("delrec")
 
@@ -269,14 +273,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.num_candidates is not None and args.num_candidates < 2:
         raise ValueError(f"--num-candidates: at least 2 candidates to rank, got {args.num_candidates}")
-    for name in ("max_batch", "max_body_bytes", "batch_size", "max_queue", "max_connections"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    for name in ("timeout_s", "header_timeout_s", "body_timeout_s"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')}: must be a positive number of seconds, got {getattr(args, name)}")
-    if args.batch_wait_ms < 0:
-        raise ValueError(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    limits = _service_limits(args)
     token = os.environ.get("DELREC_SERVE_TOKEN") or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
@@ -284,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--token-file {args.token_file}: the file is empty")
     hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
     allowed = None if hosts == ["*"] else (set(hosts) if hosts else "default")
-    from delrec.serving.app import serve
+    from delrec.serving.server import serve
 
     if args.threads is not None:
         if args.threads < 1:
@@ -294,10 +293,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     rec = Recommender.from_run(args.run, model=args.model, teacher=args.teacher, device=args.device, dtype=args.dtype, llm=args.llm,
                                batch_size=args.batch_size, num_candidates=args.num_candidates, max_candidates=args.max_candidates)
-    serve(rec, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
-          log_level="info" if args.verbose else "warning", max_queue=args.max_queue, timeout_s=args.timeout_s,
-          header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s, max_connections=args.max_connections,
-          allowed_hosts=allowed, token=token)
+    serve(rec, args.host, args.port, limits, log_level="info" if args.verbose else "warning", allowed_hosts=allowed, token=token)
+
+
+# `delrec serve`'s options for the service's limits (delrec.serving.limits.ServiceLimits): option -> field
+SERVICE_LIMIT_OPTIONS = {"max_batch": "max_batch", "batch_wait_ms": "max_wait_ms", "max_queue": "max_queue",
+                         "max_body_bytes": "max_body_bytes", "timeout_s": "timeout_s", "header_timeout_s": "header_timeout_s",
+                         "body_timeout_s": "body_timeout_s", "max_connections": "max_connections"}
+
+
+def _service_limits(args: argparse.Namespace):
+    """The limits given on the command line, the service's defaults for the rest; a wrong one is
+    named by its option."""
+    given = {field: getattr(args, dest) for dest, field in SERVICE_LIMIT_OPTIONS.items() if getattr(args, dest) is not None}
+    try:
+        return ServiceLimits(**given)
+    except ValueError as err:
+        field, _, problem = str(err).partition(" ")
+        option = next(dest for dest, f in SERVICE_LIMIT_OPTIONS.items() if f == field).replace("_", "-")
+        raise ValueError(f"--{option}: {problem}") from None
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -361,12 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = teacher.add_parser("train", help="train a teacher and write its checkpoint, top-h lists and metrics")
     p.add_argument("--model", required=True, help="a teacher of delrec.teachers.MODELS: sasrec, gru4rec, caser")
     p.add_argument("--run", required=True)
-    p.add_argument("--top-h", type=int, default=10, help="length of the teacher's top list stored per sample")
+    p.add_argument("--top-h", type=int, default=DEFAULT_TOP_H, help="length of the teacher's top list stored per sample")
     p.add_argument("--epochs", type=int, help="maximum epochs")
     p.add_argument("--patience", type=int)
     p.add_argument("--max-seconds", type=float, help="wall-clock budget for training")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", help="auto (the default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any teacher setting, e.g. --set lr=5e-4")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -436,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="sasrec", help="teacher whose top list gives the candidates")
     p.add_argument("--num-candidates", type=int, help="how many of the teacher's top items to rank (default: the protocol's 15)")
     p.add_argument("--device", default="auto")
-    _add_llm_args(p, default_llm="smollm2-135m")
+    _add_llm_args(p, default_llm=DEFAULT_MODEL)
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("serve", help="serve a trained model over HTTP (POST /recommend; docs at /docs)")
@@ -448,15 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="whose top list gives the candidates a request leaves out (default: the model's own)")
     p.add_argument("--num-candidates", type=int, help="how many of the teacher's top items to rank (default: the protocol's 15)")
     p.add_argument("--max-candidates", type=int, default=50, help="the most candidates one request may give")
-    p.add_argument("--max-batch", type=int, default=16, help="the most requests scored together")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    p.add_argument("--max-batch", type=int, help=f"the most requests scored together (default {SERVICE_DEFAULTS.max_batch})")
+    p.add_argument("--batch-wait-ms", type=float, help=f"how long a batch waits for more requests (default {SERVICE_DEFAULTS.max_wait_ms:g})")
+    p.add_argument("--max-body-bytes", type=int, help=f"larger request bodies get a 413 (default {SERVICE_DEFAULTS.max_body_bytes})")
     p.add_argument("--max-queue", type=int, help="the most requests waiting for the model; more get a 503 with "
                                                  "Retry-After (default: 4 x --max-batch)")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="a request not answered this long after it came gets a 504")
-    p.add_argument("--header-timeout-s", type=float, default=10.0, help="a connection whose request headers take longer is closed")
-    p.add_argument("--body-timeout-s", type=float, default=10.0, help="a body part that takes longer to come gets a 408")
-    p.add_argument("--max-connections", type=int, default=1024, help="open connections at most; more get a 503")
+    p.add_argument("--timeout-s", type=float, help=f"a request not answered this long after it came gets a 504 (default {SERVICE_DEFAULTS.timeout_s:g})")
+    p.add_argument("--header-timeout-s", type=float,
+                   help=f"a connection whose request headers take longer is closed (default {SERVICE_DEFAULTS.header_timeout_s:g})")
+    p.add_argument("--body-timeout-s", type=float, help=f"a body part that takes longer to come gets a 408 (default {SERVICE_DEFAULTS.body_timeout_s:g})")
+    p.add_argument("--max-connections", type=int, help=f"open connections at most; more get a 503 (default {SERVICE_DEFAULTS.max_connections})")
     p.add_argument("--allowed-hosts", help="comma-separated Host names answered, '*' for any (default: localhost, "
                                            "127.0.0.1, ::1 and --host; for 0.0.0.0 also this machine's names)")
     p.add_argument("--token-file", help="a file holding the bearer token every endpoint but /healthz then needs "

@@ -15,10 +15,12 @@ from delrec import methods
 from delrec.core.layout import RunLayout
 from delrec.core.settings import apply_override, check, load_yaml, runtime
 from delrec.data.protocol import ProtocolConfig
+from delrec.llm.backbone import DEFAULT_MODEL
 from delrec.llm.quantize import WEIGHTS
 from delrec.llm.templates import Templates
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
+from delrec.teachers.lists import DEFAULT_TOP_H
 from delrec.training.distill import DistillConfig
 from delrec.training.finetune import FinetuneConfig
 
@@ -36,8 +38,8 @@ class PipelineConfig:
     protocol: dict = field(default_factory=lambda: {"name": "paper"})  # ProtocolConfig fields
     teachers: list[str] = field(default_factory=lambda: ["sasrec"])
     teacher: dict = field(default_factory=dict)  # TeacherConfig overrides for every teacher
-    top_h: int = 10  # length of the teacher lists stored for RPS
-    llm: str = "smollm2-135m"
+    top_h: int = DEFAULT_TOP_H  # length of the teacher lists stored for RPS
+    llm: str = DEFAULT_MODEL
     # the prompts' wording for every step (Templates fields): domain words such as
     # {item: game, items: games, verb: played, verb_base: play}, or whole templates
     templates: dict = field(default_factory=dict)

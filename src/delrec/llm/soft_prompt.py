@@ -78,7 +78,7 @@ class SoftPrompt(nn.Module):
         return self
 
     @classmethod
-    def for_backbone(cls, backbone, num_tokens: int = 100, seed: int | None = None, init: str = "random") -> SoftPrompt:
+    def for_backbone(cls, backbone, num_tokens: int, seed: int | None = None, init: str = "random") -> SoftPrompt:
         """`init` (INITS): `random`, Gaussian at the scale of the word embeddings; `vocab`, copies
         of the embeddings of tokens drawn (seeded, without repetition) from the first
         VOCAB_SAMPLE_FROM ids, which in byte-pair vocabularies are the earliest merges and so the

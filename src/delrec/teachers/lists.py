@@ -13,6 +13,9 @@ from delrec.core.layout import RunLayout
 from delrec.data.protocol import RunData
 from delrec.teachers.trained import load_teacher
 
+# the teacher lists stored per sample (topk.parquet) and read by stage 1's RPS prompts: the paper's h
+DEFAULT_TOP_H = 10
+
 
 def stored_top_h(path: str | Path) -> int:
     """The width of the top-h lists in a teacher's topk.parquet (its fixed list size)."""

@@ -1,7 +1,7 @@
 """The settings every LLM stage has (stage 1, DistillConfig; stage 2, FinetuneConfig), declared once.
 
-Each stage's config adds its own fields and its own defaults for these (stage 1 trains a soft
-prompt at Lion 5e-3, stage 2 adapters at another rate). Fields made with `runtime()` say how a
+Each stage's config adds its own fields and its own defaults for some of these (stage 1 trains a
+soft prompt with Lion at 5e-3, stage 2 LoRA adapters with AdamW at 1e-3 and a cosine decay). Fields made with `runtime()` say how a
 stage runs, not what it computes (delrec.core.settings): changing them reruns nothing.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from delrec.core.settings import runtime
-from delrec.llm.backbone import Backbone
+from delrec.llm.backbone import DEFAULT_MODEL, Backbone
 from delrec.llm.verbalizer import OBJECTIVES
 from delrec.training.optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -21,13 +21,13 @@ from delrec.training.optim import LR_SCHEDULES, OPTIMIZERS
 @dataclass
 class StageConfig:
     teacher: str = "sasrec"
-    llm: str = "smollm2-135m"
+    llm: str = DEFAULT_MODEL
     soft_tokens: int = 100  # the soft prompt's length (stage 1 trains it; stage 2's `usp` draws one)
     objective: str = "candidates"  # the training loss, see verbalizer.OBJECTIVES
     steps: int = 100
     batch_size: int = 4  # examples per micro-batch (stage 1: per task)
     grad_accum: int = 1
-    optimizer: str = "lion"  # the paper's; or adamw (stages/optim.py)
+    optimizer: str = "lion"  # the paper's; or adamw (training/optim.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10

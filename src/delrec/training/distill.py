@@ -37,7 +37,7 @@ from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates, lsr_prompt
 from delrec.llm.verbalizer import Verbalizer
-from delrec.teachers.lists import TeacherLists
+from delrec.teachers.lists import DEFAULT_TOP_H, TeacherLists
 from delrec.training.config import StageConfig, seeded_backbone
 from delrec.training.examples import ExampleBuilder
 from delrec.training.folder import StageFolder
@@ -58,7 +58,7 @@ class DistillConfig(StageConfig):
     weight_decay: float = 1e-5
     eval_every: int = 50
     # stage 1's own
-    top_h: int = 10
+    top_h: int = DEFAULT_TOP_H
     ta_examples: int = 4  # in-context examples (4 for MovieLens and Beauty, 6 for Steam, Home & Kitchen)
     tasks: tuple[str, ...] = ("ta", "rps")  # ("rps",) is `w/o TA`, ("ta",) is `w/o RPS`
     soft_init: str = "random"  # the soft prompt's start (SoftPrompt.INITS): random, or sampled vocabulary embeddings

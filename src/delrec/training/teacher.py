@@ -28,6 +28,7 @@ from delrec.core.locks import holds_run_lock
 from delrec.data.protocol import RunData
 from delrec.evaluation.metrics import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
+from delrec.teachers.lists import DEFAULT_TOP_H
 from delrec.teachers.trained import TeacherScorer, pick_device, save_teacher, write_topk
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
@@ -90,7 +91,7 @@ def train_teacher(
     run_dir: str | Path,
     config: TeacherConfig,
     device: str | None = None,
-    top_h: int = 10,
+    top_h: int = DEFAULT_TOP_H,
     progress: bool = True,
     restart: bool = False,
 ) -> TrainResult:
