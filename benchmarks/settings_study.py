@@ -1,4 +1,4 @@
-"""The controlled settings study of stage 2 and stage 1 (issue 21): which settings learn steadily.
+"""The controlled settings study of stage 2 and stage 1: which settings learn steadily.
 
     python benchmarks/settings_study.py --list                                  # the probes
     python benchmarks/settings_study.py --probe lora-qv-adamw-1e-3              # one probe (resumable)
@@ -6,7 +6,7 @@
     python benchmarks/settings_study.py --probe lora-qv-lion-2e-4  > b.log 2>&1 &   # 2 cores, one thread each
     python benchmarks/settings_study.py --summary                               # table + figure of every probe
 
-Supersedes benchmarks/stage2_settings.py (the one-off probes of issue 21, kept with their results):
+Supersedes benchmarks/stage2_settings.py (the earlier one-off probes, kept with their results):
 each probe here runs the stages' own code (`delrec.training.finetune.finetune`, `delrec.training.distill
 .distill`) with a named set of overrides from PROBES, so what it measures is what a run trains.
 

@@ -559,7 +559,7 @@ def test_the_report_sets_the_papers_statistics_beside_the_runs():
 
 
 # --------------------------------------------------------------------------------------------
-# The publishers' files as they really are (issue 36): KuaiRec's captions, titleless items,
+# The publishers' files as they really are: KuaiRec's captions, titleless items,
 # duplicates, filters that leave nothing, where a file came from
 
 DAY = 86400

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from delrec.data import fetch
+from delrec.data.acquisition import fetch
 from delrec.data.acquisition.fetch import DATASETS, fetch_dataset
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t100\n"

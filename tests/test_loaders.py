@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delrec.data import fetch
+from delrec.data.acquisition import fetch
 from delrec.data.loaders import (
     DataFormatError,
     RawDataset,

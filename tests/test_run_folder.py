@@ -1,4 +1,4 @@
-"""Trusting the run folder (issue 24): safe checkpoints, one writer per run and per cache entry,
+"""Trusting the run folder: safe checkpoints, one writer per run and per cache entry,
 crash-consistent files and resume, a full disk."""
 
 import errno

@@ -1,4 +1,4 @@
-"""The HTTP service under load and faults (issue 24): a bounded queue that sheds with 503 and
+"""The HTTP service under load and faults: a bounded queue that sheds with 503 and
 Retry-After, a per-request deadline (504), clients that go away are not scored, slow headers and
 bodies are timed out and delay nobody, huge item references are refused without being echoed,
 JSON-only POSTs, the Host allow-list and the bearer token, strict types, non-finite scores as a
