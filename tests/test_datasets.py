@@ -28,7 +28,7 @@ import pytest
 from conftest import sequential_rule_dataset
 from delrec.cli import main
 from delrec.config import PipelineConfig
-from delrec.data import formats, loaders
+from delrec.data import formats, native, titles
 from delrec.data.acquisition.download import ChecksumError, DownloadError
 from delrec.data.acquisition.fetch import fetch_dataset, is_fetched, verify_dataset
 from delrec.data.acquisition.sources import MIRROR_ENV, REMOTE
@@ -234,7 +234,7 @@ def test_fetch_then_prepare_each_source(name, server, fixture_pins, tmp_path, ca
     assert stats["without_title"] == {"items": n_items, "items_share": round(n_items / items_read, 6),
                                       "interactions": n_inter, "interactions_share": round(n_inter / inter_read, 6)}
     assert f"({n_items / items_read:.1%} of the items, {n_inter / inter_read:.1%} of the interactions)" in out
-    assert read["duplicates"] == loaders.DUPLICATES[REMOTE[name].format]  # each reader says what it does with repeats
+    assert read["duplicates"] == native.DUPLICATES[REMOTE[name].format]  # each reader says what it does with repeats
     report = "\n".join(format_paper_statistics(stats))
     assert f"| dropped for want of a title | | {n_items} ({n_items / items_read:.2%}) | {n_inter} ({n_inter / inter_read:.2%}) | |" in report
     if name == "beauty":  # an over-long title is kept whole in items (a template may cut it for prompts)
@@ -250,7 +250,7 @@ def test_second_load_uses_the_parsed_copy_and_never_the_network(server, tmp_path
     def no_reading(*args, **kwargs):
         raise AssertionError("the native files must not be read again")
 
-    monkeypatch.setitem(loaders.READERS, "steam", no_reading)
+    monkeypatch.setitem(native.READERS, "steam", no_reading)
     again = load_dataset("steam", cache_dir=cache, progress=False)
     assert len(server.requests) == n_requests  # fetched: no request at all
     pd.testing.assert_frame_equal(again.interactions, first.interactions)
@@ -422,7 +422,7 @@ def test_native_folders_load_without_the_registry(tmp_path):
     ("x" * 500, "x" * 500),  # never shortened here
 ])
 def test_clean_source_title(raw, clean):
-    assert formats.clean_source_title(raw) == clean
+    assert titles.clean_source_title(raw) == clean
 
 
 def test_python_literal_metadata_is_read_with_literal_eval_never_eval(tmp_path, monkeypatch):
@@ -434,12 +434,12 @@ def test_python_literal_metadata_is_read_with_literal_eval_never_eval(tmp_path, 
             f.write(repr({"asin": f"B{i:09d}", "title": f"Old Style {i}", "salesRank": {"Beauty": 100 + i},
                           "categories": [["Beauty", "Makeup"]]}) + "\n")
     monkeypatch.setattr("builtins.eval", lambda *a, **k: pytest.fail("eval must never be called"))
-    ds = loaders.read_amazon(ratings, meta)
+    ds = native.read_amazon(ratings, meta)
     assert sorted(ds.items["title"]) == ["Old Style 0", "Old Style 1", "Old Style 2"]
     with gzip.open(meta, "wt") as f:
         f.write("{'asin': 'B000000000', 'title': __import__('os').system('echo pwned')}\n")
     with pytest.raises(DataFormatError, match=r"line 1: neither JSON nor a Python literal"):
-        loaders.read_amazon(ratings, meta)
+        native.read_amazon(ratings, meta)
 
 
 def test_malformed_files_name_the_file_and_line(tmp_path):
@@ -447,26 +447,26 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
     bad = tmp_path / "All_Beauty.csv"
     bad.write_text("B1,U1,5.0,1420070400\nB2,U1,4.0,1420156800\nB3,U1,4.0,1420156800,extra\n")
     with pytest.raises(DataFormatError, match=r"All_Beauty.csv: line 3: expected 4 comma-separated fields, found 5"):
-        loaders.read_amazon(bad, meta)
+        native.read_amazon(bad, meta)
     bad.write_text("B01SYN0000,U1,5.0,1420070400\nB01SYN0001,U1,4.0,yesterday\n")
     with pytest.raises(DataFormatError, match=r"line 2: timestamp 'yesterday' is not an integer"):
-        loaders.read_amazon(bad, meta)
+        native.read_amazon(bad, meta)
     bad.write_text("user_id,parent_asin,rating,timestamp\nU,B,5.0,1588615855070\n")
     with pytest.raises(DataFormatError, match="2023 Amazon release"):
-        loaders.read_amazon(bad, meta)
+        native.read_amazon(bad, meta)
     reviews = tmp_path / "steam_reviews.json.gz"
     with gzip.open(reviews, "wt") as f:
         f.write("{u'username': u'a', u'product_id': u'1', u'date': u'2017-01-01'}\n\n{u'username': u'b', u'product_id\n")
     with pytest.raises(DataFormatError, match=r"steam_reviews.json.gz: line 3: neither JSON nor a Python literal"):
-        loaders.read_steam(reviews, FIXTURES / "steam" / "steam_games.json.gz")
+        native.read_steam(reviews, FIXTURES / "steam" / "steam_games.json.gz")
     truncated = tmp_path / "steam_games.json.gz"
     truncated.write_bytes((FIXTURES / "steam" / "steam_games.json.gz").read_bytes()[:-40])
     with pytest.raises(DataFormatError, match="truncated or corrupt"):
-        loaders.read_steam(FIXTURES / "steam" / "steam_reviews.json.gz", truncated)
+        native.read_steam(FIXTURES / "steam" / "steam_reviews.json.gz", truncated)
     captions = tmp_path / "kuairec_caption_category.csv"
     captions.write_text("video_id,cover\n1,x\n")
     with pytest.raises(DataFormatError, match=r"line 1: missing column\(s\) caption"):
-        loaders.read_kuairec(FIXTURES / "kuairec" / "KuaiRec.zip", captions)
+        native.read_kuairec(FIXTURES / "kuairec" / "KuaiRec.zip", captions)
 
 
 @pytest.mark.parametrize("config, dataset, words, ta_examples", [
@@ -602,22 +602,22 @@ def test_kuairec_captions_keep_a_bare_cr_inside_the_field_and_count_skips_per_vi
 @pytest.mark.parametrize("caption, title, why", [
     ("今天做红烧肉 #美食", "今天做红烧肉 #美食", None),
     ("第一集\r续集", "第一集 续集", None),
-    ("😋😋👍", "", formats.NO_WORD),
-    ("...", "", formats.NO_WORD),
-    ("# #", "", formats.NO_WORD),
-    ("@小厨娘 @美食达人", "", formats.ONLY_MENTIONS),
-    ("@小厨娘 😋", "", formats.ONLY_MENTIONS),
+    ("😋😋👍", "", titles.NO_WORD),
+    ("...", "", titles.NO_WORD),
+    ("# #", "", titles.NO_WORD),
+    ("@小厨娘 @美食达人", "", titles.ONLY_MENTIONS),
+    ("@小厨娘 😋", "", titles.ONLY_MENTIONS),
     ("谢谢@小厨娘", "谢谢@小厨娘", None),
-    ("UNKNOWN", "", formats.MISSING),
-    ("", "", formats.MISSING),
-    (None, "", formats.MISSING),
+    ("UNKNOWN", "", titles.MISSING),
+    ("", "", titles.MISSING),
+    (None, "", titles.MISSING),
     ("Top 10", "Top 10", None),
 ])
 def test_caption_title_policy(caption, title, why):
-    assert formats.caption_title(caption) == (title, why)
+    assert titles.caption_title(caption) == (title, why)
     # every publisher's title needs a letter or a digit; only captions are refused for @mentions
-    assert formats.clean_source_title(caption) == ("" if why in (formats.NO_WORD, formats.MISSING) else
-                                                   formats._cleaned(caption))
+    assert titles.clean_source_title(caption) == ("" if why in (titles.NO_WORD, titles.MISSING) else
+                                                   titles._cleaned(caption))
 
 
 def _native_beauty(folder: Path, ratings: str | None = None) -> Path:
@@ -637,7 +637,7 @@ def test_amazon_repeated_ratings_an_exact_repeat_is_dropped_another_day_kept_bot
     again = f"{item},{user},3.0,{int(ts) + 400 * DAY}\n"  # the same product rated again much later
     (folder / "All_Beauty.csv").write_text(original + first + "\n" + again)
     ds = load_dataset(folder, progress=False)
-    assert ds.source["read"]["duplicates"] == loaders.DUPLICATES["amazon-2018"]
+    assert ds.source["read"]["duplicates"] == native.DUPLICATES["amazon-2018"]
     stats = prepare(ds.interactions, ds.items, ProtocolConfig()).stats
     assert stats["raw"]["duplicates_dropped"] == 2  # the fixture's own repeat and this one
     assert stats["raw"]["repeat_interactions"] == 1

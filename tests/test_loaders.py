@@ -16,14 +16,14 @@ import pytest
 from delrec.data.acquisition import fetch
 from delrec.data.loaders import (
     DataFormatError,
-    RawDataset,
     load_dataset,
     load_generic,
     load_grouplens_1m,
     load_grouplens_100k,
     load_recbole_atomic,
-    normalize_title,
 )
+from delrec.data.raw import RawDataset
+from delrec.data.titles import normalize_title
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"

@@ -25,7 +25,6 @@ import ast
 import csv
 import datetime as dt
 import gzip
-import html
 import io
 import json
 import re
@@ -42,6 +41,8 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from tqdm import tqdm
 
+from delrec.data.titles import MISSING, NO_WORD, ONLY_MENTIONS, caption_title, clean_source_title
+
 
 class DataFormatError(ValueError):
     """Input data is malformed; the message names the file and, where it applies, the line."""
@@ -51,70 +52,6 @@ PARSER_VERSION = 2  # bump when a reader's output changes: cached `parsed/` fold
 # 2: KuaiRec captions read with bare CRs inside fields; titles need a letter or digit; caption policy
 MAX_LINE_BYTES = 64 << 20  # a JSON line longer than this is not a record of these files
 LONG_TITLE = 100  # characters; counted in the statistics (a prompt template may cut such titles)
-
-# --------------------------------------------------------------------------------------------
-# Titles
-
-_TAG = re.compile(r"</?[A-Za-z][^<>]{0,500}>")
-# The 2018 metadata has titles that are the product page's script, e.g. "var aPageStart = (new
-# Date()).getTime();": the dataset's own sample code drops titles containing "getTime"
-_SCRIPT = re.compile(r"getTime\(|\bvar\s+\w+\s*=|\bfunction\s*\(|\{\s*\w+\s*:")
-PLACEHOLDERS = {"UNKNOWN", "unknown", "nan", "NaN", "None", "null"}  # KuaiRec writes UNKNOWN for a missing text
-
-
-def clean_source_title(value) -> str:
-    """A publisher's title as a prompt shows it; "" when there is no usable title.
-
-    HTML entities are unescaped (repeatedly: "&amp;amp;" is common in scraped catalogues), tags
-    removed, any run of whitespace (newlines, tabs, no-break spaces) made one space. Page-script
-    debris and placeholders ("UNKNOWN") count as no title. The length is kept: cut for prompts, if
-    at all, by the prompt template, never here. A title without a letter or a digit is none."""
-    text = _cleaned(value)
-    return text if _has_word(text) else ""
-
-
-def _cleaned(value) -> str:
-    """`clean_source_title` before its letter-or-digit check."""
-    if not isinstance(value, str):
-        return ""
-    text = value
-    for _ in range(3):
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
-    if "<" in text:
-        text = _TAG.sub(" ", text)
-    text = " ".join(text.split())
-    if not text or text in PLACEHOLDERS or _SCRIPT.search(text):
-        return ""
-    return text
-
-
-def _has_word(text: str) -> bool:
-    """A letter or a digit of any script (CJK characters are letters): "...", "#", "?!" or a row
-    of emoji names nothing the LLM could read."""
-    return any(ch.isalnum() for ch in text)
-
-
-# "@name" up to the next space: Kuaishou's mentions of other accounts ("@小厨娘 @美食达人")
-_MENTION = re.compile(r"@\S+")
-NO_WORD, ONLY_MENTIONS, MISSING = "no letter or digit", "only @mentions", "missing"
-
-
-def caption_title(value) -> tuple[str, str | None]:
-    """A short video's caption as a title: (title, None), or ("", why it is none): MISSING (empty,
-    UNKNOWN), NO_WORD (only "#", "..." or emoji) or ONLY_MENTIONS (nothing but "@account"s, which
-    name who is tagged, not what the video shows). Cleaned as `clean_source_title`."""
-    text = _cleaned(value)
-    if not text:
-        return "", MISSING
-    if not _has_word(text):
-        return "", NO_WORD
-    if not _has_word(_MENTION.sub(" ", text)):
-        return "", ONLY_MENTIONS
-    return text, None
-
 
 # --------------------------------------------------------------------------------------------
 # Streams
