@@ -359,7 +359,7 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     ((+0.01, 0.78), (-0.02, 0.30), "no significant difference", "unclear", ()),
 ])
 def test_the_claims_verdict_against_one_baseline(hr, ndcg, verdict, group, on):
-    from delrec.report.writer import claim_verdict
+    from delrec.report.results import claim_verdict
 
     comparison = {"HR@1": {"diff": hr[0], "p_value": hr[1]}, "NDCG@5": {"diff": ndcg[0], "p_value": ndcg[1]}}
     assert claim_verdict(comparison) == (verdict, group, on)
