@@ -44,7 +44,8 @@ class Steps:
 def prepare_steps(folder: str, out: str) -> dict:
     """What cmd_data_prepare does, step by step: read the native files, apply the protocol, write."""
     from delrec.data.loaders import load_dataset
-    from delrec.data.protocol import ProtocolConfig, prepare, write
+    from delrec.data.protocol import ProtocolConfig, prepare
+    from delrec.data.store import write
 
     steps = Steps()
     raw = steps.run("read the native files (ratings CSV + metadata JSON lines)", lambda: load_dataset(folder, progress=False))
@@ -60,7 +61,7 @@ def teacher_steps(out: str, items: int, rows: int) -> dict:
     `rows` test samples of the prepared folder."""
     import torch
 
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import full_catalogue_rows, full_ranks
     from delrec.teachers import build_model, default_config
     from delrec.teachers.trained import TeacherScorer, teacher_topk

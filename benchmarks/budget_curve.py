@@ -84,7 +84,7 @@ def measure(a) -> dict:
     from _env import environment
     from delrec.config import PipelineConfig
     from delrec.core.io import read_json, write_json
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks, subset_rows
     from delrec.evaluation.significance import compare
     from delrec.serving.scorers import finetuned_scorer, make_scorer

@@ -72,7 +72,7 @@ def quantile(values: list[float], q: float) -> float | None:
 
 
 def test_requests(run: Path, count: int, seed: int = 0) -> list[dict]:
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
 
     data = RunData.load(run / "data")
     ids = [""] + data.items["item"].astype(str).tolist()

@@ -191,7 +191,7 @@ def run_probe(name: str, a) -> dict:
     import torch
 
     from _env import environment
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
 
     torch.set_num_threads(a.threads)
     config = resolve(name, a.examples, a.valid, a.eval_examples, a.llm, a.dtype, a.max_seconds, a.start_eval)
@@ -240,7 +240,7 @@ def rescore_float(name: str, a) -> dict:
     import torch
 
     from delrec.core.io import read_json
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks
     from delrec.serving.scorers import finetuned_scorer
 

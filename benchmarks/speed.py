@@ -158,7 +158,7 @@ def time_score(a, stage, variant: str, dtype: str, rows):
 def time_folder_scoring(a, dtype: str, rows) -> tuple[list[dict], dict]:
     """`--score-adapter`: a trained stage-2 folder scored as `delrec evaluate --finetuned` scores it,
     with float and with int8 weights: seconds per sample and the rankings compared."""
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import candidate_ranks, pessimistic_ranks
     from delrec.serving.scorers import finetuned_scorer
 
@@ -197,7 +197,7 @@ def compare_rankings(ranks_float, ranks_int8) -> dict:
 
 
 def run_dtype(a, run: Path, dtype: str, today: dict, preset: dict) -> dict:
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import subset_rows
 
     rows_out = []

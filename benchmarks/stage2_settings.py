@@ -38,7 +38,7 @@ def probe(a) -> dict:
     from peft import AdaLoraConfig, get_peft_model
 
     from _env import environment
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import evaluate
     from delrec.llm.backbone import Backbone
     from delrec.llm.scorer import LLMScorer

@@ -44,7 +44,7 @@ def _peak_rss_mb() -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs in a child process: one training (or a reference scorer), prints one JSON line."""
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import PopularityScorer, RandomScorer, evaluate
     from delrec.teachers import default_config
     from delrec.training.teacher import train_teacher
@@ -126,7 +126,8 @@ def main() -> None:
 
     from delrec.core.io import atomic_path, write_json
     from delrec.data.loaders import load_dataset
-    from delrec.data.protocol import ProtocolConfig, prepare, write
+    from delrec.data.protocol import ProtocolConfig, prepare
+    from delrec.data.store import write
 
     env = environment()
     rows = []

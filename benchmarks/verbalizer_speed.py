@@ -71,7 +71,7 @@ def _setup(args: argparse.Namespace, dtype: str, method: str):
     """Backbone, verbalizer, soft prompt, the N timed prompts and the warm-up prompts."""
     import torch
 
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.llm.backbone import Backbone
 
     if args.threads:
@@ -210,7 +210,8 @@ def main() -> None:
         work = Path(work)
         if args.run is None:
             from delrec.data.loaders import load_dataset
-            from delrec.data.protocol import ProtocolConfig, prepare, write
+            from delrec.data.protocol import ProtocolConfig, prepare
+            from delrec.data.store import write
 
             raw = load_dataset("ml-100k")
             write(prepare(raw.interactions, raw.items, ProtocolConfig()), work / "run" / "data", source={"dataset": "ml-100k"})

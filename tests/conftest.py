@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
+from delrec.data.protocol import ProtocolConfig, prepare
+from delrec.data.store import RunData, write
 
 # The test models are tiny: one thread is faster than two, and on a shared machine two OpenMP
 # threads per process made single tests 100x slower (measured: 65 s -> 0.5 s for the T5 check).

@@ -13,7 +13,8 @@ import pytest
 from delrec.cli import main
 from delrec.core.settings import check, parse_overrides
 from delrec.data.loaders import DataFormatError, load_dataset, load_generic, load_recbole_atomic
-from delrec.data.protocol import ProtocolConfig, RunData, _list_offsets, prepare, write
+from delrec.data.protocol import ProtocolConfig, _list_offsets, prepare
+from delrec.data.store import RunData, write
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, title_key
 from delrec.llm.templates import Templates
 from delrec.serving.recommender import Recommender, RequestError

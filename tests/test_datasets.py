@@ -34,7 +34,8 @@ from delrec.data.acquisition.fetch import fetch_dataset, is_fetched, verify_data
 from delrec.data.acquisition.sources import MIRROR_ENV, REMOTE
 from delrec.data.loaders import DataFormatError, load_dataset
 from delrec.data.paper import PAPER_STATISTICS, compare_with_paper
-from delrec.data.protocol import ProtocolConfig, RunData, prepare, write
+from delrec.data.protocol import ProtocolConfig, prepare
+from delrec.data.store import RunData, write
 from delrec.llm.scorer import LLMScorer
 from delrec.report.writer import format_paper_statistics
 from llm_helpers import tiny_llama_backbone

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from delrec import methods
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt

@@ -12,7 +12,7 @@ from conftest import write_pipeline_inputs
 from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.core.settings import apply_override as _apply_override
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks
 from delrec.evaluation.significance import compare, mcnemar_exact, per_sample, permutation_test
 from delrec.pipeline import Pipeline

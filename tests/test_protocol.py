@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_run, random_dataset, sequential_rule_dataset
-from delrec.data.protocol import ProtocolConfig, RunData, k_core, prepare, write
+from delrec.data.protocol import ProtocolConfig, k_core, prepare
+from delrec.data.store import RunData, write
 
 
 def test_k_core_is_iterative():
@@ -135,12 +136,12 @@ def test_bad_inputs(tmp_path):
 def test_interrupted_write_leaves_no_complete_marker(tmp_path, monkeypatch):
     interactions, items = random_dataset()
     prepared = prepare(interactions, items, ProtocolConfig())
-    import delrec.data.protocol as protocol
+    import delrec.data.store as store
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(protocol, "write_json", boom)
+    monkeypatch.setattr(store, "write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         write(prepared, tmp_path / "data")
     assert not (tmp_path / "data" / "protocol.json").exists()

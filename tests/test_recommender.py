@@ -5,7 +5,7 @@ import pytest
 
 from delrec import Recommender, RequestError
 from delrec.cli import main
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.serving.scorers import make_scorer
 
 

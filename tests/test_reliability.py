@@ -12,7 +12,7 @@ from conftest import random_dataset, sequential_rule_dataset
 from delrec.cli import main
 from delrec.core.io import write_json
 from delrec.data.loaders import DataFormatError, load_dataset
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.teachers import default_config
 from delrec.teachers.trained import load_teacher
 from delrec.training.teacher import train_teacher

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks
 from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_run, random_dataset
-from delrec.data.protocol import ProtocolConfig, prepare, write
+from delrec.data.protocol import ProtocolConfig, prepare
+from delrec.data.store import write
 from delrec.evaluation.metrics import evaluate
 from delrec.teachers import build_model, default_config
 from delrec.teachers.trained import TeacherScorer, load_teacher, teacher_topk

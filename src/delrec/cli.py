@@ -55,7 +55,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from delrec.data.loaders import load_dataset
-    from delrec.data.protocol import NotEnoughData, ProtocolConfig, holds_same_data, prepare, without_title, write
+    from delrec.data.protocol import NotEnoughData, ProtocolConfig, prepare, without_title
+    from delrec.data.store import holds_same_data, write
 
     t0 = time.perf_counter()
     config = ProtocolConfig.for_protocol(
@@ -119,7 +120,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from delrec.core import distributed
     from delrec.core.io import write_json
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.evaluation.metrics import evaluate, format_table, subset_rows
     from delrec.serving.scorers import make_scorer
 
@@ -248,7 +249,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     """Rank candidates for one history with the LLM, through the Python API (delrec.serving.recommender):
     the same checks (unknown titles with the closest ones, duplicates, candidates already in the
     history, the history cut to the model's window) for the command and for the API."""
-    from delrec.data.protocol import RunData
+    from delrec.data.store import RunData
     from delrec.serving.recommender import Recommender
 
     run = Path(args.run)

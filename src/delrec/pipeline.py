@@ -38,7 +38,8 @@ from delrec.core.locks import run_lock
 from delrec.core.names import ModelName
 from delrec.core.settings import same_identity
 from delrec.data.loaders import load_dataset
-from delrec.data.protocol import ProtocolConfig, RunData, holds_same_data, prepare, write
+from delrec.data.protocol import ProtocolConfig, prepare
+from delrec.data.store import RunData, holds_same_data, write
 from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks, subset_rows
 from delrec.report.writer import write_report
 from delrec.serving.scorers import make_scorer

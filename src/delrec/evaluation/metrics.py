@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from delrec.core import distributed
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 
 HR_KS = (1, 5, 10)
 NDCG_KS = (5, 10)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from delrec.core import distributed
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates, lsr_prompt, prompt_titles

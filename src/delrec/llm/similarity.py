@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from delrec.core import distributed
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.llm.backbone import Backbone
 
 

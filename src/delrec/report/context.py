@@ -12,7 +12,7 @@ from delrec.config import PipelineConfig
 from delrec.core.io import read_json
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.report.paper_numbers import PAPER_ML100K
 
 

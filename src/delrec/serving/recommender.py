@@ -38,7 +38,7 @@ import torch
 from delrec.config import PipelineConfig
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, normalize_title, title_key
 from delrec.serving.scorers import make_scorer
 from delrec.teachers.trained import load_teacher

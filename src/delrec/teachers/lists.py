@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from delrec.core.layout import RunLayout
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.teachers.trained import load_teacher
 
 # the teacher lists stored per sample (topk.parquet) and read by stage 1's RPS prompts: the paper's h

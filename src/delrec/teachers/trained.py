@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from delrec.core import distributed
 from delrec.core.io import atomic_path, read_json, write_json, write_parquet
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import full_catalogue_rows
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
 

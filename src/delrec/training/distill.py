@@ -29,7 +29,7 @@ from delrec.core import distributed
 from delrec.core.io import atomic_dir
 from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import evaluate, metrics_from_ranks, pessimistic_ranks
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.llm.templates import Prompt, Templates, prompt_titles, rps_prompt, ta_prompt
 from delrec.teachers.lists import TeacherLists
 

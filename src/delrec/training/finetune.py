@@ -50,7 +50,7 @@ from delrec.core.io import atomic_dir, write_json
 from delrec.core.layout import SNAPSHOTS, RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.core.settings import closest, runtime
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import evaluate
 from delrec.llm.backbone import Backbone
 from delrec.llm.quantize import WEIGHTS, int8_copy

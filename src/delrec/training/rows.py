@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from delrec.core import distributed
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 
 
 def train_and_valid_rows(data: RunData, seed: int, valid_samples: int,

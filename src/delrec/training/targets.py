@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from delrec.core.layout import RunLayout
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.teachers.trained import TeacherScorer, load_teacher
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from delrec.core import distributed
 from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
-from delrec.data.protocol import RunData
+from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
 from delrec.teachers.lists import DEFAULT_TOP_H
