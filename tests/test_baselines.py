@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from delrec import methods
 from delrec.core.settings import same_identity
 from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks
+from delrec.llm.letters import LetterVerbalizer
 from delrec.llm.similarity import TitleSimilarityScorer
 from delrec.llm.templates import LETTERS, Templates, lettered_prompt
-from delrec.llm.verbalizer import LetterVerbalizer
 from delrec.serving.recommender import Recommender
 from delrec.serving.scorers import finetuned_scorer, make_scorer
 from delrec.teachers.lists import TeacherTop

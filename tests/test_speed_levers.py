@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks
+from delrec.llm.losses import ranking_loss
 from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer
-from delrec.llm.verbalizer import Verbalizer, ranking_loss
+from delrec.llm.verbalizer import Verbalizer
 from delrec.serving.scorers import finetuned_scorer
 from delrec.training.finetune import FinetuneConfig, FinetuneStage, finetune
 from delrec.training.loop import Progress

@@ -250,7 +250,7 @@ def teacher_list_prompt(t: Templates, history: Sequence[str], candidates: Sequen
 
 def lettered_prompt(t: Templates, history: Sequence[str], candidates: Sequence[str], label: str | None = None) -> Prompt:
     """LlamaRec's prompt: the candidates in display order under the index letters (A), (B), ...,
-    one a line; the answer is the label's letter (scored by verbalizer.LetterVerbalizer)."""
+    one a line; the answer is the label's letter (scored by llm.letters.LetterVerbalizer)."""
     check_titles(history, candidates, label)
     if len(candidates) > len(LETTERS):
         raise ValueError(f"the lettered prompt indexes at most {len(LETTERS)} candidates (A-Z), got {len(candidates)}")

@@ -24,7 +24,7 @@ prompt one item vector after each title (`Prompt.item_slots`, filled by the verb
 `item_vectors`, LLaRA's ItemProjector in delrec/methods/llara.py). Prompts without item slots take the path they
 always took; the others are cut at every vector and their text pieces embedded in one lookup.
 
-`LetterVerbalizer` is LlamaRec's (Yue et al. 2023): the prompt lists the candidates under index
+`LetterVerbalizer` (llm/letters.py) is LlamaRec's (Yue et al. 2023): the prompt lists the candidates under index
 letters and each candidate's score is the log-probability of its letter at the answer position,
 all read from one forward pass per prompt (the `first-token` path with one-token continuations).
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,68 +40,16 @@ from torch import nn
 
 from delrec.core import distributed
 from delrec.llm.backbone import Backbone
+from delrec.llm.losses import LossParts, ranking_loss
+from delrec.llm.packing import MIN_SHARED_PREFIX, Batch, Prefix, mean_per_continuation, pad
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import LETTERS, Prompt
+from delrec.llm.templates import Prompt
 
 TITLE_SCORINGS = ("full-title", "first-token")  # how a candidate's title is scored: its whole likelihood, or its first token's
 # training objectives: `candidates` is cross-entropy over the verbalizer's scores of the prompt's
 # candidates (what the ranking uses, as in OpenPrompt's verbalizer); `label` is the plain
 # language-model loss of the label's title (cheaper: no other candidate is scored)
 OBJECTIVES = ("candidates", "label")
-
-
-@dataclass
-class _Batch:
-    embeds: torch.Tensor  # [B, T, d]
-    mask: torch.Tensor  # [B, T]
-    lengths: torch.Tensor  # [B] real prompt tokens
-    slots: list[int | None] = field(default_factory=list)  # [B] where each row's soft prompt starts (None: no slot)
-
-
-@dataclass
-class LossParts:
-    """A training loss and what the logs show of it (floats, no graph)."""
-
-    total: torch.Tensor  # what backward runs through
-    ce: torch.Tensor  # the cross-entropy on the ground truth (detached)
-    kl: torch.Tensor | None = None  # the distillation term before its weight (detached)
-    teacher_agreement: float | None = None  # share of prompts whose top-1 is the teacher's top-1
-
-
-def ranking_loss(scores: Sequence[torch.Tensor], labels: Sequence[int], teacher: Sequence[torch.Tensor] | None = None,
-                 distill_weight: float = 0.0, temperature: float = 1.0, label_weight: float = 1.0) -> LossParts:
-    """label_weight * the cross-entropy of each prompt's label over its candidates' verbalizer
-    scores, plus, with a teacher, Hinton et al.'s distillation term: distill_weight * T^2 *
-    KL(softmax(teacher / T) || softmax(scores / T)), averaged over prompts (T^2 keeps its
-    gradient's scale independent of T). Every example then teaches a whole ranking of its
-    candidates, not only which one is right."""
-    ce = torch.stack([-F.log_softmax(s.float(), dim=0)[y] for s, y in zip(scores, labels)]).mean()
-    if teacher is None:
-        return LossParts(ce if label_weight == 1 else label_weight * ce, ce.detach())
-    t = temperature
-    kls, agree = [], 0
-    for s, target in zip(scores, teacher):
-        target = target.to(device=s.device, dtype=torch.float32)
-        log_q = F.log_softmax(s.float() / t, dim=0)
-        log_p = F.log_softmax(target / t, dim=0)
-        kls.append((log_p.exp() * (log_p - log_q)).sum())
-        agree += int(s.detach().argmax() == target.argmax())
-    kl = torch.stack(kls).mean()
-    total = ce if label_weight == 1 else label_weight * ce
-    if distill_weight:
-        total = total + distill_weight * t * t * kl
-    return LossParts(total, ce.detach(), kl.detach(), agree / len(scores))
-
-
-MIN_SHARED_PREFIX = 8  # tokens: a shorter shared prefix is not worth its extra pass
-
-
-@dataclass
-class _Prefix:
-    """The shared start of the prompts being scored: its length and its keys/values per layer."""
-
-    length: int
-    cache: object  # transformers.DynamicCache, cropped back to `length` after each prompt
 
 
 # how prompts go through the model: `prompt` = one forward pass per prompt (no padding, and a
@@ -255,11 +202,11 @@ class Verbalizer:
             parts.append(piece)
         return torch.cat(parts, dim=0)
 
-    def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool, skip: int = 0) -> _Batch:
+    def _batch(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, left_pad: bool, skip: int = 0) -> Batch:
         """The prompts' input vectors, padded; `skip`: leave out each prompt's first tokens (a
         shared prefix whose keys and values are cached, the soft-prompt slot among them)."""
         seqs = [self._prompt_embeds(p, soft_prompt)[skip:] for p in prompts]
-        batch = _pad(seqs, left_pad)
+        batch = pad(seqs, left_pad)
         T = batch.embeds.shape[1]
         starts = [None if skip else self._slot_start(p, soft_prompt) for p in prompts]
         batch.slots = [None if s is None else s + (T - len(x) if left_pad else 0) for s, x in zip(starts, seqs)]
@@ -298,11 +245,11 @@ class Verbalizer:
             out += self._causal([p], [cs], soft_prompt, prefix) if prefix is not None else run([p], [cs], soft_prompt)
         return out
 
-    def _shared_prefix(self, prompt: Prompt, soft_prompt: SoftPrompt | None, prefixes: dict) -> _Prefix | None:
+    def _shared_prefix(self, prompt: Prompt, soft_prompt: SoftPrompt | None, prefixes: dict) -> Prefix | None:
         """When scoring (no gradients) a prompt with a soft-prompt slot on a decoder-only model, one
         pass per prompt: the template's text before the slot and the soft prompt, which every prompt
         of that template starts with, run through the model once per call (`prefixes`, by template)
-        and their keys and values are shared by the passes of its prompts (`_Prefix`). The prefix
+        and their keys and values are shared by the passes of its prompts (`Prefix`). The prefix
         depends on the prompt's template alone, never on the other prompts of the call, so a
         prompt's scores stay bit-identical whatever its batch; against a whole pass they differ by
         float rounding (attention sums the same terms in another order). None where it does not
@@ -323,7 +270,7 @@ class Verbalizer:
             with self._deep_slots(soft_prompt, [self._slot_start(prompt, soft_prompt)]):
                 self.backbone.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True,
                                     position_ids=torch.arange(length, device=embeds.device)[None], logits_to_keep=1)
-            prefixes[before] = _Prefix(length, cache)
+            prefixes[before] = Prefix(length, cache)
         return prefixes[before]
 
     @property
@@ -336,7 +283,7 @@ class Verbalizer:
             return self.passes == "prompt"
         return self.backbone.device.type == "cpu" and not distributed.current().sharded
 
-    def _causal(self, prompts, continuations, soft_prompt, prefix: _Prefix | None = None) -> list[torch.Tensor]:
+    def _causal(self, prompts, continuations, soft_prompt, prefix: Prefix | None = None) -> list[torch.Tensor]:
         """One forward pass per batch: each row is [left padding, prompt, packed continuations].
         With `prefix` (one prompt, see `_shared_prefix`) the prompt's first prefix.length tokens are
         the cached keys and values, and only the rest of it and the continuations are computed.
@@ -405,7 +352,7 @@ class Verbalizer:
             prefix.cache.crop(P - prefix.cache.get_seq_length())  # back to the prefix alone for the next prompt
         logits = out.logits  # [B, L + 1, V]: from the prompt's last position onwards
         rows_t, where_t = torch.tensor(rows, device=dev), torch.tensor(where, device=dev)
-        return _mean_per_continuation(logits[rows_t, where_t], tokens, owner, [len(cs) for cs in continuations])
+        return mean_per_continuation(logits[rows_t, where_t], tokens, owner, [len(cs) for cs in continuations])
 
     def _mask4d(self, allowed: torch.Tensor) -> torch.Tensor:
         """[B, Q, K] bool -> the 4D mask the model's attention implementation takes as is."""
@@ -461,7 +408,7 @@ class Verbalizer:
         allowed = (same & causal) | torch.eye(Q, dtype=torch.bool, device=dev)  # padding sees itself
         dec = model(encoder_outputs=(encoder_out.last_hidden_state,), attention_mask=batch.mask,
                     decoder_input_ids=dec_in, decoder_attention_mask=self._mask4d(allowed), use_cache=False)
-        return _mean_per_continuation(dec.logits[torch.tensor(rows, device=dev), torch.tensor(where, device=dev)],
+        return mean_per_continuation(dec.logits[torch.tensor(rows, device=dev), torch.tensor(where, device=dev)],
                                       tokens, owner, counts)
 
     def _seq2seq_scoring(self, encoder_states, encoder_mask, continuations, start) -> list[torch.Tensor]:
@@ -492,7 +439,7 @@ class Verbalizer:
     def training_loss(self, prompts: Sequence[Prompt], soft_prompt: SoftPrompt | None, objective: str = "candidates",
                       keep: Sequence[Sequence[int]] | None = None, teacher: Sequence[torch.Tensor] | None = None,
                       distill_weight: float = 0.0, temperature: float = 1.0, label_weight: float = 1.0) -> LossParts:
-        """The training loss of labelled prompts and its parts (see OBJECTIVES and ranking_loss).
+        """The training loss of labelled prompts and its parts (see OBJECTIVES and llm.losses.ranking_loss).
 
         `keep`: per prompt, the positions in `prompt.candidates` whose titles are scored (the
         label's among them); the others are listed in the prompt but not scored, which spares their
@@ -545,66 +492,3 @@ class Verbalizer:
                     scores.append(logp[:n].mean())
                 out.append(torch.stack(scores).cpu())
         return out
-
-
-class LetterVerbalizer(Verbalizer):
-    """LlamaRec's verbalizer: candidate j of a lettered prompt (templates.lettered_prompt) is scored
-    by the log-probability of the j-th index letter as the answer's first token, so a prompt's
-    candidates are all scored by one forward pass (log-probabilities rank as the letter logits do:
-    they differ by the prompt's log-normaliser). The `candidates` objective is then LlamaRec's
-    cross-entropy over the candidates' letters, `label` the plain LM loss of the label's letter.
-
-    Each letter must be one token of the backbone's vocabulary: after "Answer:" a decoder-only
-    model reads " A" (one token in SmolLM2; docs/baselines.md), a T5 decoder starts
-    the answer with "A" (SentencePiece's "\u2581A"); the other spelling is the fallback. A backbone
-    that gives neither form one distinct token per letter is refused when it must rank that many
-    candidates, naming the letter."""
-
-    def __init__(self, backbone: Backbone, batch_size: int = 8, passes: str = "auto"):
-        super().__init__(backbone, "first-token", batch_size, passes)
-        forms = ("{}", " {}") if backbone.is_encoder_decoder else (" {}", "{}")
-        best: tuple[str, list[int], str] | None = None
-        for form in forms:
-            ids, problem = [], ""
-            for letter in LETTERS:
-                tokens = backbone.encode_text(form.format(letter))
-                if len(tokens) != 1 or tokens[0] == backbone.tokenizer.unk_token_id or tokens[0] in ids:
-                    problem = f"{form.format(letter)!r} encodes to {tokens}"
-                    break
-                ids.append(tokens[0])
-            if best is None or len(ids) > len(best[1]):
-                best = (form, ids, problem)
-        self.letter_form, self.letter_ids, self._letter_problem = best  # ids of A, B, ... as far as they are single tokens
-
-    def continuations(self, prompt: Prompt) -> list[list[int]]:
-        n = len(prompt.candidates)
-        if n > len(self.letter_ids):
-            raise ValueError(f"{self.backbone.name}: LlamaRec's verbalizer needs one distinct token per index letter, but "
-                             f"the tokenizer gives them for {len(self.letter_ids)} letters only ({self._letter_problem}), "
-                             f"and this prompt has {n} candidates")
-        return [[i] for i in self.letter_ids[:n]]
-
-
-def _pad(seqs: list[torch.Tensor], left: bool) -> _Batch:
-    T = max(s.shape[0] for s in seqs)
-    d = seqs[0].shape[1]
-    embeds = seqs[0].new_zeros(len(seqs), T, d)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=seqs[0].device)
-    for i, s in enumerate(seqs):
-        sl = slice(T - s.shape[0], T) if left else slice(0, s.shape[0])
-        embeds[i, sl] = s
-        mask[i, sl] = 1
-    return _Batch(embeds, mask, torch.tensor([s.shape[0] for s in seqs], device=seqs[0].device))
-
-
-def _mean_per_continuation(picked: torch.Tensor, tokens: list[int], owner: list[int], counts: list[int]) -> list[torch.Tensor]:
-    """Per prompt, the mean log-probability of each continuation's scored tokens: `picked` holds
-    the logits that predict `tokens`, one row each, and owner[i] is the continuation (numbered
-    across all prompts) that token i belongs to; counts: continuations per prompt."""
-    picked = picked.float()
-    dev = picked.device
-    token_logp = picked.gather(1, torch.tensor(tokens, device=dev)[:, None])[:, 0] - picked.logsumexp(-1)
-    owner_t = torch.tensor(owner, device=dev)
-    total = torch.zeros(sum(counts), device=dev, dtype=token_logp.dtype).index_add(0, owner_t, token_logp)
-    count = torch.zeros(sum(counts), device=dev).index_add(0, owner_t, torch.ones_like(token_logp))
-    return list((total / count).split(counts))

@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from delrec.llm.backbone import Backbone
+from delrec.llm.letters import LetterVerbalizer
 from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import Prompt, Templates, lettered_prompt
-from delrec.llm.verbalizer import LetterVerbalizer, Verbalizer
+from delrec.llm.verbalizer import Verbalizer
 from delrec.methods.registry import Method, Stage2Extra
 from delrec.teachers.retrieval import RetrieveThenRank
 

@@ -138,7 +138,7 @@ class Stage1Loss(distributed.StageModule):
 
     def loss(self, prompts: list[Prompt], teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The task's loss; with `teacher` (RPS: the teacher's scores of the listed items, in the
-        prompt's order) plus the weighted distillation term (verbalizer.ranking_loss)."""
+        prompt's order) plus the weighted distillation term (llm.losses.ranking_loss)."""
         return self.verbalizer.training_loss(prompts, self.soft_prompt, self.objective, teacher=teacher,
                                              distill_weight=self.distill_weight if teacher is not None else 0.0,
                                              temperature=self.temperature).total

@@ -53,11 +53,11 @@ from delrec.core.settings import closest, runtime
 from delrec.data.store import RunData
 from delrec.evaluation.metrics import evaluate
 from delrec.llm.backbone import Backbone
+from delrec.llm.losses import LossParts
 from delrec.llm.quantize import WEIGHTS, int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
-from delrec.llm.verbalizer import LossParts
 from delrec.methods.registry import Stage2Extra
 from delrec.training.config import StageConfig, seeded_backbone
 from delrec.training.folder import StageFolder
@@ -227,7 +227,7 @@ class Stage2Loss(distributed.StageModule):
     """The adapted LLM (and, under `w ULSR`, the soft prompt; with a method's Stage2Extra, its
     module: LLaRA's item projector) with the loss it flows through, as one module: the unit that
     DDP synchronises or FSDP shards. Returns the loss to minimise (recommendation loss + weighted
-    orthogonal regulariser + the extra's term) and its parts for the log (verbalizer.LossParts:
+    orthogonal regulariser + the extra's term) and its parts for the log (llm.losses.LossParts:
     the cross-entropy, the distillation term and the teacher's top-1 agreement)."""
 
     def __init__(self, peft_model: nn.Module, scorer: LLMScorer, soft_prompt: SoftPrompt | None, extra: Stage2Extra,
