@@ -10,6 +10,8 @@ import inspect
 import pytest
 
 from delrec import cli
+from delrec.cli import commands
+from delrec.cli import parser as parser_module
 from delrec.config import PipelineConfig
 from delrec.serving.limits import ServiceLimits
 from delrec.serving.recommender import Recommender
@@ -29,7 +31,7 @@ def _defaults(target) -> dict:
 
 
 def _subparser(*path: str) -> argparse.ArgumentParser:
-    parser = cli.build_parser()
+    parser = parser_module.build_parser()
     for name in path:
         action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = action.choices[name]
@@ -41,7 +43,7 @@ COMMANDS = [
     (("teacher", "train"), [TeacherConfig, train_teacher], {"epochs": "max_epochs"}),
     (("distill",), [DistillConfig], {}),
     (("finetune",), [FinetuneConfig], {}),
-    (("serve",), [ServiceLimits, Recommender.from_run, serve], {**cli.SERVICE_LIMIT_OPTIONS, "model": "model"}),
+    (("serve",), [ServiceLimits, Recommender.from_run, serve], {**commands.SERVICE_LIMIT_OPTIONS, "model": "model"}),
 ]
 
 

@@ -23,6 +23,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -146,3 +147,11 @@ def holds_run_lock(func):
             return func(run_dir, *args, **kwargs)
 
     return wrapper
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but the run lock file and empty folders: a command that
+    failed leaves no run folder of its own behind."""
+    entries = list(folder.rglob("*"))
+    if all(p.is_dir() or (p.name == RUN_LOCK_NAME and p.parent == folder) for p in entries):
+        shutil.rmtree(folder, ignore_errors=True)

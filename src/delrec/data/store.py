@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from delrec.core.io import read_json, read_parquet, write_json, write_parquet
+from delrec.core.layout import RunLayout
 from delrec.data.paper import compare_with_paper
 from delrec.data.protocol import SPLITS, Prepared, ProtocolConfig, without_title
 
@@ -36,6 +38,26 @@ def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) 
     config = asdict(prepared.config)
     config["split_ratio"] = list(config["split_ratio"])
     write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
+
+
+
+def write_run_data(run: str | Path, prepared: Prepared, dataset: str, source: dict, delete_stale: bool = False) -> list[str]:
+    """`prepared` written as RUN/data. The results a run holds (teachers, stages, evaluations) were
+    made from its current data and would be read with the new data's ids and samples: when the
+    data differs, they are refused, or with `delete_stale` deleted (their folder names returned)."""
+    layout = RunLayout(run)
+    later = [d for d in layout.results if d.is_dir() and any(d.iterdir())]
+    if later and not holds_same_data(layout.data, prepared.config, dataset, prepared):
+        if not delete_stale:
+            raise ValueError(f"{run} holds results made from its current data ({', '.join(d.name + '/' for d in later)}); "
+                             "preparing other data there would leave them pointing at the wrong items and samples. "
+                             "Use another --out, or --force to delete those results")
+        for d in later:
+            shutil.rmtree(d)
+    else:
+        later = []
+    write(prepared, layout.data, source={"dataset": dataset, **source})
+    return [d.name for d in later]
 
 
 def _source_stats(stats: dict, source: dict) -> dict:
