@@ -56,8 +56,7 @@ def planned_stages(config) -> list[dict]:
     examples per step (stage 1: per task)."""
     from delrec import methods
     from delrec.pipeline import Pipeline
-    from delrec.training.distill import DistillConfig
-    from delrec.training.finetune import FinetuneConfig
+    from delrec.training.config import DistillConfig, FinetuneConfig
 
     d, f = config.distill, config.finetune
     out = []

@@ -140,8 +140,7 @@ def resolve(name: str, examples: int, valid: int, eval_examples: int, llm: str =
     `eval_examples`, `valid` valid samples, the seed, no early stop."""
     from dataclasses import replace
 
-    from delrec.training.distill import DistillConfig
-    from delrec.training.finetune import FinetuneConfig
+    from delrec.training.config import DistillConfig, FinetuneConfig
 
     fixed = {"llm": llm, "dtype": dtype, "seed": SEED, "valid_samples": valid, "max_seconds": max_seconds}
     if stage(name) == 1:

@@ -102,7 +102,8 @@ def load_backbone(a, dtype: str):
 
 def time_train(a, run: Path, name: str, settings: dict, dtype: str):
     """Seconds per training example of `settings` (and the stage, for scoring afterwards)."""
-    from delrec.training.finetune import FinetuneConfig, FinetuneStage
+    from delrec.training.config import FinetuneConfig
+    from delrec.training.finetune import FinetuneStage
     from delrec.training.loop import Progress
 
     config = FinetuneConfig(**{**settings, "llm": a.llm, "dtype": dtype})

@@ -8,7 +8,8 @@ import torch
 from delrec.evaluation.metrics import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.serving.scorers import finetuned_scorer
-from delrec.training.finetune import FinetuneConfig, adapter_config, finetune
+from delrec.training.config import FinetuneConfig
+from delrec.training.finetune import adapter_config, finetune
 from llm_helpers import tiny_llama_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture)
 

@@ -21,7 +21,8 @@ from delrec.serving.recommender import Recommender
 from delrec.serving.scorers import finetuned_scorer, make_scorer
 from delrec.teachers.lists import TeacherTop
 from delrec.training import finetune as finetune_mod
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.config import FinetuneConfig
+from delrec.training.finetune import finetune
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import WORDS, taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama, steerable_t5

@@ -8,8 +8,7 @@ import pytest
 
 from delrec import methods
 from delrec.config import PipelineConfig
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # samples in the train split of ML-100K under the paper protocol (docs/protocol.md: 78,678 train,

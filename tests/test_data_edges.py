@@ -326,7 +326,7 @@ def test_titles_match_in_any_unicode_form_and_stay_stored_as_given(tmp_path):
 )
 def test_non_finite_float_settings_are_refused_naming_the_setting(tmp_path, raw, value):
     from delrec.config import PipelineConfig
-    from delrec.training.distill import DistillConfig
+    from delrec.training.config import DistillConfig
 
     with pytest.raises(ValueError, match=r"--set: lr: expected a finite number, got -?(nan|inf)"):
         check(DistillConfig, parse_overrides([f"lr={raw}"]), "--set")
@@ -341,7 +341,7 @@ def test_non_finite_float_settings_are_refused_naming_the_setting(tmp_path, raw,
 
 
 def test_the_strings_nan_and_inf_are_no_numbers():
-    from delrec.training.distill import DistillConfig
+    from delrec.training.config import DistillConfig
 
     for raw in ("nan", "inf", "NaN"):
         with pytest.raises(ValueError, match=rf"lr: expected a number, got '{raw}'"):

@@ -17,8 +17,7 @@ from delrec.serving.limits import ServiceLimits
 from delrec.serving.recommender import Recommender
 from delrec.serving.server import serve
 from delrec.teachers.base import TeacherConfig
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 from delrec.training.teacher import train_teacher
 
 

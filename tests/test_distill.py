@@ -16,7 +16,8 @@ from delrec.llm.templates import MASK, Prompt, Templates
 from delrec.teachers import default_config
 from delrec.teachers.lists import TeacherLists
 from delrec.training import distill as distill_mod
-from delrec.training.distill import DistillConfig, distill
+from delrec.training.config import DistillConfig
+from delrec.training.distill import distill
 from delrec.training.examples import ExampleBuilder
 from delrec.training.folder import StageFolder
 from delrec.training.teacher import train_teacher

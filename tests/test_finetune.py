@@ -12,8 +12,9 @@ from delrec.evaluation.metrics import evaluate
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.serving.scorers import finetuned_scorer
 from delrec.training import finetune as finetune_mod
-from delrec.training.distill import DistillConfig, distill
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.config import DistillConfig, FinetuneConfig
+from delrec.training.distill import distill
+from delrec.training.finetune import finetune
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import FAST, check_curve, eval_lines, taught_run  # noqa: F401  (module-scoped fixture)
 from test_learning import steerable_llama, steerable_t5

@@ -42,9 +42,10 @@ from delrec.llm.verbalizer import Verbalizer
 from delrec.serving.scorers import finetuned_scorer
 from delrec.teachers.lists import TeacherLists
 from delrec.training import finetune as finetune_mod
-from delrec.training.distill import DistillConfig, DistillResult, accuracy, distill
+from delrec.training.config import DistillConfig, FinetuneConfig
+from delrec.training.distill import DistillResult, accuracy, distill
 from delrec.training.examples import ExampleBuilder
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.finetune import finetune
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 

@@ -22,7 +22,8 @@ from delrec.serving.recommender import Recommender, _Requests
 from delrec.serving.scorers import finetuned_scorer, make_scorer
 from delrec.teachers.trained import load_teacher
 from delrec.training import finetune as finetune_mod
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.config import FinetuneConfig
+from delrec.training.finetune import finetune
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + trained GRU4Rec)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama

@@ -13,7 +13,8 @@ from delrec.serving.recommender import Recommender
 from delrec.serving.scorers import make_scorer
 from delrec.teachers import default_config
 from delrec.teachers.retrieval import LLAMAREC_RETRIEVE, RetrieveThenRank
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.config import FinetuneConfig
+from delrec.training.finetune import finetune
 from delrec.training.teacher import train_teacher
 from test_baselines import SMALL, letter_llama
 from test_distill import titled_dataset

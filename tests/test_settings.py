@@ -9,8 +9,7 @@ from delrec.cli import main
 from delrec.config import PipelineConfig
 from delrec.core.settings import check, identity, in_run, parse_overrides, resolve_in_run, runtime, same_identity
 from delrec.pipeline import Pipeline
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 
 
 @dataclass

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "settings_study.py"
 spec = importlib.util.spec_from_file_location("settings_study", SCRIPT)

@@ -20,7 +20,8 @@ from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.verbalizer import Verbalizer
 from delrec.serving.scorers import finetuned_scorer
-from delrec.training.finetune import FinetuneConfig, FinetuneStage, finetune
+from delrec.training.config import FinetuneConfig
+from delrec.training.finetune import FinetuneStage, finetune
 from delrec.training.loop import Progress
 from delrec.training.targets import CandidateTargets, teacher_scorer
 from llm_helpers import tiny_llama_backbone
@@ -183,7 +184,8 @@ def test_verbalizer_keep_scores_only_the_kept_titles(taught_run):  # noqa: F811
 def test_rps_soft_target_is_the_teachers_scores_in_the_listed_order(taught_run):  # noqa: F811
     """Stage 1's RPS with rps_distill_weight: each prompt's soft target is the teacher's score of
     every listed item, in the shuffled order the prompt lists them; the stage trains with it."""
-    from delrec.training.distill import DistillConfig, DistillStage, distill
+    from delrec.training.config import DistillConfig
+    from delrec.training.distill import DistillStage, distill
 
     run, data = taught_run
     cfg = DistillConfig(teacher="gru4rec", tasks=("rps",), soft_tokens=4, steps=3, batch_size=2, valid_samples=2,
@@ -288,7 +290,8 @@ def test_deep_prompt_started_from_the_input_prompt_scores_as_it_does(taught_run)
 
 def test_deep_prompt_on_the_top_layer_trains_only_its_vectors_and_round_trips(taught_run, tmp_path):  # noqa: F811
     from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.training.distill import DistillConfig, distill
+    from delrec.training.config import DistillConfig
+    from delrec.training.distill import distill
 
     run, data = taught_run
     bb = steerable_llama()

@@ -21,8 +21,7 @@ from delrec.llm.templates import Templates
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import DEFAULT_TOP_H
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 

@@ -44,8 +44,7 @@ from delrec.evaluation.significance import compare
 from delrec.llm.templates import Templates
 from delrec.pipeline import Pipeline
 from delrec.teachers.base import TeacherConfig
-from delrec.training.distill import DistillConfig
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import DistillConfig, FinetuneConfig
 
 log = logging.getLogger("delrec.experiments")
 

@@ -46,8 +46,9 @@ from delrec.serving.scorers import make_scorer
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import stored_top_h
-from delrec.training.distill import DistillConfig, distill
-from delrec.training.finetune import FinetuneConfig, finetune
+from delrec.training.config import DistillConfig, FinetuneConfig
+from delrec.training.distill import distill
+from delrec.training.finetune import finetune
 from delrec.training.teacher import train_teacher
 
 log = logging.getLogger("delrec.pipeline")

@@ -164,7 +164,8 @@ def _llm_scorer(args, data):
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from delrec.training.finetune import FinetuneConfig, finetune
+    from delrec.training.config import FinetuneConfig
+    from delrec.training.finetune import finetune
 
     overrides = _settings(args, ("teacher", "llm", "method", "soft_prompt", "steps", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           FinetuneConfig)
@@ -290,7 +291,8 @@ def _service_limits(args: argparse.Namespace):
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from delrec.training.distill import DistillConfig, distill
+    from delrec.training.config import DistillConfig
+    from delrec.training.distill import distill
 
     overrides = _settings(args, ("teacher", "llm", "steps", "soft_tokens", "top_h", "batch_size", "objective", "max_seconds", "seed", "dtype", "device"),
                           DistillConfig)

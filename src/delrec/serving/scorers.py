@@ -28,7 +28,7 @@ from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.teachers import MODELS as TEACHERS
 from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
-from delrec.training.finetune import FinetuneConfig
+from delrec.training.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

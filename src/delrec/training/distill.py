@@ -19,7 +19,7 @@ from sampled vocabulary embeddings (`soft_init`). Everything is written to RUN/d
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,11 @@ from delrec.data.store import RunData
 from delrec.evaluation.metrics import evaluate, metrics_from_ranks, pessimistic_ranks
 from delrec.llm.backbone import Backbone
 from delrec.llm.scorer import LLMScorer
-from delrec.llm.soft_prompt import INITS as SOFT_INITS
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Prompt, Templates, lsr_prompt
 from delrec.llm.verbalizer import Verbalizer
-from delrec.teachers.lists import DEFAULT_TOP_H, TeacherLists
-from delrec.training.config import StageConfig, seeded_backbone
+from delrec.teachers.lists import TeacherLists
+from delrec.training.config import DistillConfig, seeded_backbone
 from delrec.training.examples import ExampleBuilder
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
@@ -49,54 +48,6 @@ from delrec.training.weighting import LossWeighting
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class DistillConfig(StageConfig):
-    # the shared fields (StageConfig) with stage 1's defaults: Lion at the paper's rate for the soft prompt
-    lr: float = 5e-3
-    weight_decay: float = 1e-5
-    eval_every: int = 50
-    # stage 1's own
-    top_h: int = DEFAULT_TOP_H
-    ta_examples: int = 4  # in-context examples (4 for MovieLens and Beauty, 6 for Steam, Home & Kitchen)
-    tasks: tuple[str, ...] = ("ta", "rps")  # ("rps",) is `w/o TA`, ("ta",) is `w/o RPS`
-    soft_init: str = "random"  # the soft prompt's start (SoftPrompt.INITS): random, or sampled vocabulary embeddings
-    weighting: str = "inverse-grad-norm"
-    fixed_weights: dict = field(default_factory=lambda: {"ta": 1.0, "rps": 1.0})
-    update_llm: bool = False  # `w UDPSM`: the LLM is trained in stage 1 too
-    llm_lr: float = 1e-5
-    valid_lsr_samples: int = 0  # > 0: each evaluation also scores this many valid samples with the LSR prompt (`w/o LSR`)
-    # RPS with the teacher's scores of its top-h as a soft target beside the top-1 label:
-    # rps_distill_weight * T^2 * KL(softmax(teacher / T) || softmax(LLM / T)) (0: the paper's top-1 only)
-    rps_distill_weight: float = 0.0
-    rps_distill_temperature: float = 2.0
-    # 0: the paper's soft prompt, in the input only; k > 0: a deep prompt with its own vectors at the
-    # input of each of the top k layers (llm/soft_prompt.py); below every layer, only those train
-    soft_depth: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.tasks = tuple(self.tasks)
-        if not self.tasks or set(self.tasks) - {"ta", "rps"}:
-            raise ValueError(f"tasks must be a non-empty subset of ('ta', 'rps'), got {self.tasks}")
-        if self.soft_depth < 0:
-            raise ValueError(f"soft_depth must be 0 (input-only soft prompt) or a number of top layers, got {self.soft_depth}")
-        if self.soft_depth and self.update_llm:
-            raise ValueError("a deep soft prompt (soft_depth) and `w UDPSM` (update_llm) do not go together")
-        if self.rps_distill_weight < 0 or self.rps_distill_temperature <= 0:
-            raise ValueError(f"need rps_distill_weight >= 0 and rps_distill_temperature > 0, got {self.rps_distill_weight}, "
-                             f"{self.rps_distill_temperature}")
-        if self.rps_distill_weight and ("rps" not in self.tasks or self.objective != "candidates"):
-            raise ValueError("rps_distill_weight needs the RPS task and objective `candidates` (every listed item scored)")
-        if self.soft_init not in SOFT_INITS:
-            raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
-
-    def to_dict(self) -> dict:
-        """The settings as config.json records them (and a checkpoint must match)."""
-        d = asdict(self)
-        d["tasks"] = list(d["tasks"])
-        return d
 
 
 @dataclass

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,161 +49,28 @@ from delrec.core import distributed
 from delrec.core.io import atomic_dir, write_json
 from delrec.core.layout import SNAPSHOTS, RunLayout
 from delrec.core.locks import holds_run_lock
-from delrec.core.settings import closest, runtime
 from delrec.data.store import RunData
 from delrec.evaluation.metrics import evaluate
 from delrec.llm.backbone import Backbone
 from delrec.llm.losses import LossParts
-from delrec.llm.quantize import WEIGHTS, int8_copy
+from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
 from delrec.methods.registry import Stage2Extra
-from delrec.training.config import StageConfig, seeded_backbone
+from delrec.training.config import FinetuneConfig, seeded_backbone
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
-from delrec.training.optim import ADAPTER_INITS, adapter_groups, init_adapters, lr_schedule, make_optimizer
+from delrec.training.optim import adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.training.rows import local_batch, train_and_valid_rows
 from delrec.training.targets import CandidateTargets, teacher_scorer
 
 log = logging.getLogger(__name__)
 
-ADAPTERS = ("adalora", "lora")
 # the attention query and value projections by model type (`target_modules: qv`, the default);
 # `all-linear` is peft's shorthand for every linear layer of the blocks (not the LM head)
 TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "default": ["q_proj", "v_proj"]}
-TARGET_SHORTHANDS = ("qv", "all-linear")
 BEST = ".best"  # RUN/finetune/<name>/.best/: the best adapter while the stage trains
-
-
-@dataclass
-class FinetuneConfig(StageConfig):
-    # the shared fields (StageConfig) with stage 2's defaults: the presets' LoRA + AdamW at
-    # StageConfig's lr 1e-3, a short warm-up and a cosine decay (docs/training.md); the paper's
-    # AdaLoRA + Lion at 1e-4 is configs/paper.yaml
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-6
-    warmup_steps: int = 5
-    lr_schedule: str = "cosine"
-    eval_every: int = 25
-    # stage 2's own
-    method: str = "delrec"  # the registry entry trained (delrec.methods); `variant` in folders of earlier delrec
-    soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
-    teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
-    # the method's own settings, checked against its options class (Method.options_cls: LLaRA's
-    # curriculum and projector rate), recorded with its defaults filled in
-    options: dict = field(default_factory=dict)
-    adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
-    relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
-    vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
-    adapter: str = "lora"  # ADAPTERS: plain LoRA, or AdaLoRA (the paper's)
-    target_modules: tuple[str, ...] | str | None = None  # None or "qv": query and value projections; "all-linear"; or names
-    lora_r: int = 8  # `lora`: the rank, its scale lora_alpha / lora_r, and dropout on its input
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    init_r: int = 12  # `adalora`: the rank it starts at and the average rank it prunes to
-    target_r: int = 8
-    # AdaLoRA's schedule (its author's shape): no pruning over the first `tinit` of the steps, the
-    # rank budget falling to target_r until the last `tfinal` of the steps, which keep it there;
-    # the budget is re-allocated every `delta_t` steps. Fractions of `steps`, so a budget change
-    # keeps the shape. (0, 0, 1) prunes from the first step to the last, which destabilised the
-    # short CPU runs (docs/training.md).
-    tinit: float = 0.1
-    tfinal: float = 0.3
-    delta_t: int = 10
-    orth_reg_weight: float = 0.5
-    # quality per CPU-second (docs/training.md): adapters on the top `adapter_layers` transformer
-    # layers only (None: every layer); with the soft prompt frozen nothing below them needs a
-    # gradient, so backward stops at the lowest adapted layer
-    adapter_layers: int | None = None
-    # negatives scored per training example besides the label (None: all the prompt's others; the
-    # prompt still lists every candidate, and evaluation scores them all): a seeded draw per sample
-    train_negatives: int | None = None
-    # the teacher's scores of the prompt's candidates as a soft target beside the ground truth:
-    # distill_weight * T^2 * KL(softmax(teacher / T) || softmax(verbalizer / T)); 0 keeps the plain loss
-    distill_weight: float = 0.0
-    distill_temperature: float = 2.0
-    label_weight: float = 1.0  # the ground truth's cross-entropy weight (0: learn from the teacher alone)
-    # the weights the valid evaluations score with: `float` (as trained) or `int8` (a merged copy
-    # with int8 linear layers, llm/quantize.py: faster on the CPU, rankings within rounding)
-    eval_weights: str = "float"
-    # score the untrained model on the valid rows first (a reference point of the curve only: it
-    # never competes for the best); off saves one valid evaluation
-    eval_at_start: bool = runtime(True)
-    patience: int = 3  # evaluations without a better valid NDCG@5
-    # > 0: keep the adapter every so many steps and at the last as snapshots/examples-NNNNNN/
-    # (loadable by finetuned_scorer, costs no evaluation): benchmarks/budget_curve.py scores them
-    snapshot_every: int = runtime(0)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.method not in methods.stage2_methods():
-            raise ValueError(f"unknown stage-2 method {self.method!r}{closest(self.method, methods.stage2_methods())}; "
-                             f"choose one of {methods.stage2_methods()} (delrec.methods)")
-        if self.adapter_init not in ADAPTER_INITS:
-            raise ValueError(f"unknown adapter_init {self.adapter_init!r}; choose one of {ADAPTER_INITS}")
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"unknown adapter {self.adapter!r}{closest(self.adapter, ADAPTERS)}; choose one of {ADAPTERS}")
-        if not 0 < self.target_r < self.init_r:
-            # peft's rank allocator fails inside torch.kthvalue otherwise
-            raise ValueError(f"AdaLoRA needs 0 < target_r < init_r, got target_r {self.target_r}, init_r {self.init_r}")
-        if not (0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1):
-            raise ValueError(f"tinit and tfinal are fractions of the steps with tinit + tfinal < 1, got {self.tinit}, {self.tfinal}")
-        if self.delta_t < 1 or self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"need delta_t >= 1, lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got {self.delta_t}, "
-                             f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules not in TARGET_SHORTHANDS:
-                raise ValueError(f"target_modules {self.target_modules!r}: a list of module names or one of {TARGET_SHORTHANDS}")
-        elif self.target_modules is not None:
-            self.target_modules = tuple(self.target_modules)
-        if self.adapter_layers is not None and self.adapter_layers < 1:
-            raise ValueError(f"adapter_layers must be at least 1 (or null for every layer), got {self.adapter_layers}")
-        if self.train_negatives is not None and self.train_negatives < 1:
-            raise ValueError(f"train_negatives must be at least 1 (or null for all), got {self.train_negatives}")
-        if self.distill_weight < 0 or self.distill_temperature <= 0 or self.label_weight < 0:
-            raise ValueError(f"need distill_weight >= 0, distill_temperature > 0 and label_weight >= 0, got "
-                             f"{self.distill_weight}, {self.distill_temperature}, {self.label_weight}")
-        if not self.label_weight and not self.distill_weight:
-            raise ValueError("label_weight and distill_weight are both 0: the loss has nothing to learn from")
-        if self.distill_weight and self.objective != "candidates":
-            raise ValueError("the distillation term (distill_weight > 0) needs objective `candidates` (every candidate scored)")
-        if self.eval_weights not in WEIGHTS:
-            raise ValueError(f"unknown eval_weights {self.eval_weights!r}; choose one of {WEIGHTS}")
-        if self.teacher_list_size < 1:
-            raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
-        self.options = methods.get(self.method).check_options(self.options)
-
-    @staticmethod
-    def upgrade_recorded(recorded: dict) -> dict:
-        """A stage-2 folder's recorded settings in today's form (delrec.core.settings.same_identity):
-        earlier delrec called the method `variant`, and kept LLaRA's options as fields of their own."""
-        recorded = dict(recorded)
-        if "variant" in recorded and "method" not in recorded:
-            recorded["method"] = recorded.pop("variant")
-        if "options" not in recorded:
-            former = {f.name for m in methods.METHODS.values() if m.options_cls for f in fields(m.options_cls)}
-            flat = {k: recorded.pop(k) for k in former & set(recorded)}
-            method = methods.METHODS.get(recorded.get("method", "delrec"))
-            if method is not None and method.options_cls is not None:
-                own = {f.name for f in fields(method.options_cls)}
-                recorded["options"] = method.check_options({k: v for k, v in flat.items() if k in own})
-        return recorded
-
-    @staticmethod
-    def method_of(recorded: dict) -> str:
-        """The method a stage-2 folder's config.json names (older folders call it `variant`)."""
-        return recorded.get("method", recorded.get("variant", "delrec"))
-
-    def to_dict(self) -> dict:
-        """The settings as a stage-2 folder's config.json records them (and a checkpoint must match),
-        with what the method records beside them (Method.recorded_settings: LlamaRec's candidate order)."""
-        d = asdict(self)
-        if d["target_modules"] is not None and not isinstance(d["target_modules"], str):
-            d["target_modules"] = list(d["target_modules"])
-        if self.method in methods.METHODS:
-            d.update(methods.get(self.method).recorded_settings())
-        return d
 
 
 @dataclass
