@@ -102,9 +102,10 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
 
     # a run made before a setting existed (its config.json lacks the key) is not redone when the
     # setting keeps its default, which is the old behaviour
-    for folder in [*(run / "distill").iterdir(), *(run / "finetune").iterdir()]:
+    for folder, added in [*((f, "soft_depth") for f in (run / "distill").iterdir()),
+                          *((f, "train_negatives") for f in (run / "finetune").iterdir())]:
         cfg = json.loads((folder / "config.json").read_text())
-        cfg.pop("lr_schedule")
+        cfg.pop(added)
         (folder / "config.json").write_text(json.dumps(cfg))
     assert main(_args(config, run)) == 0
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
@@ -280,3 +281,17 @@ def test_teachers_describe_themselves():
     assert Templates.for_teacher("mymodel", item="song").teacher == "mymodel"
     with pytest.raises(ValueError, match=r"unknown setting 'itme' \(did you mean 'item'\?\)"):
         Templates.for_teacher("sasrec", itme="song")
+
+
+def test_a_stage1_setting_reruns_only_the_steps_that_read_it(inputs, tmp_path):
+    """A step's identity is what it reads: another soft-prompt length reruns stage 1, the stage-2
+    runs that read its output (`delrec`) or draw a prompt of that length (`w USP`), and their
+    evaluations; `w/o SP`, which reads neither, is not trained or scored again."""
+    root, config = inputs
+    run, extra = tmp_path / "run", ("variants=[delrec, wo-sp, usp]", "zero_shot=false")
+    assert main(_args(config, run, *extra)) == 0
+    assert main(_args(config, run, *extra, "distill.soft_tokens=3")) == 0
+    now = {s["step"]: s["this_invocation"] for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+    assert now["distill:sasrec"] == "ran" and now["teacher:sasrec"] == "skipped"
+    assert now["finetune:sasrec-delrec"] == "ran" and now["finetune:sasrec-usp"] == "ran"
+    assert now["finetune:sasrec-wo-sp"] == "skipped" and now["eval:sasrec-wo-sp"] == "skipped"

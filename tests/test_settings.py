@@ -167,3 +167,23 @@ def test_stage1_outputs_are_named_by_their_place_in_the_run(tmp_path):
     assert resolve_in_run("gone/distill/x/llm", tmp_path) == str(tmp_path / "distill" / "x" / "llm")
     assert resolve_in_run("gone/distill/y/llm", tmp_path) == "gone/distill/y/llm"  # for the loader's own error
     assert resolve_in_run("smollm2-135m", tmp_path) == "smollm2-135m"
+
+
+def test_a_stage_identity_leaves_out_the_settings_it_does_not_read():
+    """Stage 2 of a method without a drawn soft prompt does not read soft_tokens; a LoRA run does
+    not read AdaLoRA's settings; stage 1 without RPS does not read top_h."""
+
+    def same(cls, a, b):
+        return same_identity(cls, cls(**a).to_dict(), cls(**b).to_dict())
+
+    assert same(FinetuneConfig, dict(method="wo-sp", soft_tokens=4), dict(method="wo-sp", soft_tokens=8))
+    assert not same(FinetuneConfig, dict(method="usp", soft_tokens=4), dict(method="usp", soft_tokens=8))
+    assert same(FinetuneConfig, dict(adapter="lora", init_r=12), dict(adapter="lora", init_r=6, target_r=4))
+    assert not same(FinetuneConfig, dict(adapter="adalora", init_r=12), dict(adapter="adalora", init_r=10))
+    assert not same(FinetuneConfig, dict(adapter="lora", lora_r=8), dict(adapter="lora", lora_r=4))
+    assert same(FinetuneConfig, dict(distill_temperature=2.0), dict(distill_temperature=4.0))  # no term: unread
+    assert not same(FinetuneConfig, dict(distill_weight=0.5, distill_temperature=2.0), dict(distill_weight=0.5, distill_temperature=4.0))
+    assert same(FinetuneConfig, dict(method="delrec", teacher_list_size=5), dict(method="delrec", teacher_list_size=10))
+    assert not same(FinetuneConfig, dict(method="teacher-list", teacher_list_size=5), dict(method="teacher-list", teacher_list_size=10))
+    assert same(DistillConfig, dict(tasks=("ta",), top_h=5), dict(tasks=("ta",), top_h=10))
+    assert not same(DistillConfig, dict(top_h=5), dict(top_h=10))

@@ -80,7 +80,8 @@ def resolve_in_run(value: str, run: str | Path) -> str:
 
 def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     """Two settings dicts of `cls` (e.g. one read back from a run folder) identify the same
-    results: runtime settings are ignored, and a key the recorded dict lacks counts as equal when
+    results: runtime settings and those the wanted run does not read (`cls.unread`, when the class
+    says) are ignored, and a key the recorded dict lacks counts as equal when
     the wanted value is the class default (a setting added later, with the old behaviour as its
     default, does not invalidate earlier results)."""
     skip = runtime_names(cls)
@@ -91,6 +92,8 @@ def same_identity(cls, recorded: dict, wanted: dict) -> bool:
     if hasattr(cls, "upgrade_recorded"):  # settings an earlier version recorded in another form
         recorded = cls.upgrade_recorded(recorded)
     recorded = {**{k: defaults[k] for k in wanted if k not in recorded and k in defaults}, **recorded}
+    # a step's identity is what it reads: settings the wanted run does not read (cls.unread) are left out
+    skip = skip | (cls.unread(wanted) if hasattr(cls, "unread") else set())
     drop = lambda d: {k: v for k, v in d.items() if k not in skip}  # noqa: E731
     return drop(recorded) == drop(wanted)
 

@@ -198,6 +198,27 @@ class FinetuneConfig(StageConfig):
         """The method a stage-2 folder's config.json names (older folders call it `variant`)."""
         return recorded.get("method", recorded.get("variant", "delrec"))
 
+    # settings of one adapter only: a run of the other does not read them
+    ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "delta_t", "orth_reg_weight", "adapter_init", "relative_lr",
+                    "vector_lr_scale")
+    LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout")
+
+    @staticmethod
+    def unread(settings: dict) -> set[str]:
+        """The settings a stage-2 run with `settings` (a to_dict) does not read, which its identity
+        leaves out (delrec.core.settings.same_identity): the soft prompt's length unless the method
+        draws an untrained one (`usp`), the other adapter's settings, the distillation temperature
+        without the term, the teacher list's size for a method without one."""
+        method = methods.METHODS.get(FinetuneConfig.method_of(settings))
+        out = set(FinetuneConfig.ADALORA_ONLY if settings.get("adapter", "lora") == "lora" else FinetuneConfig.LORA_ONLY)
+        if method is not None and method.soft_prompt != "untrained":
+            out.add("soft_tokens")
+        if not settings.get("distill_weight"):
+            out.add("distill_temperature")
+        if method is not None and not method.needs_teacher_lists:
+            out.add("teacher_list_size")
+        return out
+
     def to_dict(self) -> dict:
         """The settings as a stage-2 folder's config.json records them (and a checkpoint must match),
         with what the method records beside them (Method.recorded_settings: LlamaRec's candidate order)."""
@@ -249,6 +270,26 @@ class DistillConfig(StageConfig):
             raise ValueError("rps_distill_weight needs the RPS task and objective `candidates` (every listed item scored)")
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
+
+    @staticmethod
+    def unread(settings: dict) -> set[str]:
+        """The settings a stage-1 run with `settings` (a to_dict) does not read, which its identity
+        leaves out (delrec.core.settings.same_identity): a task's own settings without the task,
+        the fixed weights under another weighting, the LLM's rate unless `w UDPSM` trains it, the
+        RPS target's temperature without its weight."""
+        tasks = set(settings.get("tasks", ("ta", "rps")))
+        out = set()
+        if "ta" not in tasks:
+            out.add("ta_examples")
+        if "rps" not in tasks:
+            out |= {"top_h", "rps_distill_weight", "rps_distill_temperature"}
+        if not settings.get("rps_distill_weight"):
+            out.add("rps_distill_temperature")
+        if settings.get("weighting", "inverse-grad-norm") != "fixed":
+            out.add("fixed_weights")
+        if not settings.get("update_llm"):
+            out.add("llm_lr")
+        return out
 
     def to_dict(self) -> dict:
         """The settings as config.json records them (and a checkpoint must match)."""
