@@ -46,7 +46,8 @@ def _templates():
 
 
 def _scorer(run, data, bb, variant, size=10):
-    return methods.get(variant).scorer(run, data, bb, TEACHER, _templates(), None, teacher_list_size=size, progress=False)
+    options = {"list_size": size} if variant == "teacher-list" else None
+    return methods.get(variant).scorer(run, data, bb, TEACHER, _templates(), None, options=options, progress=False)
 
 
 def _titles(data):
@@ -323,7 +324,7 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     run = tmp_path / "run"
     assert main(["run", "--config", str(config), "--quiet", f"run_dir={run}", "teacher.max_epochs=1", "threads=1", "zero_shot=false",
                  "finetune={steps: 2, batch_size: 2, valid_samples: 2, eval_every: 2, adapter: adalora, optimizer: lion, lr_schedule: constant, init_r: 4, target_r: 2, "
-                 "warmup_steps: 1, teacher_list_size: 3}",
+                 "warmup_steps: 1}", "method_options={teacher-list: {list_size: 3}}",
                  "distill={soft_tokens: 4, steps: 1, batch_size: 1, valid_samples: 2, valid_lsr_samples: 0, eval_every: 1000}",
                  "variants=[delrec, wo-sp, teacher-list, llamarec, llmseqsim]", "test_samples=6", "eval_batch_size=3"]) == 0
     steps = [s["step"] for s in json.loads((run / "pipeline.json").read_text())["steps"]]

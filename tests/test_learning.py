@@ -45,7 +45,7 @@ from delrec.training import finetune as finetune_mod
 from delrec.training.config import DistillConfig, FinetuneConfig
 from delrec.training.distill import DistillResult, accuracy, distill
 from delrec.training.examples import ExampleBuilder
-from delrec.training.finetune import finetune
+from delrec.training.finetune import finetune, stage2_inputs
 from llm_helpers import DEFAULT_WORDS, tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + GRU4Rec top-h lists)
 
@@ -183,8 +183,8 @@ def _untrained_scorer(run, data: RunData, cfg: FinetuneConfig, bb: Backbone) -> 
     """The model stage 2 starts from: the backbone without adapters, with the variant's prompt and
     soft prompt exactly as finetune builds them (as `finetuned_scorer` rebuilds them after)."""
     method = methods.get(cfg.method)
-    return method.scorer(run, data, bb, cfg.teacher, Templates.for_teacher(cfg.teacher), method.stage2_soft_prompt(run, cfg, bb),
-                         teacher_list_size=cfg.teacher_list_size, progress=False)
+    soft = method.stage2_soft_prompt(stage2_inputs(run, cfg), bb)
+    return method.scorer(run, data, bb, cfg.teacher, Templates.for_teacher(cfg.teacher), soft, options=cfg.options, progress=False)
 
 
 # DELRec's ablations with a stage 2 of their own (`wo-ta`, `wo-rps`, `udpsm` differ from DELRec in

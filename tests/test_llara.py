@@ -23,7 +23,7 @@ from delrec.serving.scorers import finetuned_scorer, make_scorer
 from delrec.teachers.trained import load_teacher
 from delrec.training import finetune as finetune_mod
 from delrec.training.config import FinetuneConfig
-from delrec.training.finetune import finetune
+from delrec.training.finetune import finetune, stage2_inputs
 from llm_helpers import tiny_llama_backbone, tiny_t5_backbone
 from test_distill import taught_run  # noqa: F401  (module-scoped fixture: titled run + trained GRU4Rec)
 from test_learning import STAGE2_LEARN, hr_at_1, steerable_llama
@@ -40,7 +40,7 @@ def _scorer(run, data, bb, projector, variant="llara"):
 
 def _untrained(run, data, bb, **settings):
     cfg = FinetuneConfig(**{**SMALL, **settings})
-    return _scorer(run, data, bb, item_projector_for(run, cfg, bb, data))
+    return _scorer(run, data, bb, item_projector_for(stage2_inputs(run, cfg), bb, data))
 
 
 def _titles(data):
@@ -139,17 +139,18 @@ def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
 def test_the_curriculum_moves_from_text_only_to_hybrid_prompts():
     """LLaRA's schedule: micro-batch i of N gets the hybrid prompt with probability (i + 1) / N;
     the draws are seeded by (seed, i) alone (a resume and every process draw the same)."""
+    run = "unused"  # the curriculum reads the options, the seed and the planned micro-batches only
     cfg = FinetuneConfig(method="llara", steps=200, grad_accum=2, seed=3)
     n = cfg.steps * cfg.grad_accum
-    draws = np.array([hybrid_batch(cfg, i) for i in range(n)])
+    draws = np.array([hybrid_batch(stage2_inputs(run, cfg), i) for i in range(n)])
     for w, window in enumerate(np.split(draws, 4)):
         expected = np.mean([(i + 1) / n for i in range(w * n // 4, (w + 1) * n // 4)])  # 0.125, 0.375, 0.625, 0.875
         assert abs(window.mean() - expected) < 0.1, (w, window.mean(), expected)
     assert draws[-1] and not draws[:20].all()
-    assert np.array_equal(draws, [hybrid_batch(cfg, i) for i in range(n)])  # deterministic
+    assert np.array_equal(draws, [hybrid_batch(stage2_inputs(run, cfg), i) for i in range(n)])  # deterministic
     other_seed = FinetuneConfig(method="llara", steps=200, grad_accum=2, seed=4)
-    assert not np.array_equal(draws, [hybrid_batch(other_seed, i) for i in range(n)])
-    assert all(hybrid_batch(FinetuneConfig(method="llara", options={"curriculum": "none"}), i) for i in range(50))
+    assert not np.array_equal(draws, [hybrid_batch(stage2_inputs(run, other_seed), i) for i in range(n)])
+    assert all(hybrid_batch(stage2_inputs(run, FinetuneConfig(method="llara", options={"curriculum": "none"})), i) for i in range(50))
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_stage2_trains_the_projector_and_the_adapters_only_and_round_trips(taugh
     bb = tiny_llama_backbone()
     base = {k: v.clone() for k, v in bb.model.state_dict().items()}
     cfg = FinetuneConfig(**SMALL)
-    start = item_projector_for(run, cfg, tiny_llama_backbone(), data)  # the seeded start finetune makes
+    start = item_projector_for(stage2_inputs(run, cfg), tiny_llama_backbone(), data)  # the seeded start finetune makes
     made, steps = [], []
     real_for, real_clip = llara_mod.item_projector_for, torch.nn.utils.clip_grad_norm_
 
@@ -182,7 +183,7 @@ def test_stage2_trains_the_projector_and_the_adapters_only_and_round_trips(taugh
     monkeypatch.undo()
     assert result.metrics["best_step"] == SMALL["steps"]  # the saved adapter and projector are the ones in memory
     shares = [e["hybrid_share"] for e in _log(result.out_dir) if "loss" in e]
-    assert shares == [float(hybrid_batch(cfg, i)) for i in range(cfg.steps)]
+    assert shares == [float(hybrid_batch(stage2_inputs(run, cfg), i)) for i in range(cfg.steps)]
     assert 0 < sum(shares) < len(shares), "the test needs text-only and hybrid steps (another seed or length)"
     assert len(steps) == cfg.steps and any(g for n, g in steps[-1][0].items() if "lora_E" in n)
     for (llm, projector), share in zip(steps, shares):
@@ -216,7 +217,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     and logs, evaluates and saves exactly what an uninterrupted run does."""
     run, data = taught_run
     cfg = FinetuneConfig(**{**SMALL, "steps": 6, "checkpoint_every": 2})
-    assert [hybrid_batch(cfg, i) for i in range(4)] == [False, False, True, False]  # what the test relies on
+    assert [hybrid_batch(stage2_inputs(run, cfg), i) for i in range(4)] == [False, False, True, False]  # what the test relies on
     ref = finetune(run, cfg, name="llara-ref", backbone=tiny_llama_backbone(), progress=False)
     writes, real_save = [], torch.save
 
@@ -233,7 +234,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(taught_run, monkeypatc
     monkeypatch.setattr(finetune_mod.torch, "save", real_save)
     ckpt = torch.load(run / "finetune" / "llara-crash" / "checkpoint.pt", weights_only=True)
     assert ckpt["loop"]["step"] == 4
-    start = item_projector_for(run, cfg, tiny_llama_backbone(), data).state_dict()
+    start = item_projector_for(stage2_inputs(run, cfg), tiny_llama_backbone(), data).state_dict()
     assert ckpt["extra"].keys() == start.keys()
     assert not torch.equal(ckpt["extra"]["mlp.2.weight"], start["mlp.2.weight"])  # trained by then
     projector_group = [g for g in ckpt["optimizer"]["param_groups"] if len(g["params"]) == 4]
@@ -261,7 +262,7 @@ def test_llara_memorises_its_training_examples(taught_run):  # noqa: F811
                          **STAGE2_LEARN)
     rows = np.random.default_rng(cfg.seed).permutation(data.indices("train"))[:N]  # as finetune draws them
     bb = steerable_llama()
-    before = hr_at_1(_scorer(run, data, bb, item_projector_for(run, cfg, bb, data)), data, rows)
+    before = hr_at_1(_scorer(run, data, bb, item_projector_for(stage2_inputs(run, cfg), bb, data)), data, rows)
     assert before < 1.0, "already solved before training"
     start = time.perf_counter()
     result = finetune(run, cfg, name="learn-llara", backbone=steerable_llama(), progress=False)

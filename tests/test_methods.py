@@ -84,9 +84,10 @@ def test_the_pipeline_plans_the_baselines(tmp_path):
     assert pipeline._finetune_jobs() == [("sasrec", "wo-sp", None), ("sasrec", "teacher-list", None), ("sasrec", "llamarec", None)]
     models = dict(pipeline.config.models())
     assert models["sasrec-llmseqsim"] is None and models["sasrec-llamarec"].endswith("finetune/sasrec-llamarec/metrics.json")
-    with pytest.raises(ValueError, match=r"teacher_list_size \(12\) is more than the top_h"):
-        PipelineConfig(run_dir=str(tmp_path), methods=["teacher-list"], finetune={"teacher_list_size": 12})
-    PipelineConfig(run_dir=str(tmp_path), methods=["llamarec"], finetune={"teacher_list_size": 12})  # not used: no check
+    with pytest.raises(ValueError, match=r"list_size \(12\) is more than the top_h"):
+        PipelineConfig(run_dir=str(tmp_path), methods=["teacher-list"], method_options={"teacher-list": {"list_size": 12}})
+    with pytest.raises(ValueError, match="has no options of its own"):  # the list size is teacher-list's alone
+        PipelineConfig(run_dir=str(tmp_path), methods=["llamarec"], method_options={"llamarec": {"list_size": 12}})
 
 
 def test_a_new_method_is_one_entry(tmp_path, monkeypatch):

@@ -183,7 +183,5 @@ def test_a_stage_identity_leaves_out_the_settings_it_does_not_read():
     assert not same(FinetuneConfig, dict(adapter="lora", lora_r=8), dict(adapter="lora", lora_r=4))
     assert same(FinetuneConfig, dict(distill_temperature=2.0), dict(distill_temperature=4.0))  # no term: unread
     assert not same(FinetuneConfig, dict(distill_weight=0.5, distill_temperature=2.0), dict(distill_weight=0.5, distill_temperature=4.0))
-    assert same(FinetuneConfig, dict(method="delrec", teacher_list_size=5), dict(method="delrec", teacher_list_size=10))
-    assert not same(FinetuneConfig, dict(method="teacher-list", teacher_list_size=5), dict(method="teacher-list", teacher_list_size=10))
     assert same(DistillConfig, dict(tasks=("ta",), top_h=5), dict(tasks=("ta",), top_h=10))
     assert not same(DistillConfig, dict(top_h=5), dict(top_h=10))

@@ -115,10 +115,11 @@ class PipelineConfig:
         distill_top_h = self.distill.get("top_h", DistillConfig.top_h)
         if distill_top_h > self.top_h:
             raise ValueError(f"distill.top_h ({distill_top_h}) is more than the top_h lists the teachers store ({self.top_h})")
-        list_size = self.finetune.get("teacher_list_size", FinetuneConfig.teacher_list_size)
-        if list_size > self.top_h and any(methods.get(v).needs_teacher_lists for v in self.methods):
-            raise ValueError(f"finetune.teacher_list_size ({list_size}) is more than the top_h lists the teachers store "
-                             f"({self.top_h})")
+        for name in self.methods:
+            list_size = getattr(methods.get(name).options_from(self.method_options.get(name)), "list_size", None)
+            if methods.get(name).needs_teacher_lists and list_size is not None and list_size > self.top_h:
+                raise ValueError(f"method_options.{name}.list_size ({list_size}) is more than the top_h lists the teachers "
+                                 f"store ({self.top_h})")
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -177,12 +178,15 @@ RENAMED = {"variants": "methods", "variant_teachers": "method_teachers"}
 
 def upgrade_keys(values: dict) -> dict:
     """`values` in today's words (in place): the keys of RENAMED, and a method's options given as
-    `finetune:` settings (as LLaRA's were) moved under `method_options: {<method>: ...}`."""
+    `finetune:` settings (as LLaRA's and teacher-list's were) moved under `method_options: {<method>: ...}`."""
     for old, new in RENAMED.items():
         if old in values:
             values[new] = values.pop(old)
     finetune = values.get("finetune")
     if isinstance(finetune, dict):
+        if "teacher_list_size" in finetune:  # teacher-list's list size, now its option `list_size`
+            values.setdefault("method_options", {}).setdefault("teacher-list", {}).setdefault(
+                "list_size", finetune.pop("teacher_list_size"))
         for method in methods.METHODS.values():
             own = {f.name for f in dataclasses.fields(method.options_cls)} if method.options_cls else set()
             moved = {k: finetune.pop(k) for k in own & set(finetune)}

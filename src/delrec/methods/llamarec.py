@@ -37,7 +37,7 @@ class LetteredStyle(PromptStyle):
 
 
 class LlamaRec(Method):
-    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, teacher_list_size: int,
+    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, options,
                      candidate_order: str) -> PromptStyle:
         return LetteredStyle(self._order(run_dir, teacher, data, candidate_order))
 

@@ -37,7 +37,7 @@ from delrec.core.layout import RunLayout
 from delrec.core.settings import closest
 from delrec.llm.scorer import PromptStyle
 from delrec.llm.templates import SLOT, Prompt, Templates, check_titles, lsr_prompt
-from delrec.methods.registry import Method, Stage2Extra
+from delrec.methods.registry import Method, Stage2Extra, Stage2Inputs
 from delrec.teachers.trained import load_teacher
 
 CURRICULA = ("linear", "none")
@@ -190,41 +190,40 @@ class HybridStyle(PromptStyle):
                              label=titles[label] if label is not None else None, item_vectors=not text_only)
 
 
-def hybrid_batch(config, micro_batch: int) -> bool:
+def hybrid_batch(inputs: Stage2Inputs, micro_batch: int) -> bool:
     """Whether training micro-batch `micro_batch` (counted over the run: step * grad_accum + micro)
     gets the hybrid prompt under its LLaRAOptions' `curriculum` (CURRICULA). Drawn from (seed,
     micro_batch) alone, so a resumed run and every process of a launch draw the same."""
-    if LLaRAOptions(**config.options).curriculum == "none":
+    if inputs.options.curriculum == "none":
         return True
-    planned = config.steps * config.grad_accum
-    draw = np.random.default_rng((config.seed, 0x11A7A, micro_batch)).random()  # 0x11A7A: a stream of its own
-    return draw < (micro_batch + 1) / planned
+    draw = np.random.default_rng((inputs.seed, 0x11A7A, micro_batch)).random()  # 0x11A7A: a stream of its own
+    return draw < (micro_batch + 1) / inputs.micro_batches
 
 
-def item_projector_for(run_dir: str | Path, config, bb, data) -> ItemProjector:
+def item_projector_for(inputs: Stage2Inputs, bb, data) -> ItemProjector:
     """The untrained item projector stage 2 starts with: its teacher's item embeddings into `bb`'s input space."""
-    teacher_dir = RunLayout(Path(run_dir)).teacher(config.teacher)
+    teacher_dir = RunLayout(inputs.run_dir).teacher(inputs.teacher)
     if not (teacher_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{config.method} maps the {config.teacher} teacher's item embeddings into the LLM, but "
-                                f"{teacher_dir} holds no trained teacher; run `delrec teacher train --run {run_dir} "
-                                f"--model {config.teacher}` first")
+        raise FileNotFoundError(f"LLaRA maps the {inputs.teacher} teacher's item embeddings into the LLM, but "
+                                f"{teacher_dir} holds no trained teacher; run `delrec teacher train --run {inputs.run_dir} "
+                                f"--model {inputs.teacher}` first")
     with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights: not from the run's stream
         teacher = load_teacher(teacher_dir, "cpu", data)
-    return ItemProjector.from_teacher(teacher, bb, config.teacher, seed=config.seed)
+    return ItemProjector.from_teacher(teacher, bb, inputs.teacher, seed=inputs.seed)
 
 
 class ProjectorExtra(Stage2Extra):
     """The item projector, trained with the adapters (at `projector_lr_scale` of their rate), and
     the curriculum that decides each micro-batch's prompt."""
 
-    def __init__(self, projector: ItemProjector, config=None):
-        self.module, self.config = projector, config
+    def __init__(self, projector: ItemProjector, inputs: Stage2Inputs | None = None):
+        self.module, self.inputs = projector, inputs  # inputs: None when a trained projector is loaded for scoring
 
-    def param_groups(self, config) -> list[dict]:
-        return [{"params": list(self.module.parameters()), "lr": config.lr * LLaRAOptions(**config.options).projector_lr_scale}]
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.module.parameters()), "lr": lr * self.inputs.options.projector_lr_scale}]
 
-    def prompt_options(self, config, micro_batch: int) -> dict:
-        return {"text_only": not hybrid_batch(config, micro_batch)}
+    def prompt_options(self, micro_batch: int) -> dict:
+        return {"text_only": not hybrid_batch(self.inputs, micro_batch)}
 
     def loss_term(self, prompts):
         if any(p.item_slots for p in prompts):
@@ -258,8 +257,7 @@ class LLaRA(Method):
     stage2_files: ClassVar[tuple[str, ...]] = (WEIGHTS_NAME,)
     options_cls: ClassVar[type] = LLaRAOptions
 
-    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, teacher_list_size: int,
-                     candidate_order: str) -> PromptStyle:
+    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, options, candidate_order: str) -> PromptStyle:
         if extra.module is None:
             raise ValueError("the hybrid prompt (LLaRA) needs its item projector (stage2_extra or load_stage2_extra)")
         if extra.module.num_items != data.num_items:
@@ -267,8 +265,8 @@ class LLaRA(Method):
                              f"this run has {data.num_items}: it was trained on other data")
         return HybridStyle(extra.module, self._order(run_dir, teacher, data, candidate_order))
 
-    def stage2_extra(self, run_dir: Path, config, bb, data) -> Stage2Extra:
-        return ProjectorExtra(item_projector_for(run_dir, config, bb, data), config)
+    def stage2_extra(self, inputs: Stage2Inputs, bb, data) -> Stage2Extra:
+        return ProjectorExtra(item_projector_for(inputs, bb, data), inputs)
 
     def load_stage2_extra(self, folder: Path, bb) -> Stage2Extra:
         return ProjectorExtra(ItemProjector.load(folder / WEIGHTS_NAME, bb))

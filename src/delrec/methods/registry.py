@@ -29,8 +29,11 @@ Each method says
 * where it appears in the paper: `ablation` (a row of Tables III-IV) and `paper_rows` (the rows of
   Table II it stands for, e.g. ("LlamaRec",)); the report labels it by them (`table2_label`).
 
-The hooks (methods of `Method`, overridden by a method's own class): the soft prompt stage 2
-starts from (`stage2_soft_prompt`), the prompt style its scorer writes (`prompt_style`; `scorer`
+The hooks (methods of `Method`, overridden by a method's own class) receive what they read and
+no more: stage 2's hooks a Stage2Inputs (the run, its teacher, the seed, the method's own options,
+the planned micro-batches, the soft prompt to insert), never the whole stage config; a method's
+own settings live in its options class (`options_cls`: LLaRA's curriculum, teacher-list's list
+size). They give the soft prompt stage 2 starts from (`stage2_soft_prompt`), the prompt style its scorer writes (`prompt_style`; `scorer`
 builds the scorer), what stage 2 trains beside the adapters and how its micro-batches differ
 (`stage2_extra`, a Stage2Extra; `load_stage2_extra` for scoring a trained folder), what its
 stage-2 folder records beside the settings (`recorded_settings`), how it scores without a stage 2
@@ -53,6 +56,23 @@ from delrec.core.settings import check, closest
 from delrec.llm.scorer import LLMScorer, PromptStyle
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.teachers.retrieval import TeacherOrder
+
+
+@dataclass(frozen=True)
+class Stage2Inputs:
+    """What a method's stage-2 hooks read (built from the FinetuneConfig by stage 2): the run and
+    the teacher, the seed, the method's own options (an `options_cls` instance, or None), the
+    training micro-batches planned (a curriculum's span), and the soft prompt to insert: a file
+    given instead of stage 1's (None: stage 1's), or the length of an untrained one."""
+
+    run_dir: Path
+    teacher: str
+    seed: int
+    options: object | None
+    micro_batches: int
+    soft_prompt_file: str | None
+    soft_tokens: int
+
 
 STAGE1 = ("shared", "own", "none")
 SOFT_PROMPTS = ("distilled", "untrained", "none")
@@ -146,43 +166,42 @@ class Method:
         values = check(self.options_cls, options, f"options of {self.name}")
         return json.loads(json.dumps(dataclasses.asdict(self.options_cls(**values))))
 
-    def options(self, config):
-        """Its options in stage 2 (`config`: the FinetuneConfig), as an `options_cls`, or None."""
-        return self.options_cls(**config.options) if self.options_cls is not None else None
+    def options_from(self, values: dict | None):
+        """Its options (checked values, as config.json records them) as an `options_cls`, or None."""
+        return self.options_cls(**(values or {})) if self.options_cls is not None else None
 
     # -- hooks -------------------------------------------------------------------------------------
-    def stage2_soft_prompt(self, run_dir: Path, config, bb) -> SoftPrompt | None:
-        """The soft prompt stage 2 inserts (`config`: its FinetuneConfig): stage 1's, an untrained
-        one, or none."""
+    def stage2_soft_prompt(self, inputs: Stage2Inputs, bb) -> SoftPrompt | None:
+        """The soft prompt stage 2 inserts: stage 1's (or the file given), an untrained one, or none."""
         if self.soft_prompt == "none":
             return None
         if self.soft_prompt == "untrained":
-            return SoftPrompt.for_backbone(bb, config.soft_tokens, seed=config.seed)
-        folder = self.stage1_folder(config.teacher)
-        path = Path(config.soft_prompt) if config.soft_prompt else RunLayout(run_dir).soft_prompt(folder)
+            return SoftPrompt.for_backbone(bb, inputs.soft_tokens, seed=inputs.seed)
+        folder = self.stage1_folder(inputs.teacher)
+        path = Path(inputs.soft_prompt_file) if inputs.soft_prompt_file else RunLayout(inputs.run_dir).soft_prompt(folder)
         if not path.exists():
-            raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {run_dir} --teacher "
-                                    f"{config.teacher}{'' if folder == config.teacher else f' --name {folder}'}` first")
+            raise FileNotFoundError(f"no stage-1 soft prompt at {path}; run `delrec distill --run {inputs.run_dir} --teacher "
+                                    f"{inputs.teacher}{'' if folder == inputs.teacher else f' --name {folder}'}` first")
         return SoftPrompt.load(path, bb)
 
-    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, teacher_list_size: int,
-                     candidate_order: str) -> PromptStyle:
+    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, options, candidate_order: str) -> PromptStyle:
         """How its scorer writes prompts: here the LSR prompt with the slot its `prompt` names
-        (`candidate_order`: `stored`, or `teacher` for the teacher's order, best first)."""
+        (`options`: its options_cls instance or None; `candidate_order`: `stored`, or `teacher` for
+        the teacher's order, best first)."""
         slot = {"lsr": "soft-prompt", "model-card": "model-card", "empty-slot": "empty", "plain": None}[self.prompt]
         return PromptStyle(slot, order=self._order(run_dir, teacher, data, candidate_order))
 
     def scorer(self, run_dir: str | Path, data, backbone, teacher: str, templates, soft_prompt: SoftPrompt | None,
-               extra: Stage2Extra | None = None, teacher_list_size: int = 10, candidate_order: str | None = None,
+               extra: Stage2Extra | None = None, options: dict | None = None, candidate_order: str | None = None,
                **kwargs) -> LLMScorer:
         """Its scorer on `backbone` as it is (in training, and loaded from a stage-2 folder):
-        its prompt style over the run's titles. `kwargs`: LLMScorer's (title_scoring, batch_size, name,
-        progress)."""
-        style = self.prompt_style(Path(run_dir), data, teacher, extra or Stage2Extra(), teacher_list_size,
+        its prompt style over the run's titles (`options`: its own settings, as config.json records
+        them). `kwargs`: LLMScorer's (title_scoring, batch_size, name, progress)."""
+        style = self.prompt_style(Path(run_dir), data, teacher, extra or Stage2Extra(), self.options_from(options),
                                   candidate_order or self.candidate_order)
         return LLMScorer.for_run(data, backbone, templates=templates, soft_prompt=soft_prompt, style=style, **kwargs)
 
-    def stage2_extra(self, run_dir: Path, config, bb, data) -> Stage2Extra:
+    def stage2_extra(self, inputs: Stage2Inputs, bb, data) -> Stage2Extra:
         """What stage 2 trains beside the adapters (untrained, at the start of stage 2)."""
         return Stage2Extra()
 
@@ -223,11 +242,11 @@ class Stage2Extra:
 
     module: nn.Module | None = None  # trained with the adapters, saved beside them, part of the DDP unit
 
-    def param_groups(self, config) -> list[dict]:
-        """Optimizer groups of `module`'s parameters (`config`: the FinetuneConfig)."""
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups of `module`'s parameters (`lr`: the adapters' rate)."""
         return []
 
-    def prompt_options(self, config, micro_batch: int) -> dict:
+    def prompt_options(self, micro_batch: int) -> dict:
         """LLMScorer.prompts keywords for training micro-batch `micro_batch` (counted over the run)."""
         return {}
 

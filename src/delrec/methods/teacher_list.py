@@ -1,10 +1,11 @@
 """The teacher's top list written into the prompt (Table II's RecRanker / LLM-TRSR paradigm):
-the plain prompt with the teacher's top `teacher_list_size` recommendations as text, fine-tuned
+the plain prompt with the teacher's top `list_size` recommendations as text, fine-tuned
 as in stage 2 (docs/baselines.md)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,12 +37,24 @@ class TeacherListStyle(PromptStyle):
                                    [titles[i] for i in row_list], label=titles[label] if label is not None else None)
 
 
+@dataclass
+class TeacherListOptions:
+    """teacher-list's own settings (a run config's `method_options: {teacher-list: {...}}`)."""
+
+    list_size: int = 10  # the teacher's top items the prompt lists (at most the top_h the teachers store)
+
+    def __post_init__(self):
+        if self.list_size < 1:
+            raise ValueError(f"list_size must be at least 1, got {self.list_size}")
+
+
 class TeacherList(Method):
     needs_teacher_lists: ClassVar[bool] = True
+    options_cls: ClassVar[type] = TeacherListOptions
 
-    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, teacher_list_size: int,
+    def prompt_style(self, run_dir: Path, data, teacher: str, extra: Stage2Extra, options: TeacherListOptions,
                      candidate_order: str) -> PromptStyle:
-        return TeacherListStyle(TeacherTop(run_dir, teacher, data, teacher_list_size),
+        return TeacherListStyle(TeacherTop(run_dir, teacher, data, options.list_size),
                                 self._order(run_dir, teacher, data, candidate_order))
 
 

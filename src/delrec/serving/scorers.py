@@ -121,7 +121,7 @@ def finetuned_scorer(folder: str | Path, data, backbone: Backbone | None = None,
                     folder, order, trained_as.name)
     return trained_as.scorer(run_dir or folder.parent.parent, data, bb, cfg["teacher"], templates, soft,
                              extra=trained_as.load_stage2_extra(folder, bb),
-                             teacher_list_size=cfg.get("teacher_list_size", FinetuneConfig.teacher_list_size),
+                             options=FinetuneConfig.upgrade_recorded(cfg).get("options"),
                              candidate_order=order, title_scoring=title_scoring, batch_size=batch_size, name=f"delrec:{folder.name}",
                              progress=progress)
 

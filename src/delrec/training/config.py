@@ -92,7 +92,6 @@ class FinetuneConfig(StageConfig):
     # stage 2's own
     method: str = "delrec"  # the registry entry trained (delrec.methods); `variant` in folders of earlier delrec
     soft_prompt: str | None = None  # default: RUN/distill/<teacher>/soft_prompt.safetensors
-    teacher_list_size: int = 10  # for `teacher-list`: the teacher's top items its prompt lists (at most the stored top_h)
     # the method's own settings, checked against its options class (Method.options_cls: LLaRA's
     # curriculum and projector rate), recorded with its defaults filled in
     options: dict = field(default_factory=dict)
@@ -173,17 +172,20 @@ class FinetuneConfig(StageConfig):
             raise ValueError("the distillation term (distill_weight > 0) needs objective `candidates` (every candidate scored)")
         if self.eval_weights not in WEIGHTS:
             raise ValueError(f"unknown eval_weights {self.eval_weights!r}; choose one of {WEIGHTS}")
-        if self.teacher_list_size < 1:
-            raise ValueError(f"teacher_list_size must be at least 1, got {self.teacher_list_size}")
         self.options = methods.get(self.method).check_options(self.options)
 
     @staticmethod
     def upgrade_recorded(recorded: dict) -> dict:
         """A stage-2 folder's recorded settings in today's form (delrec.core.settings.same_identity):
-        earlier delrec called the method `variant`, and kept LLaRA's options as fields of their own."""
+        earlier delrec called the method `variant`, and kept LLaRA's options and teacher-list's
+        list size as fields of their own."""
         recorded = dict(recorded)
         if "variant" in recorded and "method" not in recorded:
             recorded["method"] = recorded.pop("variant")
+        if "teacher_list_size" in recorded:  # teacher-list's list size, now its option `list_size`
+            size = recorded.pop("teacher_list_size")
+            if FinetuneConfig.method_of(recorded) == "teacher-list" and "list_size" not in recorded.get("options", {}):
+                recorded["options"] = {**recorded.get("options", {}), "list_size": size}
         if "options" not in recorded:
             former = {f.name for m in methods.METHODS.values() if m.options_cls for f in fields(m.options_cls)}
             flat = {k: recorded.pop(k) for k in former & set(recorded)}
@@ -208,15 +210,13 @@ class FinetuneConfig(StageConfig):
         """The settings a stage-2 run with `settings` (a to_dict) does not read, which its identity
         leaves out (delrec.core.settings.same_identity): the soft prompt's length unless the method
         draws an untrained one (`usp`), the other adapter's settings, the distillation temperature
-        without the term, the teacher list's size for a method without one."""
+        without the term."""
         method = methods.METHODS.get(FinetuneConfig.method_of(settings))
         out = set(FinetuneConfig.ADALORA_ONLY if settings.get("adapter", "lora") == "lora" else FinetuneConfig.LORA_ONLY)
         if method is not None and method.soft_prompt != "untrained":
             out.add("soft_tokens")
         if not settings.get("distill_weight"):
             out.add("distill_temperature")
-        if method is not None and not method.needs_teacher_lists:
-            out.add("teacher_list_size")
         return out
 
     def to_dict(self) -> dict:

@@ -27,7 +27,7 @@ Variants (paper Tables III-IV): `delrec` (the stage-1 soft prompt, frozen), `uls
 trained too), `usp` (an untrained soft prompt), `wo-dpsm` (no stage 1: the slot is left empty),
 `mcp` (a hand-written description of the teacher in the slot), `wo-sp` (no slot and no mention;
 LLMSEQPROMPT in Table II). Baselines of Table II trained the same way (docs/baselines.md):
-`teacher-list` (the teacher's top `teacher_list_size` items written into the prompt),
+`teacher-list` (the teacher's top `list_size` items written into the prompt),
 `llamarec` (lettered candidates, scored and trained on their index letters) and `llara` (an item
 vector after each title, from the teacher's item embedding through a projector trained with the
 adapters; each micro-batch gets the hybrid prompt or its text-only form by LLaRA's `curriculum`).
@@ -57,7 +57,7 @@ from delrec.llm.quantize import int8_copy
 from delrec.llm.scorer import LLMScorer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import Templates
-from delrec.methods.registry import Stage2Extra
+from delrec.methods.registry import Stage2Extra, Stage2Inputs
 from delrec.training.config import FinetuneConfig, seeded_backbone
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
@@ -159,7 +159,8 @@ class FinetuneStage(Stage):
         data = self.data = RunData.load(RunLayout(run_dir).data)
         bb = self.bb = seeded_backbone(config, backbone)
         self.device = bb.device
-        soft = self.soft = method.stage2_soft_prompt(run_dir, config, bb)
+        inputs = stage2_inputs(run_dir, config)  # what the method's hooks read
+        soft = self.soft = method.stage2_soft_prompt(inputs, bb)
         if soft is not None:
             soft.requires_grad_(method.train_soft_prompt)  # a deep prompt's layer vectors too
 
@@ -168,10 +169,10 @@ class FinetuneStage(Stage):
         init_adapters(peft_model, config.adapter_init, seed=config.seed)
         adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
 
-        extra = self.extra = method.stage2_extra(run_dir, config, bb, data)  # trained with the adapters
+        extra = self.extra = method.stage2_extra(inputs, bb, data)  # trained with the adapters
         templates = Templates.for_teacher(config.teacher, **config.templates)
         self.scorer = method.scorer(run_dir, data, bb, config.teacher, templates, soft, extra=extra,
-                                    teacher_list_size=config.teacher_list_size, batch_size=config.verbalizer_batch,
+                                    options=config.options, batch_size=config.verbalizer_batch,
                                     name=f"delrec:{config.method}", progress=False)
         self.train_rows, self.valid_rows = train_and_valid_rows(data, config.seed, config.valid_samples,
                                                                 config.max_train_examples)
@@ -184,7 +185,7 @@ class FinetuneStage(Stage):
         self.trainable = adapter_params + ([p for p in soft.parameters() if p.requires_grad] if soft is not None else [])
         self.loss_module = dist.prepare(Stage2Loss(peft_model, self.scorer, soft, extra, config))
         groups = adapter_groups(peft_model, config.lr, config.vector_lr_scale, config.relative_lr, extra=self.trainable)
-        extra_groups = extra.param_groups(config)
+        extra_groups = extra.param_groups(config.lr)
         groups += extra_groups
         self.trainable += [p for group in extra_groups for p in group["params"]]
         self.optimizer = make_optimizer(config.optimizer, groups, config.lr, config.weight_decay)
@@ -205,7 +206,7 @@ class FinetuneStage(Stage):
         options = []  # each micro-batch's prompt options (LLaRA's curriculum: hybrid or text-only prompts)
         for micro in range(config.grad_accum):
             rows, share = local_batch(self.train_rows, progress.step, micro, config.grad_accum, config.batch_size)
-            options.append(self.extra.prompt_options(config, progress.step * config.grad_accum + micro))
+            options.append(self.extra.prompt_options(progress.step * config.grad_accum + micro))
             order = self.scorer.display_order(self.data, rows)
             prompts = self.scorer.prompts(self.data, rows, labels=True, order=order, **options[-1])
             loss, parts = self.loss_module(prompts, self.targets.keep(rows, order), self.targets.teacher_scores(rows, order))
@@ -376,6 +377,14 @@ def _promote_best(out: Path, beside: tuple[str, ...]) -> None:
                 shutil.rmtree(out / part)
             (best / part).replace(out / part)
     shutil.rmtree(best, ignore_errors=True)
+
+
+def stage2_inputs(run_dir: str | Path, config: FinetuneConfig) -> Stage2Inputs:
+    """What the method's stage-2 hooks read of `config` (delrec.methods.registry.Stage2Inputs)."""
+    method = methods.get(config.method)
+    return Stage2Inputs(run_dir=Path(run_dir), teacher=config.teacher, seed=config.seed,
+                        options=method.options_from(config.options), micro_batches=config.steps * config.grad_accum,
+                        soft_prompt_file=config.soft_prompt, soft_tokens=config.soft_tokens)
 
 
 def adapter_config(config: FinetuneConfig, bb: Backbone):
