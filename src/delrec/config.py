@@ -99,11 +99,8 @@ class PipelineConfig:
                 raise ValueError(f"method_teachers: {unknown} are not among the teachers {self.teachers}")
         # every section's keys and types, then each class's own checks, before any step runs
         # (kept as plain JSON values: they are written back to RUN/config.yaml)
-        self.protocol = _plain(check(ProtocolConfig, self.protocol, "protocol"))
-        self.teacher = _plain(check(TeacherConfig, self.teacher, "teacher"))
-        self.distill = _plain(check(DistillConfig, self.distill, "distill"))
-        self.finetune = _plain(check(FinetuneConfig, self.finetune, "finetune"))
-        self.templates = _plain(check(Templates, self.templates, "templates"))
+        for section, cls in SECTIONS.items():
+            setattr(self, section, _plain(check(cls, getattr(self, section), section)))
         for section, build in (("protocol", lambda: ProtocolConfig.for_protocol(**self.protocol)),
                                ("teacher", lambda: [default_config(t, **self.teacher) for t in self.teachers]),
                                ("distill", lambda: DistillConfig(**{"llm": self.llm, "dtype": self.dtype, **self.distill})),
@@ -171,6 +168,10 @@ class PipelineConfig:
             raise FileNotFoundError(f"{run} holds no config.yaml: not the folder of a `delrec run`")
         return cls._from_values({**load_yaml(RunLayout(run).config), "run_dir": str(run)}, str(RunLayout(run).config))
 
+
+# a config's sections and the settings class that checks each (and gives its defaults)
+SECTIONS = {"protocol": ProtocolConfig, "teacher": TeacherConfig, "distill": DistillConfig, "finetune": FinetuneConfig,
+            "templates": Templates}
 
 # keys of earlier configs, still read: a method of delrec.methods was called a variant
 RENAMED = {"variants": "methods", "variant_teachers": "method_teachers"}

@@ -35,16 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec.config import PipelineConfig
+from delrec.config import SECTIONS, PipelineConfig
 from delrec.core.io import atomic_path, read_json, write_json
 from delrec.core.layout import RunLayout
 from delrec.core.locks import run_lock
-from delrec.data.protocol import ProtocolConfig
 from delrec.evaluation.significance import compare
-from delrec.llm.templates import Templates
 from delrec.pipeline import Pipeline
-from delrec.teachers.base import TeacherConfig
-from delrec.training.config import DistillConfig, FinetuneConfig
 
 log = logging.getLogger("delrec.experiments")
 
@@ -82,11 +78,6 @@ def _plain_value(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def _section_class(section: str):
-    return {"protocol": ProtocolConfig, "teacher": TeacherConfig, "distill": DistillConfig, "finetune": FinetuneConfig,
-            "templates": Templates}.get(section)
-
-
 def effective_value(config: PipelineConfig, key: str):
     """What `key` (`top_h`, `distill.soft_tokens`) is in `config`: its own value, or the default
     of the stage's settings class when the config leaves it out."""
@@ -96,7 +87,7 @@ def effective_value(config: PipelineConfig, key: str):
     given = getattr(config, section)
     if name in given:
         return given[name]
-    cls = _section_class(section)
+    cls = SECTIONS.get(section)
     for f in dataclasses.fields(cls) if cls else ():
         if f.name == name:
             if f.default is not dataclasses.MISSING:

@@ -1,7 +1,7 @@
 """`delrec run --config CONFIG`: the whole DELRec experiment in order, resumable.
 
 Steps: data (fetch + prepare) -> teacher:<t> -> distill:<t> (and stage-1 ablations) ->
-finetune:<t>-<variant> -> eval:<model> (every model on one fixed seeded subset of test samples)
+finetune:<t>-<method> -> eval:<model> (every model on one fixed seeded subset of test samples)
 -> report. A step whose outputs exist and were made with the same settings is skipped, so running
 the same command again after an interruption continues where it stopped (the training stages
 also resume from their own checkpoints). A changed setting reruns that step and every step that
@@ -168,8 +168,8 @@ class Pipeline:
             self._step(f"teacher:{name}", done, lambda tc=tc: train_teacher(
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))
 
-    def _distill_config(self, teacher: str, variant: str | None = None):
-        own = methods.get(variant).stage1_settings if variant else {}
+    def _distill_config(self, teacher: str, method: str | None = None):
+        own = methods.get(method).stage1_settings if method else {}
         settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.distill, "teacher": teacher, **own}
         return DistillConfig(**settings)
 
@@ -180,8 +180,8 @@ class Pipeline:
             if any(m.stage1 == "shared" for m in chosen):
                 wanted.append((t, t, None))
             wanted += [(t, m.stage1_folder(t), m.name) for m in chosen if m.stage1 == "own"]
-        for teacher, name, variant in wanted:
-            cfg = self._distill_config(teacher, variant)
+        for teacher, name, method in wanted:
+            cfg = self._distill_config(teacher, method)
             out = self.layout.stage1(name)
             done = (out / "metrics.json").exists() and same_identity(DistillConfig, read_json(out / "config.json"), cfg.to_dict()) \
                 and read_json(out / "metrics.json").get("teacher_fingerprint") == self._teacher_fp(teacher)
@@ -197,20 +197,20 @@ class Pipeline:
             write_json(result.out_dir / "metrics.json", metrics)
 
     def _finetune_jobs(self) -> list[tuple[str, str, str | None]]:
-        """(teacher, variant, stage-1 folder or None) for every stage-2 run."""
+        """(teacher, method, stage-1 folder or None) for every stage-2 run."""
         return [(t, v, methods.get(v).stage1_folder(t)) for t in self.config.llm_teachers
                 for v in self.config.methods if methods.get(v).stage2]
 
     def finetune(self) -> None:
-        for teacher, variant, stage1 in self._finetune_jobs():
-            name = f"{teacher}-{variant}"
+        for teacher, method, stage1 in self._finetune_jobs():
+            name = f"{teacher}-{method}"
             settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
-                        "method": variant, "options": self.config.method_options.get(variant, {})}
+                        "method": method, "options": self.config.method_options.get(method, {})}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
             settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
             if stage1:
                 settings["soft_prompt"] = str(self.layout.soft_prompt(stage1))
-            if methods.get(variant).stage2_from_stage1_llm:
+            if methods.get(method).stage2_from_stage1_llm:
                 settings["llm"] = str(self.layout.stage1_llm(stage1))
             cfg = FinetuneConfig(**settings)
             upstream = _fingerprint(self.layout.stage1(stage1) / "metrics.json") if stage1 else self._teacher_fp(teacher)

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delrec (default) or an ablation (delrec.methods): " + "; ".join(
                        f"{name}: {methods.get(name).description}" for name in methods.stage2_methods() if not methods.get(name).is_delrec))
     p.add_argument("--soft-prompt", help="default: the method's stage-1 folder, RUN/distill/TEACHER[-METHOD]/soft_prompt.safetensors")
-    p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-VARIANT)")
+    p.add_argument("--name", help="output folder under RUN/finetune/ (default TEACHER-METHOD)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     _add_run_options(p)

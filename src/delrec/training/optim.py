@@ -1,6 +1,8 @@
-"""What both stages train with: the optimiser, and how AdaLoRA's adapters start.
+"""What every training stage trains with: the optimiser (one factory for the teachers and both LLM
+stages), the learning-rate schedule, and how AdaLoRA's adapters start.
 
-Optimisers: `lion` (Chen et al. 2023, the paper's choice; `lion-pytorch`) and `adamw` (PyTorch).
+Optimisers: for the LLM stages `lion` (Chen et al. 2023, the paper's choice; `lion-pytorch`) and
+`adamw`; for the teachers `adam` and `adagrad` (the paper's teacher settings); all PyTorch's but Lion.
 
 Adapter initialisation. AdaLoRA writes each update as P diag(E) Q (peft: lora_B, lora_E,
 lora_A) and regularises P and Q towards orthonormal columns/rows. peft starts E at zero and P, Q
@@ -21,7 +23,8 @@ import math
 import torch
 from torch import nn
 
-OPTIMIZERS = ("lion", "adamw")
+OPTIMIZERS = ("lion", "adamw")  # the LLM stages'
+TEACHER_OPTIMIZERS = ("adam", "adagrad")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTER_INITS = ("orthogonal", "peft")
 
@@ -38,7 +41,11 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
         return lion(params, lr, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS + TEACHER_OPTIMIZERS}")
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int,

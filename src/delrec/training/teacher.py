@@ -32,6 +32,7 @@ from delrec.teachers.lists import DEFAULT_TOP_H
 from delrec.teachers.trained import TeacherScorer, pick_device, save_teacher, write_topk
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
+from delrec.training.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,6 @@ class TeacherLoss(nn.Module):
 
     def forward(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.model.loss(history, users, target)
-
-
-def _make_optimizer(model: torch.nn.Module, config: TeacherConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or adagrad")
 
 
 def _valid_score(scorer: TeacherScorer, data: RunData) -> float:
@@ -124,7 +117,7 @@ class TeacherStage(Stage):
         if self.dist.enabled:
             # the same initial weights everywhere (DDP broadcasts them), different dropout masks
             torch.manual_seed(config.seed * 1_000_003 + self.dist.rank + 1)
-        self.optimizer = _make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
         self.scorer = TeacherScorer(self.model, device)
         self.train_rows = self.data.indices("train")
         if len(self.train_rows) == 0:
