@@ -198,7 +198,7 @@ def test_stage2_memorises_its_training_examples(taught_run, stage1, backbone, va
     candidates, scored by the adapter saved to disk."""
     run, data = taught_run
     extra = {}
-    if methods.get(variant).soft_prompt == "distilled":
+    if methods.get(variant).soft_prompt_source == "distilled":
         extra["soft_prompt"] = str(stage1(backbone, ("ta", "rps")).result.out_dir / "soft_prompt.safetensors")
     cfg = FinetuneConfig(method=variant, **STAGE2_BUDGET, **STAGE2_LEARN, **extra)
     # the training samples exactly as finetune draws them: the first N of a seeded permutation of the train rows

@@ -114,7 +114,7 @@ def test_the_hybrid_prompt_scores_as_the_brute_force_reference(taught_run, make_
 def test_bad_input_is_refused_clearly(taught_run, tmp_path):  # noqa: F811
     run, data = taught_run
     with pytest.raises(ValueError, match="item projector is trained in stage 2"):
-        methods.Method("x", "x", "x", stage1="none", soft_prompt="none", prompt="hybrid", stage2=False)
+        methods.Method("x", "x", "x", stage1="none", soft_prompt_source="none", prompt="hybrid", stage2=False)
     with pytest.raises(ValueError, match="unknown curriculum 'linera' \\(did you mean 'linear'\\?\\)"):
         FinetuneConfig(method="llara", options={"curriculum": "linera"})
     bb = tiny_llama_backbone()

@@ -10,9 +10,9 @@ from delrec.pipeline import Pipeline
 
 def test_entries_are_checked():
     with pytest.raises(ValueError, match="a distilled soft prompt needs a stage 1"):
-        Method("x", "X", "", stage1="none", soft_prompt="distilled")
+        Method("x", "X", "", stage1="none", soft_prompt_source="distilled")
     with pytest.raises(ValueError, match="the `lsr` prompt is the one with a soft prompt"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="lsr")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="lsr")
     with pytest.raises(ValueError, match="own stage1_settings"):
         Method("x", "X", "", stage1="own")
     with pytest.raises(ValueError, match="prompt must be one of"):
@@ -51,17 +51,17 @@ def test_the_table2_baselines():
 
 def test_ranker_and_prompt_go_together():
     with pytest.raises(ValueError, match="ranker must be one of"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="bm25")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", ranker="bm25")
     with pytest.raises(ValueError, match="`letters` ranker reads the `lettered` prompt"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="letters")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", ranker="letters")
     with pytest.raises(ValueError, match="`letters` ranker reads the `lettered` prompt"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="lettered")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="lettered")
     with pytest.raises(ValueError, match="`similarity` ranker uses no prompt"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", ranker="similarity", stage2=False)
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", ranker="similarity", stage2=False)
     with pytest.raises(ValueError, match="nothing to train"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="none", ranker="similarity")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="none", ranker="similarity")
     with pytest.raises(ValueError, match="zero-shot LLM"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", stage2=False)
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", stage2=False)
     with pytest.raises(ValueError, match="the `lsr` prompt is the one with a soft prompt"):
         Method("x", "X", "", prompt="teacher-list")
 
@@ -69,11 +69,11 @@ def test_ranker_and_prompt_go_together():
 def test_a_candidate_order_is_for_a_prompt_scored_after_stage_2():
     assert methods.get("llamarec").candidate_order == "teacher" and methods.get("delrec").candidate_order == "stored"
     with pytest.raises(ValueError, match="candidate_order must be one of"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", candidate_order="popularity")
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", candidate_order="popularity")
     with pytest.raises(ValueError, match="a candidate order is for a prompt scored after stage 2"):
-        Method("x", "X", "", stage1="none", soft_prompt="none", prompt="none", ranker="similarity", stage2=False,
+        Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="none", ranker="similarity", stage2=False,
                candidate_order="teacher")
-    assert Method("x", "X", "", stage1="none", soft_prompt="none", prompt="plain", candidate_order="teacher").stage2
+    assert Method("x", "X", "", stage1="none", soft_prompt_source="none", prompt="plain", candidate_order="teacher").stage2
 
 
 def test_the_pipeline_plans_the_baselines(tmp_path):

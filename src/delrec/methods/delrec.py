@@ -17,12 +17,12 @@ METHODS = (
     Method("udpsm", "w UDPSM", "stage 1 also updates the LLM; stage 2 starts from that LLM", stage1="own",
            stage1_settings={"update_llm": True}, stage2_from_stage1_llm=True),
     Method("usp", "w USP", "an untrained soft prompt of the same size in place of the distilled one",
-           stage1="none", soft_prompt="untrained"),
-    Method("wo-dpsm", "w/o DPSM", "no stage 1: the soft-prompt slot left empty", stage1="none", soft_prompt="none",
+           stage1="none", soft_prompt_source="untrained"),
+    Method("wo-dpsm", "w/o DPSM", "no stage 1: the soft-prompt slot left empty", stage1="none", soft_prompt_source="none",
            prompt="empty-slot"),
     Method("mcp", "w MCP", "a hand-written description of the teacher in place of the soft prompt", stage1="none",
-           soft_prompt="none", prompt="model-card"),
+           soft_prompt_source="none", prompt="model-card"),
     Method("wo-sp", "w/o SP", "the plain recommendation prompt fine-tuned, without soft prompt or instruction "
-           "(LLMSEQPROMPT in the paper's Table II)", stage1="none", soft_prompt="none", prompt="plain",
+           "(LLMSEQPROMPT in the paper's Table II)", stage1="none", soft_prompt_source="none", prompt="plain",
            paper_rows=("LLMSEQPROMPT",)),
 )

@@ -50,5 +50,5 @@ METHOD = LlamaRec(
     "the candidates listed in the teacher's order (its retrieval stage) under index letters (A), (B), ...; "
     "each scored by the LM head's log-probability "
     "of its letter at the answer position, one forward pass per prompt; fine-tuned as in stage 2 "
-    "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt="none", prompt="lettered", ranker="letters",
+    "(LlamaRec, Yue et al. 2023)", stage1="none", soft_prompt_source="none", prompt="lettered", ranker="letters",
     candidate_order="teacher", ablation=False, paper_rows=("LlamaRec",))

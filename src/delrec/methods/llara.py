@@ -277,4 +277,4 @@ METHOD = LLaRA(
     "the teacher's item embeddings, frozen, mapped by a trained two-layer MLP into the LLM's input space, one "
     "item vector after each title of the history and the candidates (the hybrid prompt), with a curriculum "
     "from text-only to hybrid prompts; the projector trained with the adapters in stage 2 (LLaRA, Liao et al. "
-    "SIGIR 2024)", stage1="none", soft_prompt="none", prompt="hybrid", ablation=False, paper_rows=("LLaRA",))
+    "SIGIR 2024)", stage1="none", soft_prompt_source="none", prompt="hybrid", ablation=False, paper_rows=("LLaRA",))

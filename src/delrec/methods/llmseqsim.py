@@ -22,5 +22,5 @@ METHOD = LLMSeqSim(
     "llmseqsim", "LLMSEQSIM",
     "no training: candidates ranked by the cosine similarity of their title embedding (the backbone's mean-pooled "
     "last hidden states) to the mean embedding of the history's titles (LLMSEQSIM, Harte et al. RecSys 2023)",
-    stage1="none", soft_prompt="none", prompt="none", ranker="similarity", stage2=False, ablation=False,
+    stage1="none", soft_prompt_source="none", prompt="none", ranker="similarity", stage2=False, ablation=False,
     paper_rows=("LLMSEQSIM",))

@@ -7,7 +7,7 @@ hooks it overrides, registered in delrec/methods/__init__.py (docs/extending.md)
 Each method says
 * what stage 1 gives it: the teacher's shared distillation (`shared`), a distillation of its own
   with other settings (`own`, with `stage1_settings`), or nothing (`none`);
-* where its soft prompt comes from: stage 1 (`distilled`), a random one of the same size
+* where its soft prompt comes from (`soft_prompt_source`): stage 1 (`distilled`), a random one of the same size
   (`untrained`), or none (`none`);
 * its recommendation prompt (`prompt`): the LSR prompt with the soft prompt in its slot (`lsr`), with
   the slot left empty (`empty-slot`), with a hand-written description of the teacher in it
@@ -87,7 +87,7 @@ class Method:
     label: str  # in reports: "DELRec" is written DELRec(<teacher>), the others "<label> (<teacher>)"
     description: str
     stage1: str = "shared"
-    soft_prompt: str = "distilled"
+    soft_prompt_source: str = "distilled"
     prompt: str = "lsr"
     stage2: bool = True
     train_soft_prompt: bool = False
@@ -100,14 +100,14 @@ class Method:
 
     def __post_init__(self):
         object.__setattr__(self, "paper_rows", tuple(self.paper_rows))  # a list from a caller stays hashable
-        for value, allowed, what in ((self.stage1, STAGE1, "stage1"), (self.soft_prompt, SOFT_PROMPTS, "soft_prompt"),
+        for value, allowed, what in ((self.stage1, STAGE1, "stage1"), (self.soft_prompt_source, SOFT_PROMPTS, "soft_prompt_source"),
                                      (self.prompt, PROMPTS, "prompt"), (self.ranker, RANKERS, "ranker"),
                                      (self.candidate_order, CANDIDATE_ORDERS, "candidate_order")):
             if value not in allowed:
                 raise ValueError(f"method {self.name!r}: {what} must be one of {allowed}, got {value!r}")
-        if (self.soft_prompt == "distilled") != (self.stage1 != "none"):
+        if (self.soft_prompt_source == "distilled") != (self.stage1 != "none"):
             raise ValueError(f"method {self.name!r}: a distilled soft prompt needs a stage 1, and only it does")
-        if (self.soft_prompt == "none") != (self.prompt != "lsr"):
+        if (self.soft_prompt_source == "none") != (self.prompt != "lsr"):
             raise ValueError(f"method {self.name!r}: the `lsr` prompt is the one with a soft prompt in its slot")
         if (self.stage1 == "own") != bool(self.stage1_settings):
             raise ValueError(f"method {self.name!r}: an `own` stage 1 is one with its own stage1_settings")
@@ -173,9 +173,9 @@ class Method:
     # -- hooks -------------------------------------------------------------------------------------
     def stage2_soft_prompt(self, inputs: Stage2Inputs, bb) -> SoftPrompt | None:
         """The soft prompt stage 2 inserts: stage 1's (or the file given), an untrained one, or none."""
-        if self.soft_prompt == "none":
+        if self.soft_prompt_source == "none":
             return None
-        if self.soft_prompt == "untrained":
+        if self.soft_prompt_source == "untrained":
             return SoftPrompt.for_backbone(bb, inputs.soft_tokens, seed=inputs.seed)
         folder = self.stage1_folder(inputs.teacher)
         path = Path(inputs.soft_prompt_file) if inputs.soft_prompt_file else RunLayout(inputs.run_dir).soft_prompt(folder)

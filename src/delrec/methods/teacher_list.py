@@ -62,4 +62,4 @@ METHOD = TeacherList(
     "teacher-list", "teacher list in prompt, RecRanker / LLM-TRSR style",
     "the teacher's top-h recommendations written into the plain prompt as text, fine-tuned as in stage 2 "
     "(the first paradigm: RecRanker, Luo et al. 2023/2024; LLM-TRSR, Zheng et al. WWW 2024)",
-    stage1="none", soft_prompt="none", prompt="teacher-list", ablation=False, paper_rows=("RecRanker", "LLM-TRSR"))
+    stage1="none", soft_prompt_source="none", prompt="teacher-list", ablation=False, paper_rows=("RecRanker", "LLM-TRSR"))

@@ -213,7 +213,7 @@ class FinetuneConfig(StageConfig):
         without the term."""
         method = methods.METHODS.get(FinetuneConfig.method_of(settings))
         out = set(FinetuneConfig.ADALORA_ONLY if settings.get("adapter", "lora") == "lora" else FinetuneConfig.LORA_ONLY)
-        if method is not None and method.soft_prompt != "untrained":
+        if method is not None and method.soft_prompt_source != "untrained":
             out.add("soft_tokens")
         if not settings.get("distill_weight"):
             out.add("distill_temperature")
