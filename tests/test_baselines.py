@@ -88,7 +88,7 @@ def test_the_teacher_list_of_a_request_comes_from_the_teacher(taught_run):  # no
     top = TeacherTop(run, TEACHER, data, 5).lists(view, np.arange(1))[0]
     model = load_teacher(run / "teachers" / TEACHER, "cpu", data)
     with torch.no_grad():
-        scores = model.full_scores(torch.as_tensor(view.history[:, -model.max_len:]), None)[0]
+        scores = model.score_all(torch.as_tensor(view.history[:, -model.max_len:]), None)[0]
     scores[[0, *history]] = float("-inf")
     assert top.tolist() == scores.topk(5).indices.tolist()
 

@@ -135,13 +135,13 @@ def test_padding_does_not_change_scores():
         short = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9]])
         other_pad = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9]])
         users = torch.tensor([1])
-        a = model.full_scores(short, users)
-        b = model.full_scores(other_pad, users)
+        a = model.score_all(short, users)
+        b = model.score_all(other_pad, users)
         assert torch.equal(a, b)
         assert torch.isfinite(a[:, 1:]).all(), name
         # a batch mixing lengths gives each row the same scores as alone
         mixed = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 7, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
-        both = model.full_scores(mixed, torch.tensor([1, 2]))
+        both = model.score_all(mixed, torch.tensor([1, 2]))
         assert torch.allclose(both[0], a[0], atol=1e-5), name
 
 

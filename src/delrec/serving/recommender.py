@@ -301,7 +301,7 @@ class Recommender:
         model = self._teacher
         h = torch.tensor([([0] * model.max_len + h)[-model.max_len :] for h in histories], device=next(model.parameters()).device)
         with torch.no_grad():
-            scores = model.full_scores(h, None).float().cpu()  # None: users the teacher has not seen
+            scores = model.score_all(h, None).float().cpu()  # None: users the teacher has not seen
         out = []
         for row, history in zip(scores, histories):
             row[history] = float("-inf")  # never what the user already has

@@ -1,8 +1,9 @@
 """One interface for every conventional sequential recommender (the DELRec *teacher*).
 
-Like RecBole, each model answers three calls: `loss` (training), `candidate_scores` (the
-15-candidate protocol) and `full_scores` (the whole catalogue). Unlike RecBole, a model gets its
-settings from its own dataclass, never from a global config.
+Like RecBole, each model answers three calls: `loss` (training), `score_candidates` (the
+15-candidate protocol) and `score_all` (the whole catalogue), named as the evaluator's scorers
+name them. Unlike RecBole, a model gets its settings from its own dataclass, never from a global
+config.
 
 Batches: `history` is [B, L] item indices, left-padded with 0, most recent item last; `users`
 is [B] user indices (only Caser uses them; None means a user the model has not seen).
@@ -97,15 +98,15 @@ class SequentialRecommender(nn.Module):
         """[num_items + 1, dim] item vectors scored against the state (shared with the input)."""
         return self.item_embedding.weight
 
-    def full_scores(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    def score_all(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         scores = self.encode(history, users) @ self.output_embeddings().T
         scores[:, 0] = float("-inf")  # padding is never an item
         return scores
 
-    def candidate_scores(self, history: torch.Tensor, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def score_candidates(self, history: torch.Tensor, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         state = self.encode(history, users)
         return torch.einsum("bd,bcd->bc", state, self.output_embeddings()[candidates])
 
     def loss(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the whole catalogue (beats BCE with one sampled negative)."""
-        return F.cross_entropy(self.full_scores(history, users), target)
+        return F.cross_entropy(self.score_all(history, users), target)

@@ -50,10 +50,10 @@ class Caser(SequentialRecommender):
             z = torch.cat([z, user], dim=1)
         return z
 
-    def full_scores(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-        scores = super().full_scores(history, users) + self.out_bias
+    def score_all(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        scores = super().score_all(history, users) + self.out_bias
         scores[:, 0] = float("-inf")
         return scores
 
-    def candidate_scores(self, history: torch.Tensor, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return super().candidate_scores(history, users, candidates) + self.out_bias[candidates]
+    def score_candidates(self, history: torch.Tensor, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return super().score_candidates(history, users, candidates) + self.out_bias[candidates]

@@ -85,7 +85,7 @@ class TeacherTop:
             self._model = load_teacher(RunLayout(self.run_dir).teacher(self.teacher), "cpu", self.data)
         model = self._model
         with torch.no_grad():
-            scores = model.full_scores(torch.as_tensor(history[:, -model.max_len :]), None).float()  # None: no user part
+            scores = model.score_all(torch.as_tensor(history[:, -model.max_len :]), None).float()  # None: no user part
         scores[:, 0] = float("-inf")
         rows = np.repeat(np.arange(len(history)), history.shape[1])
         scores[torch.as_tensor(rows), torch.as_tensor(history.reshape(-1))] = float("-inf")  # never what the user has

@@ -47,17 +47,17 @@ class TeacherScorer:
     def score_candidates(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
         history, users = self._inputs(data, rows)
         cands = torch.as_tensor(data.candidates[rows], device=self.device)
-        return self.model.candidate_scores(history, users, cands).float().cpu()
+        return self.model.score_candidates(history, users, cands).float().cpu()
 
     @torch.no_grad()
     def score_items(self, data: RunData, rows: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """[len(rows), k] scores of `items` ([len(rows), k] item indices) for each row."""
         history, users = self._inputs(data, rows)
-        return self.model.candidate_scores(history, users, torch.as_tensor(items, device=self.device)).float().cpu()
+        return self.model.score_candidates(history, users, torch.as_tensor(items, device=self.device)).float().cpu()
 
     @torch.no_grad()
     def score_all(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
-        return self.model.full_scores(*self._inputs(data, rows)).float().cpu()
+        return self.model.score_all(*self._inputs(data, rows)).float().cpu()
 
 
 def teacher_topk(scorer: TeacherScorer, data: RunData, rows: np.ndarray, top_h: int,
