@@ -8,8 +8,8 @@ LoRA and AdaLoRA adapters on linear layers of SmolLM2-135M's q_proj and v_proj s
 and 576 -> 192), each fitted by AdamW to the same random rank-4 change D of the weight (inputs
 N(0, 1), mean squared error of the layer's output), exactly as stage 2 builds them: LoRA r 8,
 alpha 16, B zero; AdaLoRA init_r 12 (peft's lora_alpha 8, scaled by 1 / ranknum), E zero and P, Q
-orthonormal (stages/optim.py `orthogonal`), its orthogonality regulariser at 0.5, the groups of
-stages/optim.py:adapter_groups as the probe set them (no relative rate, P and Q at the same rate).
+orthonormal (training/optim.py `orthogonal`), its orthogonality regulariser at 0.5, the groups of
+training/optim.py:adapter_groups as the probe set them (no relative rate, P and Q at the same rate).
 No pruning: the probe's schedule does not prune in its first 10 % of the steps either.
 
 Adam moves every trainable entry by about its rate per step whatever the gradient's size, so the

@@ -95,9 +95,9 @@ class FinetuneConfig(StageConfig):
     # the method's own settings, checked against its options class (Method.options_cls: LLaRA's
     # curriculum and projector rate), recorded with its defaults filled in
     options: dict = field(default_factory=dict)
-    adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (stages/optim.py); `peft`: peft's own
-    relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (stages/optim.py)
-    vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (stages/optim.py)
+    adapter_init: str = "orthogonal"  # P and Q orthonormal, E zero (training/optim.py); `peft`: peft's own
+    relative_lr: bool = True  # E's lr times the adapted weight's RMS singular value (training/optim.py)
+    vector_lr_scale: float = 0.25  # lr of P and Q (unit vectors) relative to lr, which moves E (training/optim.py)
     adapter: str = "lora"  # ADAPTERS: plain LoRA, or AdaLoRA (the paper's)
     target_modules: tuple[str, ...] | str | None = None  # None or "qv": query and value projections; "all-linear"; or names
     lora_r: int = 8  # `lora`: the rank, its scale lora_alpha / lora_r, and dropout on its input

@@ -132,7 +132,7 @@ class UnsafeCheckpoint(ValueError):
 def load_checkpoint(path: Path, map_location=None) -> dict:
     """A stage's checkpoint.pt, loaded with `weights_only=True`: tensors, numbers, strings and
     plain containers only, so a planted object (a `__reduce__` that runs code) is refused rather
-    than executed. Every stage stores its RNG states in that form (teachers/train.py)."""
+    than executed. Every stage stores its RNG states in that form (training/teacher.py)."""
 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
