@@ -54,7 +54,6 @@ from delrec.training.teacher import train_teacher
 log = logging.getLogger("delrec.pipeline")
 
 
-
 class _PeakMemory:
     """Peak resident memory of this process while a step runs (sampled from /proc, Linux)."""
 

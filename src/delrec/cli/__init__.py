@@ -12,8 +12,6 @@ from pathlib import Path
 from delrec.cli.commands import cmd_data_prepare, cmd_evaluate
 from delrec.cli.parser import build_parser
 
-log = logging.getLogger("delrec")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

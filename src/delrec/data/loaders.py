@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 GENERIC_EXTS = ("parquet", "csv", "tsv")  # in this order of preference when several exist
 
 
-
-
 def load_recbole_atomic(inter_path: str | os.PathLike, item_path: str | os.PathLike, name: str | None = None) -> RawDataset:
     """RecBole atomic files: tab-separated, header of `field:type`. Needs user_id, item_id and
     timestamp in the .inter file; item_id and movie_title (or title) in the .item file, plus an

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +18,6 @@ import pyarrow.parquet as pq
 from delrec.data.formats import (
     DataFormatError,
 )
-
-log = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------------------------
 # Locating problems: row index -> "line N" (or "row N" for Parquet)

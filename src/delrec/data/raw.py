@@ -3,7 +3,6 @@ every format's rows go through on their way into it."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,8 +10,6 @@ import pandas as pd
 import pyarrow as pa
 
 from delrec.data.parsing import Locator, as_strings, require_nonempty
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

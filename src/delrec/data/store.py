@@ -5,7 +5,6 @@ are reused."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +17,6 @@ from delrec.core.io import read_json, read_parquet, write_json, write_parquet
 from delrec.core.layout import RunLayout
 from delrec.data.paper import compare_with_paper
 from delrec.data.protocol import SPLITS, Prepared, ProtocolConfig, without_title
-
-log = logging.getLogger(__name__)
-
 
 FORMAT_VERSION = 1
 
@@ -38,7 +34,6 @@ def write(prepared: Prepared, data_dir: str | Path, source: dict | None = None) 
     config = asdict(prepared.config)
     config["split_ratio"] = list(config["split_ratio"])
     write_json(data_dir / "protocol.json", {"format_version": FORMAT_VERSION, "protocol": config, "source": source or {}})
-
 
 
 def write_run_data(run: str | Path, prepared: Prepared, dataset: str, source: dict, delete_stale: bool = False) -> list[str]:

@@ -252,7 +252,6 @@ class ProjectorExtra(Stage2Extra):
         self.module.save(dest / WEIGHTS_NAME)
 
 
-
 class LLaRA(Method):
     stage2_files: ClassVar[tuple[str, ...]] = (WEIGHTS_NAME,)
     options_cls: ClassVar[type] = LLaRAOptions

@@ -271,7 +271,6 @@ class Stage2Extra:
         """Beside the adapter in `dest` (the stage folder, .best/ or a snapshot): its method's `stage2_files`."""
 
 
-
 METHODS: dict[str, Method] = {}
 
 

@@ -56,7 +56,6 @@ from delrec.serving.schemas import BatchRequest, BatchResponse, Item, RecommendR
 log = logging.getLogger(__name__)
 
 
-
 def _validation_error(errors: list[dict]) -> dict:
     """pydantic's errors as one answer naming the first wrong field (`history[0]`, `k`, `body`)."""
     first = errors[0] if errors else {"loc": ("body",), "msg": "malformed request"}

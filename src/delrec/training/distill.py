@@ -18,7 +18,6 @@ from sampled vocabulary embeddings (`soft_init`). Everything is written to RUN/d
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +44,6 @@ from delrec.training.optim import lr_schedule, make_optimizer
 from delrec.training.rows import local_batch, valid_subset
 from delrec.training.targets import teacher_scorer
 from delrec.training.weighting import LossWeighting
-
-log = logging.getLogger(__name__)
-
 
 
 @dataclass

@@ -35,7 +35,6 @@ adapters; each micro-batch gets the hybrid prompt or its text-only form by LLaRA
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +63,6 @@ from delrec.training.loop import Progress, Stage, train
 from delrec.training.optim import adapter_groups, init_adapters, lr_schedule, make_optimizer
 from delrec.training.rows import local_batch, train_and_valid_rows
 from delrec.training.targets import CandidateTargets, teacher_scorer
-
-log = logging.getLogger(__name__)
 
 # the attention query and value projections by model type (`target_modules: qv`, the default);
 # `all-linear` is peft's shorthand for every linear layer of the blocks (not the LM head)

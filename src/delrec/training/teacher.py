@@ -13,7 +13,6 @@ RUN/teachers/<model>/
 from __future__ import annotations
 
 import copy
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,6 @@ from delrec.teachers.trained import TeacherScorer, pick_device, save_teacher, wr
 from delrec.training.folder import StageFolder
 from delrec.training.loop import Progress, Stage, train
 from delrec.training.optim import make_optimizer
-
-log = logging.getLogger(__name__)
 
 
 class TeacherLoss(nn.Module):
