@@ -8,8 +8,8 @@ from delrec.core.layout import RunLayout
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "delrec"
 # a path joined by hand from one of the run folder's own names
-BY_HAND = re.compile(r'/ "(teachers|distill|finetune|eval|data|shared|snapshots|figures)"'
-                     r'|"(report\.md|pipeline\.json|curves\.json|config\.yaml)"')
+BY_HAND = re.compile(r'/ ["\'](teachers|distill|finetune|eval|data|shared|snapshots|figures)["\']'
+                     r'|["\'](report\.md|pipeline\.json|curves\.json|config\.yaml)["\']')
 
 
 def test_no_module_but_the_layout_joins_run_folder_names():
@@ -21,6 +21,7 @@ def test_no_module_but_the_layout_joins_run_folder_names():
 
 def test_the_pattern_catches_a_join_by_hand():
     assert BY_HAND.search('run / "finetune" / name') and BY_HAND.search('open(run / "report.md")')
+    assert BY_HAND.search("f\"{run / 'data'} was prepared\"")
     assert not BY_HAND.search('RunLayout(run).stage2(name)')
 
 

@@ -148,7 +148,7 @@ class Pipeline:
         marker = self.layout.data / "protocol.json"
         if marker.exists() and not holds_same_data(self.layout.data, proto, c.dataset):
             written = read_json(marker)
-            raise ValueError(f"{self.run / 'data'} was prepared from {written['source'].get('dataset')} with "
+            raise ValueError(f"{self.layout.data} was prepared from {written['source'].get('dataset')} with "
                              f"{written['protocol']}, not as this config asks; use another run_dir")
 
         def prepare_data():

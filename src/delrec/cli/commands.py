@@ -60,7 +60,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         f"{args.dataset} ({config.name}): {f['users']} users, {f['items']} items, {f['interactions']} interactions, "
         f"sparsity {f['sparsity']:.2%}; samples train/valid/test "
         f"{s['samples']['train']}/{s['samples']['valid']}/{s['samples']['test']} "
-        f"-> {Path(args.out) / 'data'} ({time.perf_counter() - t0:.1f} s)"
+        f"-> {RunLayout(args.out).data} ({time.perf_counter() - t0:.1f} s)"
     )
     read, untitled = raw.source.get("read"), without_title(raw.source.get("read"))
     if read:  # what the publisher's files held before the title filter (docs/datasets.md compares it with the paper)
@@ -199,12 +199,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         experiment = Experiment(config, progress=not args.quiet)
         result = experiment.execute()
         print(f"{len(result['runs'])} runs ({result['steps_skipped']} steps reused or done earlier) in {result['seconds']:.0f} s")
-        print(f"-> {experiment.run}" + (f"; report: {experiment.run / 'report.md'}" if config.report else ""))
+        print(f"-> {experiment.run}" + (f"; report: {RunLayout(experiment.run).report}" if config.report else ""))
         return
     pipeline = Pipeline(config, progress=not args.quiet)
     steps = pipeline.execute()
     print(format_steps(steps))
-    print(f"-> {pipeline.run}" + (f"; report: {pipeline.run / 'report.md'}" if config.report else ""))
+    print(f"-> {pipeline.run}" + (f"; report: {pipeline.layout.report}" if config.report else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
