@@ -32,7 +32,9 @@ FIGURE = ROOT / "docs" / "figures" / "budget-curve.png"
 
 def snapshots(folder: Path) -> list[tuple[int, Path]]:
     """(examples seen, snapshot folder) of every kept adapter of a stage-2 folder, in order."""
-    found = sorted((int(p.name.split("-")[1]), p) for p in (folder / "snapshots").glob("examples-*") if (p / "config.json").exists())
+    from delrec.core.layout import SNAPSHOTS
+
+    found = sorted((int(p.name.split("-")[1]), p) for p in (folder / SNAPSHOTS).glob("examples-*") if (p / "config.json").exists())
     if not found:
         raise FileNotFoundError(f"{folder} keeps no snapshots: train it with `finetune.snapshot_every=N`")
     return found

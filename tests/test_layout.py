@@ -4,7 +4,7 @@ run folder's directory and file names by hand, and the layout puts each step whe
 import re
 from pathlib import Path
 
-from delrec.core.layout import RunLayout
+from delrec.core.layout import SNAPSHOTS, RunLayout
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "delrec"
 # a path joined by hand from one of the run folder's own names
@@ -31,7 +31,7 @@ def test_each_step_has_its_folder(tmp_path):
     assert layout.teacher("sasrec") == tmp_path / "teachers" / "sasrec"
     assert layout.soft_prompt("sasrec") == tmp_path / "distill" / "sasrec" / "soft_prompt.safetensors"
     assert layout.stage2("sasrec-delrec") == tmp_path / "finetune" / "sasrec-delrec"
-    assert layout.snapshots("sasrec-delrec") / layout.snapshot_name(40) == \
+    assert layout.stage2("sasrec-delrec") / SNAPSHOTS / layout.snapshot_name(40) == \
         tmp_path / "finetune" / "sasrec-delrec" / "snapshots" / "examples-000040"
     assert layout.pipeline_eval("popularity") == tmp_path / "eval" / "pipeline" / "popularity.json"
     assert layout.cli_eval("summary", "test") == tmp_path / "eval" / "summary.test.json"

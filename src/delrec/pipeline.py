@@ -206,7 +206,7 @@ class Pipeline:
             settings = {**self._llm_settings(), "templates": self.config.templates, **self.config.finetune, "teacher": teacher,
                         "method": method, "options": self.config.method_options.get(method, {})}
             # `w USP` gets an untrained soft prompt of the same size as the distilled one
-            settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", 100))
+            settings.setdefault("soft_tokens", self.config.distill.get("soft_tokens", DistillConfig.soft_tokens))
             if stage1:
                 settings["soft_prompt"] = str(self.layout.soft_prompt(stage1))
             if methods.get(method).stage2_from_stage1_llm:

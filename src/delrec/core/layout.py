@@ -74,9 +74,6 @@ class RunLayout:
     def stage2(self, name: str) -> Path:
         return self.stage2_runs / name
 
-    def snapshots(self, name: str) -> Path:
-        return self.stage2(name) / SNAPSHOTS
-
     @staticmethod
     def snapshot_name(examples: int) -> str:
         return f"examples-{examples:06d}"

@@ -41,18 +41,17 @@ def write_run_data(run: str | Path, prepared: Prepared, dataset: str, source: di
     made from its current data and would be read with the new data's ids and samples: when the
     data differs, they are refused, or with `delete_stale` deleted (their folder names returned)."""
     layout = RunLayout(run)
-    later = [d for d in layout.results if d.is_dir() and any(d.iterdir())]
-    if later and not holds_same_data(layout.data, prepared.config, dataset, prepared):
-        if not delete_stale:
-            raise ValueError(f"{run} holds results made from its current data ({', '.join(d.name + '/' for d in later)}); "
-                             "preparing other data there would leave them pointing at the wrong items and samples. "
-                             "Use another --out, or --force to delete those results")
-        for d in later:
-            shutil.rmtree(d)
-    else:
-        later = []
+    stale = [d for d in layout.results if d.is_dir() and any(d.iterdir())]
+    if stale and holds_same_data(layout.data, prepared.config, dataset, prepared):
+        stale = []  # the same data: its results stay valid
+    if stale and not delete_stale:
+        raise ValueError(f"{run} holds results made from its current data ({', '.join(d.name + '/' for d in stale)}); "
+                         "preparing other data there would leave them pointing at the wrong items and samples. "
+                         "Use another --out, or --force to delete those results")
+    for d in stale:
+        shutil.rmtree(d)
     write(prepared, layout.data, source={"dataset": dataset, **source})
-    return [d.name for d in later]
+    return [d.name for d in stale]
 
 
 def _source_stats(stats: dict, source: dict) -> dict:
