@@ -15,6 +15,7 @@ from delrec import methods
 from delrec.core.layout import RunLayout
 from delrec.core.settings import apply_override, check, load_yaml, runtime
 from delrec.data.protocol import ProtocolConfig
+from delrec.evaluation.two_stage import DEFAULT_RETRIEVE
 from delrec.llm.backbone import DEFAULT_MODEL
 from delrec.llm.quantize import WEIGHTS
 from delrec.llm.templates import Templates
@@ -57,6 +58,13 @@ class PipelineConfig:
     test_samples: int | None = 500  # None: the whole test split
     eval_seed: int = 0
     eval_batch_size: int = runtime(8)  # scores do not depend on it (llm/verbalizer.py)
+    # also evaluate over the whole catalogue (delrec.evaluation.two_stage): every LLM model ranks
+    # the top `retrieve` (default 20) unseen items of `retriever` (default the first teacher);
+    # references and teachers rank the catalogue themselves. {} (the default): not done
+    full_ranking: dict = field(default_factory=dict)
+    # also score every LLM model with each sample's candidates listed in these seeded orders
+    # (delrec.evaluation.orders), e.g. [1, 2]; [] (the default): not done
+    candidate_orders: list[int] = field(default_factory=list)
     # the weights LLM models are scored with on the test samples: `float` (as trained) or `int8`
     # (llm/quantize.py: adapters merged, int8 linear layers; CPU only, faster, rankings within rounding)
     eval_weights: str = "float"
@@ -93,6 +101,7 @@ class PipelineConfig:
             raise ValueError(f"eval_weights: {self.eval_weights!r} is not one of {', '.join(WEIGHTS)}")
         if self.tracking not in TRACKERS:
             raise ValueError(f"tracking: {self.tracking!r} is not one of {', '.join(TRACKERS)}")
+        self._check_robustness()
         if self.method_teachers is not None:
             unknown = [t for t in self.method_teachers if t not in self.teachers]
             if unknown:
@@ -117,6 +126,29 @@ class PipelineConfig:
             if methods.get(name).needs_teacher_lists and list_size is not None and list_size > self.top_h:
                 raise ValueError(f"method_options.{name}.list_size ({list_size}) is more than the top_h lists the teachers "
                                  f"store ({self.top_h})")
+
+    def _check_robustness(self) -> None:
+        unknown = set(self.full_ranking) - {"retrieve", "retriever"}
+        if unknown:
+            raise ValueError(f"full_ranking: unknown keys {sorted(unknown)} (known: retrieve, retriever)")
+        retrieve = self.full_ranking.get("retrieve", DEFAULT_RETRIEVE)
+        if not isinstance(retrieve, int) or isinstance(retrieve, bool) or retrieve < 2:
+            raise ValueError(f"full_ranking.retrieve: retrieve at least 2 items to rank, got {retrieve!r}")
+        if self.full_ranking.get("retriever", self.teachers[0]) not in self.teachers:
+            raise ValueError(f"full_ranking.retriever: {self.full_ranking['retriever']!r} is not among the teachers {self.teachers}")
+        if len(set(self.candidate_orders)) != len(self.candidate_orders):
+            raise ValueError(f"candidate_orders: {self.candidate_orders} repeats a seed")
+
+    @property
+    def retrieval(self) -> tuple[str, int] | None:
+        """(retriever, K) of the full-catalogue evaluation, or None when the config does not ask for it."""
+        if not self.full_ranking:
+            return None
+        return self.full_ranking.get("retriever", self.teachers[0]), self.full_ranking.get("retrieve", DEFAULT_RETRIEVE)
+
+    def is_llm_model(self, name: str) -> bool:
+        """Whether `name` (of `models()`) ranks a candidate set with the LLM: not a reference or a teacher."""
+        return name not in ("random", "popularity") and name not in self.teachers
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:

@@ -2,7 +2,8 @@
 
 Steps: data (fetch + prepare) -> teacher:<t> -> distill:<t> (and stage-1 ablations) ->
 finetune:<t>-<method> -> eval:<model> (every model on one fixed seeded subset of test samples)
--> report. A step whose outputs exist and were made with the same settings is skipped, so running
+[-> eval-full:<model> (over the whole catalogue, config `full_ranking:`) -> eval-orders:<model>
+(the LLM models with their candidates in other orders, `candidate_orders:`)] -> report. A step whose outputs exist and were made with the same settings is skipped, so running
 the same command again after an interruption continues where it stopped (the training stages
 also resume from their own checkpoints). A changed setting reruns that step and every step that
 depends on it.
@@ -10,7 +11,8 @@ depends on it.
 RUN/pipeline.log        the log of every invocation
 RUN/pipeline.json       per step: ran or skipped, wall seconds, peak resident memory
 RUN/config.yaml         the resolved configuration of the last invocation
-RUN/eval/pipeline/      one JSON per model: metrics, the sample rows and each sample's rank
+RUN/eval/pipeline/      one JSON per model: metrics, the sample rows, each sample's rank and top-1
+                        (and full-catalogue/, orders/: the same models' other evaluations)
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ from delrec.core.settings import same_identity
 from delrec.data.loaders import load_dataset
 from delrec.data.protocol import ProtocolConfig, prepare
 from delrec.data.store import RunData, holds_same_data, write
-from delrec.evaluation.metrics import candidate_ranks, metrics_from_ranks, subset_rows
+from delrec.evaluation.metrics import candidate_outcomes, full_ranks, metrics_from_ranks, subset_rows
+from delrec.evaluation.orders import order_outcomes, order_summary
+from delrec.evaluation.two_stage import two_stage_ranks
 from delrec.report.writer import write_report
 from delrec.serving.scorers import make_scorer
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import stored_top_h
+from delrec.teachers.retrieval import RetrieveThenRank
 from delrec.training.config import DistillConfig, FinetuneConfig
 from delrec.training.distill import distill
 from delrec.training.finetune import finetune
@@ -93,6 +98,12 @@ def _same(recorded, wanted) -> bool:
     """Settings equal once both went through JSON (tuples become lists). Settings of a config
     class are compared with delrec.core.settings.same_identity instead (runtime fields ignored)."""
     return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
+
+
+def _recorded(path: Path, settings: dict) -> bool:
+    """Whether an evaluation file holds a result made with `settings` (its scoring batch size aside)."""
+    recorded = read_json(path).get("settings") if path.exists() else None
+    return recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
 
 
 def _fingerprint(path: Path) -> str | None:
@@ -227,19 +238,25 @@ class Pipeline:
         data = RunData.load(self.layout.data)
         rows = subset_rows(data, "test", self.config.test_samples, self.config.eval_seed)
         for name, source in self.config.models():
-            path = self.layout.pipeline_eval(name)
-            # what identifies the result: not the scoring batch size, which does not change scores
-            # the bare LLM's results (zero-shot, LLMSEQSIM) depend on the backbone and on nothing upstream
-            bare_llm = name == "zero-shot" or (source is None and ModelName.parse(name).method in methods.METHODS)
-            settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
-                        "llm": self.config.llm if bare_llm else None}
-            if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
-                settings["templates"] = self.config.templates
-            if self.config.eval_weights != "float":  # (results of float weights keep their earlier identity)
-                settings["weights"] = self.config.eval_weights
-            recorded = read_json(path).get("settings") if path.exists() else None
-            done = recorded is not None and _same({k: v for k, v in recorded.items() if k != "batch_size"}, settings)
-            self._step(f"eval:{name}", done, lambda name=name, settings=settings, path=path: self._run_eval(data, rows, name, settings, path))
+            path, settings = self.layout.pipeline_eval(name), self._eval_settings(name, source, rows)
+            self._step(f"eval:{name}", _recorded(path, settings), lambda name=name, settings=settings, path=path:
+                       self._run_eval(data, rows, name, settings, path))
+        if self.config.retrieval:
+            self._evaluate_full_catalogue(data, rows)
+        if self.config.candidate_orders:
+            self._evaluate_orders(data, rows)
+
+    def _eval_settings(self, name: str, source: str | None, rows: np.ndarray) -> dict:
+        """What identifies a model's test result (not the scoring batch size, which does not change scores)."""
+        # the bare LLM's results (zero-shot, LLMSEQSIM) depend on the backbone and on nothing upstream
+        bare_llm = name == "zero-shot" or (source is None and ModelName.parse(name).method in methods.METHODS)
+        settings = {"rows": rows.tolist(), "source": _fingerprint(Path(source)) if source else None,
+                    "llm": self.config.llm if bare_llm else None}
+        if name == "zero-shot" and self.config.templates:  # (stage folders record their own wording)
+            settings["templates"] = self.config.templates
+        if self.config.eval_weights != "float":  # (results of float weights keep their earlier identity)
+            settings["weights"] = self.config.eval_weights
+        return settings
 
     def _scorer(self, data, name: str):
         c = self.config
@@ -249,10 +266,60 @@ class Pipeline:
     def _run_eval(self, data, rows, name, settings, path) -> None:
         scorer = self._scorer(data, name)
         t0 = time.perf_counter()
-        ranks = candidate_ranks(scorer, data, rows)
+        ranks, top1 = candidate_outcomes(scorer, data, rows)
         result = {"model": name, "scorer": scorer.name, "split": "test", "num_samples": int(len(rows)),
                   "candidates": metrics_from_ranks(ranks), "seconds": round(time.perf_counter() - t0, 1),
-                  "ranks": np.asarray(ranks).astype(int).tolist(), "settings": settings}
+                  "ranks": np.asarray(ranks).astype(int).tolist(), "top1": np.asarray(top1).astype(int).tolist(),
+                  "settings": settings}
+        if distributed.current().is_main:
+            write_json(path, result)
+
+    def _evaluate_full_catalogue(self, data, rows) -> None:
+        """Every model over the whole catalogue: the LLM models in two stages behind the retriever
+        (delrec.evaluation.two_stage), the references and teachers by their own full ranking."""
+        retriever, k = self.config.retrieval
+        for name, source in self.config.models():
+            path = self.layout.pipeline_eval(name, "full-catalogue")
+            settings = {**self._eval_settings(name, source, rows), "retrieve": k, "retriever": retriever,
+                        "retriever_source": self._teacher_fp(retriever)}
+            self._step(f"eval-full:{name}", _recorded(path, settings), lambda name=name, settings=settings, path=path:
+                       self._run_full_catalogue(data, rows, name, settings, path))
+
+    def _run_full_catalogue(self, data, rows, name, settings, path) -> None:
+        scorer, (retriever, k) = self._scorer(data, name), self.config.retrieval
+        t0 = time.perf_counter()
+        if self.config.is_llm_model(name):
+            ranker = scorer.ranker if isinstance(scorer, RetrieveThenRank) else scorer
+            ranks, k = two_stage_ranks(ranker, self._scorer(data, retriever), data, rows, k)
+        else:
+            ranks = full_ranks(scorer, data, rows)
+        ranks = np.asarray(ranks).astype(int)
+        result = {"model": name, "split": "test", "num_samples": int(len(rows)), "two_stage": self.config.is_llm_model(name),
+                  "retriever": retriever, "retrieve": int(k), "within_retrieve": float(np.mean(ranks < k)),
+                  "full_ranking": metrics_from_ranks(ranks), "seconds": round(time.perf_counter() - t0, 1),
+                  "ranks": ranks.tolist(), "settings": settings}
+        if distributed.current().is_main:
+            write_json(path, result)
+
+    def _evaluate_orders(self, data, rows) -> None:
+        """Every LLM model again with its candidates in each of `candidate_orders` (delrec.evaluation.orders)."""
+        for name, source in self.config.models():
+            if not self.config.is_llm_model(name):
+                continue
+            path = self.layout.pipeline_eval(name, "orders")
+            settings = {**self._eval_settings(name, source, rows), "candidate_orders": list(self.config.candidate_orders)}
+            self._step(f"eval-orders:{name}", _recorded(path, settings), lambda name=name, settings=settings, path=path:
+                       self._run_orders(data, rows, name, settings, path))
+
+    def _run_orders(self, data, rows, name, settings, path) -> None:
+        scorer, stored = self._scorer(data, name), read_json(self.layout.pipeline_eval(name))
+        t0 = time.perf_counter()
+        # the stored order's outcomes are the model's own evaluation's (scored again if it predates top-1s)
+        base = (np.asarray(stored["ranks"]), np.asarray(stored["top1"])) if "top1" in stored else candidate_outcomes(scorer, data, rows)
+        others = {seed: order_outcomes(scorer, data, rows, seed) for seed in self.config.candidate_orders}
+        result = {"model": name, "split": "test", "num_samples": int(len(rows)), **order_summary(base, others),
+                  "orders": {str(s): {"ranks": r.astype(int).tolist(), "top1": t.astype(int).tolist()} for s, (r, t) in others.items()},
+                  "seconds": round(time.perf_counter() - t0, 1), "settings": settings}
         if distributed.current().is_main:
             write_json(path, result)
 

@@ -7,7 +7,8 @@ Every step reads and writes a run folder (RUN/), and the folder is the contract 
   RUN/teachers/<teacher>/           a trained teacher: weights, metrics, topk.parquet
   RUN/distill/<stage 1 name>/       stage 1: the soft prompt (and, under `w UDPSM`, the updated LLM in llm/)
   RUN/finetune/<model name>/        stage 2: the adapter (adapter/), metrics, snapshots/
-  RUN/eval/pipeline/<model>.json    `delrec run`'s test evaluation of each model
+  RUN/eval/pipeline/<model>.json    `delrec run`'s test evaluation of each model (and, when the
+                                    config asks, full-catalogue/<model>.json and orders/<model>.json)
   RUN/eval/<tag>.<split>.json       `delrec evaluate`'s
   RUN/pipeline.json                 the steps `delrec run` ran, with their seconds and memory
   RUN/report.md, curves.json, figures/   the report
@@ -83,8 +84,17 @@ class RunLayout:
     def pipeline_evals(self) -> Path:
         return self.root / self.EVAL / "pipeline"
 
-    def pipeline_eval(self, model: str) -> Path:
-        return self.pipeline_evals / f"{model}.json"
+    # the kinds of test evaluation besides the 15 candidates (`delrec run`'s `full_ranking:` and
+    # `candidate_orders:`), each a folder of one JSON per model beside the models' own files
+    EVAL_KINDS = ("full-catalogue", "orders")
+
+    def pipeline_eval(self, model: str, kind: str | None = None) -> Path:
+        """The test evaluation of `model`: on the fixed candidates, or of another `kind` (EVAL_KINDS)."""
+        if kind is None:
+            return self.pipeline_evals / f"{model}.json"
+        if kind not in self.EVAL_KINDS:
+            raise ValueError(f"unknown evaluation kind {kind!r}; choose one of {self.EVAL_KINDS}")
+        return self.pipeline_evals / kind / f"{model}.json"
 
     def cli_eval(self, tag: str, split: str) -> Path:
         return self.root / self.EVAL / f"{tag}.{split}.json"

@@ -192,3 +192,31 @@ class RunData:
         batch_row = np.repeat(np.arange(len(rows)), counts)
         offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         return batch_row, self.user_items[np.repeat(starts, counts) + offset]
+
+
+class CandidateView:
+    """Rows of a run's samples with other candidates (a retriever's items, another order of the
+    stored ones), in the shape the scorers read: row i of the view is row `rows[i]` of `data`,
+    its per-sample arrays sliced, everything else (titles, the catalogue, the users' sequences)
+    read through. A scorer is called on it with `np.arange(len(rows))`; `base` and `base_rows`
+    say which of the run's samples they are (the teacher's stored lists are looked up by them)."""
+
+    _PER_ROW = ("history", "history_len", "target", "user_idx", "sample_id", "position", "split", "timestamp")
+
+    def __init__(self, data, rows: np.ndarray, candidates: np.ndarray):
+        rows, candidates = np.asarray(rows), np.asarray(candidates, dtype=np.int64)
+        if candidates.ndim != 2 or len(candidates) != len(rows):
+            raise ValueError(f"candidates must be one row per sample ({len(rows)}), got shape {candidates.shape}")
+        self.base, self.base_rows = data, rows
+        for name in self._PER_ROW:
+            if hasattr(data, name):
+                setattr(self, name, np.asarray(getattr(data, name))[rows])
+        self.candidates = candidates
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("base", "base_rows"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def seen_items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.seen_items(self.base_rows[np.asarray(rows)])

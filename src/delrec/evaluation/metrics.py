@@ -61,21 +61,34 @@ def candidate_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size:
     """Pessimistic rank of the target among each row's fixed candidates. Under a multi-process
     launch the rows are sharded over the processes and every process gets all ranks back, unless
     `local` (work that runs on one process only, such as the report, must not wait for the others)."""
+    return candidate_outcomes(scorer, data, rows, batch_size, local)[0]
+
+
+def candidate_outcomes(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 1024,
+                       local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks as `candidate_ranks`, each row's top-1 item): the top-1 is the best-scored candidate,
+    among tied best the smallest item index, so it does not depend on the order candidates are listed in."""
     # rows go to the scorer in multiples of its own batch (an LLM scorer's verbalizer batch), and
     # shards are made of such batches: every batch is the same however rows are chunked or sharded
     inner = getattr(scorer, "batch_size", None) or batch_size
     step = max(1, batch_size // inner) * inner
 
-    def ranks(rows: np.ndarray) -> np.ndarray:
+    def outcomes(rows: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(rows), step):
             batch = rows[start : start + step]
             cands = data.candidates[batch]
             target_col = (cands == data.target[batch][:, None]).argmax(axis=1)
-            out.append(pessimistic_ranks(scorer.score_candidates(data, batch), target_col))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            scores = torch.as_tensor(scorer.score_candidates(data, batch))
+            ranks = pessimistic_ranks(scores, target_col)
+            best = scores == scores.max(dim=1, keepdim=True).values
+            top1 = np.where(best.numpy(), cands, np.iinfo(np.int64).max).min(axis=1)
+            out.append(np.stack([ranks, top1], axis=1))
+        return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
-    return ranks(np.asarray(rows)) if local else distributed.current().map_sharded(ranks, np.asarray(rows), inner)
+    rows = np.asarray(rows)
+    both = outcomes(rows) if local else distributed.current().map_sharded(outcomes, rows, inner)
+    return both[:, 0], both[:, 1]
 
 
 # Bytes of one block of full-catalogue scores (rows x items, float32). At 1.29M items (Amazon
@@ -92,7 +105,10 @@ def full_catalogue_rows(num_items: int, batch_size: int, block_bytes: int | None
 
 def full_ranks(scorer: Scorer, data: RunData, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Rank of the target over the whole catalogue, excluding padding and the items the user
-    already interacted with before the target (as RecBole's full-sort evaluation does)."""
+    already interacted with before the target (as RecBole's full-sort evaluation does). A
+    two-stage scorer (teachers.retrieval.RetrieveThenRank) ranks by its own rule (evaluation.two_stage)."""
+    if hasattr(scorer, "two_stage_ranks"):
+        return scorer.two_stage_ranks(data, np.asarray(rows))
     # blocked by the scorer's catalogue, which may be wider than the data's (a teacher built over every item)
     batch_size = full_catalogue_rows(getattr(scorer, "num_items", data.num_items), batch_size)
     return distributed.current().map_sharded(lambda r: _full_ranks(scorer, data, r, batch_size), np.asarray(rows), batch_size)

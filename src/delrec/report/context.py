@@ -24,6 +24,8 @@ class ReportContext:
     config: PipelineConfig
     teachers: tuple[str, ...]
     evals: dict  # model name -> its RUN/eval/pipeline/<name>.json, in the config's model order
+    full: dict  # model name -> its full-catalogue evaluation (RUN/eval/pipeline/full-catalogue/), where made
+    orders: dict  # model name -> its evaluation in other candidate orders (RUN/eval/pipeline/orders/), where made
     data: RunData
     stats: dict  # data/stats.json
     protocol: dict  # data/protocol.json
@@ -39,8 +41,10 @@ class ReportContext:
         steps = [e for e in read_json(summary)["steps"] if e["step"] != "report"] if summary.exists() else []
         paths = {name: layout.pipeline_eval(name) for name, _ in c.models()}
         evals = {name: read_json(path) for name, path in paths.items() if path.exists()}
+        other = {kind: {name: read_json(layout.pipeline_eval(name, kind)) for name in evals
+                        if layout.pipeline_eval(name, kind).exists()} for kind in RunLayout.EVAL_KINDS}
         rows = np.asarray(next(iter(evals.values()))["settings"]["rows"]) if evals else np.zeros(0, dtype=int)
-        return cls(run, c, tuple(c.teachers), evals, RunData.load(layout.data), read_json(layout.data / "stats.json"),
+        return cls(run, c, tuple(c.teachers), evals, other["full-catalogue"], other["orders"], RunData.load(layout.data), read_json(layout.data / "stats.json"),
                    read_json(layout.data / "protocol.json"), PAPER_ML100K if c.dataset == "ml-100k" else {}, rows, steps)
 
     @property

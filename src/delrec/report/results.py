@@ -54,13 +54,13 @@ def claim_section(ctx: ReportContext) -> list[str]:
     L = []
     for t in ctx.teachers:
         name = f"{t}-delrec"
-        others = [b for b in _baselines(ctx) if b != name]
+        others = [b for b in baselines(ctx) if b != name]
         if name in ctx.evals and others:
             L += _claim_lines(ctx, t, others)
     return L
 
 
-def _baselines(ctx: ReportContext) -> list[str]:
+def baselines(ctx: ReportContext) -> list[str]:
     """The models DELRec is compared with in the paper's Table II that this run evaluated: the
     teachers, the zero-shot LLM and every method standing for a Table II row."""
     out = [t for t in ctx.teachers if t in ctx.evals] + [n for n in ("zero-shot",) if n in ctx.evals]
@@ -69,23 +69,28 @@ def _baselines(ctx: ReportContext) -> list[str]:
 
 
 def _claim_lines(ctx: ReportContext, t: str, others: list[str]) -> list[str]:
-    name = f"{t}-delrec"
     L = [f"## The paper's claim: DELRec({t}) above every baseline of Table II?", "",
          "Paired tests on the same test samples (HR@1: exact McNemar; NDCG@5: sign-flip permutation); "
-         f"significant: p < {SIGNIFICANT}.", "",
-         "| baseline | HR@1 DELRec − baseline | p | NDCG@5 DELRec − baseline | p | verdict |", "|---|---|---|---|---|---|"]
-    groups = {"above": [], "partly": [], "below": [], "unclear": []}
-    for b in others:
-        v = compare(ctx.evals[name]["ranks"], ctx.evals[b]["ranks"])
-        h, n = v["HR@1"], v["NDCG@5"]
-        verdict, group, on = claim_verdict(v)
-        groups[group].append(ctx.table2_name(b) + (f" (on {on[0]} only)" if group == "below" and len(on) == 1 else ""))
-        L.append(f"| {ctx.table2_name(b)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
-    L += ["", _claim_sentence(t, groups)]
+         f"significant: p < {SIGNIFICANT}.", "", *claim_table(ctx, t, others, ctx.evals)]
     missing = [r for r in TABLE2_LLM_BASELINES
                if not any(r in (m.paper_rows if (m := ctx.method(b)) else ()) for b in others)]
     missing += list(PAPER_TABLE2_NOT_RUN)
     return L + ["", f"Not in this comparison (not run here, or no method of delrec stands for them yet): {', '.join(missing)}.", ""]
+
+
+def claim_table(ctx: ReportContext, t: str, others: list[str], evals: dict) -> list[str]:
+    """The paired tests of DELRec(t) against each of `others` on the ranks in `evals` (the
+    15-candidate evaluations or the full-catalogue ones), and the sentence that sums them up."""
+    name = f"{t}-delrec"
+    L = ["| baseline | HR@1 DELRec − baseline | p | NDCG@5 DELRec − baseline | p | verdict |", "|---|---|---|---|---|---|"]
+    groups = {"above": [], "partly": [], "below": [], "unclear": []}
+    for b in others:
+        v = compare(evals[name]["ranks"], evals[b]["ranks"])
+        h, n = v["HR@1"], v["NDCG@5"]
+        verdict, group, on = claim_verdict(v)
+        groups[group].append(ctx.table2_name(b) + (f" (on {on[0]} only)" if group == "below" and len(on) == 1 else ""))
+        L.append(f"| {ctx.table2_name(b)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
+    return L + ["", _claim_sentence(t, groups)]
 
 
 def _claim_sentence(t: str, groups: dict[str, list[str]]) -> str:

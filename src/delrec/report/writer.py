@@ -8,7 +8,8 @@ time without retraining anything.
 `write_report` loads what the sections share once (delrec.report.context.ReportContext) and writes
 one section after another, each a `*_section(ctx)` function returning its Markdown lines: the goal
 (DELRec against its teacher, paired tests; here), a Table II-style block with the paper's numbers
-beside ours, the paper's claim, the ablations (Tables III-IV), the cold-start slice and case
+beside ours, the paper's claim, the same over the whole catalogue and in other candidate orders
+(delrec.report.robustness), the ablations (Tables III-IV), the cold-start slice and case
 studies (delrec.report.results); each model's cost, other attempts, stage-1 accuracy, training
 curves and budgets (delrec.report.training, figures in delrec.report.figures); settings, steps,
 data and protocol, and the environment (here). The paper's numbers are in
@@ -28,6 +29,7 @@ from delrec.core.io import atomic_path
 from delrec.core.locks import holds_run_lock
 from delrec.evaluation.significance import compare
 from delrec.report.context import ReportContext
+from delrec.report.robustness import full_catalogue_section, order_section
 from delrec.report.results import ablations_section, case_studies_section, claim_section, cold_start_section, paired_table, results_section
 from delrec.report.training import attempts_section, budgets_section, costs_section, curves_section, stage1_section
 
@@ -40,7 +42,8 @@ def write_report(run: str | Path, config=None) -> Path:
     pipeline.json, data, stage folders and evaluations): `delrec report RUN` writes it again.
     `config`: the run's PipelineConfig when the caller has it (default: read from the folder)."""
     ctx = ReportContext.load(Path(run), config)
-    sections = (_title_section, _goal_section, results_section, claim_section, costs_section, ablations_section,
+    sections = (_title_section, _goal_section, results_section, claim_section, full_catalogue_section, order_section,
+                costs_section, ablations_section,
                 attempts_section, stage1_section, curves_section, cold_start_section, case_studies_section,
                 budgets_section, _settings_section, _steps_section, _data_section, _environment_section)
     lines = [line for section in sections for line in section(ctx)]

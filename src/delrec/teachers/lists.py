@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from delrec.core.layout import RunLayout
-from delrec.data.store import RunData
+from delrec.data.store import CandidateView, RunData
 from delrec.teachers.trained import load_teacher
 
 # the teacher lists stored per sample (topk.parquet) and read by stage 1's RPS prompts: the paper's h
@@ -70,6 +70,8 @@ class TeacherTop:
     def lists(self, data, rows: np.ndarray) -> np.ndarray:
         """[len(rows), size] item indices of the teacher's top list of each row of `data`."""
         rows = np.asarray(rows)
+        if isinstance(data, CandidateView) and self._is_the_run(data.base):  # the run's samples, other candidates
+            return self.stored.topk[data.base_rows[rows], : self.size]
         if self._is_the_run(data):
             return self.stored.topk[rows, : self.size]
         return self._from_history(data.history[rows])

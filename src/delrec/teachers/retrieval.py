@@ -4,9 +4,10 @@ them; items not retrieved rank below every retrieved one (LlamaRec counts such a
 
 On the fixed 15 candidates of the `paper` protocol the candidates are given, and the retrieval
 stage is their order: `TeacherOrder` lists them in the retriever's (the teacher's) order, best
-first, as LlamaRec lists its retrieved items. `RetrieveThenRank.score_all` is the two-stage use
-over the whole catalogue, which `delrec evaluate --full-ranking` (and the `loo` protocol, whose
-models are compared by full ranking) calls.
+first, as LlamaRec lists its retrieved items. `RetrieveThenRank` is the two-stage use over the
+whole catalogue (its rules: delrec.evaluation.two_stage), which `delrec evaluate --full-ranking`,
+the `loo` protocol (whose models are compared by full ranking) and `delrec run`'s `full_ranking:`
+evaluation of every LLM model use.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 
 from delrec.core.layout import RunLayout
+from delrec.data.store import CandidateView
+from delrec.evaluation.two_stage import DEFAULT_RETRIEVE, listing_order, retrieve_top, two_stage_ranks
 from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
 
-LLAMAREC_RETRIEVE = 20  # LlamaRec's retrieval size
+LLAMAREC_RETRIEVE = DEFAULT_RETRIEVE  # LlamaRec's retrieval size
 
 
 class TeacherOrder:
@@ -63,38 +66,25 @@ class RetrieveThenRank:
     def score_candidates(self, data, rows: np.ndarray):
         return self.ranker.score_candidates(data, rows)
 
-    @torch.no_grad()
-    def score_all(self, data, rows: np.ndarray) -> torch.Tensor:
-        """[len(rows), num_items + 1]: the LLM's scores of the retrieved items, -inf elsewhere."""
+    def _retriever_scorer(self):
         if self._retriever is None:
             self._retriever = self._make_retriever()
+        return self._retriever
+
+    @torch.no_grad()
+    def score_all(self, data, rows: np.ndarray) -> torch.Tensor:
+        """[len(rows), num_items + 1]: the LLM's scores of the retrieved items (listed to it as in
+        evaluation.two_stage), -inf elsewhere."""
         rows = np.asarray(rows)
-        scores = torch.as_tensor(self._retriever.score_all(data, rows), dtype=torch.float32).clone()
-        scores[:, 0] = float("-inf")  # padding
-        seen_row, seen_item = data.seen_items(rows)
-        scores[torch.as_tensor(seen_row), torch.as_tensor(seen_item)] = float("-inf")  # never what the user has seen
-        k = min(self.retrieve, data.num_items - 1)
-        top = scores.topk(k, dim=1).indices  # the retriever's order: the LLM sees them as listed
-        ranked = torch.as_tensor(self.ranker.score_candidates(_WithCandidates(data, rows, top.numpy()), np.arange(len(rows))))
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, top, ranked.float())
+        top = retrieve_top(self._retriever_scorer(), data, rows, min(self.retrieve, data.num_items - 1))
+        listing = listing_order(data.sample_id[rows], top.shape[1])
+        listed = np.take_along_axis(top, listing, axis=1)
+        ranked = torch.as_tensor(self.ranker.score_candidates(CandidateView(data, rows, listed), np.arange(len(rows))))
+        out = torch.full((len(rows), data.num_items + 1), float("-inf"))
+        out.scatter_(1, torch.as_tensor(listed), ranked.float())
         return out
 
-
-class _WithCandidates:
-    """`rows` of a run's samples with other candidates (the retrieved items), in the shape the
-    scorers read (row-indexed arrays sliced, the rest of the data as it is)."""
-
-    _PER_ROW = ("history", "history_len", "target", "user_idx", "sample_id", "position", "split")
-
-    def __init__(self, data, rows: np.ndarray, candidates: np.ndarray):
-        self._data = data
-        for name in self._PER_ROW:
-            if hasattr(data, name):
-                setattr(self, name, np.asarray(getattr(data, name))[rows])
-        self.candidates = np.asarray(candidates, dtype=np.int64)
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._data, name)
+    def two_stage_ranks(self, data, rows: np.ndarray) -> np.ndarray:
+        """The target's rank over the catalogue by evaluation.two_stage (ties broken by the
+        retriever's order); what `full_ranks` uses for this scorer."""
+        return two_stage_ranks(self.ranker, self._retriever_scorer(), data, rows, self.retrieve)[0]
