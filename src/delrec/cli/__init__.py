@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         # expected failures (bad input, missing files) end with one clear line, not a traceback
         if args.verbose:
             raise

@@ -220,6 +220,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"-> {write_report(run)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """One trained model of a run as a folder to share (delrec.serving.bundle)."""
+    from delrec.serving.bundle import export_model
+
+    out = export_model(args.run, args.model, args.out)
+    print(f"-> {out}: load it with Recommender.from_pretrained({str(out)!r}), or upload the folder to the Hugging Face Hub")
+
+
 def cmd_recommend(args: argparse.Namespace) -> None:
     """Rank candidates for one history with the LLM, through the Python API (delrec.serving.recommender):
     the same checks (unknown titles with the closest ones, duplicates, candidates already in the

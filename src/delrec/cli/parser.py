@@ -20,6 +20,7 @@ from delrec.cli.commands import (
     cmd_data_prepare,
     cmd_distill,
     cmd_evaluate,
+    cmd_export,
     cmd_finetune,
     cmd_recommend,
     cmd_report,
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN/report.md again from the files of a `delrec run` folder")
     p.add_argument("run", help="the run folder (its config.yaml, pipeline.json, stage folders and evaluations)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="one trained model of a run as a self-contained folder to share (Hugging Face conventions)")
+    p.add_argument("run", help="the run folder")
+    p.add_argument("--model", default="sasrec-delrec", help="a teacher or a stage-2 model of the run (default: sasrec-delrec)")
+    p.add_argument("out", help="the folder to write (must not exist)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score models on the fixed candidates and print a table")
     p.add_argument("--run", required=True)

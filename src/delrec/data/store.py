@@ -179,6 +179,27 @@ class RunData:
             stats=read_json(data_dir / "stats.json"),
         )
 
+    @classmethod
+    def catalogue_only(cls, data_dir: str | Path, num_users: int) -> RunData:
+        """The protocol and the items of a data folder without any sample: what a trained model
+        needs to answer requests (an exported bundle, delrec.serving.bundle, carries only
+        protocol.json, items.parquet and stats.json). `num_users`: the users its teacher was built for."""
+        data_dir = Path(data_dir)
+        for name in ("protocol.json", "items.parquet"):
+            if not (data_dir / name).exists():
+                raise FileNotFoundError(f"{data_dir} lacks {name}: not the data of a run or a bundle")
+        proto = read_json(data_dir / "protocol.json")["protocol"]
+        proto["split_ratio"] = tuple(proto["split_ratio"])
+        config = ProtocolConfig(**proto)
+        items = read_parquet(data_dir / "items.parquet").to_pandas()
+        none = np.zeros(0, dtype=np.int64)
+        stats = read_json(data_dir / "stats.json") if (data_dir / "stats.json").exists() else {}
+        return cls(config=config, items=items, num_items=len(items), num_users=int(num_users), sample_id=none,
+                   user_idx=none, position=none, history=np.zeros((0, config.max_history), dtype=np.int64),
+                   history_len=none, target=none, timestamp=none, split=np.zeros(0, dtype=np.int8),
+                   candidates=np.zeros((0, config.num_candidates), dtype=np.int64),
+                   user_start=np.zeros(int(num_users) + 1, dtype=np.int64), user_items=none, stats=stats)
+
     def indices(self, split: str) -> np.ndarray:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")

@@ -40,6 +40,8 @@ from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.data.store import RunData
 from delrec.data.titles import base_title, clean_title, disambiguate_titles, normalize_title, title_key
+from delrec.llm.backbone import Backbone
+from delrec.serving.bundle import bundle_data, fetch_bundle, load_bundle
 from delrec.serving.scorers import make_scorer
 from delrec.teachers.trained import load_teacher
 
@@ -129,6 +131,27 @@ class Recommender:
         own = ModelName.parse(model).teacher
         teacher = teacher or (own if own in trained else trained[0] if trained else None)
         return cls(run, data, scorer, model, teacher, device, num_candidates, max_candidates)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, *, revision: str | None = None, device: str = "auto",
+                        dtype: str = "auto", batch_size: int = 8, num_candidates: int | None = None,
+                        max_candidates: int = 50) -> Recommender:
+        """A model exported by `delrec export` (delrec.serving.bundle): a local folder, or a
+        Hugging Face Hub repository id (`revision`: its branch, tag or commit; needs internet).
+        Every file is checked against the SHA-256 the bundle lists before anything is loaded;
+        it then ranks exactly as `from_run` did on the run it came from."""
+        local = Path(path_or_repo)
+        root, manifest = load_bundle(local if local.exists() else fetch_bundle(str(path_or_repo), revision))
+        data = bundle_data(root, manifest)
+        backbone, named = None, manifest["backbone"]
+        if named:  # the LLM the stage-2 model runs on: the bundle's own folder, or a Hub or offline name
+            backbone = Backbone.load(root / named["folder"] if "folder" in named else named["name"], device=device, dtype=dtype)
+            if "folder" in named:  # the very model it was trained with (its files checked): known by that name
+                backbone.name = named["trained_from"]
+        templates = (manifest.get("run_config") or {}).get("templates")
+        scorer = make_scorer(root, data, manifest["model"], dtype=dtype, device=device, batch_size=batch_size, progress=False,
+                             template_overrides=templates, backbone=backbone)
+        return cls(root, data, scorer, manifest["model"], manifest["teacher"], device, num_candidates, max_candidates)
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -31,7 +31,10 @@ class TeacherLists:
 
     @classmethod
     def load(cls, run_dir: str | Path, teacher: str, data: RunData, top_h: int | None = None) -> TeacherLists:
-        """`top_h`: the width the caller will use; more than the stored lists hold is an error."""
+        """`top_h`: the width the caller will use; more than the stored lists hold is an error.
+        Data without samples (RunData.catalogue_only: an exported model) has no lists to load."""
+        if len(data.sample_id) == 0:
+            return cls(np.zeros((0, top_h or DEFAULT_TOP_H), dtype=np.int64), teacher)
         path = RunLayout(Path(run_dir)).teacher(teacher) / "topk.parquet"
         if not path.exists():
             raise FileNotFoundError(f"no top-h lists at {path}; run `delrec teacher train --model {teacher}` first")
