@@ -15,10 +15,11 @@ from delrec.training import teacher as train_mod
 from delrec.training.teacher import train_teacher
 
 # Small epochs budgets keep the suite fast; the rule is easy enough to learn within them.
-FAST = {"sasrec": dict(max_epochs=15), "gru4rec": dict(max_epochs=15, lr=0.1), "caser": dict(max_epochs=15)}
+FAST = {"sasrec": dict(max_epochs=15), "gru4rec": dict(max_epochs=15, lr=0.1), "caser": dict(max_epochs=15),
+        "bert4rec": dict(max_epochs=15, lr=5e-3)}
 
 
-@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "caser"])
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "caser", "bert4rec"])
 def test_teacher_learns_the_sequential_rule(rule_run, model):
     run, data = rule_run
     result = train_teacher(run, default_config(model, **FAST[model], patience=100), device="cpu", progress=False)
@@ -52,8 +53,9 @@ def test_topk_lists(rule_run):
     assert cand_scores.shape == data.candidates.shape
 
 
-def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = default_config("sasrec", max_epochs=4, patience=100)
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])  # (BERT4Rec draws its masks from the restored RNG)
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, model):
+    cfg = default_config(model, max_epochs=4, patience=100)
     ref_run, _ = make_run(tmp_path / "ref", random_dataset)
     reference = train_teacher(ref_run, cfg, device="cpu", progress=False).metrics
 
@@ -70,15 +72,15 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "_valid_score", crash_on_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(crash_run, cfg, device="cpu", progress=False)
-    assert (crash_run / "teachers" / "sasrec" / "checkpoint.pt").exists()
-    assert not (crash_run / "teachers" / "sasrec" / "metrics.json").exists()
+    assert (crash_run / "teachers" / model / "checkpoint.pt").exists()
+    assert not (crash_run / "teachers" / model / "metrics.json").exists()
     monkeypatch.setattr(train_mod, "_valid_score", real_valid_score)
 
     resumed = train_teacher(crash_run, cfg, device="cpu", progress=False).metrics
     assert resumed["test"] == reference["test"]
     assert resumed["best_epoch"] == reference["best_epoch"]
-    log = [json.loads(line) for line in (crash_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(line) for line in (ref_run / "teachers" / "sasrec" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (crash_run / "teachers" / model / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(line) for line in (ref_run / "teachers" / model / "train_log.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in log] == [e["loss"] for e in ref_log]
 
 
@@ -98,7 +100,8 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path, monkeypatch):
         train_teacher(run, default_config("sasrec", max_epochs=3, lr=0.5), device="cpu", progress=False)
 
 
-def test_test_split_never_influences_training(tmp_path):
+@pytest.mark.parametrize("model", ["gru4rec", "bert4rec"])
+def test_test_split_never_influences_training(tmp_path, model):
     """Scramble every test sample's target and candidates: training must not notice."""
     from conftest import sequential_rule_dataset
 
@@ -116,11 +119,11 @@ def test_test_split_never_influences_training(tmp_path):
     )
     write(prepared, tmp_path / "b" / "data")
 
-    cfg = default_config("gru4rec", max_epochs=3, patience=100)
+    cfg = default_config(model, max_epochs=3, patience=100)
     logs = []
     for run in ("a", "b"):
         train_teacher(tmp_path / run, cfg, device="cpu", progress=False)
-        logs.append((tmp_path / run / "teachers" / "gru4rec" / "train_log.jsonl").read_text())
+        logs.append((tmp_path / run / "teachers" / model / "train_log.jsonl").read_text())
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
     assert strip(logs[0]) == strip(logs[1])
 

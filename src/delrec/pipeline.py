@@ -47,6 +47,7 @@ from delrec.evaluation.orders import order_outcomes, order_summary
 from delrec.evaluation.two_stage import two_stage_ranks
 from delrec.report.writer import write_report
 from delrec.serving.scorers import make_scorer
+from delrec.teachers import MODELS as TEACHERS
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import stored_top_h
@@ -170,7 +171,8 @@ class Pipeline:
 
     def teachers(self) -> None:
         for name in self.config.teachers:
-            tc = default_config(name, **self.config.teacher)
+            own = {"llm": self.config.llm} if getattr(TEACHERS.get(name), "init_from_llm", False) else {}  # LLM2BERT4Rec
+            tc = default_config(name, **{**self.config.teacher, **own})
             out = self.layout.teacher(name)
             done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
                 stored_top_h(out / "topk.parquet") == self.config.top_h and \

@@ -29,8 +29,8 @@ from delrec.core.io import atomic_path
 from delrec.core.locks import holds_run_lock
 from delrec.evaluation.significance import compare
 from delrec.report.context import ReportContext
-from delrec.report.robustness import full_catalogue_section, order_section
 from delrec.report.results import ablations_section, case_studies_section, claim_section, cold_start_section, paired_table, results_section
+from delrec.report.robustness import full_catalogue_section, order_section
 from delrec.report.training import attempts_section, budgets_section, costs_section, curves_section, stage1_section
 
 __all__ = ["format_paper_statistics", "format_steps", "write_report"]

@@ -1,11 +1,13 @@
 """Conventional sequential recommenders used as DELRec teachers."""
 
 from delrec.teachers.base import SequentialRecommender, TeacherConfig
+from delrec.teachers.bert4rec import BERT4Rec, LLM2BERT4Rec
 from delrec.teachers.caser import Caser
 from delrec.teachers.gru4rec import GRU4Rec
 from delrec.teachers.sasrec import SASRec
 
-MODELS: dict[str, type[SequentialRecommender]] = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser}
+MODELS: dict[str, type[SequentialRecommender]] = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser,
+                                                  "bert4rec": BERT4Rec, "llm2bert4rec": LLM2BERT4Rec}
 
 # The paper's settings (Section V-A3); everything not named there keeps TeacherConfig's default.
 PAPER_SETTINGS: dict[str, dict] = {
@@ -14,6 +16,13 @@ PAPER_SETTINGS: dict[str, dict] = {
     "sasrec": dict(dim=100, num_blocks=2, optimizer="adam", lr=1e-3, dropout=0.5, batch_size=128, max_epochs=12),
     "caser": dict(dim=100, num_h_filters=16, optimizer="adam", lr=1e-3, dropout=0.4, batch_size=128),
     "gru4rec": dict(dim=64, optimizer="adagrad", lr=0.01, dropout=0.3, batch_size=50),
+    # not teachers in the paper: BERT4Rec's own settings (Sun et al.: 2 blocks, 2 heads, dim 64,
+    # dropout 0.1, Adam 1e-3) with SASRec's epoch budget; LLM2BERT4Rec is the same model with
+    # LLM-initialised item embeddings (Table II's LLM2BERT4Rec row)
+    "bert4rec": dict(dim=64, num_blocks=2, num_heads=2, optimizer="adam", lr=1e-3, dropout=0.1, batch_size=128,
+                     max_epochs=20, mask_prob=0.2),
+    "llm2bert4rec": dict(dim=64, num_blocks=2, num_heads=2, optimizer="adam", lr=1e-3, dropout=0.1, batch_size=128,
+                         max_epochs=20, mask_prob=0.2),
 }
 
 
@@ -30,4 +39,4 @@ def build_model(config: TeacherConfig, num_items: int, num_users: int, max_len: 
     return MODELS[config.model](num_items, num_users, max_len, config)
 
 
-__all__ = ["MODELS", "PAPER_SETTINGS", "SequentialRecommender", "TeacherConfig", "build_model", "default_config"]
+__all__ = ["BERT4Rec", "LLM2BERT4Rec", "MODELS", "PAPER_SETTINGS", "SequentialRecommender", "TeacherConfig", "build_model", "default_config"]

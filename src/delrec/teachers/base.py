@@ -44,6 +44,11 @@ class TeacherConfig:
     num_h_filters: int = 16
     num_v_filters: int = 4
     use_user_embedding: bool = True
+    # BERT4Rec: the share of items masked in each training sequence (the target always is)
+    mask_prob: float = 0.2
+    # LLM2BERT4Rec: the LLM whose title embeddings, reduced by PCA, start the item embeddings
+    # (a `delrec run` sets the run's `llm`; default: delrec.llm.backbone.DEFAULT_MODEL)
+    llm: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,3 +115,13 @@ class SequentialRecommender(nn.Module):
     def loss(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the whole catalogue (beats BCE with one sampled negative)."""
         return F.cross_entropy(self.score_all(history, users), target)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Transformer teachers' initialisation: normal(0, 0.02) weights, zero biases and padding row."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()

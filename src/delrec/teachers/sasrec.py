@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from delrec.teachers.base import Dropout, SequentialRecommender, TeacherConfig
+from delrec.teachers.base import Dropout, SequentialRecommender, TeacherConfig, init_weights
 
 
 class _Block(nn.Module):
@@ -52,7 +52,7 @@ class SASRec(SequentialRecommender):
         self.input_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config.dim, config.num_heads, config.dropout) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.dim)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def encode(self, history: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         B, L = history.shape
@@ -68,11 +68,3 @@ class SASRec(SequentialRecommender):
             x = block(x, mask, last_only=i == len(self.blocks) - 1)
         return self.final_norm(x[:, -1])  # the most recent position summarises the history
 
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()

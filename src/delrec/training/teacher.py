@@ -26,6 +26,7 @@ from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
 from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
+from delrec.llm.item_init import pca_title_embeddings
 from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
 from delrec.teachers.lists import DEFAULT_TOP_H
 from delrec.teachers.trained import TeacherScorer, pick_device, save_teacher, write_topk
@@ -110,6 +111,10 @@ class TeacherStage(Stage):
         np.random.seed(config.seed)
         random.seed(config.seed)
         self.model = build_model(config, self.data.num_items, self.data.num_users, self.data.config.max_history).to(device)
+        if getattr(self.model, "init_from_llm", False):  # LLM2BERT4Rec: item embeddings from the LLM's titles
+            with torch.no_grad():
+                self.model.item_embedding.weight[1 : self.data.num_items + 1] = pca_title_embeddings(
+                    self.data, config.llm, config.dim).to(device)
         self.loss_module = self.dist.prepare(TeacherLoss(self.model), shard=False)  # small: replicated even under FSDP
         if self.dist.enabled:
             # the same initial weights everywhere (DDP broadcasts them), different dropout masks
