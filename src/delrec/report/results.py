@@ -8,7 +8,13 @@ import numpy as np
 from delrec.evaluation.significance import compare, per_sample
 from delrec.report.context import ReportContext
 from delrec.report.inputs import run_scorer
-from delrec.report.paper_numbers import METRICS, PAPER_TABLE2_ML100K, PAPER_TABLE2_NOT_RUN, TABLE2_LLM_BASELINES
+from delrec.report.paper_numbers import (
+    METRICS,
+    PAPER_TABLE2_ML100K,
+    PAPER_TABLE2_NOT_RUN,
+    TABLE2_LLM_BASELINES,
+    TABLE2_TEACHER_ROWS,
+)
 
 SIGNIFICANT = 0.05
 
@@ -74,6 +80,7 @@ def _claim_lines(ctx: ReportContext, t: str, others: list[str]) -> list[str]:
          f"significant: p < {SIGNIFICANT}.", "", *claim_table(ctx, t, others, ctx.evals)]
     missing = [r for r in TABLE2_LLM_BASELINES
                if not any(r in (m.paper_rows if (m := ctx.method(b)) else ()) for b in others)]
+    missing += [row for teacher, row in TABLE2_TEACHER_ROWS.items() if teacher not in others]
     missing += list(PAPER_TABLE2_NOT_RUN)
     return L + ["", f"Not in this comparison (not run here, or no method of delrec stands for them yet): {', '.join(missing)}.", ""]
 
