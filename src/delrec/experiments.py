@@ -227,12 +227,13 @@ class Experiment:
         for name, source in config.models():
             if source is not None and Path(source).parent.parent.name != RunLayout.TEACHERS:
                 continue  # a stage-1 or stage-2 model: it depends on the swept settings
-            src, dst = RunLayout(donor.folder).pipeline_eval(name), RunLayout(point.folder).pipeline_eval(name)
-            if src.exists() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(dst) as tmp:
-                    shutil.copyfile(src, tmp)
-                copied += 1
+            for kind in (None, *RunLayout.EVAL_KINDS):  # (and its full-catalogue and other-order evaluations)
+                src, dst = RunLayout(donor.folder).pipeline_eval(name, kind), RunLayout(point.folder).pipeline_eval(name, kind)
+                if src.exists() and not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(dst) as tmp:
+                        shutil.copyfile(src, tmp)
+                    copied += kind is None
         return copied
 
     # -- running -----------------------------------------------------------------------------

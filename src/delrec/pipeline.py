@@ -2,8 +2,9 @@
 
 Steps: data (fetch + prepare) -> teacher:<t> -> distill:<t> (and stage-1 ablations) ->
 finetune:<t>-<method> -> eval:<model> (every model on one fixed seeded subset of test samples)
-[-> eval-full:<model> (over the whole catalogue, config `full_ranking:`) -> eval-orders:<model>
-(the LLM models with their candidates in other orders, `candidate_orders:`)] -> report. A step whose outputs exist and were made with the same settings is skipped, so running
+[-> eval-full:<model> (over the whole catalogue, when the config has `full_ranking:`)
+-> eval-orders:<model> (the LLM models with their candidates in other orders, `candidate_orders:`)]
+-> report. A step whose outputs exist and were made with the same settings is skipped, so running
 the same command again after an interruption continues where it stopped (the training stages
 also resume from their own checkpoints). A changed setting reruns that step and every step that
 depends on it.
