@@ -55,3 +55,14 @@ def test_llm2bert4rec_learns_the_rule_and_reads_no_later_split(tmp_path, llm):
     # its start reads titles only: scrambling every test target changes nothing before training
     data.target[data.indices("test")] = np.roll(data.target[data.indices("test")], 1)
     assert torch.equal(pca_title_embeddings(data, llm, 16), pca_title_embeddings(make_run(tmp_path / "b")[1], llm, 16))
+
+
+def test_delrec_run_gives_llm2bert4rec_the_runs_llm(tmp_path, monkeypatch):
+    from delrec import pipeline as pipeline_mod
+    from delrec.config import PipelineConfig
+
+    trained = []
+    monkeypatch.setattr(pipeline_mod, "train_teacher", lambda run, tc, **kwargs: trained.append(tc))
+    config = PipelineConfig(run_dir=str(tmp_path), teachers=["sasrec", "llm2bert4rec"], llm="my-llm", methods=["delrec"])
+    pipeline_mod.Pipeline(config, progress=False).teachers()
+    assert [(c.model, c.llm) for c in trained] == [("sasrec", None), ("llm2bert4rec", "my-llm")]
