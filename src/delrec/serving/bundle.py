@@ -62,12 +62,14 @@ def export_model(run: str | Path, model: str, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        copies = [(layout.data / n, f"data/{n}") for n in ("items.parquet", "protocol.json", "stats.json")]
-        copies += [(layout.teacher(teacher) / n, f"teachers/{teacher}/{n}") for n in ("model.safetensors", "config.json", "metrics.json")]
-        backbone = None
-        if teacher != model:  # a stage-2 model: its folder and the LLM it runs on
-            copies += _stage2_files(stage2, model)
-            backbone = _backbone_entry(read_json(stage2 / "config.json")["llm"], run, copies)
+        # the run's own files keep their place in the run's layout
+        files = [layout.data / n for n in ("items.parquet", "protocol.json", "stats.json")]
+        files += [layout.teacher(teacher) / n for n in ("model.safetensors", "config.json", "metrics.json")]
+        backbone, backbone_files = None, []
+        if teacher != model:  # a stage-2 model: its folder, and the LLM it runs on
+            files += _stage2_files(stage2)
+            backbone, backbone_files = _backbone_entry(read_json(stage2 / "config.json")["llm"], run)
+        copies = [(p, str(p.relative_to(run))) for p in files] + backbone_files
         for src, rel in copies:
             if src.exists():
                 _copy_safe(src, tmp / rel)
@@ -82,22 +84,21 @@ def export_model(run: str | Path, model: str, out: str | Path) -> Path:
     return out
 
 
-def _stage2_files(stage2: Path, model: str) -> list[tuple[Path, str]]:
-    files = [(stage2 / n, f"finetune/{model}/{n}") for n in STAGE2_FILES]
-    files += [(p, f"finetune/{model}/adapter/{p.name}") for p in sorted((stage2 / "adapter").iterdir()) if p.is_file()]
+def _stage2_files(stage2: Path) -> list[Path]:
+    files = [stage2 / n for n in STAGE2_FILES]
+    files += [p for p in sorted((stage2 / "adapter").iterdir()) if p.is_file()]
     # what a method trained beside the adapter (LLaRA's projector): the folder's other safetensors
-    files += [(p, f"finetune/{model}/{p.name}") for p in sorted(stage2.glob("*.safetensors")) if p.name not in STAGE2_FILES]
-    return files
+    return files + [p for p in sorted(stage2.glob("*.safetensors")) if p.name not in STAGE2_FILES]
 
 
-def _backbone_entry(llm: str, run: Path, copies: list) -> dict:
+def _backbone_entry(llm: str, run: Path) -> tuple[dict, list[tuple[Path, str]]]:
     """The backbone as config.json names it: a Hub or offline name, or a local model folder
-    (`w UDPSM`'s stage-1 LLM, a user's own model) copied into backbone/."""
+    (`w UDPSM`'s stage-1 LLM, a user's own model) copied into backbone/ (its files, where they go)."""
     folder = Path(resolve_in_run(llm, run))
     if not folder.is_dir():
-        return {"name": llm}
-    copies += [(p, f"backbone/{p.relative_to(folder)}") for p in sorted(folder.rglob("*")) if p.is_file()]
-    return {"folder": "backbone", "trained_from": llm}
+        return {"name": llm}, []
+    files = [(p, f"backbone/{p.relative_to(folder)}") for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {"folder": "backbone", "trained_from": llm}, files
 
 
 def _copy_safe(src: Path, dst: Path) -> None:
@@ -188,7 +189,7 @@ def load_bundle(path: str | Path) -> tuple[Path, dict]:
 
 
 def bundle_data(root: Path, manifest: dict) -> RunData:
-    return RunData.catalogue_only(root / "data", manifest["num_users"])
+    return RunData.catalogue_only(RunLayout(root).data, manifest["num_users"])
 
 
 def fetch_bundle(repo_id: str, revision: str | None = None) -> Path:
