@@ -22,12 +22,12 @@ missing, altered or not listed is refused at load with its name.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from delrec import __version__
 from delrec.config import PipelineConfig
 from delrec.core.io import read_json, write_json
 from delrec.core.layout import RunLayout
@@ -125,7 +125,7 @@ def _manifest(run: Path, model: str, teacher: str, backbone: dict | None) -> dic
         metrics["full_catalogue"] = {"num_samples": f["num_samples"], "retriever": f["retriever"], "retrieve": f["retrieve"],
                                      "two_stage": f["two_stage"], **f["full_ranking"]}
     stage2 = layout.stage2(model) / "config.json"
-    return {"model_type": "delrec", "bundle_format": BUNDLE_FORMAT, "delrec_version": __version__, "model": model,
+    return {"model_type": "delrec", "bundle_format": BUNDLE_FORMAT, "delrec_version": importlib.metadata.version("delrec"), "model": model,
             "teacher": teacher, "method": ModelName.parse(model).method if stage2.exists() else None,
             "backbone": backbone, "num_users": read_json(layout.teacher(teacher) / "config.json")["num_users"],
             "dataset": (config or {}).get("dataset"), "run_config": config,
