@@ -44,8 +44,9 @@ class ReportContext:
         other = {kind: {name: read_json(layout.pipeline_eval(name, kind)) for name in evals
                         if layout.pipeline_eval(name, kind).exists()} for kind in RunLayout.EVAL_KINDS}
         rows = np.asarray(next(iter(evals.values()))["settings"]["rows"]) if evals else np.zeros(0, dtype=int)
-        return cls(run, c, tuple(c.teachers), evals, other["full-catalogue"], other["orders"], RunData.load(layout.data), read_json(layout.data / "stats.json"),
-                   read_json(layout.data / "protocol.json"), PAPER_ML100K if c.dataset == "ml-100k" else {}, rows, steps)
+        return cls(run, c, tuple(c.teachers), evals, other["full-catalogue"], other["orders"], RunData.load(layout.data),
+                   read_json(layout.data / "stats.json"), read_json(layout.data / "protocol.json"),
+                   PAPER_ML100K if c.dataset == "ml-100k" else {}, rows, steps)
 
     @property
     def layout(self) -> RunLayout:
