@@ -14,13 +14,18 @@ from delrec.data.store import CandidateView, RunData
 from delrec.evaluation.metrics import METRIC_NAMES, candidate_outcomes, metrics_from_ranks
 
 
+def seeded_permutations(sample_ids: np.ndarray, width: int, seed: int) -> np.ndarray:
+    """[len(sample_ids), width]: one seeded permutation per sample id, the same for a sample
+    whatever other samples are drawn with it."""
+    if not len(sample_ids):
+        return np.zeros((0, width), dtype=np.int64)
+    return np.stack([np.random.default_rng([seed, int(s)]).permutation(width) for s in sample_ids])
+
+
 def reordered(data: RunData, rows: np.ndarray, seed: int) -> CandidateView:
-    """`rows` with each sample's stored candidates in a seeded order (per sample id, so a sample's
-    order does not depend on which other samples are scored)."""
+    """`rows` with each sample's stored candidates in a seeded order (`seeded_permutations`)."""
     rows = np.asarray(rows)
-    width = data.candidates.shape[1]
-    perms = np.stack([np.random.default_rng([seed, int(s)]).permutation(width) for s in data.sample_id[rows]]) \
-        if len(rows) else np.zeros((0, width), dtype=np.int64)
+    perms = seeded_permutations(data.sample_id[rows], data.candidates.shape[1], seed)
     return CandidateView(data, rows, np.take_along_axis(data.candidates[rows], perms, axis=1))
 
 

@@ -28,6 +28,7 @@ import torch
 from delrec.core import distributed
 from delrec.data.store import CandidateView, RunData
 from delrec.evaluation.metrics import full_catalogue_rows
+from delrec.evaluation.orders import seeded_permutations
 
 DEFAULT_RETRIEVE = 20  # LlamaRec's retrieval size
 LISTING_SEED = 0
@@ -50,10 +51,21 @@ def retrieve_top(retriever, data: RunData, rows: np.ndarray, k: int) -> np.ndarr
     return scores.topk(k, dim=1).indices.numpy()
 
 
-def listing_order(sample_ids: np.ndarray, k: int, seed: int = LISTING_SEED) -> np.ndarray:
-    """[len(sample_ids), k]: a seeded permutation per sample (the same for a sample whatever the batch)."""
-    return np.stack([np.random.default_rng([seed, int(s)]).permutation(k) for s in sample_ids]) if len(sample_ids) \
-        else np.zeros((0, k), dtype=np.int64)
+def listing_order(sample_ids: np.ndarray, k: int) -> np.ndarray:
+    """[len(sample_ids), k]: the order each sample's retrieved items are listed in to the model."""
+    return seeded_permutations(sample_ids, k, LISTING_SEED)
+
+
+def score_retrieved(ranker, retriever, data: RunData, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the retriever's top k items of each row, best first; the ranker's scores of them in that
+    order, float64), the items listed to the ranker in `listing_order`."""
+    top = retrieve_top(retriever, data, rows, k)
+    listing = listing_order(data.sample_id[rows], k)
+    listed = np.take_along_axis(top, listing, axis=1)
+    scores = np.asarray(ranker.score_candidates(CandidateView(data, rows, listed), np.arange(len(rows))), dtype=np.float64)
+    by_retriever = np.empty_like(scores)
+    np.put_along_axis(by_retriever, listing, scores, axis=1)  # back to the retriever's order
+    return top, by_retriever
 
 
 def two_stage_ranks(ranker, retriever, data: RunData, rows: np.ndarray, retrieve: int = DEFAULT_RETRIEVE,
@@ -74,14 +86,9 @@ def two_stage_ranks(ranker, retriever, data: RunData, rows: np.ndarray, retrieve
 
 
 def _block_ranks(ranker, retriever, data: RunData, rows: np.ndarray, k: int) -> np.ndarray:
-    top = retrieve_top(retriever, data, rows, k)  # the retriever's order, best first
-    listing = listing_order(data.sample_id[rows], k)
-    listed = np.take_along_axis(top, listing, axis=1)
-    scores = np.asarray(ranker.score_candidates(CandidateView(data, rows, listed), np.arange(len(rows))), dtype=np.float64)
-    if np.isnan(scores).any():
+    top, by_retriever = score_retrieved(ranker, retriever, data, rows, k)  # the retriever's order, best first
+    if np.isnan(by_retriever).any():
         raise ValueError("scores contain NaN; the model diverged or produced invalid output")
-    by_retriever = np.empty_like(scores)
-    np.put_along_axis(by_retriever, listing, scores, axis=1)  # back to the retriever's order
     order = np.argsort(-by_retriever, axis=1, kind="stable")  # best first; ties keep the retriever's order
     hit = top == data.target[rows][:, None]
     target_col = hit.argmax(axis=1)

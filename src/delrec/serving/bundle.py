@@ -21,15 +21,13 @@ missing, altered or not listed is refused at load with its name.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from delrec.config import PipelineConfig
-from delrec.core.io import read_json, write_json
+from delrec.core.io import atomic_dir, file_sha256, read_json, write_json
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.core.settings import resolve_in_run
@@ -59,28 +57,22 @@ def export_model(run: str | Path, model: str, out: str | Path) -> Path:
                                 "or a stage-2 result (RUN/finetune/<name>/)")
     if not (layout.teacher(teacher) / "model.safetensors").exists():
         raise FileNotFoundError(f"{model}'s teacher {teacher!r} is not trained in {run}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        # the run's own files keep their place in the run's layout
-        files = [layout.data / n for n in ("items.parquet", "protocol.json", "stats.json")]
-        files += [layout.teacher(teacher) / n for n in ("model.safetensors", "config.json", "metrics.json")]
-        backbone, backbone_files = None, []
-        if teacher != model:  # a stage-2 model: its folder, and the LLM it runs on
-            files += _stage2_files(stage2)
-            backbone, backbone_files = _backbone_entry(read_json(stage2 / "config.json")["llm"], run)
-        copies = [(p, str(p.relative_to(run))) for p in files] + backbone_files
+    # the run's own files keep their place in the run's layout
+    files = [layout.data / n for n in ("items.parquet", "protocol.json", "stats.json")]
+    files += [layout.teacher(teacher) / n for n in ("model.safetensors", "config.json", "metrics.json")]
+    backbone, backbone_files = None, []
+    if teacher != model:  # a stage-2 model: its folder, and the LLM it runs on
+        files += _stage2_files(stage2)
+        backbone, backbone_files = _backbone_entry(read_json(stage2 / "config.json")["llm"], run)
+    copies = [(p, str(p.relative_to(run))) for p in files] + backbone_files
+    with atomic_dir(out) as tmp:
         for src, rel in copies:
             if src.exists():
                 _copy_safe(src, tmp / rel)
         manifest = _manifest(run, model, teacher, backbone)
         (tmp / "README.md").write_text(model_card(manifest))
-        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "config.json", manifest)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -179,7 +171,7 @@ def load_bundle(path: str | Path) -> tuple[Path, dict]:
         p = root / rel
         if not p.is_file():
             raise BundleError(f"{root}: {rel} is missing (the bundle lists it)")
-        if _sha256(p) != digest:
+        if file_sha256(p) != digest:
             raise BundleError(f"{root}: {rel} was altered (its SHA-256 differs from the one config.json lists)")
     on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not _hub_metadata(p.relative_to(root))}
     extra = sorted(on_disk - set(manifest["files"]) - {"config.json"})
@@ -204,13 +196,3 @@ def fetch_bundle(repo_id: str, revision: str | None = None) -> Path:
 def _hub_metadata(rel: Path) -> bool:
     """Files git or the Hub add beside a bundle's own (.gitattributes, .cache/)."""
     return rel.parts[0].startswith(".")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from delrec.core.layout import RunLayout
-from delrec.data.store import CandidateView
-from delrec.evaluation.two_stage import DEFAULT_RETRIEVE, listing_order, retrieve_top, two_stage_ranks
+from delrec.evaluation.two_stage import DEFAULT_RETRIEVE, score_retrieved, two_stage_ranks
 from delrec.teachers.trained import TeacherScorer, load_teacher, pick_device
 
 LLAMAREC_RETRIEVE = DEFAULT_RETRIEVE  # LlamaRec's retrieval size
@@ -76,12 +75,9 @@ class RetrieveThenRank:
         """[len(rows), num_items + 1]: the LLM's scores of the retrieved items (listed to it as in
         evaluation.two_stage), -inf elsewhere."""
         rows = np.asarray(rows)
-        top = retrieve_top(self._retriever_scorer(), data, rows, min(self.retrieve, data.num_items - 1))
-        listing = listing_order(data.sample_id[rows], top.shape[1])
-        listed = np.take_along_axis(top, listing, axis=1)
-        ranked = torch.as_tensor(self.ranker.score_candidates(CandidateView(data, rows, listed), np.arange(len(rows))))
+        top, scores = score_retrieved(self.ranker, self._retriever_scorer(), data, rows, min(self.retrieve, data.num_items - 1))
         out = torch.full((len(rows), data.num_items + 1), float("-inf"))
-        out.scatter_(1, torch.as_tensor(listed), ranked.float())
+        out.scatter_(1, torch.as_tensor(top), torch.as_tensor(scores).float())
         return out
 
     def two_stage_ranks(self, data, rows: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from delrec.core.io import file_sha256
+
 log = logging.getLogger("delrec.data.acquisition.download")
 
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte before an attempt fails (urllib's socket timeout)
@@ -273,14 +275,6 @@ def make_readable(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o777 & ~umask)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from delrec.core.io import atomic_dir
+from delrec.core.io import atomic_dir, file_sha256
 from delrec.core.locks import entry_lock
 from delrec.data.acquisition.download import (
     DEFAULT_TIMEOUT,
@@ -37,7 +37,6 @@ from delrec.data.acquisition.download import (
     adopt,
     check,
     download,
-    file_sha256,
     locate_wheel,
     make_readable,
     verify_sha256,
