@@ -19,6 +19,7 @@ from delrec.evaluation.two_stage import DEFAULT_RETRIEVE
 from delrec.llm.backbone import DEFAULT_MODEL
 from delrec.llm.quantize import WEIGHTS
 from delrec.llm.templates import Templates
+from delrec.teachers import MODELS as TEACHER_MODELS
 from delrec.teachers import default_config
 from delrec.teachers.base import TeacherConfig
 from delrec.teachers.lists import DEFAULT_TOP_H
@@ -106,6 +107,10 @@ class PipelineConfig:
             unknown = [t for t in self.method_teachers if t not in self.teachers]
             if unknown:
                 raise ValueError(f"method_teachers: {unknown} are not among the teachers {self.teachers}")
+        listless = [t for t in self.llm_teachers if not getattr(TEACHER_MODELS.get(t), "writes_lists", True)]
+        if listless and self.methods:
+            raise ValueError(f"{listless} cannot teach the LLM methods: a target-aware model stores no top-h lists over the "
+                             "catalogue (teachers/kda.py); list it in `teachers` and the others in `method_teachers`")
         # every section's keys and types, then each class's own checks, before any step runs
         # (kept as plain JSON values: they are written back to RUN/config.yaml)
         for section, cls in SECTIONS.items():

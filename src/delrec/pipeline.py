@@ -172,11 +172,12 @@ class Pipeline:
 
     def teachers(self) -> None:
         for name in self.config.teachers:
-            own = {"llm": self.config.llm} if getattr(TEACHERS.get(name), "init_from_llm", False) else {}  # LLM2BERT4Rec
+            model = TEACHERS.get(name)
+            own = {"llm": self.config.llm} if getattr(model, "reads_llm", False) else {}  # LLM2BERT4Rec, KDALRD
             tc = default_config(name, **{**self.config.teacher, **own})
             out = self.layout.teacher(name)
-            done = (out / "metrics.json").exists() and (out / "topk.parquet").exists() and \
-                stored_top_h(out / "topk.parquet") == self.config.top_h and \
+            lists = (out / "topk.parquet").exists() and stored_top_h(out / "topk.parquet") == self.config.top_h
+            done = (out / "metrics.json").exists() and (lists or not getattr(model, "writes_lists", True)) and \
                 same_identity(TeacherConfig, read_json(out / "config.json")["teacher"], asdict(tc))
             self._step(f"teacher:{name}", done, lambda tc=tc: train_teacher(
                 self.run, tc, device=self.config.device, top_h=self.config.top_h, progress=self.progress))

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("teacher", help="conventional sequential recommenders").add_subparsers(dest="teacher_command", required=True)
     p = teacher.add_parser("train", help="train a teacher and write its checkpoint, top-h lists and metrics")
-    p.add_argument("--model", required=True, help="a teacher of delrec.teachers.MODELS: sasrec, gru4rec, caser, bert4rec, llm2bert4rec (--set llm=NAME: the LLM of its title embeddings)")
+    p.add_argument("--model", required=True, help="a teacher of delrec.teachers.MODELS: sasrec, gru4rec, caser, bert4rec, llm2bert4rec, kda, kdalrd (--set llm=NAME: the LLM of the title embeddings LLM2BERT4Rec and KDALRD read)")
     p.add_argument("--run", required=True)
     p.add_argument("--top-h", type=int, default=DEFAULT_TOP_H, help="length of the teacher's top list stored per sample")
     p.add_argument("--epochs", type=int, help="maximum epochs")

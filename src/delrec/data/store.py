@@ -120,6 +120,7 @@ class RunData:
     user_start: np.ndarray
     user_items: np.ndarray
     stats: dict
+    user_times: np.ndarray | None = None  # each of user_items' timestamps (the models that read time gaps)
 
     @classmethod
     def load(cls, data_dir: str | Path) -> RunData:
@@ -177,6 +178,7 @@ class RunData:
             user_start=user_start,
             user_items=inter.column("item_idx").to_numpy().astype(np.int64),
             stats=read_json(data_dir / "stats.json"),
+            user_times=inter.column("timestamp").to_numpy().astype(np.int64),
         )
 
     @classmethod
@@ -204,6 +206,20 @@ class RunData:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def history_gaps(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), max_history] float seconds from each history item's interaction to the
+        sample's own time (the request's time: what a time-aware model such as KDA reads), aligned
+        with `history` (0 where it is padding)."""
+        if self.user_times is None:
+            raise ValueError("this data has no interaction times (a catalogue without samples)")
+        H = self.history.shape[1]
+        lengths = self.history_len[rows]
+        # history column j of a row holds the user's interaction (position - H + j), when j >= H - length
+        index = (self.user_start[self.user_idx[rows]] + self.position[rows])[:, None] - H + np.arange(H)[None, :]
+        valid = np.arange(H)[None, :] >= (H - lengths)[:, None]
+        times = self.user_times[np.where(valid, index, 0)]
+        return np.where(valid, self.timestamp[rows][:, None] - times, 0).astype(np.float32)
 
     def seen_items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row_in_batch, item) pairs of the items each sample's user interacted with before its
@@ -241,3 +257,6 @@ class CandidateView:
 
     def seen_items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.base.seen_items(self.base_rows[np.asarray(rows)])
+
+    def history_gaps(self, rows: np.ndarray) -> np.ndarray:
+        return self.base.history_gaps(self.base_rows[np.asarray(rows)])

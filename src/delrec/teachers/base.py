@@ -49,6 +49,21 @@ class TeacherConfig:
     # LLM2BERT4Rec: the LLM whose title embeddings, reduced by PCA, start the item embeddings
     # (a `delrec run` sets the run's `llm`; default: delrec.llm.backbone.DEFAULT_MODEL)
     llm: str | None = None
+    # KDA / KDALRD (teachers/kda.py; the LRD authors' names in brackets): sampled negatives per
+    # example [num_neg], the time gap's unit in seconds [t_scalar], the DFT points of the temporal
+    # kernels [n_dft], the knowledge-graph loss weight (-1: triples / interactions) [gamma], the
+    # chance a KG negative replaces the head [neg_head_p], and LRD's latent relations
+    # [latent_relation_num], loss weight [lamda], entropy weight [alpha] and whether the first
+    # relation means "none" [leave_one_latent]
+    num_negatives: int = 1
+    time_scale: float = 60.0
+    dft_points: int = 64
+    kg_weight: float = -1.0
+    neg_head_prob: float = 0.5
+    latent_relations: int = 8
+    lrd_weight: float = 10.0
+    relation_entropy_weight: float = 0.1
+    leave_one_latent: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +101,10 @@ class SequentialRecommender(nn.Module):
     ({teacher}, {item}, {items}, {verb})."""
 
     display_name = ""
+    uses_time_gaps = False  # scored and trained with `gaps=` (seconds from each history item to the request): KDA
+    reads_item_side = False  # built with the items' attributes and text (teachers.kda.ItemSide): KDA
+    reads_llm = False  # its `llm` setting names the run's LLM, whose embeddings it reads (LLM2BERT4Rec, KDALRD)
+    writes_lists = True  # stores its top-h lists over the catalogue (topk.parquet): what a DELRec teacher needs
     model_card = "{teacher} is a sequential recommender: it ranks {items} by what the user {verb} before, most recent last"
 
     def __init__(self, num_items: int, num_users: int, max_len: int, config: TeacherConfig):

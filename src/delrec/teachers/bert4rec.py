@@ -106,3 +106,4 @@ class BERT4Rec(SequentialRecommender):
 class LLM2BERT4Rec(BERT4Rec):
     display_name = "LLM2BERT4Rec"
     init_from_llm = True
+    reads_llm = True

@@ -36,6 +36,9 @@ class TeacherLists:
         if len(data.sample_id) == 0:
             return cls(np.zeros((0, top_h or DEFAULT_TOP_H), dtype=np.int64), teacher)
         path = RunLayout(Path(run_dir)).teacher(teacher) / "topk.parquet"
+        if not path.exists() and path.with_name("metrics.json").exists():
+            raise FileNotFoundError(f"{teacher} stores no top-h lists ({path}): a target-aware model (teachers/kda.py) cannot "
+                                    "be a DELRec teacher; choose another teacher")
         if not path.exists():
             raise FileNotFoundError(f"no top-h lists at {path}; run `delrec teacher train --model {teacher}` first")
         stored = stored_top_h(path)

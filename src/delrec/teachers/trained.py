@@ -36,28 +36,34 @@ class TeacherScorer:
         """Items the model scores (its catalogue; index 0 is padding)."""
         return self.model.output_embeddings().shape[0] - 1
 
-    def _inputs(self, data: RunData, rows: np.ndarray):
+    def _inputs(self, data: RunData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(history, users, keyword inputs): the keywords hold the time gaps of a model that reads them (KDA)."""
         history = torch.as_tensor(data.history[rows][:, -self.model.max_len :], device=self.device)
+        extra = {}
+        if self.model.uses_time_gaps:
+            if not hasattr(data, "history_gaps"):
+                raise ValueError(f"{self.name} reads the time of each history item, which these requests do not carry")
+            extra["gaps"] = torch.as_tensor(data.history_gaps(rows)[:, -self.model.max_len :], device=self.device)
         if getattr(data, "unknown_users", False):  # requests of users the model has not seen (delrec.serving.recommender)
-            return history, None
-        users = torch.as_tensor(data.user_idx[rows], device=self.device)
-        return history, users
+            return history, None, extra
+        return history, torch.as_tensor(data.user_idx[rows], device=self.device), extra
 
     @torch.no_grad()
     def score_candidates(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
-        history, users = self._inputs(data, rows)
+        history, users, extra = self._inputs(data, rows)
         cands = torch.as_tensor(data.candidates[rows], device=self.device)
-        return self.model.score_candidates(history, users, cands).float().cpu()
+        return self.model.score_candidates(history, users, cands, **extra).float().cpu()
 
     @torch.no_grad()
     def score_items(self, data: RunData, rows: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """[len(rows), k] scores of `items` ([len(rows), k] item indices) for each row."""
-        history, users = self._inputs(data, rows)
-        return self.model.score_candidates(history, users, torch.as_tensor(items, device=self.device)).float().cpu()
+        history, users, extra = self._inputs(data, rows)
+        return self.model.score_candidates(history, users, torch.as_tensor(items, device=self.device), **extra).float().cpu()
 
     @torch.no_grad()
     def score_all(self, data: RunData, rows: np.ndarray) -> torch.Tensor:
-        return self.model.score_all(*self._inputs(data, rows)).float().cpu()
+        history, users, extra = self._inputs(data, rows)
+        return self.model.score_all(history, users, **extra).float().cpu()
 
 
 def teacher_topk(scorer: TeacherScorer, data: RunData, rows: np.ndarray, top_h: int,
@@ -114,6 +120,7 @@ def save_teacher(model: SequentialRecommender, out_dir: Path, data: RunData) -> 
             "num_users": model.num_users,
             "max_len": model.max_len,
             "protocol": data.config.name,
+            **({"shapes": model.shapes} if hasattr(model, "shapes") else {}),  # KDA: sizes its item side gave it
         },
     )
 
@@ -135,6 +142,7 @@ def load_teacher(teacher_dir: str | Path, device: str | None = None, data: RunDa
                              f"history {trained[2]}, protocol {trained[3]}) than this run's ({wanted[0]} items, {wanted[1]} "
                              f"users, history {wanted[2]}, protocol {wanted[3]}); train it again")
     config = TeacherConfig.from_dict(meta["teacher"])
-    model = build_model(config, meta["num_items"], meta["num_users"], meta["max_len"])
+    inputs = {"shapes": meta["shapes"]} if "shapes" in meta else {}
+    model = build_model(config, meta["num_items"], meta["num_users"], meta["max_len"], **inputs)
     model.load_state_dict(load_file(str(weights)))
     return model.to(pick_device(device)).eval()

@@ -24,10 +24,12 @@ from torch import nn
 from delrec.core import distributed
 from delrec.core.layout import RunLayout
 from delrec.core.locks import holds_run_lock
+from delrec.data.attributes import read_item_attributes
 from delrec.data.store import RunData
 from delrec.evaluation.metrics import candidate_ranks, evaluate, full_ranks, metrics_from_ranks
-from delrec.llm.item_init import pca_title_embeddings
-from delrec.teachers import SequentialRecommender, TeacherConfig, build_model
+from delrec.llm.item_init import pca_title_embeddings, title_embeddings
+from delrec.teachers import MODELS, SequentialRecommender, TeacherConfig, build_model
+from delrec.teachers.kda import ItemSide
 from delrec.teachers.lists import DEFAULT_TOP_H
 from delrec.teachers.trained import TeacherScorer, pick_device, save_teacher, write_topk
 from delrec.training.folder import StageFolder
@@ -42,8 +44,8 @@ class TeacherLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(history, users, target)
+    def forward(self, history: torch.Tensor, users: torch.Tensor, target: torch.Tensor, **extra) -> torch.Tensor:
+        return self.model.loss(history, users, target, **extra)  # extra: KDA's time gaps
 
 
 def _valid_score(scorer: TeacherScorer, data: RunData) -> float:
@@ -101,6 +103,7 @@ class TeacherStage(Stage):
     def __init__(self, run_dir: Path, config: TeacherConfig, device: torch.device, top_h: int):
         self.dist = distributed.current()
         self.config, self.top_h, self.device = config, top_h, device
+        self.model_class = MODELS.get(config.model)
         self.data = RunData.load(RunLayout(run_dir).data)
         self.folder = StageFolder(RunLayout(run_dir).teacher(config.model), stale=("model.safetensors", "topk.parquet"),
                                   counter="epoch")
@@ -110,7 +113,8 @@ class TeacherStage(Stage):
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.model = build_model(config, self.data.num_items, self.data.num_users, self.data.config.max_history).to(device)
+        self.model = build_model(config, self.data.num_items, self.data.num_users, self.data.config.max_history,
+                                 **self._model_inputs(run_dir)).to(device)
         if getattr(self.model, "init_from_llm", False):  # LLM2BERT4Rec: item embeddings from the LLM's titles
             with torch.no_grad():
                 self.model.item_embedding.weight[1 : self.data.num_items + 1] = pca_title_embeddings(
@@ -126,8 +130,20 @@ class TeacherStage(Stage):
             raise ValueError(f"{run_dir}: the train split is empty")
         self.history, self.users, self.target = (torch.as_tensor(a[self.train_rows], device=device)
                                                  for a in (self.data.history, self.data.user_idx, self.data.target))
+        self.gaps = torch.as_tensor(self.data.history_gaps(self.train_rows), device=device) if self.model.uses_time_gaps else None
         self.generator = torch.Generator().manual_seed(config.seed)  # the order of training samples
         self.best_weights = copy.deepcopy(self.model.state_dict())
+
+    def _model_inputs(self, run_dir: Path) -> dict:
+        """What a model reads besides the sequences: KDA's item attributes (and KDALRD's LLM text embeddings)."""
+        if not getattr(self.model_class, "reads_item_side", False):
+            return {}
+        attributes = read_item_attributes(RunLayout(run_dir).data, self.data.items)
+        text = None
+        if self.model_class.reads_llm:
+            embeddings = title_embeddings(self.data, self.config.llm).numpy()
+            text = np.concatenate([np.zeros_like(embeddings[:1]), embeddings])  # row 0: padding
+        return {"side": ItemSide(attributes, text, num_interactions=len(self.data.user_items))}
 
     def step(self, progress: Progress) -> dict:
         """One epoch over the train split in a seeded order (cut short when the time budget runs out)."""
@@ -143,7 +159,8 @@ class TeacherStage(Stage):
             if len(batch) < dist.world:
                 continue  # a last batch too small to give every process an example
             idx = dist.local_share(batch)
-            loss = self.loss_module(self.history[idx], self.users[idx], self.target[idx])
+            extra = {"gaps": self.gaps[idx]} if self.gaps is not None else {}
+            loss = self.loss_module(self.history[idx], self.users[idx], self.target[idx], **extra)
             self.optimizer.zero_grad(set_to_none=True)
             (loss * dist.loss_scale(len(idx), len(batch))).backward()  # DDP averages over processes
             self.optimizer.step()
@@ -198,13 +215,15 @@ class TeacherStage(Stage):
             "train_seconds": round(progress.elapsed, 2),
             "device": str(self.device),
             "top_h": self.top_h,  # width of topk.parquet: part of the fingerprint later stages check
-            # teachers also get full-ranking metrics
-            "valid": evaluate(self.scorer, self.data, "valid", full_ranking=True),
-            "test": evaluate(self.scorer, self.data, "test", full_ranking=True),
+            # teachers also get full-ranking metrics (not a target-aware model: a pass per item of the
+            # catalogue and sample; the pipeline ranks its test samples over the catalogue, eval-full)
+            "valid": evaluate(self.scorer, self.data, "valid", full_ranking=self.model.writes_lists),
+            "test": evaluate(self.scorer, self.data, "test", full_ranking=self.model.writes_lists),
         }
 
     def write_outputs(self) -> None:
-        write_topk(self.scorer, self.data, self.folder.out / "topk.parquet", self.top_h)
+        if self.model.writes_lists:
+            write_topk(self.scorer, self.data, self.folder.out / "topk.parquet", self.top_h)
         save_teacher(self.model, self.folder.out, self.data)
 
     def config_json(self) -> None:
