@@ -161,12 +161,13 @@ def test_delrec_run_evaluates_over_the_catalogue_and_in_other_orders(tmp_path):
     args = ["run", "--config", str(config), "--quiet", f"run_dir={run}", "teacher.max_epochs=2", "threads=1",
             "distill={soft_tokens: 4, steps: 2, batch_size: 2, valid_samples: 4, eval_every: 1000}",
             "finetune={steps: 2, batch_size: 2, valid_samples: 4, eval_every: 1000}", "methods=[delrec]",
-            "test_samples=8", "eval_batch_size=4", "full_ranking={retrieve: 10}", "candidate_orders=[1]"]
+            "test_samples=8", "eval_batch_size=4", "full_ranking={retrieve: 10}", "candidate_orders=[1]",
+            "teachers=[sasrec, kdalrd]", "method_teachers=[sasrec]"]  # KDALRD: a target-aware row (teachers/kda.py)
     assert main(args) == 0
     layout = run / "eval" / "pipeline"
     full = {p.stem: json.loads(p.read_text()) for p in (layout / "full-catalogue").glob("*.json")}
-    assert set(full) == {"random", "popularity", "sasrec", "zero-shot", "sasrec-delrec"}
-    assert full["sasrec-delrec"]["two_stage"] and not full["sasrec"]["two_stage"]
+    assert set(full) == {"random", "popularity", "sasrec", "kdalrd", "zero-shot", "sasrec-delrec"}
+    assert full["sasrec-delrec"]["two_stage"] and not full["sasrec"]["two_stage"] and not full["kdalrd"]["two_stage"]
     # every two-stage model is capped by the same retrieval: the retriever's recall
     recall = full["sasrec"]["within_retrieve"]
     for name in ("zero-shot", "sasrec-delrec"):
@@ -179,7 +180,9 @@ def test_delrec_run_evaluates_over_the_catalogue_and_in_other_orders(tmp_path):
     report = (run / "report.md").read_text()
     assert "## Over the whole catalogue: sasrec retrieves 10" in report and f"Retriever recall@10 (sasrec): **{recall:.4f}**" in report
     assert "## Order robustness" in report and "DELRec(sasrec) against each baseline over the whole catalogue" in report
+    assert "| kdalrd |" in report and not (run / "teachers" / "kdalrd" / "topk.parquet").exists()
     # a rerun recomputes none of it
     assert main(args) == 0
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step eval-full:sasrec-delrec: done earlier" in log and "step eval-orders:zero-shot: done earlier" in log
+    assert "step teacher:kdalrd: done earlier" in log
