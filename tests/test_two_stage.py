@@ -181,6 +181,7 @@ def test_delrec_run_evaluates_over_the_catalogue_and_in_other_orders(tmp_path):
     assert "## Over the whole catalogue: sasrec retrieves 10" in report and f"Retriever recall@10 (sasrec): **{recall:.4f}**" in report
     assert "## Order robustness" in report and "DELRec(sasrec) against each baseline over the whole catalogue" in report
     assert "| kdalrd |" in report and not (run / "teachers" / "kdalrd" / "topk.parquet").exists()
+    assert "| KDALRD | " in report  # its Table II name in DELRec's paired tests
     # a rerun recomputes none of it
     assert main(args) == 0
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]

@@ -13,7 +13,7 @@ from delrec.core.io import read_json
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.data.store import RunData
-from delrec.report.paper_numbers import PAPER_ML100K
+from delrec.report.paper_numbers import PAPER_ML100K, TABLE2_TEACHER_ROWS
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,12 @@ class ReportContext:
         return {"zero-shot": "zero-shot LLM"}.get(name, name)
 
     def table2_name(self, name: str) -> str:
-        """Its name among Table II's rows: the paper's row names for a baseline method, else its label."""
+        """Its name among Table II's rows: the paper's row names for a baseline method or teacher
+        (LLM2BERT4Rec, KDALRD), else its label."""
         method = self.method(name)
-        return method.table2_label(self.model(name).teacher) if method is not None else self.label(name)
+        if method is None:
+            return TABLE2_TEACHER_ROWS.get(name, self.label(name))
+        return method.table2_label(self.model(name).teacher)
 
 
 # -- the sections, in the report's order ---------------------------------------------------------
