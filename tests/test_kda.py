@@ -154,3 +154,15 @@ def test_data_without_an_attribute_file_gives_kda_only_the_virtual_relation(tmp_
     assert attrs.relations == [] and attrs.values.shape == (data.num_items + 1, 0)
     model = train_teacher(tmp_path, default_config("kda", **{**FAST, "max_epochs": 1}), device="cpu", progress=False).model
     assert model.num_relations == 1
+
+
+def test_a_samples_scores_do_not_depend_on_the_samples_scored_with_it(tmp_path):
+    run, data = _run_with_attributes(tmp_path)
+    model = train_teacher(run, default_config("kda", **{**FAST, "max_epochs": 1}), device="cpu", progress=False).model
+    scorer, rows = TeacherScorer(model, torch.device("cpu")), data.indices("test")[:6]
+    together = scorer.score_candidates(data, rows)
+    alone = torch.cat([scorer.score_candidates(data, rows[i : i + 1]) for i in range(len(rows))])
+    assert torch.allclose(together, alone, atol=1e-5)
+    full = scorer.score_all(data, rows[:2])
+    assert full.shape == (2, data.num_items + 1)  # the catalogue in chunks: the same scores of the candidates
+    assert torch.allclose(full.gather(1, torch.as_tensor(data.candidates[rows[:2]])), together[:2], atol=1e-5)

@@ -61,7 +61,7 @@ class ItemSide:
 def _bpr_softmax(pred: torch.Tensor) -> torch.Tensor:
     """The authors' loss: -log sum_j softmax(neg)_j sigmoid(pos - neg_j) (BPR for one negative)."""
     pos, neg = pred[:, 0], pred[:, 1:]
-    weights = (neg - neg.max()).softmax(dim=1)
+    weights = neg.softmax(dim=1)  # (softmax shifts by the max itself: the authors' "- max" changes nothing)
     return -((pos[:, None] - neg).sigmoid() * weights).sum(dim=1).clamp_min(1e-12).log().mean()
 
 
@@ -153,7 +153,8 @@ class KDA(SequentialRecommender):
         target = self.item_embedding(items)  # [B, C, V]
         relation_target = (self.relation_embedding.weight + self.item_embedding(self.item_values[items])) * target[:, :, None]
         logits = torch.einsum("bhv,bcrv->bchr", his, relation_target)
-        logits = (logits - logits.max()).masked_fill(~valid[:, None, :, None], float("-inf"))
+        logits = logits.masked_fill(~valid[:, None, :, None], float("-inf"))  # (no batch-wide shift: a sample's
+        # scores do not depend on the others scored with it)
         attention = logits.softmax(dim=2).nan_to_num(0.0)  # (a history without items attends to nothing)
         attention = attention * self._decay(gaps).masked_fill(~valid[..., None], 0.0)[:, None]
         x = torch.einsum("bchr,bhv->bcrv", attention, his).reshape(B * C, self.num_relations, -1)
@@ -245,7 +246,7 @@ class KDA(SequentialRecommender):
         text_history = self.project_text(self.item_text[history])
         pair = torch.cat([text_history, text_target[:, None].expand_as(text_history)], dim=-1)
         weights = self.relation_classifier(pair)
-        weights = (weights - weights.max()).softmax(dim=-1)  # [B, H, R]
+        weights = weights.softmax(dim=-1)  # [B, H, R]
         relations, used = self.relation_embedding.weight, weights
         if self.config.leave_one_latent:  # the first relation stands for "no relation" (as the authors')
             relations, used = relations[1:], weights[..., 1:]
