@@ -73,6 +73,34 @@ def rule_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """A tiny Llama saved as a model folder (what an `llm` setting names), once per test module."""
+    from llm_helpers import tiny_llama_backbone
+
+    folder = tmp_path_factory.mktemp("llm")
+    bb = tiny_llama_backbone()
+    bb.model.save_pretrained(folder)
+    bb.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def kill_teacher_training_at_epoch(monkeypatch, epoch: int) -> None:
+    """A simulated kill: the valid evaluation after `epoch` raises KeyboardInterrupt (the
+    checkpoint of the epoch before it is on disk); `monkeypatch.undo()` lets training run again."""
+    from delrec.training import teacher as train_mod
+
+    real, calls = train_mod._valid_score, {"n": 0}
+
+    def valid_score(*args):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "_valid_score", valid_score)
+
+
+@pytest.fixture(scope="module")
 def csv_llm_run(tmp_path_factory):
     """(run folder, tiny LLM folder): a run prepared from CSV files (titles as MovieLens writes them), with a GRU4Rec teacher
     and a tiny LLM saved beside it (the Python API's and the HTTP service's tests)."""

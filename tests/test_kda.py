@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sequential_rule_dataset
+from conftest import kill_teacher_training_at_epoch, sequential_rule_dataset
 from delrec.data.attributes import read_item_attributes, year_bucket
 from delrec.data.protocol import ProtocolConfig, prepare
 from delrec.data.store import RunData, write
@@ -16,9 +16,7 @@ from delrec.evaluation.metrics import evaluate
 from delrec.teachers import default_config
 from delrec.teachers.lists import TeacherLists
 from delrec.teachers.trained import TeacherScorer, load_teacher
-from delrec.training import teacher as train_mod
 from delrec.training.teacher import train_teacher
-from llm_helpers import tiny_llama_backbone
 
 GENRES = ["Action", "Comedy", "Drama", "Children's"]
 
@@ -43,14 +41,6 @@ def _run_with_attributes(root, scramble_test: bool = False):
     write(prepared, root / "data", source={"dataset": "tiny", "format": "recbole-atomic", "items": str(root / "items.item")})
     return root, RunData.load(root / "data")
 
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llm")
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(folder)
-    bb.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 FAST = dict(dim=16, num_heads=2, num_layers=2, max_epochs=12, lr=1e-2, batch_size=64, patience=100, num_negatives=4)
@@ -107,18 +97,10 @@ def test_kdalrd_resumes_exactly_after_a_kill(tmp_path, llm, monkeypatch):
     ref_run, _ = _run_with_attributes(tmp_path / "ref")
     reference = train_teacher(ref_run, cfg, device="cpu", progress=False).metrics
     crash_run, _ = _run_with_attributes(tmp_path / "crash")
-    real, calls = train_mod._valid_score, {"n": 0}
-
-    def crash_on_second_epoch(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args)
-
-    monkeypatch.setattr(train_mod, "_valid_score", crash_on_second_epoch)
+    kill_teacher_training_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(crash_run, cfg, device="cpu", progress=False)
-    monkeypatch.setattr(train_mod, "_valid_score", real)
+    monkeypatch.undo()
     assert train_teacher(crash_run, cfg, device="cpu", progress=False).metrics["test"] == reference["test"]
     logs = [[json.loads(x)["loss"] for x in (r / "teachers" / "kdalrd" / "train_log.jsonl").read_text().splitlines()]
             for r in (ref_run, crash_run)]

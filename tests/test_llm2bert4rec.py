@@ -14,16 +14,6 @@ from delrec.llm.item_init import INIT_STD, pca_title_embeddings
 from delrec.llm.similarity import TitleSimilarityScorer
 from delrec.teachers import default_config
 from delrec.training.teacher import TeacherStage, train_teacher
-from llm_helpers import tiny_llama_backbone
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llm")
-    bb = tiny_llama_backbone()
-    bb.model.save_pretrained(folder)
-    bb.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_the_item_embeddings_start_from_the_pca_of_the_title_embeddings(tmp_path, llm):

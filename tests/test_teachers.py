@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_run, random_dataset
+from conftest import kill_teacher_training_at_epoch, make_run, random_dataset
 from delrec.data.protocol import ProtocolConfig, prepare
 from delrec.data.store import write
 from delrec.evaluation.metrics import evaluate
@@ -60,21 +60,12 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, mode
     reference = train_teacher(ref_run, cfg, device="cpu", progress=False).metrics
 
     crash_run, _ = make_run(tmp_path / "crash", random_dataset)
-    real_valid_score = train_mod._valid_score
-    calls = {"n": 0}
-
-    def crash_on_third_epoch(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_valid_score(*args)
-
-    monkeypatch.setattr(train_mod, "_valid_score", crash_on_third_epoch)
+    kill_teacher_training_at_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(crash_run, cfg, device="cpu", progress=False)
     assert (crash_run / "teachers" / model / "checkpoint.pt").exists()
     assert not (crash_run / "teachers" / model / "metrics.json").exists()
-    monkeypatch.setattr(train_mod, "_valid_score", real_valid_score)
+    monkeypatch.undo()
 
     resumed = train_teacher(crash_run, cfg, device="cpu", progress=False).metrics
     assert resumed["test"] == reference["test"]
