@@ -182,15 +182,19 @@ class KDA(SequentialRecommender):
 
     # -- training ------------------------------------------------------------------------------
 
-    def _random_items(self, shape, avoid: torch.Tensor) -> torch.Tensor:
-        """Uniform items in 1..num_items, drawn again (a few rounds) where they hit `avoid` ([B, k] per row)."""
-        items = torch.randint(1, self.num_items + 1, shape, device=avoid.device)
+    def _draw_items(self, shape, device, rejected) -> torch.Tensor:
+        """Uniform items in 1..num_items, drawn again (a few rounds) where `rejected(items)` is true."""
+        items = torch.randint(1, self.num_items + 1, shape, device=device)
         for _ in range(4):
-            hit = (items[..., None] == avoid[:, None, :]).any(-1)
+            hit = rejected(items)
             if not hit.any():
                 break
-            items = torch.where(hit, torch.randint(1, self.num_items + 1, shape, device=avoid.device), items)
+            items = torch.where(hit, torch.randint(1, self.num_items + 1, shape, device=device), items)
         return items
+
+    def _random_items(self, shape, avoid: torch.Tensor) -> torch.Tensor:
+        """Items not in each row's `avoid` ([B, k] per row), mostly (`_draw_items`)."""
+        return self._draw_items(shape, avoid.device, lambda items: (items[..., None] == avoid[:, None, :]).any(-1))
 
     def loss(self, history, users, target, *, gaps) -> torch.Tensor:
         seen = torch.cat([history, target[:, None]], dim=1)
@@ -202,7 +206,7 @@ class KDA(SequentialRecommender):
             loss = loss + self.config.lrd_weight * self._lrd_loss(history, target, seen)
         return loss
 
-    def _holders(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _holders(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The attribute triples as (item, relation, value) and, per value entity, the items holding
         it (`items_by_value[start[v] : start[v] + count[v]]`); derived from item_values once."""
         if getattr(self, "_holder_cache", None) is None or self._holder_cache[0].device != self.item_values.device:
@@ -224,12 +228,8 @@ class KDA(SequentialRecommender):
         head, rel, val = items[pick], rels[pick], vals[pick]
         tail = items_by_value[start[val] + (torch.rand(n, device=device) * count[val]).long()]  # an item sharing v
         k = self.config.num_negatives
-        other = torch.randint(1, self.num_items + 1, (n, k), device=device)
-        for _ in range(4):  # an item holding the value is not a negative
-            holds = (self.item_values[other] == val[:, None, None]).any(-1)
-            if not holds.any():
-                break
-            other = torch.where(holds, torch.randint(1, self.num_items + 1, (n, k), device=device), other)
+        # an item holding the value is not a negative
+        other = self._draw_items((n, k), device, lambda items: (self.item_values[items] == val[:, None, None]).any(-1))
         swap_head = torch.rand(n, k, device=device) < self.config.neg_head_prob
         heads = torch.cat([head[:, None], torch.where(swap_head, other, head[:, None])], dim=1)
         tails = torch.cat([tail[:, None], torch.where(swap_head, tail[:, None], other)], dim=1)
