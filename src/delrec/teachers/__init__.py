@@ -26,10 +26,10 @@ PAPER_SETTINGS: dict[str, dict] = {
     "llm2bert4rec": dict(dim=64, num_blocks=2, num_heads=2, optimizer="adam", lr=1e-3, dropout=0.1, batch_size=128,
                          max_epochs=20, mask_prob=0.2),
     # Table II's KDALRD and KDA without LRD: the KDA authors' defaults (their KDA.py: emb 64, one
-    # relation self-attention layer, one head; the LRD README ran Office with 5 and 4, 3.3x the
-    # time per batch here), the LRD README's Adam 1e-3, l2 1e-6, random frequency init and LRD
-    # settings (8 latent relations, lamda 10, alpha 0.1), ReChorus's batch 256 and early stop
-    # after 5, and at most 30 epochs (their 200 do not fit a CPU; an epoch of ML-100K is under a minute)
+    # relation self-attention layer, one head; the LRD README ran Office with 5 and 4), the LRD
+    # README's Adam 1e-3, l2 1e-6, random frequency init and LRD settings (8 latent relations,
+    # lamda 10, alpha 0.1), ReChorus's batch 256 and early stop after 5, and at most 30 epochs
+    # (their 200 do not fit a CPU; docs/baselines.md has what an ML-100K epoch cost)
     "kda": dict(dim=64, num_layers=1, num_heads=1, optimizer="adam", lr=1e-3, weight_decay=1e-6, dropout=0.0,
                 batch_size=256, max_epochs=30, patience=5),
     "kdalrd": dict(dim=64, num_layers=1, num_heads=1, optimizer="adam", lr=1e-3, weight_decay=1e-6, dropout=0.0,
