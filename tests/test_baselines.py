@@ -337,19 +337,19 @@ def test_delrec_run_trains_evaluates_and_reports_the_baselines(tmp_path):
     assert evals["sasrec-llmseqsim"]["settings"]["llm"] == str(tmp_path / "llm")  # a new backbone reruns it
     report = (run / "report.md").read_text()
     table2 = report.split("## Results (Table II style)")[1].split("## ")[0]
-    for label in ("LLMSEQPROMPT = w/o SP (sasrec)", "RecRanker / LLM-TRSR (sasrec)", "LlamaRec (sasrec)", "LLMSEQSIM (sasrec)"):
+    for label in ("LLMSEQPROMPT = w/o SP (SASRec)", "RecRanker / LLM-TRSR (SASRec)", "LlamaRec (SASRec)", "LLMSEQSIM (SASRec)"):
         assert f"| {label} |" in table2, label
     ablations = report.split("## Ablations")[1].split("## ")[0]
-    assert "| w/o SP (sasrec) |" in ablations and "LlamaRec" not in ablations
+    assert "| w/o SP (SASRec) |" in ablations and "LlamaRec" not in ablations
     # DELRec against each baseline, paired, with a verdict on the paper's claim and each model's cost
-    claim = report.split("## The paper's claim: DELRec(sasrec) above every baseline of Table II?")[1].split("\n## ")[0]
-    for label in ("sasrec", "LLMSEQPROMPT = w/o SP (sasrec)", "RecRanker / LLM-TRSR (sasrec)", "LlamaRec (sasrec)", "LLMSEQSIM (sasrec)"):
+    claim = report.split("## The paper's claim: DELRec(SASRec) above every baseline of Table II?")[1].split("\n## ")[0]
+    for label in ("SASRec", "LLMSEQPROMPT = w/o SP (SASRec)", "RecRanker / LLM-TRSR (SASRec)", "LlamaRec (SASRec)", "LLMSEQSIM (SASRec)"):
         assert f"\n| {label} | " in claim, label
     assert "**The claim holds here**" in claim or "**The claim does not hold here**" in claim
     assert "Not in this comparison" in claim and "LLaRA" in claim and "KDALRD" in claim
     cost = claim.split("### What each model cost")[1]
-    assert "| DELRec(sasrec) | stage 1: 1 examples per task (shared with the other methods that use it); stage 2: 4 examples |" in cost
-    assert "| LLMSEQSIM (sasrec) | nothing (no training) | 0 |" in cost and "| LlamaRec (sasrec) | stage 2: 4 examples |" in cost
+    assert "| DELRec(SASRec) | stage 1: 1 examples per task (shared with the other methods that use it); stage 2: 4 examples |" in cost
+    assert "| LLMSEQSIM (SASRec) | nothing (no training) | 0 |" in cost and "| LlamaRec (SASRec) | stage 2: 4 examples |" in cost
 
 
 @pytest.mark.parametrize("hr,ndcg,verdict,group,on", [

@@ -68,7 +68,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
         assert section in report, section
     for fig in ("fig-teachers.png", "fig-stage1.png", "fig-stage2.png", "fig-results.png"):
         assert (run / fig).stat().st_size > 1000 and f"]({fig})" in report
-    assert "w/o SP (sasrec)" in report and "zero-shot LLM" in report
+    assert "w/o SP (SASRec)" in report and "zero-shot LLM" in report
     # learning curves: each stage recorded the valid rows it evaluated, and the report drew the
     # reference lines on them; the budgets say what fraction of an epoch each stage saw
     s1 = json.loads((run / "distill" / "sasrec" / "metrics.json").read_text())
@@ -123,7 +123,7 @@ def test_end_to_end_then_skipped_on_rerun(inputs, tmp_path, capsys):
     # the first run, kept as an attempt, is listed in the report with the setting that differs
     shutil.copytree(run, tmp_path / "first")
     assert main(_args(config, run, "finetune.steps=4", "finetune.lr_schedule=linear", f"attempts=[{tmp_path / 'first'}]")) == 0
-    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| first | finetune.steps=3 | DELRec(sasrec) | 12 |"))
+    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| first | finetune.steps=3 | DELRec(SASRec) | 12 |"))
     assert re.search(r"\| \d\.\d{3} -> \d\.\d{3} \|$", row), row  # the attempt's stage-1 RPS accuracy
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step distill:sasrec: done earlier" in log and "step teacher:sasrec: done earlier" in log

@@ -178,9 +178,9 @@ def test_delrec_run_evaluates_over_the_catalogue_and_in_other_orders(tmp_path):
     stored = json.loads((layout / "sasrec-delrec.json").read_text())
     assert orders["sasrec-delrec"]["metrics"]["stored"] == stored["candidates"]
     report = (run / "report.md").read_text()
-    assert "## Over the whole catalogue: sasrec retrieves 10" in report and f"Retriever recall@10 (sasrec): **{recall:.4f}**" in report
-    assert "## Order robustness" in report and "DELRec(sasrec) against each baseline over the whole catalogue" in report
-    assert "| kdalrd |" in report and not (run / "teachers" / "kdalrd" / "topk.parquet").exists()
+    assert "## Over the whole catalogue: SASRec retrieves 10" in report and f"Retriever recall@10 (SASRec): **{recall:.4f}**" in report
+    assert "## Order robustness" in report and "DELRec(SASRec) against each baseline over the whole catalogue" in report
+    assert "| KDALRD |" in report and not (run / "teachers" / "kdalrd" / "topk.parquet").exists()
     assert "| KDALRD | " in report  # its Table II name in DELRec's paired tests
     # a rerun recomputes none of it
     assert main(args) == 0

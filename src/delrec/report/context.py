@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec import methods
+from delrec import methods, teachers
 from delrec.config import PipelineConfig
 from delrec.core.io import read_json
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.data.store import RunData
-from delrec.report.paper_numbers import PAPER_ML100K, TABLE2_TEACHER_ROWS
+from delrec.report.paper_numbers import PAPER_ML100K
 
 
 @dataclass(frozen=True)
@@ -60,20 +60,28 @@ class ReportContext:
         """The registered method of a model `<teacher>-<method>` of this run (None for the others)."""
         return methods.METHODS.get(self.model(name).method)
 
+    @staticmethod
+    def teacher_label(teacher: str) -> str:
+        """A teacher as papers spell it (SASRec, LLM2BERT4Rec, KDALRD), not its registry name."""
+        model = teachers.MODELS.get(teacher)
+        return model.display_name if model is not None and model.display_name else teacher
+
     def label(self, name: str) -> str:
-        """The model's name in the report's tables: DELRec(sasrec), w/o SP (sasrec), zero-shot LLM, sasrec."""
+        """The model's name in the report's tables: DELRec(SASRec), w/o SP (SASRec), zero-shot LLM, SASRec."""
         model = self.model(name)
         if model.method in methods.METHODS:
-            return methods.get(model.method).report_label(model.teacher)
+            return methods.get(model.method).report_label(self.teacher_label(model.teacher))
+        if name in self.teachers:
+            return self.teacher_label(name)
         return {"zero-shot": "zero-shot LLM"}.get(name, name)
 
     def table2_name(self, name: str) -> str:
-        """Its name among Table II's rows: the paper's row names for a baseline method or teacher
-        (LLM2BERT4Rec, KDALRD), else its label."""
+        """Its name among Table II's rows: the paper's row names for a baseline method (LlamaRec
+        (SASRec)), a teacher's own name for a teacher row (LLM2BERT4Rec, KDALRD), else its label."""
         method = self.method(name)
         if method is None:
-            return TABLE2_TEACHER_ROWS.get(name, self.label(name))
-        return method.table2_label(self.model(name).teacher)
+            return self.label(name)
+        return method.table2_label(self.teacher_label(self.model(name).teacher))
 
 
 # -- the sections, in the report's order ---------------------------------------------------------

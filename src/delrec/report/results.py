@@ -47,7 +47,7 @@ def _result_rows(ctx: ReportContext, name: str, metrics: dict) -> list[str]:
     if not method.is_delrec and not method.paper_rows:  # an ablation only
         return []
     theirs = [PAPER_TABLE2_ML100K[r] for r in method.paper_rows if r in PAPER_TABLE2_ML100K] if paper else []
-    L = [_row(method.table2_label(ctx.model(name).teacher), metrics,
+    L = [_row(ctx.table2_name(name), metrics,
               paper.get(name) if method.is_delrec else theirs[0] if len(theirs) == 1 else None)]
     if len(theirs) > 1:  # one of ours stands for several of the paper's rows: each of theirs below it
         L += [f"| {r} (paper) |" + " |" * len(METRICS) + f" {v[0]:.4f} | {v[3]:.4f} |" for r, v in zip(method.paper_rows, theirs)]
@@ -75,7 +75,7 @@ def baselines(ctx: ReportContext) -> list[str]:
 
 
 def _claim_lines(ctx: ReportContext, t: str, others: list[str]) -> list[str]:
-    L = [f"## The paper's claim: DELRec({t}) above every baseline of Table II?", "",
+    L = [f"## The paper's claim: {ctx.label(f'{t}-delrec')} above every baseline of Table II?", "",
          "Paired tests on the same test samples (HR@1: exact McNemar; NDCG@5: sign-flip permutation); "
          f"significant: p < {SIGNIFICANT}.", "", *claim_table(ctx, t, others, ctx.evals)]
     missing = [r for r in TABLE2_LLM_BASELINES
@@ -97,17 +97,17 @@ def claim_table(ctx: ReportContext, t: str, others: list[str], evals: dict) -> l
         verdict, group, on = claim_verdict(v)
         groups[group].append(ctx.table2_name(b) + (f" (on {on[0]} only)" if group == "below" and len(on) == 1 else ""))
         L.append(f"| {ctx.table2_name(b)} | {h['diff']:+.4f} | {h['p_value']:.3g} | {n['diff']:+.4f} | {n['p_value']:.3g} | {verdict} |")
-    return L + ["", _claim_sentence(t, groups)]
+    return L + ["", _claim_sentence(ctx.label(name), groups)]
 
 
-def _claim_sentence(t: str, groups: dict[str, list[str]]) -> str:
+def _claim_sentence(delrec: str, groups: dict[str, list[str]]) -> str:
     above, partly, below, unclear = groups["above"], groups["partly"], groups["below"], groups["unclear"]
     if not below and not unclear and not partly:
-        return f"**The claim holds here**: DELRec({t}) is significantly above every baseline this run evaluated, on HR@1 and NDCG@5."
+        return f"**The claim holds here**: {delrec} is significantly above every baseline this run evaluated, on HR@1 and NDCG@5."
     parts = [f"below {', '.join(below)}" if below else "", f"not significantly different from {', '.join(unclear)}" if unclear else "",
              f"above on one metric only against {', '.join(partly)}" if partly else "",
              f"above {', '.join(above)} on both metrics" if above else ""]
-    return f"**The claim does not hold here**: DELRec({t}) is " + "; ".join(p for p in parts if p) + "."
+    return f"**The claim does not hold here**: {delrec} is " + "; ".join(p for p in parts if p) + "."
 
 
 def claim_verdict(comparison: dict) -> tuple[str, str, tuple[str, ...]]:
@@ -141,7 +141,7 @@ def ablations_section(ctx: ReportContext) -> list[str]:
         for name in abl:
             if base is not None and ctx.model(name).teacher == t and name != f"{t}-delrec":
                 v = compare(base["ranks"], ctx.evals[name]["ranks"])
-                L.append(f"- DELRec({t}) vs {ctx.label(name)}: HR@1 {v['HR@1']['diff']:+.4f} (p {v['HR@1']['p_value']:.3g}), "
+                L.append(f"- {ctx.label(f'{t}-delrec')} vs {ctx.label(name)}: HR@1 {v['HR@1']['diff']:+.4f} (p {v['HR@1']['p_value']:.3g}), "
                          f"NDCG@5 {v['NDCG@5']['diff']:+.4f} (p {v['NDCG@5']['p_value']:.3g})")
     L.append("")
     return L
@@ -207,8 +207,8 @@ def _case_studies(ctx: ReportContext, teacher: str) -> list[str]:
         history = [titles[k] for k in data.history[r] if k > 0]
         out += [f"**Case {j + 1} ({kind}), test sample {int(data.sample_id[r])}.**", "",
                 f"- history (most recent last): {'; '.join(history)}",
-                f"- {teacher} top-1: {titles[top1[teacher][j]]}",
-                f"- DELRec({teacher}) top-1: {titles[top1[name][j]]}",
+                f"- {ctx.label(teacher)} top-1: {titles[top1[teacher][j]]}",
+                f"- {ctx.label(name)} top-1: {titles[top1[name][j]]}",
                 f"- truth: {titles[data.target[r]]}", ""]
     return out
 

@@ -17,24 +17,25 @@ def full_catalogue_section(ctx: ReportContext) -> list[str]:
         return []
     first = next(iter(ctx.full.values()))
     retriever, k = first["retriever"], first["retrieve"]
-    L = [f"## Over the whole catalogue: {retriever} retrieves {k}, the LLM models rank them", "",
-         f"Each LLM model ranks the top {k} items that {retriever} retrieves among those the user has not interacted "
+    by = ctx.label(retriever)
+    L = [f"## Over the whole catalogue: {by} retrieves {k}, the LLM models rank them", "",
+         f"Each LLM model ranks the top {k} items that {by} retrieves among those the user has not interacted "
          "with, listed in a seeded shuffled order; its ties are broken by the retriever's order, and a target that was "
          "not retrieved is a miss (delrec.evaluation.two_stage). Random, popularity and the teachers rank the whole "
          "catalogue themselves (items the user had seen excluded). Same test samples as above.", ""]
     if retriever in ctx.full:
-        L += [f"Retriever recall@{k} ({retriever}): **{ctx.full[retriever]['within_retrieve']:.4f}**: the share of test "
+        L += [f"Retriever recall@{k} ({by}): **{ctx.full[retriever]['within_retrieve']:.4f}**: the share of test "
               "samples whose target is among the retrieved items, the ceiling of every LLM model's HR here.", ""]
     L += ["| model | " + " | ".join(METRICS) + " | ranks |", "|---|" + "---|" * (len(METRICS) + 1)]
     for name, res in ctx.full.items():
-        how = f"two-stage ({retriever} top {k})" if res["two_stage"] else "whole catalogue"
+        how = f"two-stage ({by} top {k})" if res["two_stage"] else "whole catalogue"
         L.append(f"| {ctx.label(name)} | " + " | ".join(f"{res['full_ranking'][m]:.4f}" for m in METRICS) + f" | {how} |")
     L.append("")
     for t in ctx.teachers:
         name = f"{t}-delrec"
         others = [b for b in baselines(ctx) if b != name and b in ctx.full]
         if name in ctx.full and others:
-            L += [f"DELRec({t}) against each baseline over the whole catalogue (paired tests as above):", "",
+            L += [f"{ctx.label(name)} against each baseline over the whole catalogue (paired tests as above):", "",
                   *claim_table(ctx, t, others, ctx.full), "", _verdicts_hold(ctx, name, others), ""]
     return L
 

@@ -78,7 +78,7 @@ def _goal_lines(ctx: ReportContext, t: str) -> list[str]:
     evals, name = ctx.evals, f"{t}-delrec"
     cmp = compare(evals[name]["ranks"], evals[t]["ranks"])
     verdict = "beats" if all(v["diff"] > 0 for v in cmp.values()) else "does **not** beat"
-    L = [f"DELRec({t}) {verdict} its {t} teacher on HR@1 and NDCG@5:", "", *paired_table("teacher", list(cmp.items()))]
+    L = [f"{ctx.label(name)} {verdict} its {ctx.label(t)} teacher on HR@1 and NDCG@5:", "", *paired_table("teacher", list(cmp.items()))]
     if t == "sasrec" and ctx.paper:
         L += ["", f"The paper reports +{ctx.paper['sasrec-delrec'][0] / ctx.paper['sasrec'][0] - 1:.1%} HR@1 for DELRec(SASRec) "
               "over SASRec with Flan-T5-XL."]
@@ -86,7 +86,7 @@ def _goal_lines(ctx: ReportContext, t: str) -> list[str]:
     # the references below the teacher: has the LLM learned anything a trivial ranker lacks?
     others = [r for r in ("zero-shot", "popularity", "random") if r in evals]
     if others:
-        L += [f"DELRec({t}) against the other references on the same samples (paired tests):", ""]
+        L += [f"{ctx.label(name)} against the other references on the same samples (paired tests):", ""]
         L += paired_table("reference", [(f"{m} vs {ctx.label(r)}", v) for r in others
                                          for m, v in compare(evals[name]["ranks"], evals[r]["ranks"]).items()])
         L.append("")
