@@ -38,7 +38,7 @@ import yaml
 
 from delrec.core.settings import check
 from delrec.data.titles import disambiguate_titles
-from delrec.teachers import MODELS
+from delrec.teachers import MODELS, display_name
 
 SLOT = "{soft_prompt}"
 MASK = "[MASK]"
@@ -152,7 +152,7 @@ class Templates:
         item/items/verb/verb_base, or whole templates; a run config's `templates:` section)."""
 
         model = MODELS.get(teacher)
-        base = {"teacher": model.display_name, "model_card": model.model_card} if model else {"teacher": teacher}
+        base = {"teacher": display_name(teacher), **({"model_card": model.model_card} if model else {})}
         return cls(**{**base, **check(cls, dict(overrides), "templates")})
 
     def words(self) -> dict:

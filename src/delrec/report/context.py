@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec import methods, teachers
+from delrec import methods
 from delrec.config import PipelineConfig
 from delrec.core.io import read_json
 from delrec.core.layout import RunLayout
 from delrec.core.names import ModelName
 from delrec.data.store import RunData
 from delrec.report.paper_numbers import PAPER_ML100K
+from delrec.teachers import display_name
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,13 @@ class ReportContext:
         """The registered method of a model `<teacher>-<method>` of this run (None for the others)."""
         return methods.METHODS.get(self.model(name).method)
 
-    @staticmethod
-    def teacher_label(teacher: str) -> str:
-        """A teacher as papers spell it (SASRec, LLM2BERT4Rec, KDALRD), not its registry name."""
-        model = teachers.MODELS.get(teacher)
-        return model.display_name if model is not None and model.display_name else teacher
-
     def label(self, name: str) -> str:
         """The model's name in the report's tables: DELRec(SASRec), w/o SP (SASRec), zero-shot LLM, SASRec."""
         model = self.model(name)
         if model.method in methods.METHODS:
-            return methods.get(model.method).report_label(self.teacher_label(model.teacher))
+            return methods.get(model.method).report_label(display_name(model.teacher))
         if name in self.teachers:
-            return self.teacher_label(name)
+            return display_name(name)
         return {"zero-shot": "zero-shot LLM"}.get(name, name)
 
     def table2_name(self, name: str) -> str:
@@ -81,7 +76,7 @@ class ReportContext:
         method = self.method(name)
         if method is None:
             return self.label(name)
-        return method.table2_label(self.teacher_label(self.model(name).teacher))
+        return method.table2_label(display_name(self.model(name).teacher))
 
 
 # -- the sections, in the report's order ---------------------------------------------------------

@@ -38,6 +38,12 @@ PAPER_SETTINGS: dict[str, dict] = {
 }
 
 
+def display_name(teacher: str) -> str:
+    """A teacher as papers and prompts spell it (SASRec, LLM2BERT4Rec, KDALRD); an unregistered name as given."""
+    model = MODELS.get(teacher)
+    return model.display_name if model is not None and model.display_name else teacher
+
+
 def default_config(model: str, **overrides) -> TeacherConfig:
     if model not in MODELS:
         raise ValueError(f"unknown teacher {model!r}; choose one of {sorted(MODELS)}")
@@ -52,4 +58,4 @@ def build_model(config: TeacherConfig, num_items: int, num_users: int, max_len: 
     return MODELS[config.model](num_items, num_users, max_len, config, **inputs)
 
 
-__all__ = ["BERT4Rec", "KDA", "KDALRD", "LLM2BERT4Rec", "MODELS", "PAPER_SETTINGS", "SequentialRecommender", "TeacherConfig", "build_model", "default_config"]
+__all__ = ["BERT4Rec", "KDA", "KDALRD", "LLM2BERT4Rec", "MODELS", "PAPER_SETTINGS", "SequentialRecommender", "TeacherConfig", "build_model", "default_config", "display_name"]
