@@ -82,6 +82,8 @@ def _claim_lines(ctx: ReportContext, t: str, others: list[str]) -> list[str]:
                if not any(r in (m.paper_rows if (m := ctx.method(b)) else ()) for b in others)]
     missing += [row for teacher, row in TABLE2_TEACHER_ROWS.items() if teacher not in others]
     missing += list(PAPER_TABLE2_NOT_RUN)
+    if not missing:
+        return L + ["", "Every Table II baseline has a model in this comparison (docs/baselines.md says how each differs from the original).", ""]
     return L + ["", f"Not in this comparison (not run here, or no method of delrec stands for them yet): {', '.join(missing)}.", ""]
 
 
