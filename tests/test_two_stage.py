@@ -13,7 +13,7 @@ from delrec.config import PipelineConfig
 from delrec.data.store import CandidateView
 from delrec.evaluation.metrics import RandomScorer, candidate_outcomes, full_ranks, metrics_from_ranks
 from delrec.evaluation.orders import order_outcomes, order_summary, reordered
-from delrec.evaluation.two_stage import listing_order, retrievable, two_stage_ranks
+from delrec.evaluation.two_stage import listing_order, retrievable, score_retrieved, two_stage_ranks
 from llm_helpers import tiny_llama_backbone
 
 
@@ -92,11 +92,23 @@ def test_a_target_outside_the_retrieved_items_is_a_miss(run):
     assert metrics_from_ranks(ranks)["HR@10"] == pytest.approx(retrieved.mean())  # not a hit at 10 either
 
 
+def test_only_samples_whose_target_was_retrieved_are_scored(run):
+    _, data = run
+    rows = data.indices("test")
+    retriever, oracle = RandomScorer(seed=5), Oracle()
+    ranks, k = two_stage_ranks(oracle, retriever, data, rows, retrieve=5, block=8)
+    retrieved = full_ranks(retriever, data, rows) < k
+    assert 0 < retrieved.sum() < len(rows)
+    shown = np.concatenate([s for s, _ in oracle.shown])
+    assert sorted(shown.tolist()) == sorted(data.sample_id[rows[retrieved]].tolist())
+    assert (ranks[retrieved] == 0).all() and (ranks[~retrieved] >= k).all()
+
+
 def test_nothing_from_the_users_history_is_retrieved_and_the_listing_is_shuffled(run):
     _, data = run
     rows = data.indices("test")[:24]
     oracle = Oracle()
-    two_stage_ranks(oracle, SeenFirst(), data, rows, retrieve=20)
+    score_retrieved(oracle, SeenFirst(), data, rows, 20)  # what two_stage_ranks lists, for every row
     ids = np.concatenate([s for s, _ in oracle.shown])
     shown = np.concatenate([c for _, c in oracle.shown])
     assert np.array_equal(ids, data.sample_id[rows])

@@ -13,6 +13,8 @@ Choices, each the same for every model compared:
 - The model's ties are broken by the retriever's order. So a model with constant scores gets
   exactly the retriever's ranks, and no model gains from a tie it cannot break.
 - A target that was not retrieved ranks last among the items it could have been (pessimistic).
+- The model scores only the samples whose target was retrieved: any other is a miss whatever it
+  answers (with SASRec's recall@20 near 0.3 on ML-100K that is 3x fewer LLM calls).
 - The retriever never sees the target: a target the user had already interacted with is not
   retrievable (the retriever's own full ranking, evaluation.metrics.full_ranks, keeps such a
   repeated target rankable, so the two differ on data sets with repeats; ML-100K has none).
@@ -60,39 +62,52 @@ def score_retrieved(ranker, retriever, data: RunData, rows: np.ndarray, k: int) 
     """(the retriever's top k items of each row, best first; the ranker's scores of them in that
     order, float64), the items listed to the ranker in `listing_order`."""
     top = retrieve_top(retriever, data, rows, k)
-    listing = listing_order(data.sample_id[rows], k)
+    return top, _scores_of_retrieved(ranker, data, rows, top)
+
+
+def _scores_of_retrieved(ranker, data: RunData, rows: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """The ranker's scores of each row's retrieved items `top` (best first), listed to it in
+    `listing_order` and returned in the retriever's order."""
+    listing = listing_order(data.sample_id[rows], top.shape[1])
     listed = np.take_along_axis(top, listing, axis=1)
     scores = np.asarray(ranker.score_candidates(CandidateView(data, rows, listed), np.arange(len(rows))), dtype=np.float64)
     by_retriever = np.empty_like(scores)
-    np.put_along_axis(by_retriever, listing, scores, axis=1)  # back to the retriever's order
-    return top, by_retriever
+    np.put_along_axis(by_retriever, listing, scores, axis=1)
+    return by_retriever
 
 
 def two_stage_ranks(ranker, retriever, data: RunData, rows: np.ndarray, retrieve: int = DEFAULT_RETRIEVE,
                     block: int = 64) -> tuple[np.ndarray, int]:
     """(each row's 0-based rank of the target over the catalogue, the K used): `retriever`
     (anything with `score_all`) retrieves, `ranker` (anything with `score_candidates`) ranks the
-    retrieved items; see the module docstring for ties, listing and misses."""
+    retrieved items; see the module docstring for ties, listing and misses. Only the rows whose
+    target was retrieved are scored: any other row is a miss whatever the ranker says, and with
+    a retriever's recall@20 near 0.3 that skips most of the ranker's work."""
     rows = np.asarray(rows)
     k = retrievable(data, rows, retrieve)
     inner = getattr(ranker, "batch_size", None) or 8
     step = max(1, min(block, full_catalogue_rows(data.num_items, block)) // inner) * inner
 
     def ranks(part: np.ndarray) -> np.ndarray:
-        return np.concatenate([_block_ranks(ranker, retriever, data, part[s : s + step], k)
-                               for s in range(0, len(part), step)]) if len(part) else np.zeros(0, dtype=np.int64)
+        if not len(part):
+            return np.zeros(0, dtype=np.int64)
+        top = np.concatenate([retrieve_top(retriever, data, part[s : s + step], k) for s in range(0, len(part), step)])
+        return _ranks(ranker, data, part, top, step)
 
     return distributed.current().map_sharded(ranks, rows, inner), k
 
 
-def _block_ranks(ranker, retriever, data: RunData, rows: np.ndarray, k: int) -> np.ndarray:
-    top, by_retriever = score_retrieved(ranker, retriever, data, rows, k)  # the retriever's order, best first
-    if np.isnan(by_retriever).any():
-        raise ValueError("scores contain NaN; the model diverged or produced invalid output")
-    order = np.argsort(-by_retriever, axis=1, kind="stable")  # best first; ties keep the retriever's order
+def _ranks(ranker, data: RunData, rows: np.ndarray, top: np.ndarray, step: int) -> np.ndarray:
     hit = top == data.target[rows][:, None]
-    target_col = hit.argmax(axis=1)
-    rank_in_k = (order == target_col[:, None]).argmax(axis=1)
     # not retrieved: below every retrieved item, last among the items it could have been
-    last = np.maximum(data.num_items - data.position[rows] - 1, k)
-    return np.where(hit.any(axis=1), rank_in_k, last).astype(np.int64)
+    ranks = np.maximum(data.num_items - data.position[rows] - 1, top.shape[1]).astype(np.int64)
+    scored = np.flatnonzero(hit.any(axis=1))
+    for s in range(0, len(scored), step):
+        block = scored[s : s + step]
+        by_retriever = _scores_of_retrieved(ranker, data, rows[block], top[block])
+        if np.isnan(by_retriever).any():
+            raise ValueError("scores contain NaN; the model diverged or produced invalid output")
+        order = np.argsort(-by_retriever, axis=1, kind="stable")  # best first; ties keep the retriever's order
+        target_col = hit[block].argmax(axis=1)
+        ranks[block] = (order == target_col[:, None]).argmax(axis=1)
+    return ranks
