@@ -179,8 +179,15 @@ def test_resume_after_an_interruption(inputs, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted; what was finished and the last checkpoint are kept" in err
     assert (run / "distill" / "sasrec" / "metrics.json").exists() and not (run / "report.md").exists()
+    # the steps that ran before the kill keep their times in pipeline.json (written after each step)
+    interim = {s["step"]: s for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+    assert interim["distill:sasrec"]["status"] == "ran" and interim["distill:sasrec"]["seconds"] > 0
+    assert not any(name.startswith("finetune:") for name in interim)
     monkeypatch.setattr(Pipeline, "finetune", real)
     assert main(_args(config, run)) == 0
+    final = {s["step"]: s for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+    assert final["distill:sasrec"]["this_invocation"] == "skipped"
+    assert final["distill:sasrec"]["seconds"] == interim["distill:sasrec"]["seconds"]  # the killed run's time
     log = (run / "pipeline.log").read_text().split("pipeline ")[-1]
     assert "step distill:sasrec: done earlier" in log and "step finetune:sasrec-delrec: running" in log
     assert (run / "report.md").exists()

@@ -120,6 +120,7 @@ class Pipeline:
         self.layout = RunLayout(self.run)
         self.progress = progress
         self.steps: list[dict] = []
+        self.started = time.perf_counter()
         # the last real run of every step, across invocations (a skipped step keeps its earlier time)
         summary = self.layout.pipeline_summary
         self.earlier = {e["step"]: e for e in read_json(summary)["steps"] if e["status"] == "ran"} if summary.exists() else {}
@@ -148,6 +149,7 @@ class Pipeline:
                  "peak_rss_mb": round(mem.peak / 2**20)}
         log.info("step %s: finished in %.0f s, peak memory %d MiB", name, entry["seconds"], entry["peak_rss_mb"])
         self.steps.append(entry)
+        self._write_summary(time.perf_counter() - self.started, final=False)  # a killed invocation keeps what ran
 
     def _llm_settings(self) -> dict:
         c = self.config
@@ -331,12 +333,18 @@ class Pipeline:
         # the report reads pipeline.json, which therefore holds every step before it
         self._step("report", False, lambda: write_report(self.run, self.config), main_only=True)
 
-    def _write_summary(self, seconds: float) -> None:
-        """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time."""
+    def _write_summary(self, seconds: float, final: bool = True) -> None:
+        """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time.
+        Written after each step that ran too (`final=False`), so that an invocation killed later
+        keeps its steps' times for the next one; such an interim record also keeps the earlier
+        invocations' steps this one has not reached yet."""
 
         # a skipped step keeps its last real run's time and memory; `this_invocation` says what happened now
         steps = [{**(self.earlier[e["step"]] if e["status"] == "skipped" and e["step"] in self.earlier else e),
                   "this_invocation": e["status"]} for e in self.steps]
+        if not final:
+            walked = {e["step"] for e in steps}
+            steps += [{**e, "this_invocation": "not reached yet"} for name, e in self.earlier.items() if name not in walked]
         total = sum(e["seconds"] or 0.0 for e in steps)
         if not distributed.current().is_main:
             return
@@ -370,7 +378,7 @@ class Pipeline:
                 with atomic_path(self.layout.config) as tmp:
                     tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
             log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
-            t0 = time.perf_counter()
+            self.started = t0 = time.perf_counter()
             with tracking.for_run(c.tracking, self.run, asdict(c)):
                 self.data()
                 self.teachers()
