@@ -29,7 +29,7 @@ def full_catalogue_section(ctx: ReportContext) -> list[str]:
     L += ["| model | " + " | ".join(METRICS) + " | ranks |", "|---|" + "---|" * (len(METRICS) + 1)]
     for name, res in ctx.full.items():
         how = f"two-stage ({by} top {k})" if res["two_stage"] else "whole catalogue"
-        L.append(f"| {ctx.label(name)} | " + " | ".join(f"{res['full_ranking'][m]:.4f}" for m in METRICS) + f" | {how} |")
+        L.append(f"| {ctx.table2_name(name)} | " + " | ".join(f"{res['full_ranking'][m]:.4f}" for m in METRICS) + f" | {how} |")
     L.append("")
     for t in ctx.teachers:
         name = f"{t}-delrec"
@@ -69,6 +69,6 @@ def order_section(ctx: ReportContext) -> list[str]:
         per = res["metrics"]
         hr1 = " / ".join(f"{per[o]['HR@1']:.4f}" for o in per)
         changed = ", ".join(f"{v:.1%}" for v in res["top1_changed"].values())
-        L.append(f"| {ctx.label(name)} | {hr1} | {res['spread']['HR@1']:.4f} | {res['spread']['NDCG@5']:.4f} "
+        L.append(f"| {ctx.table2_name(name)} | {hr1} | {res['spread']['HR@1']:.4f} | {res['spread']['NDCG@5']:.4f} "
                  f"| {res['spread']['NDCG@10']:.4f} | {changed} |")
     return L + [""]
