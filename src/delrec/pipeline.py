@@ -149,7 +149,7 @@ class Pipeline:
                  "peak_rss_mb": round(mem.peak / 2**20)}
         log.info("step %s: finished in %.0f s, peak memory %d MiB", name, entry["seconds"], entry["peak_rss_mb"])
         self.steps.append(entry)
-        self._write_summary(time.perf_counter() - self.started, final=False)  # a killed invocation keeps what ran
+        self._write_summary(final=False)  # a killed invocation keeps what ran
 
     def _llm_settings(self) -> dict:
         c = self.config
@@ -333,7 +333,7 @@ class Pipeline:
         # the report reads pipeline.json, which therefore holds every step before it
         self._step("report", False, lambda: write_report(self.run, self.config), main_only=True)
 
-    def _write_summary(self, seconds: float, final: bool = True) -> None:
+    def _write_summary(self, final: bool = True) -> None:
         """pipeline.json: every step's last real run (time, memory) plus this invocation's wall time.
         Written after each step that ran too (`final=False`), so that an invocation killed later
         keeps its steps' times for the next one; such an interim record also keeps the earlier
@@ -349,7 +349,7 @@ class Pipeline:
         if not distributed.current().is_main:
             return
         write_json(self.layout.pipeline_summary, {"steps": steps, "total_seconds": round(total, 1),
-                                                "this_invocation_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
+                                                "this_invocation_seconds": round(time.perf_counter() - self.started, 1), "threads": torch.get_num_threads()})
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ class Pipeline:
                 with atomic_path(self.layout.config) as tmp:
                     tmp.write_text(yaml.safe_dump(asdict(c), sort_keys=False))
             log.info("pipeline %s, torch threads %d", self.run, torch.get_num_threads())
-            self.started = t0 = time.perf_counter()
+            self.started = time.perf_counter()
             with tracking.for_run(c.tracking, self.run, asdict(c)):
                 self.data()
                 self.teachers()
@@ -386,9 +386,9 @@ class Pipeline:
                 self.finetune()
                 self.evaluate()
                 if c.report:
-                    self._write_summary(time.perf_counter() - t0)
+                    self._write_summary()
                     self.write_report()
-                self._write_summary(time.perf_counter() - t0)
+                self._write_summary()
             return self.steps
         finally:
             root.removeHandler(handler)
